@@ -1,0 +1,3 @@
+//! NATS bus (placeholder; being written).
+pub struct NatsBus;
+impl NatsBus { pub fn new() -> Self { NatsBus } }

@@ -1,0 +1,331 @@
+//! The devfleet task store: plans, tasks and their states, the priority
+//! ready set, leases, the result cache, artifacts, counters and small
+//! key/value records (canary state, breaker state, the DLQ index).
+//!
+//! Two backends implement [`TaskStore`]: [`redis::RedisStore`] (every
+//! multi-key transition is one Lua script, so it is atomic across any
+//! number of schedulers and workers) and [`memory::MemoryStore`] (one mutex,
+//! for the embedded mode). Both pass `tests/conformance.rs`.
+//!
+//! # Invariants
+//!
+//! * A task is in the ready set iff its state is [`TaskState::Ready`].
+//! * Ready order: class ([`TaskClass::Fix`] first), then priority (higher
+//!   first), then FIFO by the time it became ready.
+//! * A task is [`TaskState::Leased`] by exactly one owner until the lease
+//!   expires; [`TaskStore::reap_expired`] returns expired ones to Ready.
+//! * Transitions are idempotent: completing a Done task, or failing a
+//!   Failed one, changes nothing and says so.
+//! * When a task completes, each dependent whose last unfinished dependency
+//!   it was becomes Ready in the same atomic step.
+
+use async_trait::async_trait;
+use devfleet_protocol::{PlanStatus, TaskClass};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub mod memory;
+pub mod redis;
+
+/// Result type of store operations.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// What went wrong in the store. Variants name the plan, task or key.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid store URL '{url}': {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("cannot reach the store at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("store backend error: {0}")]
+    Backend(String),
+    #[error("plan '{plan_id}' does not exist")]
+    UnknownPlan { plan_id: String },
+    #[error("task '{path}' of plan '{plan_id}' does not exist")]
+    UnknownTask { plan_id: String, path: String },
+    #[error("plan '{plan_id}': task '{path}' depends on '{dependency}', which is not in the plan")]
+    UnknownDependency {
+        plan_id: String,
+        path: String,
+        dependency: String,
+    },
+    #[error("corrupt record at '{key}': {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+/// States of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Waiting for dependencies.
+    Pending,
+    /// In the ready set.
+    Ready,
+    /// Claimed by a lease owner (dispatched or running).
+    Leased,
+    /// Written, being checked (QA).
+    Built,
+    /// Finished; dependents released.
+    Done,
+    /// Dead-lettered; will not run again unless replayed.
+    Failed,
+    /// A dependency failed; will not run.
+    Blocked,
+}
+
+impl TaskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::Ready => "ready",
+            TaskState::Leased => "leased",
+            TaskState::Built => "built",
+            TaskState::Done => "done",
+            TaskState::Failed => "failed",
+            TaskState::Blocked => "blocked",
+        }
+    }
+    /// True once the task can change no more (without a replay).
+    pub fn is_final(self) -> bool {
+        matches!(self, TaskState::Done | TaskState::Failed | TaskState::Blocked)
+    }
+}
+
+impl std::str::FromStr for TaskState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "pending" => TaskState::Pending,
+            "ready" => TaskState::Ready,
+            "leased" => TaskState::Leased,
+            "built" => TaskState::Built,
+            "done" => TaskState::Done,
+            "failed" => TaskState::Failed,
+            "blocked" => TaskState::Blocked,
+            other => return Err(format!("unknown task state '{other}'")),
+        })
+    }
+}
+
+/// A task as created from an analyzed plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewTask {
+    pub path: String,
+    pub spec: String,
+    pub content: Option<String>,
+    pub depends_on: Vec<String>,
+    pub priority: u32,
+    pub estimate: u32,
+    pub executor: Option<String>,
+}
+
+/// A task as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub plan_id: String,
+    pub path: String,
+    pub spec: String,
+    pub content: Option<String>,
+    pub depends_on: Vec<String>,
+    pub dependents: Vec<String>,
+    pub priority: u32,
+    pub estimate: u32,
+    pub executor: Option<String>,
+    pub state: TaskState,
+    pub class: TaskClass,
+    /// 0 before the first claim; incremented by each claim of a new attempt
+    /// ([`TaskStore::requeue`] and replays start a new attempt).
+    pub attempt: u32,
+    pub lease_owner: Option<String>,
+    pub lease_expires_ms: Option<i64>,
+    /// Content hash of the latest artifact.
+    pub artifact: Option<String>,
+    /// Last error or diagnostics (for fixes and for blocked tasks, the cause).
+    pub error: Option<String>,
+    pub updated_ms: i64,
+}
+
+/// A plan as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanRecord {
+    pub id: String,
+    pub name: String,
+    pub status: PlanStatus,
+    pub total: u32,
+    pub done: u32,
+    pub failed: u32,
+    pub blocked: u32,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    /// Opaque JSON the scheduler keeps with the plan (the analyzed plan).
+    pub detail: String,
+    pub message: Option<String>,
+}
+
+/// What [`TaskStore::claim`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClaimOutcome {
+    /// The caller now holds the lease; the record is as of the claim.
+    Claimed(TaskRecord),
+    /// Someone else holds an unexpired lease.
+    Held { owner: String, expires_ms: i64 },
+    /// The task is not claimable in its state (done, pending, failed…).
+    NotClaimable(TaskState),
+}
+
+/// What [`TaskStore::complete`] did.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Completion {
+    /// False when the task was already done: nothing changed.
+    pub newly_done: bool,
+    /// Dependents that became Ready in this step.
+    pub released: Vec<String>,
+    /// Plan counts after the step.
+    pub done: u32,
+    pub total: u32,
+    /// True when every task of the plan is now final.
+    pub plan_finished: bool,
+}
+
+/// What [`TaskStore::fail`] did.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Failure {
+    /// False when the task was already failed: nothing changed.
+    pub newly_failed: bool,
+    /// Transitive dependents now Blocked.
+    pub blocked: Vec<String>,
+    pub plan_finished: bool,
+}
+
+/// The priority task store.
+///
+/// Every method is atomic on its own. Times are milliseconds since the epoch
+/// from the caller's clock (`now_ms`), so tests can move time.
+#[async_trait]
+pub trait TaskStore: Send + Sync + 'static {
+    /// `redis` or `memory`.
+    fn backend(&self) -> &'static str;
+
+    /// Creates a plan and all its tasks in one step; tasks with no
+    /// dependencies become Ready. Returns false (and changes nothing) when
+    /// the plan already exists, so a redelivered plan creates nothing twice.
+    async fn create_plan(&self, plan: PlanRecord, tasks: Vec<NewTask>) -> StoreResult<bool>;
+
+    async fn plan(&self, plan_id: &str) -> StoreResult<Option<PlanRecord>>;
+    /// Every plan, newest first.
+    async fn plans(&self) -> StoreResult<Vec<PlanRecord>>;
+    /// Sets a plan's status and message.
+    async fn set_plan_status(
+        &self,
+        plan_id: &str,
+        status: PlanStatus,
+        message: Option<String>,
+    ) -> StoreResult<()>;
+    async fn task(&self, plan_id: &str, path: &str) -> StoreResult<Option<TaskRecord>>;
+    /// Every task of a plan, in path order.
+    async fn tasks(&self, plan_id: &str) -> StoreResult<Vec<TaskRecord>>;
+
+    /// Number of tasks in the ready set.
+    async fn ready_len(&self) -> StoreResult<u64>;
+    /// Takes the best Ready task and leases it to `owner` until
+    /// `now_ms + lease`; increments its attempt.
+    async fn claim_next(
+        &self,
+        owner: &str,
+        lease: Duration,
+        now_ms: i64,
+    ) -> StoreResult<Option<TaskRecord>>;
+    /// Leases one named task: Ready, or Leased with an expired lease or by
+    /// the same owner (a re-claim keeps the attempt), or Leased by the
+    /// dispatcher `handoff_from` (the lease passes to `owner`).
+    async fn claim(
+        &self,
+        plan_id: &str,
+        path: &str,
+        owner: &str,
+        handoff_from: Option<&str>,
+        lease: Duration,
+        now_ms: i64,
+    ) -> StoreResult<ClaimOutcome>;
+    /// Extends a lease the owner still holds; false when it lost it.
+    async fn renew(
+        &self,
+        plan_id: &str,
+        path: &str,
+        owner: &str,
+        lease: Duration,
+        now_ms: i64,
+    ) -> StoreResult<bool>;
+    /// Returns tasks whose lease expired before `now_ms` to Ready; returns
+    /// their `(plan_id, path)`.
+    async fn reap_expired(&self, now_ms: i64) -> StoreResult<Vec<(String, String)>>;
+    /// Records a built artifact (Leased → Built); the lease is released.
+    async fn mark_built(&self, plan_id: &str, path: &str, artifact: &str) -> StoreResult<()>;
+    /// Puts a task back in the ready set as a new attempt, with `class`
+    /// (fixes first) and the error or diagnostics to carry.
+    async fn requeue(
+        &self,
+        plan_id: &str,
+        path: &str,
+        class: TaskClass,
+        error: Option<String>,
+    ) -> StoreResult<()>;
+    /// Completes a task (idempotent) and releases dependents whose last
+    /// unfinished dependency it was.
+    async fn complete(&self, plan_id: &str, path: &str, artifact: &str) -> StoreResult<Completion>;
+    /// Fails a task for good (idempotent); its transitive dependents become
+    /// Blocked with the cause.
+    async fn fail(&self, plan_id: &str, path: &str, error: &str) -> StoreResult<Failure>;
+    /// Returns a Failed task, and the dependents it blocked, to play again:
+    /// attempts reset, the task Ready (or Pending if a dependency is unfinished).
+    async fn replay(&self, plan_id: &str, path: &str) -> StoreResult<()>;
+
+    /// Result cache: cache key → artifact hash.
+    async fn cache_get(&self, key: &str) -> StoreResult<Option<String>>;
+    async fn cache_put(&self, key: &str, artifact: &str) -> StoreResult<()>;
+    /// Stores bytes under their SHA-256 (hex); returns the hash.
+    async fn put_artifact(&self, bytes: &[u8]) -> StoreResult<String>;
+    async fn artifact(&self, hash: &str) -> StoreResult<Option<Vec<u8>>>;
+
+    /// Adds `by` to a named counter; returns the new value.
+    async fn incr(&self, counter: &str, by: i64) -> StoreResult<i64>;
+    async fn counter(&self, counter: &str) -> StoreResult<i64>;
+
+    /// Small records in named collections (canary deployments, breaker
+    /// state, the DLQ index). `ttl` makes a record expire.
+    async fn kv_put(
+        &self,
+        collection: &str,
+        key: &str,
+        value: &str,
+        ttl: Option<Duration>,
+    ) -> StoreResult<()>;
+    /// Writes only if absent; false when the key existed.
+    async fn kv_put_new(&self, collection: &str, key: &str, value: &str) -> StoreResult<bool>;
+    async fn kv_get(&self, collection: &str, key: &str) -> StoreResult<Option<String>>;
+    async fn kv_delete(&self, collection: &str, key: &str) -> StoreResult<bool>;
+    /// Every `(key, value)` of a collection, in key order.
+    async fn kv_list(&self, collection: &str) -> StoreResult<Vec<(String, String)>>;
+}
+
+/// A shared handle to some store.
+pub type SharedStore = Arc<dyn TaskStore>;
+
+/// SHA-256 of bytes, lowercase hex: the artifact and cache key hash.
+pub fn content_hash(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Connects to the store a URL names: `redis://…` or `memory://`.
+pub async fn connect(url: &str) -> StoreResult<SharedStore> {
+    match url.split_once("://") {
+        Some(("redis" | "rediss", _)) => Ok(Arc::new(redis::RedisStore::connect(url, "devfleet").await?)),
+        Some(("memory", _)) => Ok(Arc::new(memory::MemoryStore::new())),
+        _ => Err(StoreError::InvalidUrl {
+            url: url.to_owned(),
+            reason: "expected redis://HOST:PORT or memory://".into(),
+        }),
+    }
+}
