@@ -1,1 +1,64 @@
-fn main() {}
+//! `devfleet`: the command-line interface and the embedded single-process mode.
+
+use clap::{Parser, Subcommand};
+
+mod analyze;
+mod publish;
+mod status;
+mod up;
+
+/// Run AI coding agents as a distributed, dependency-aware pipeline.
+///
+/// A plan of files goes in; an analyzer turns their imports into a DAG; a
+/// scheduler releases each task the moment its dependencies are done; dev
+/// workers write the files; QA checks them; a canary rolls the result out.
+#[derive(Parser)]
+#[command(name = "devfleet", version, propagate_version = true)]
+#[command(after_help = "Examples:
+  devfleet up --plan examples/hello/plan.yaml --exit-when-done
+  devfleet analyze ./my-repo --format json
+  devfleet publish plan.yaml --wait
+  devfleet status")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every service in one process over the in-memory bus and store.
+    Up(up::UpArgs),
+    /// Dependency analysis of a directory or a plan file.
+    Analyze(analyze::AnalyzeArgs),
+    /// Submit a plan to a running stack.
+    Publish(publish::PublishArgs),
+    /// Plan and task states.
+    Status(status::StatusArgs),
+    /// Write a plan's generated files to a folder.
+    Pull(status::PullArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt.block_on(run_async(cli.command)),
+        Err(e) => Err(anyhow::anyhow!("cannot start the async runtime: {e}")),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_async(command: Command) -> anyhow::Result<std::process::ExitCode> {
+    match command {
+        Command::Up(args) => up::run(args).await,
+        Command::Publish(args) => publish::run(args).await,
+        Command::Status(args) => status::run(args).await,
+        Command::Pull(args) => status::pull(args).await,
+        Command::Analyze(args) => analyze::run(&args).map(|()| std::process::ExitCode::SUCCESS),
+    }
+}

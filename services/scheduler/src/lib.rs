@@ -1,1 +1,224 @@
-//! Placeholder until this service is built.
+//! The scheduler service: keeps every plan's tasks in the priority store and
+//! hands each to a dev-worker the moment its dependencies are done.
+//!
+//! # What it does
+//!
+//! * **Intake** ([`intake`]): consumes `plans.analyzed`, creates the plan and
+//!   all its tasks in one store step (a redelivered plan creates nothing
+//!   twice), then acks. Tasks without dependencies are Ready at once.
+//! * **Dispatch** ([`dispatch`]): claims the best Ready task (fix before new,
+//!   then longest remaining path, then FIFO) as [`capacity::DISPATCH_OWNER`]
+//!   and publishes it on `work.dev`, but only while the dispatched work no
+//!   worker has taken yet fits in the free slots the dev-workers advertise
+//!   ([`capacity`]). A broker backlog therefore never holds work in an order
+//!   the store would no longer choose.
+//! * **Completion** ([`completion`]): consumes `task.done`, completes the task
+//!   (idempotently) and so releases its dependents in the same store step;
+//!   when the last task of a plan is final, marks the plan Succeeded or
+//!   Failed and announces it.
+//! * **Leases** ([`reaper`]): returns tasks whose lease expired (a worker
+//!   died, or a dispatched message was never taken) to Ready.
+//! * **The direct seam** ([`direct_router`]): until the router (issue 5)
+//!   exists, `task.built` completes a task and `task.failed` fails it.
+//!
+//! # Guarantees
+//!
+//! * At-least-once in, idempotent effects: every delivery is acked only after
+//!   its store transition; a redelivery finds the transition done and acks.
+//! * A task is completed at most once (the store decides), and every task of
+//!   a created plan ends Done, Failed or Blocked as long as some dev-worker
+//!   and some scheduler keep running.
+//! * Any number of scheduler replicas may run: each transition is atomic in
+//!   the store. The dispatch credit is computed per replica, so N replicas
+//!   may together overshoot it by up to N−1 rounds of free slots; the
+//!   overshoot waits in `work.dev` and costs priority accuracy, not safety.
+
+use devfleet_protocol::queues;
+use devfleet_runtime::{Connections, Metrics};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub mod capacity;
+pub mod completion;
+mod consume;
+pub mod direct_router;
+pub mod dispatch;
+pub mod intake;
+pub mod namespace;
+pub mod reaper;
+
+pub use namespace::{connect_store, Namespace, NamespaceError};
+
+/// Store counter (namespaced) of tasks this pipeline completed: it grows by
+/// exactly one per task that became Done, however often `task.done` or
+/// `task.built` was delivered.
+pub const TASKS_COMPLETED: &str = "scheduler.tasks_completed";
+
+/// Settings of the scheduler service.
+#[derive(Clone)]
+pub struct Config {
+    pub connections: Connections,
+    /// Name of this replica in metrics and logs.
+    pub instance: String,
+    /// Prefix for work queues and store collections (see [`Namespace`]).
+    pub namespace: Namespace,
+    /// Complete `task.built` and fail `task.failed` here, standing in for
+    /// the router (see [`direct_router`]). Default true until issue 5.
+    pub direct_routing: bool,
+    /// How long a dispatched task may wait for a worker to take it over
+    /// before the reaper makes it Ready again. Must exceed the time a
+    /// message can sit in `work.dev` (short: dispatch is credit-limited).
+    pub dispatch_lease: Duration,
+    /// How often the dispatcher re-reads worker capacity while work is
+    /// waiting for a slot.
+    pub dispatch_tick: Duration,
+    /// How often it looks when there was nothing to dispatch (it is also
+    /// woken by new plans, completions and reaped leases).
+    pub idle_tick: Duration,
+    /// How often expired leases are returned to Ready.
+    pub reap_interval: Duration,
+    /// Handlers in flight per consumed queue.
+    pub handler_concurrency: usize,
+    /// Deliveries of one message (transient failures) before it is
+    /// dead-lettered.
+    pub max_handler_attempts: u32,
+}
+
+impl Config {
+    /// Defaults that work on loopback; the embedded mode uses them as is.
+    pub fn new(connections: Connections) -> Self {
+        Self {
+            connections,
+            instance: devfleet_runtime::instance_name("scheduler"),
+            namespace: Namespace::none(),
+            direct_routing: true,
+            dispatch_lease: Duration::from_secs(30),
+            dispatch_tick: Duration::from_millis(20),
+            idle_tick: Duration::from_millis(250),
+            reap_interval: Duration::from_secs(1),
+            handler_concurrency: 16,
+            max_handler_attempts: 50,
+        }
+    }
+
+    /// Checks the settings; errors name the flag.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.dispatch_lease.is_zero(),
+            "--dispatch-lease-ms (DEVFLEET_DISPATCH_LEASE_MS) must be positive"
+        );
+        anyhow::ensure!(
+            !self.dispatch_tick.is_zero() && !self.idle_tick.is_zero(),
+            "--dispatch-tick-ms (DEVFLEET_DISPATCH_TICK_MS) must be positive"
+        );
+        anyhow::ensure!(
+            !self.reap_interval.is_zero(),
+            "--reap-interval-ms (DEVFLEET_REAP_INTERVAL_MS) must be positive"
+        );
+        Ok(())
+    }
+}
+
+/// What every part of the running scheduler shares.
+pub(crate) struct Shared {
+    pub connections: Connections,
+    pub namespace: Namespace,
+    pub metrics: Metrics,
+    /// Wakes the dispatcher: a plan was created, a task released or reaped.
+    pub wake: Notify,
+    pub dispatch_lease: Duration,
+    pub dispatch_tick: Duration,
+    pub idle_tick: Duration,
+    pub reap_interval: Duration,
+    pub max_handler_attempts: u32,
+}
+
+impl Shared {
+    pub(crate) fn queue(&self, queue: &str) -> String {
+        self.namespace.queue(queue)
+    }
+
+    pub(crate) fn counter(&self, name: &str) -> String {
+        self.namespace.collection(name)
+    }
+}
+
+/// Runs the service until `shutdown` is cancelled, then finishes the
+/// handlers in flight and returns. If any part fails for good (the bus was
+/// closed under it), the others are stopped and the error returned.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    config.validate()?;
+    let shared = Arc::new(Shared {
+        metrics: config.connections.metrics(config.instance.clone()),
+        connections: config.connections.clone(),
+        namespace: config.namespace.clone(),
+        wake: Notify::new(),
+        dispatch_lease: config.dispatch_lease,
+        dispatch_tick: config.dispatch_tick,
+        idle_tick: config.idle_tick,
+        reap_interval: config.reap_interval,
+        max_handler_attempts: config.max_handler_attempts,
+    });
+    tracing::info!(
+        instance = %config.instance,
+        namespace = %config.namespace,
+        direct_routing = config.direct_routing,
+        "scheduler starting"
+    );
+    let stop = shutdown.child_token();
+    let n = config.handler_concurrency;
+    let mut parts = JoinSet::new();
+    let s = &shared;
+    parts.spawn(consume::consume(
+        s.clone(),
+        s.queue(queues::PLANS_ANALYZED),
+        n.min(4),
+        stop.clone(),
+        intake::handle,
+    ));
+    parts.spawn(consume::consume(
+        s.clone(),
+        s.queue(queues::TASK_DONE),
+        n,
+        stop.clone(),
+        completion::handle_done,
+    ));
+    if config.direct_routing {
+        parts.spawn(consume::consume(
+            s.clone(),
+            s.queue(queues::TASK_BUILT),
+            n,
+            stop.clone(),
+            direct_router::handle_built,
+        ));
+        parts.spawn(consume::consume(
+            s.clone(),
+            s.queue(queues::TASK_FAILED),
+            n,
+            stop.clone(),
+            direct_router::handle_failed,
+        ));
+    }
+    parts.spawn(dispatch::run(s.clone(), stop.clone()));
+    parts.spawn(reaper::run(s.clone(), stop.clone()));
+
+    let mut result = Ok(());
+    while let Some(joined) = parts.join_next().await {
+        let outcome = joined
+            .map_err(|e| anyhow::anyhow!("a scheduler task panicked: {e}"))
+            .and_then(|r| r);
+        if let Err(e) = outcome {
+            tracing::error!(error = %e, "scheduler part failed; stopping");
+            if result.is_ok() {
+                result = Err(e);
+            }
+        }
+        // Whatever ended first, the rest stop too.
+        stop.cancel();
+    }
+    tracing::info!("scheduler stopped");
+    result
+}

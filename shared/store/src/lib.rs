@@ -27,6 +27,7 @@ use std::time::Duration;
 
 pub mod memory;
 pub mod redis;
+mod rules;
 
 /// Result type of store operations.
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -52,6 +53,22 @@ pub enum StoreError {
     },
     #[error("corrupt record at '{key}': {reason}")]
     Corrupt { key: String, reason: String },
+    /// Plan ids become part of store keys, so they must be non-empty and
+    /// free of `:`, `|` and whitespace.
+    #[error("invalid plan id '{plan_id}': {reason}")]
+    InvalidPlanId { plan_id: String, reason: String },
+    /// Two tasks of one plan share a path.
+    #[error("plan '{plan_id}': task path '{path}' appears more than once")]
+    DuplicateTask { plan_id: String, path: String },
+    /// The transition does not apply to the task's current state (for
+    /// example completing a Pending task).
+    #[error("task '{path}' of plan '{plan_id}' is {}: cannot {operation}", state.as_str())]
+    InvalidState {
+        plan_id: String,
+        path: String,
+        state: TaskState,
+        operation: &'static str,
+    },
 }
 
 /// States of a task.
@@ -88,7 +105,10 @@ impl TaskState {
     }
     /// True once the task can change no more (without a replay).
     pub fn is_final(self) -> bool {
-        matches!(self, TaskState::Done | TaskState::Failed | TaskState::Blocked)
+        matches!(
+            self,
+            TaskState::Done | TaskState::Failed | TaskState::Blocked
+        )
     }
 }
 
@@ -165,6 +185,9 @@ pub struct PlanRecord {
 
 /// What [`TaskStore::claim`] found.
 #[derive(Debug, Clone, PartialEq)]
+// Boxing the record would cost an allocation per claim and change every
+// caller's pattern for no gain: outcomes are short-lived return values.
+#[allow(clippy::large_enum_variant)]
 pub enum ClaimOutcome {
     /// The caller now holds the lease; the record is as of the claim.
     Claimed(TaskRecord),
@@ -201,21 +224,37 @@ pub struct Failure {
 /// The priority task store.
 ///
 /// Every method is atomic on its own. Times are milliseconds since the epoch
-/// from the caller's clock (`now_ms`), so tests can move time.
+/// from the caller's clock (`now_ms`), so tests can move time; transitions
+/// that take no `now_ms` stamp `updated_ms` with the store client's clock.
+///
+/// A lease is live while `now_ms <= lease_expires_ms` and expired once
+/// `lease_expires_ms < now_ms`. Every transition on a task that does not
+/// exist fails with [`StoreError::UnknownTask`]; one that does not apply to
+/// the task's state fails with [`StoreError::InvalidState`] naming it.
 #[async_trait]
 pub trait TaskStore: Send + Sync + 'static {
     /// `redis` or `memory`.
     fn backend(&self) -> &'static str;
 
     /// Creates a plan and all its tasks in one step; tasks with no
-    /// dependencies become Ready. Returns false (and changes nothing) when
-    /// the plan already exists, so a redelivered plan creates nothing twice.
+    /// dependencies become Ready (class New, in plan order). Returns false
+    /// (and changes nothing) when the plan already exists, so a redelivered
+    /// plan creates nothing twice.
+    ///
+    /// Validated before anything is written: a dependency on a path not in
+    /// the plan is [`StoreError::UnknownDependency`], a repeated path
+    /// [`StoreError::DuplicateTask`], a plan id that is empty or contains
+    /// `:`, `|` or whitespace [`StoreError::InvalidPlanId`]. Repeated
+    /// entries in `depends_on` count once. The store sets `total` to the
+    /// number of tasks and done/failed/blocked to zero; cycles are not
+    /// checked (tasks on one never become ready).
     async fn create_plan(&self, plan: PlanRecord, tasks: Vec<NewTask>) -> StoreResult<bool>;
 
     async fn plan(&self, plan_id: &str) -> StoreResult<Option<PlanRecord>>;
-    /// Every plan, newest first.
+    /// Every plan, newest first (by `created_ms`; ties by id, descending).
     async fn plans(&self) -> StoreResult<Vec<PlanRecord>>;
-    /// Sets a plan's status and message.
+    /// Sets a plan's status and message (`None` clears it);
+    /// [`StoreError::UnknownPlan`] if there is no such plan.
     async fn set_plan_status(
         &self,
         plan_id: &str,
@@ -223,13 +262,15 @@ pub trait TaskStore: Send + Sync + 'static {
         message: Option<String>,
     ) -> StoreResult<()>;
     async fn task(&self, plan_id: &str, path: &str) -> StoreResult<Option<TaskRecord>>;
-    /// Every task of a plan, in path order.
+    /// Every task of a plan, in path order (one consistent snapshot);
+    /// [`StoreError::UnknownPlan`] if there is no such plan.
     async fn tasks(&self, plan_id: &str) -> StoreResult<Vec<TaskRecord>>;
 
     /// Number of tasks in the ready set.
     async fn ready_len(&self) -> StoreResult<u64>;
     /// Takes the best Ready task and leases it to `owner` until
-    /// `now_ms + lease`; increments its attempt.
+    /// `now_ms + lease`; increments its attempt. `None` when nothing is
+    /// ready. Concurrent callers never receive the same task.
     async fn claim_next(
         &self,
         owner: &str,
@@ -239,6 +280,13 @@ pub trait TaskStore: Send + Sync + 'static {
     /// Leases one named task: Ready, or Leased with an expired lease or by
     /// the same owner (a re-claim keeps the attempt), or Leased by the
     /// dispatcher `handoff_from` (the lease passes to `owner`).
+    ///
+    /// Checked in this order: Ready → fresh lease (attempt + 1); Leased by
+    /// `owner` or by `handoff_from` → lease extended to `now_ms + lease` and
+    /// owned by `owner`, attempt kept (even if it had expired); Leased by
+    /// someone else and expired → fresh lease; otherwise
+    /// [`ClaimOutcome::Held`]. Any other state is
+    /// [`ClaimOutcome::NotClaimable`].
     async fn claim(
         &self,
         plan_id: &str,
@@ -248,7 +296,9 @@ pub trait TaskStore: Send + Sync + 'static {
         lease: Duration,
         now_ms: i64,
     ) -> StoreResult<ClaimOutcome>;
-    /// Extends a lease the owner still holds; false when it lost it.
+    /// Extends a lease the owner still holds to `now_ms + lease`; false
+    /// when it lost it (another owner, not Leased, or already expired at
+    /// `now_ms`).
     async fn renew(
         &self,
         plan_id: &str,
@@ -257,13 +307,20 @@ pub trait TaskStore: Send + Sync + 'static {
         lease: Duration,
         now_ms: i64,
     ) -> StoreResult<bool>;
-    /// Returns tasks whose lease expired before `now_ms` to Ready; returns
-    /// their `(plan_id, path)`.
+    /// Returns tasks whose lease expired before `now_ms`
+    /// (`lease_expires_ms < now_ms`) to the back of the ready set, class and
+    /// attempt kept (the next claim starts a new attempt); returns their
+    /// `(plan_id, path)` in expiry order.
     async fn reap_expired(&self, now_ms: i64) -> StoreResult<Vec<(String, String)>>;
     /// Records a built artifact (Leased → Built); the lease is released.
+    /// Built → Built replaces the artifact; on a Done task it is a no-op (a
+    /// late duplicate); other states are [`StoreError::InvalidState`].
     async fn mark_built(&self, plan_id: &str, path: &str, artifact: &str) -> StoreResult<()>;
     /// Puts a task back in the ready set as a new attempt, with `class`
-    /// (fixes first) and the error or diagnostics to carry.
+    /// (fixes first) and the error or diagnostics to carry (`None` clears
+    /// it). Applies to Leased, Built and Ready tasks (the lease is released;
+    /// the task goes to the back of its band); the attempt is incremented
+    /// by the next claim. Other states are [`StoreError::InvalidState`].
     async fn requeue(
         &self,
         plan_id: &str,
@@ -273,27 +330,53 @@ pub trait TaskStore: Send + Sync + 'static {
     ) -> StoreResult<()>;
     /// Completes a task (idempotent) and releases dependents whose last
     /// unfinished dependency it was.
+    ///
+    /// Leased or Built → Done: the lease is released, the artifact recorded,
+    /// the error cleared, each dependent's count of unfinished dependencies
+    /// drops by one and those reaching zero while Pending become Ready (class
+    /// New) in the same step; plan counts are updated. On a Done task
+    /// nothing changes (`newly_done` false, `released` empty, counts as
+    /// they are). Other states are [`StoreError::InvalidState`]. `released`
+    /// is in path order.
     async fn complete(&self, plan_id: &str, path: &str, artifact: &str) -> StoreResult<Completion>;
     /// Fails a task for good (idempotent); its transitive dependents become
     /// Blocked with the cause.
+    ///
+    /// Any non-final task → Failed with `error` (out of the ready set, lease
+    /// released); every transitive dependent not already final → Blocked
+    /// with error `blocked by <path>: <error>`. On a Failed task nothing
+    /// changes (`newly_failed` false); Done and Blocked tasks are
+    /// [`StoreError::InvalidState`]. `blocked` is in path order.
     async fn fail(&self, plan_id: &str, path: &str, error: &str) -> StoreResult<Failure>;
     /// Returns a Failed task, and the dependents it blocked, to play again:
     /// attempts reset, the task Ready (or Pending if a dependency is unfinished).
+    ///
+    /// If one of the task's own dependencies is Failed or Blocked, the task
+    /// becomes Blocked instead. Then each Blocked task downstream none of
+    /// whose direct dependencies is still Failed or Blocked is unblocked the
+    /// same way (so a task blocked by a second failure stays blocked).
+    /// Errors are cleared; plan counts follow. Only Failed tasks replay;
+    /// other states are [`StoreError::InvalidState`].
     async fn replay(&self, plan_id: &str, path: &str) -> StoreResult<()>;
 
     /// Result cache: cache key → artifact hash.
     async fn cache_get(&self, key: &str) -> StoreResult<Option<String>>;
     async fn cache_put(&self, key: &str, artifact: &str) -> StoreResult<()>;
-    /// Stores bytes under their SHA-256 (hex); returns the hash.
+    /// Stores bytes under their SHA-256 (hex, see [`content_hash`]);
+    /// returns the hash. Storing the same bytes again changes nothing.
     async fn put_artifact(&self, bytes: &[u8]) -> StoreResult<String>;
     async fn artifact(&self, hash: &str) -> StoreResult<Option<Vec<u8>>>;
 
-    /// Adds `by` to a named counter; returns the new value.
+    /// Adds `by` to a named counter (missing counts as 0); returns the new
+    /// value.
     async fn incr(&self, counter: &str, by: i64) -> StoreResult<i64>;
     async fn counter(&self, counter: &str) -> StoreResult<i64>;
 
     /// Small records in named collections (canary deployments, breaker
-    /// state, the DLQ index). `ttl` makes a record expire.
+    /// state, the DLQ index). `ttl` makes a record expire: from
+    /// `now + ttl` (store client's clock) on, no read returns it and
+    /// [`TaskStore::kv_put_new`] treats it as absent. A put without `ttl`
+    /// makes the record permanent again.
     async fn kv_put(
         &self,
         collection: &str,
@@ -301,7 +384,8 @@ pub trait TaskStore: Send + Sync + 'static {
         value: &str,
         ttl: Option<Duration>,
     ) -> StoreResult<()>;
-    /// Writes only if absent; false when the key existed.
+    /// Writes only if absent (or expired), without a TTL; false when the
+    /// key existed.
     async fn kv_put_new(&self, collection: &str, key: &str, value: &str) -> StoreResult<bool>;
     async fn kv_get(&self, collection: &str, key: &str) -> StoreResult<Option<String>>;
     async fn kv_delete(&self, collection: &str, key: &str) -> StoreResult<bool>;
@@ -321,7 +405,9 @@ pub fn content_hash(bytes: &[u8]) -> String {
 /// Connects to the store a URL names: `redis://…` or `memory://`.
 pub async fn connect(url: &str) -> StoreResult<SharedStore> {
     match url.split_once("://") {
-        Some(("redis" | "rediss", _)) => Ok(Arc::new(redis::RedisStore::connect(url, "devfleet").await?)),
+        Some(("redis" | "rediss", _)) => {
+            Ok(Arc::new(redis::RedisStore::connect(url, "devfleet").await?))
+        }
         Some(("memory", _)) => Ok(Arc::new(memory::MemoryStore::new())),
         _ => Err(StoreError::InvalidUrl {
             url: url.to_owned(),

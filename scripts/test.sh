@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# devfleet's test command: installs RabbitMQ, NATS and Redis when missing,
+# starts them on free loopback ports with data in a temporary directory,
+# runs the whole test suite against them, and stops them on every exit path.
+#
+# usage: scripts/test.sh [FILTER]
+#   FILTER  optional nextest filter expression, e.g. 'package(devfleet-bus)'
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+filter=${1:-all()}
+
+tmp=$(mktemp -d /tmp/devfleet-test.XXXXXX)
+cleanup() {
+  scripts/servers.sh stop "$tmp/servers" >/dev/null 2>&1 || true
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+scripts/servers.sh start "$tmp/servers"
+# shellcheck disable=SC1091
+. "$tmp/servers/env"
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "test.sh: installing cargo-nextest" >&2
+  cargo install --locked cargo-nextest >&2
+fi
+
+# Tests whose name says `restart` stop and start a shared server: they run
+# one at a time, after everything else, so they disturb no other test.
+cargo nextest run --workspace --no-fail-fast -E "($filter) & not test(/restart/)"
+cargo nextest run --workspace --no-fail-fast -j 1 --no-tests=pass -E "($filter) & test(/restart/)"

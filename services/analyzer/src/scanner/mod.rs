@@ -1,0 +1,22 @@
+//! Import scanners: hand-written lexers that find import statements without
+//! building a syntax tree.
+//!
+//! Each scanner reads a whole file and returns the imports it names, in
+//! source order. They skip comments, strings (every Python prefix,
+//! triple-quoted, f-strings with nested replacement fields), docstrings, JS
+//! template literals with nested `${}`, regular-expression literals and JSX
+//! text exactly, so text that merely looks like an import is never taken for
+//! one. Nesting is kept on heap stacks, never the call stack, so hostile input
+//! (a million open brackets) cannot overflow it. Scanners never panic and
+//! never fail: malformed code is scanned as far as it makes sense, the way a
+//! tokenizer recovers at the end of a line.
+
+pub mod js;
+pub mod python;
+
+/// Bytes that continue an identifier in both languages. Every non-ASCII byte
+/// counts, so Unicode identifiers stay whole.
+#[inline]
+pub(crate) fn is_ident_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80
+}

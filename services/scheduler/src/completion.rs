@@ -1,0 +1,226 @@
+//! Task completion and failure, and the end of a plan.
+//!
+//! [`handle_done`] consumes `task.done` (published by the router once a task
+//! passed every stage). Completing is idempotent in the store: the step that
+//! makes a task Done also makes Ready each dependent whose last unfinished
+//! dependency it was, and a duplicate delivery changes nothing. When the
+//! last task of a plan becomes final, [`finish_plan`] decides the plan's
+//! outcome. The direct seam ([`crate::direct_router`]) uses the same
+//! functions.
+
+use crate::consume::{self, Settlement};
+use crate::{Shared, TASKS_COMPLETED};
+use devfleet_protocol::{queues, Envelope, Message, MetricType, PlanEvent, PlanStatus};
+use devfleet_store::{PlanRecord, StoreResult, TaskState, TaskStore};
+use std::sync::Arc;
+
+/// Longest plan status message, in characters.
+const MAX_MESSAGE_CHARS: usize = 2_000;
+
+/// Handles one `task.done` envelope.
+pub(crate) async fn handle_done(shared: Arc<Shared>, envelope: Envelope) -> Settlement {
+    match envelope.message {
+        Message::TaskDone(done) => {
+            match complete(&shared, &done.plan_id, &done.path, &done.artifact).await {
+                Ok(()) => Settlement::Ack,
+                Err(e) => Settlement::from_store_error("completing the task", e),
+            }
+        }
+        _ => consume::unexpected(&envelope, queues::TASK_DONE),
+    }
+}
+
+/// Completes a task with its artifact, releases its dependents (they become
+/// Ready in the same store step) and finishes the plan when it was the last.
+/// Idempotent: a task already Done changes nothing, but a finished plan is
+/// still finalised, in case an earlier delivery stopped half-way.
+pub(crate) async fn complete(
+    shared: &Shared,
+    plan_id: &str,
+    path: &str,
+    artifact: &str,
+) -> StoreResult<()> {
+    let store = &shared.connections.store;
+    let completion = store.complete(plan_id, path, artifact).await?;
+    if completion.newly_done {
+        store.incr(&shared.counter(TASKS_COMPLETED), 1).await?;
+        tracing::debug!(
+            plan_id,
+            path,
+            released = completion.released.len(),
+            done = completion.done,
+            total = completion.total,
+            "task done"
+        );
+        shared
+            .metrics
+            .emit(
+                MetricType::TaskProgress,
+                serde_json::json!({
+                    "plan_id": plan_id,
+                    "path": path,
+                    "status": PlanStatus::Running.as_str(),
+                    "done": completion.done,
+                    "total": completion.total,
+                    "released": completion.released.len(),
+                }),
+            )
+            .await;
+    }
+    // A completion frees a worker slot and may have released tasks.
+    shared.wake.notify_one();
+    if completion.plan_finished {
+        finish_plan(shared, plan_id).await?;
+    }
+    Ok(())
+}
+
+/// Fails a task for good: its transitive dependents become Blocked with the
+/// cause; tasks that do not depend on it still run. Idempotent. A task that
+/// is already Done or Blocked is left alone (the failure is stale).
+pub(crate) async fn fail(shared: &Shared, plan_id: &str, path: &str, error: &str) -> StoreResult<()> {
+    let store = &shared.connections.store;
+    let failure = store.fail(plan_id, path, error).await?;
+    if failure.newly_failed {
+        tracing::warn!(plan_id, path, %error, blocked = failure.blocked.len(), "task failed");
+        shared
+            .metrics
+            .emit(
+                MetricType::Error,
+                serde_json::json!({
+                    "plan_id": plan_id,
+                    "path": path,
+                    "error": error,
+                    "blocked": failure.blocked,
+                }),
+            )
+            .await;
+        if let Some(plan) = store.plan(plan_id).await? {
+            shared
+                .connections
+                .event(PlanEvent {
+                    plan_id: plan_id.to_owned(),
+                    name: plan.name.clone(),
+                    status: plan.status,
+                    done: plan.done,
+                    failed: plan.failed,
+                    total: plan.total,
+                    message: Some(truncate(format!(
+                        "{path} failed: {error}; {} dependent(s) blocked",
+                        failure.blocked.len()
+                    ))),
+                })
+                .await;
+        }
+    }
+    if failure.plan_finished {
+        finish_plan(shared, plan_id).await?;
+    }
+    Ok(())
+}
+
+/// The outcome of a plan whose every task is final: Succeeded when all are
+/// Done, else Failed with a message naming the failed tasks. `None` when the
+/// plan already ended.
+async fn outcome(
+    store: &dyn TaskStore,
+    plan: &PlanRecord,
+) -> StoreResult<Option<(PlanStatus, Option<String>)>> {
+    if plan.status.is_final() {
+        return Ok(None);
+    }
+    if plan.failed == 0 && plan.blocked == 0 {
+        return Ok(Some((PlanStatus::Succeeded, None)));
+    }
+    let tasks = store.tasks(&plan.id).await?;
+    let failed: Vec<String> = tasks
+        .iter()
+        .filter(|t| t.state == TaskState::Failed)
+        .map(|t| format!("{} ({})", t.path, t.error.as_deref().unwrap_or("no error recorded")))
+        .collect();
+    let message = format!(
+        "{} task(s) failed: {}; {} blocked; {} of {} done",
+        failed.len(),
+        failed.join(", "),
+        plan.blocked,
+        plan.done,
+        plan.total
+    );
+    Ok(Some((PlanStatus::Failed, Some(truncate(message)))))
+}
+
+/// Ends a plan whose every task is final (see [`outcome`]) and announces it.
+/// Does nothing to a plan that already ended, so concurrent or repeated
+/// calls are harmless (at worst the event goes out twice; events are best
+/// effort).
+pub(crate) async fn finish_plan(shared: &Shared, plan_id: &str) -> StoreResult<()> {
+    let store = &shared.connections.store;
+    let Some(plan) = store.plan(plan_id).await? else {
+        return Ok(());
+    };
+    // Hook for the integration stage (a later issue): a plan with
+    // `integration` steps moves to `Integrating` here and publishes
+    // `work.integration`; only its results decide Succeeded or Failed.
+    let Some((status, message)) = outcome(store.as_ref(), &plan).await? else {
+        return Ok(());
+    };
+    store
+        .set_plan_status(plan_id, status, message.clone())
+        .await?;
+    tracing::info!(
+        plan_id,
+        status = status.as_str(),
+        done = plan.done,
+        failed = plan.failed,
+        blocked = plan.blocked,
+        total = plan.total,
+        "plan finished"
+    );
+    shared
+        .connections
+        .event(PlanEvent {
+            plan_id: plan_id.to_owned(),
+            name: plan.name.clone(),
+            status,
+            done: plan.done,
+            failed: plan.failed,
+            total: plan.total,
+            message: message.clone(),
+        })
+        .await;
+    shared
+        .metrics
+        .emit(
+            MetricType::TaskProgress,
+            serde_json::json!({
+                "plan_id": plan_id,
+                "name": plan.name,
+                "status": status.as_str(),
+                "done": plan.done,
+                "failed": plan.failed,
+                "blocked": plan.blocked,
+                "total": plan.total,
+            }),
+        )
+        .await;
+    Ok(())
+}
+
+fn truncate(mut s: String) -> String {
+    if s.chars().count() > MAX_MESSAGE_CHARS {
+        s = s.chars().take(MAX_MESSAGE_CHARS).collect::<String>() + "…";
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut() {
+        let s = truncate("x".repeat(5_000));
+        assert_eq!(s.chars().count(), MAX_MESSAGE_CHARS + 1);
+        assert_eq!(truncate("short".into()), "short");
+    }
+}

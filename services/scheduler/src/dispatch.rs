@@ -1,0 +1,215 @@
+//! The dispatcher: Ready tasks → `work.dev`, in priority order, only as
+//! fast as the dev-workers can take them.
+//!
+//! Each cycle reads the workers' capacity records and the `work.dev` depth,
+//! computes the credit ([`crate::capacity::credit`]) and, for each unit of
+//! it, claims the best Ready task as [`DISPATCH_OWNER`] with the dispatch
+//! lease and publishes a [`TaskWork`]. Because nothing waits in the broker
+//! beyond what free slots will take at once, the order in which workers
+//! start tasks is the store's priority order, not the order messages piled
+//! up in a queue.
+//!
+//! A cycle runs when woken (plan created, task completed, leases reaped)
+//! and on a tick: short while work waits for slots (that is how freed slots
+//! are noticed), longer when there was nothing to dispatch.
+//!
+//! If publishing fails the claimed task keeps its dispatch lease until the
+//! reaper returns it to Ready; the dispatcher backs off before its next
+//! cycle, so a broker outage strands at most one task per cycle.
+
+use crate::capacity::{self, Fleet, DISPATCH_OWNER};
+use crate::Shared;
+use devfleet_protocol::{now_ms, queues, MetricType, TaskWork};
+use devfleet_runtime::backoff::Backoff;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+/// A dispatch no worker record reflects counts against the credit until a
+/// worker reports after it, or for at most this long (bounds the damage of
+/// clock skew between machines, or of a worker that never reports).
+const LEDGER_MAX_AGE_MS: i64 = 1_000;
+
+/// How often `queue_status` is emitted.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+
+const FAILURE_BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(100),
+    factor: 2.0,
+    cap: Duration::from_secs(10),
+    jitter: 0.5,
+};
+
+/// This replica's recent dispatches that no worker capacity record may
+/// reflect yet: a message taken off the queue leaves the queue depth before
+/// its worker's next record counts it as waiting or busy.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    sent_ms: VecDeque<i64>,
+}
+
+impl Ledger {
+    /// Notes a dispatch at `at_ms`.
+    pub fn record(&mut self, at_ms: i64) {
+        self.sent_ms.push_back(at_ms);
+    }
+
+    /// Forgets dispatches older than the newest worker record (a worker
+    /// that took one has reported it by then, or it is still in the queue
+    /// depth) and any older than [`LEDGER_MAX_AGE_MS`].
+    pub fn prune(&mut self, newest_report_ms: Option<i64>, now_ms: i64) {
+        let floor = now_ms - LEDGER_MAX_AGE_MS;
+        let floor = newest_report_ms.map_or(floor, |n| n.max(floor));
+        while self.sent_ms.front().is_some_and(|&t| t <= floor) {
+            self.sent_ms.pop_front();
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.sent_ms.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sent_ms.is_empty()
+    }
+}
+
+/// How a dispatch cycle ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CycleEnd {
+    /// The ready set ran dry.
+    NoReadyWork,
+    /// The credit ran out (or was zero): work may be waiting for slots.
+    CreditUsed,
+}
+
+/// Runs dispatch cycles until `shutdown`.
+pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut ledger = Ledger::default();
+    let mut failures = 0u32;
+    let mut last_status: Option<Instant> = None;
+    loop {
+        let pause = match cycle(&shared, &mut ledger, &mut last_status).await {
+            Ok(CycleEnd::NoReadyWork) => {
+                failures = 0;
+                shared.idle_tick
+            }
+            Ok(CycleEnd::CreditUsed) => {
+                failures = 0;
+                shared.dispatch_tick
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, failures, "dispatch cycle failed; backing off");
+                FAILURE_BACKOFF.delay(failures)
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+async fn cycle(
+    shared: &Shared,
+    ledger: &mut Ledger,
+    last_status: &mut Option<Instant>,
+) -> anyhow::Result<CycleEnd> {
+    let store = &shared.connections.store;
+    let work_dev = shared.queue(queues::WORK_DEV);
+    let fleet = capacity::read_fleet(store.as_ref(), &shared.namespace, now_ms()).await?;
+    let depth = shared.connections.bus.queue_depth(&work_dev).await?;
+    ledger.prune(fleet.newest_at_ms, now_ms());
+    let outstanding = depth + ledger.len() as u64;
+    let credit = capacity::credit(&fleet, outstanding);
+    let mut end = CycleEnd::CreditUsed;
+    for _ in 0..credit {
+        let Some(task) = store
+            .claim_next(DISPATCH_OWNER, shared.dispatch_lease, now_ms())
+            .await?
+        else {
+            end = CycleEnd::NoReadyWork;
+            break;
+        };
+        let span = tracing::info_span!(
+            "dispatch",
+            plan_id = %task.plan_id,
+            path = %task.path,
+            attempt = task.attempt,
+            class = task.class.as_str(),
+            priority = task.priority,
+        );
+        let work = TaskWork {
+            plan_id: task.plan_id,
+            path: task.path,
+            attempt: task.attempt,
+            class: task.class,
+        };
+        shared
+            .connections
+            .publish(&work_dev, work)
+            .instrument(span)
+            .await?;
+        ledger.record(now_ms());
+    }
+    if last_status.is_none_or(|t| t.elapsed() >= STATUS_EVERY) {
+        *last_status = Some(Instant::now());
+        emit_status(shared, &fleet, depth, ledger.len()).await;
+    }
+    Ok(end)
+}
+
+async fn emit_status(shared: &Shared, fleet: &Fleet, depth: u64, unreported: usize) {
+    let ready = match shared.connections.store.ready_len().await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the ready set size");
+            return;
+        }
+    };
+    shared
+        .metrics
+        .emit(
+            MetricType::QueueStatus,
+            serde_json::json!({
+                "ready_len": ready,
+                "work_dev_depth": depth,
+                "dispatched_unreported": unreported,
+                "workers": fleet.workers,
+                "slots": fleet.slots,
+                "busy": fleet.busy,
+                "waiting": fleet.waiting,
+                "free_slots": fleet.free,
+            }),
+        )
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ledger_forgets_what_a_worker_reported_since() {
+        let mut l = Ledger::default();
+        l.record(100);
+        l.record(110);
+        l.record(120);
+        l.prune(Some(110), 130);
+        assert_eq!(l.len(), 1);
+        l.prune(None, 130);
+        assert_eq!(l.len(), 1);
+    }
+
+    #[test]
+    fn ledger_forgets_old_dispatches_even_without_reports() {
+        let mut l = Ledger::default();
+        l.record(100);
+        l.prune(None, 100 + LEDGER_MAX_AGE_MS + 1);
+        assert!(l.is_empty());
+    }
+}

@@ -1,0 +1,194 @@
+//! The queues and exchange the RabbitMQ backend declares, their names and
+//! arguments. Declarations are idempotent and cached per connection, so
+//! each is sent once per connection and again after a reconnect.
+//!
+//! * Work queue `q`: durable quorum queue; messages it gives up on (more
+//!   than [`DELIVERY_LIMIT`] returns, i.e. a crash loop) are dead-lettered
+//!   by the broker to [`DEAD_LETTER_QUEUE`].
+//! * [`DEAD_LETTER_QUEUE`]: durable quorum queue, no limit.
+//! * `devfleet.delay.<q>.<ms>`: durable quorum queue with message TTL `ms`
+//!   that dead-letters expired messages back to `q`; holds retries.
+//! * `devfleet.broadcast`: durable topic exchange; every listener binds its
+//!   own exclusive, auto-delete queue to it.
+
+use super::link::{op, short, Fault, Link, Session};
+use crate::memory::DELIVERY_LIMIT;
+use crate::DEAD_LETTER_QUEUE;
+use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::ExchangeKind;
+use std::time::Duration;
+
+/// The topic exchange broadcasts go through.
+pub(super) const BROADCAST_EXCHANGE: &str = "devfleet.broadcast";
+
+/// Delays are rounded up to one of these (ms), so a retry never comes back
+/// early and the number of delay queues per work queue stays small.
+/// Longer delays round up to whole hours.
+const DELAY_BUCKETS_MS: [u64; 14] = [
+    100, 250, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 120_000, 300_000, 600_000,
+    1_800_000, 3_600_000,
+];
+
+/// The bucket a delay waits in: the smallest one at least as long.
+pub(super) fn delay_bucket_ms(delay: Duration) -> u64 {
+    let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+    match DELAY_BUCKETS_MS.iter().find(|&&b| b >= ms) {
+        Some(&b) => b,
+        None => {
+            const HOUR: u64 = 3_600_000;
+            ms.div_ceil(HOUR).saturating_mul(HOUR)
+        }
+    }
+}
+
+/// The queue holding retries of `target` for `bucket_ms`.
+pub(super) fn delay_queue_name(target: &str, bucket_ms: u64) -> String {
+    format!("devfleet.delay.{target}.{bucket_ms}")
+}
+
+/// The AMQP binding key for a NATS-style pattern. A final `>` (one or more
+/// tokens) becomes `#` (zero or more); listeners filter out the subject
+/// that differs, `a` for `a.>`, with [`crate::subject_matches`].
+pub(super) fn binding_key(pattern: &str) -> String {
+    match pattern.strip_suffix('>') {
+        Some(prefix) if prefix.is_empty() || prefix.ends_with('.') => format!("{prefix}#"),
+        _ => pattern.to_owned(),
+    }
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+fn quorum_arguments() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text("quorum"));
+    args
+}
+
+/// Dead-letters to `routing_key` through the default exchange. The
+/// at-least-once strategy keeps a message in its queue until the target
+/// queue confirmed the copy (it requires `reject-publish` overflow).
+fn dead_letter_to(args: &mut FieldTable, routing_key: &str) {
+    args.insert("x-dead-letter-exchange".into(), text(""));
+    args.insert("x-dead-letter-routing-key".into(), text(routing_key));
+    args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+    args.insert("x-overflow".into(), text("reject-publish"));
+}
+
+fn work_queue_arguments() -> FieldTable {
+    let mut args = quorum_arguments();
+    dead_letter_to(&mut args, DEAD_LETTER_QUEUE);
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(i64::from(DELIVERY_LIMIT)),
+    );
+    args
+}
+
+fn delay_queue_arguments(target: &str, bucket_ms: u64) -> FieldTable {
+    let mut args = quorum_arguments();
+    dead_letter_to(&mut args, target);
+    args.insert(
+        "x-message-ttl".into(),
+        AMQPValue::LongLongInt(i64::try_from(bucket_ms).unwrap_or(i64::MAX)),
+    );
+    args
+}
+
+async fn declare(
+    link: &Link,
+    session: &Session,
+    name: &str,
+    arguments: FieldTable,
+) -> Result<(), Fault> {
+    if link.is_declared(session.generation, name) {
+        return Ok(());
+    }
+    op(
+        "queue.declare",
+        session
+            .channel
+            .queue_declare(short(name)?, QueueDeclareOptions::durable(), arguments),
+    )
+    .await?;
+    link.mark_declared(session.generation, name);
+    Ok(())
+}
+
+/// Declares a work queue (or the dead-letter queue) and what it needs.
+pub(super) async fn declare_queue(link: &Link, session: &Session, name: &str) -> Result<(), Fault> {
+    declare(link, session, DEAD_LETTER_QUEUE, quorum_arguments()).await?;
+    if name != DEAD_LETTER_QUEUE {
+        declare(link, session, name, work_queue_arguments()).await?;
+    }
+    Ok(())
+}
+
+/// Declares the delay queue for retries of `target` after `bucket_ms`,
+/// and `target` itself; returns the delay queue's name.
+pub(super) async fn declare_delay_queue(
+    link: &Link,
+    session: &Session,
+    target: &str,
+    bucket_ms: u64,
+) -> Result<String, Fault> {
+    declare_queue(link, session, target).await?;
+    let name = delay_queue_name(target, bucket_ms);
+    declare(
+        link,
+        session,
+        &name,
+        delay_queue_arguments(target, bucket_ms),
+    )
+    .await?;
+    Ok(name)
+}
+
+/// Declares the broadcast exchange.
+pub(super) async fn declare_broadcast(link: &Link, session: &Session) -> Result<(), Fault> {
+    let key = format!("exchange:{BROADCAST_EXCHANGE}");
+    if link.is_declared(session.generation, &key) {
+        return Ok(());
+    }
+    op(
+        "exchange.declare",
+        session.channel.exchange_declare(
+            BROADCAST_EXCHANGE.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    link.mark_declared(session.generation, &key);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_round_up_to_a_bucket() {
+        assert_eq!(delay_bucket_ms(Duration::from_millis(1)), 100);
+        assert_eq!(delay_bucket_ms(Duration::from_millis(100)), 100);
+        assert_eq!(delay_bucket_ms(Duration::from_millis(101)), 250);
+        assert_eq!(delay_bucket_ms(Duration::from_secs(3)), 5_000);
+        assert_eq!(delay_bucket_ms(Duration::from_secs(3600)), 3_600_000);
+        assert_eq!(delay_bucket_ms(Duration::from_secs(3601)), 7_200_000);
+    }
+
+    #[test]
+    fn nats_patterns_become_binding_keys() {
+        assert_eq!(binding_key("a.b"), "a.b");
+        assert_eq!(binding_key("a.*.c"), "a.*.c");
+        assert_eq!(binding_key("a.>"), "a.#");
+        assert_eq!(binding_key(">"), "#");
+        assert_eq!(binding_key("a>"), "a>");
+    }
+}

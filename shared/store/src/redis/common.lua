@@ -1,0 +1,88 @@
+-- Shared prelude of every devfleet store script (prepended to each one).
+-- ARGV[1] is the key prefix; scripts compute the keys they touch from it,
+-- so the store needs a single Redis (not Cluster).
+--
+-- Layout (P = prefix):
+--   P:plan:<id>          hash   plan record + counts (total/done/failed/blocked)
+--   P:plans              zset   plan ids scored by created_ms
+--   P:plantasks:<id>     list   task paths in plan order
+--   P:task:<id>:<path>   hash   task record; `pending` = unfinished deps,
+--                              `ready_member` while Ready, lease fields while Leased
+--   P:ready              zset   ready set: score = class rank * 2^32 + (2^32-1 - priority),
+--                              member = <seq:020>|<plan>|<path>, so equal scores are FIFO
+--   P:seq                string sequence for ready members
+--   P:leases             zset   <plan>|<path> scored by lease expiry (ms)
+local P = ARGV[1]
+local READY = P .. ':ready'
+local LEASES = P .. ':leases'
+local SEQ = P .. ':seq'
+local PLANS = P .. ':plans'
+
+local function plan_key(plan) return P .. ':plan:' .. plan end
+local function plantasks_key(plan) return P .. ':plantasks:' .. plan end
+local function task_key(plan, path) return P .. ':task:' .. plan .. ':' .. path end
+local function lease_member(plan, path) return plan .. '|' .. path end
+
+-- Same as rules::ready_score in Rust.
+local function ready_score(class, priority)
+  local rank = 1
+  if class == 'fix' then rank = 0 end
+  return string.format('%d', rank * 4294967296 + (4294967295 - tonumber(priority)))
+end
+
+-- Same as rules::blocked_cause in Rust.
+local function blocked_cause(path, err)
+  return 'blocked by ' .. path .. ': ' .. err
+end
+
+local function is_final(state)
+  return state == 'done' or state == 'failed' or state == 'blocked'
+end
+
+-- Takes the task out of the ready set if it is in it.
+local function leave_ready(tk)
+  local m = redis.call('HGET', tk, 'ready_member')
+  if m then
+    redis.call('ZREM', READY, m)
+    redis.call('HDEL', tk, 'ready_member')
+  end
+end
+
+-- Puts the task at the back of its (class, priority) band.
+local function make_ready(plan, path, tk, class)
+  leave_ready(tk)
+  local seq = redis.call('INCR', SEQ)
+  local member = string.format('%020d', seq) .. '|' .. plan .. '|' .. path
+  local priority = redis.call('HGET', tk, 'priority') or '0'
+  redis.call('ZADD', READY, ready_score(class, priority), member)
+  redis.call('HSET', tk, 'state', 'ready', 'class', class, 'ready_member', member)
+end
+
+local function drop_lease(tk, plan, path)
+  redis.call('ZREM', LEASES, lease_member(plan, path))
+  redis.call('HDEL', tk, 'lease_owner', 'lease_expires_ms')
+end
+
+-- Leases the task to owner until expires; a fresh lease starts a new attempt.
+local function lease(tk, plan, path, owner, expires, now, fresh)
+  redis.call('HSET', tk, 'state', 'leased', 'lease_owner', owner,
+    'lease_expires_ms', expires, 'updated_ms', now)
+  if fresh then redis.call('HINCRBY', tk, 'attempt', 1) end
+  redis.call('ZADD', LEASES, expires, lease_member(plan, path))
+end
+
+-- The task hash as a reply: {'ok', field, value, ...}.
+local function record_reply(tk)
+  local r = redis.call('HGETALL', tk)
+  table.insert(r, 1, 'ok')
+  return r
+end
+
+local function plan_counts(pk)
+  local c = redis.call('HMGET', pk, 'total', 'done', 'failed', 'blocked')
+  local total, done = tonumber(c[1]) or 0, tonumber(c[2]) or 0
+  local failed, blocked = tonumber(c[3]) or 0, tonumber(c[4]) or 0
+  local finished = '0'
+  if done + failed + blocked == total then finished = '1' end
+  return tostring(done), tostring(total), finished
+end

@@ -1,0 +1,21 @@
+-- reap_expired: ARGV[2] now ms. Leases with expiry < now return to Ready
+-- (class kept), in (expiry, member) order.
+-- Reply: {'ok', plan1, path1, plan2, path2, ...}.
+local now = ARGV[2]
+local out = {'ok'}
+local expired = redis.call('ZRANGEBYSCORE', LEASES, '-inf', '(' .. now)
+for _, member in ipairs(expired) do
+  redis.call('ZREM', LEASES, member)
+  local plan, path = string.match(member, '^([^|]*)|(.*)$')
+  if plan then
+    local tk = task_key(plan, path)
+    if redis.call('HGET', tk, 'state') == 'leased' then
+      redis.call('HDEL', tk, 'lease_owner', 'lease_expires_ms')
+      redis.call('HSET', tk, 'updated_ms', now)
+      make_ready(plan, path, tk, redis.call('HGET', tk, 'class') or 'new')
+      table.insert(out, plan)
+      table.insert(out, path)
+    end
+  end
+end
+return out

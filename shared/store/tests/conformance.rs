@@ -1,0 +1,1156 @@
+//! The store conformance suite: one set of behaviours, run against every
+//! backend. `store_suite!` generates the same `#[tokio::test]`s for the
+//! in-memory store and for Redis (at `DEVFLEET_REDIS_URL`, each test under
+//! its own key prefix), so the embedded mode's store cannot silently differ
+//! from the real one.
+//!
+//! Redis-only tests follow the suite; the one that restarts Redis has
+//! `restart` in its name so `scripts/test.sh` runs it alone.
+
+use devfleet_protocol::{PlanStatus, TaskClass};
+use devfleet_store::memory::MemoryStore;
+use devfleet_store::redis::RedisStore;
+use devfleet_store::{
+    content_hash, ClaimOutcome, NewTask, PlanRecord, SharedStore, StoreError, TaskState,
+};
+use devfleet_testkit::{redis_url, require_env, unique, wait_for, within};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+const LEASE: Duration = Duration::from_secs(1);
+/// A fixed "now" for lease arithmetic: the store takes the caller's clock.
+const T0: i64 = 1_000_000;
+
+async fn memory_store() -> SharedStore {
+    Arc::new(MemoryStore::new())
+}
+
+async fn redis_store() -> SharedStore {
+    Arc::new(connect_redis(&unique("t")).await)
+}
+
+async fn connect_redis(prefix: &str) -> RedisStore {
+    let url = redis_url();
+    match RedisStore::connect(&url, prefix).await {
+        Ok(s) => s,
+        Err(e) => panic!("connecting to Redis at {url}: {e}"),
+    }
+}
+
+fn plan(id: &str, created_ms: i64) -> PlanRecord {
+    PlanRecord {
+        id: id.to_owned(),
+        name: format!("name of {id}"),
+        status: PlanStatus::Running,
+        total: 0,
+        done: 0,
+        failed: 0,
+        blocked: 0,
+        created_ms,
+        updated_ms: created_ms,
+        detail: "{\"opaque\":true}".into(),
+        message: None,
+    }
+}
+
+fn task(path: &str, deps: &[&str], priority: u32) -> NewTask {
+    NewTask {
+        path: path.to_owned(),
+        spec: format!("write {path}"),
+        content: None,
+        depends_on: deps.iter().map(|d| d.to_string()).collect(),
+        priority,
+        estimate: 1,
+        executor: None,
+    }
+}
+
+async fn create(store: &SharedStore, tasks: Vec<NewTask>) -> String {
+    create_at(store, tasks, 1).await
+}
+
+async fn create_at(store: &SharedStore, tasks: Vec<NewTask>, created_ms: i64) -> String {
+    let id = unique("plan");
+    assert!(store
+        .create_plan(plan(&id, created_ms), tasks)
+        .await
+        .unwrap());
+    id
+}
+
+async fn state(store: &SharedStore, plan_id: &str, path: &str) -> TaskState {
+    store
+        .task(plan_id, path)
+        .await
+        .unwrap()
+        .expect("task exists")
+        .state
+}
+
+/// Claims every ready task in order, returning `(plan, path)` pairs.
+async fn drain(store: &SharedStore, owner: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    while let Some(t) = store.claim_next(owner, LEASE, T0).await.unwrap() {
+        out.push((t.plan_id, t.path));
+    }
+    out
+}
+
+/// Leases a task by name and returns the claimed record's attempt.
+async fn claim_ok(store: &SharedStore, plan_id: &str, path: &str, owner: &str, now: i64) -> u32 {
+    match store
+        .claim(plan_id, path, owner, None, LEASE, now)
+        .await
+        .unwrap()
+    {
+        ClaimOutcome::Claimed(t) => {
+            assert_eq!(t.lease_owner.as_deref(), Some(owner));
+            t.attempt
+        }
+        other => panic!("claiming {path} as {owner}: {other:?}"),
+    }
+}
+
+mod checks {
+    use super::*;
+
+    pub async fn ready_order_is_fix_first_then_priority_then_fifo_across_plans(s: SharedStore) {
+        let a = create_at(
+            &s,
+            vec![task("a1", &[], 1), task("a2", &[], 5), task("a3", &[], 1)],
+            1,
+        )
+        .await;
+        let b = create_at(&s, vec![task("b1", &[], 5), task("b2", &[], 1)], 2).await;
+        assert_eq!(s.ready_len().await.unwrap(), 5);
+        // A low-priority task sent back as a fix jumps ahead of everything.
+        assert_eq!(claim_ok(&s, &a, "a3", "w", T0).await, 1);
+        s.requeue(&a, "a3", TaskClass::Fix, Some("tests failed".into()))
+            .await
+            .unwrap();
+        let order = drain(&s, "w").await;
+        let p = |plan: &str, path: &str| (plan.to_owned(), path.to_owned());
+        assert_eq!(
+            order,
+            vec![
+                p(&a, "a3"),
+                p(&a, "a2"),
+                p(&b, "b1"),
+                p(&a, "a1"),
+                p(&b, "b2")
+            ]
+        );
+        let fixed = s.task(&a, "a3").await.unwrap().unwrap();
+        assert_eq!(fixed.class, TaskClass::Fix);
+        assert_eq!(fixed.attempt, 2, "the requeue started a new attempt");
+        assert_eq!(fixed.error.as_deref(), Some("tests failed"));
+        assert_eq!(s.ready_len().await.unwrap(), 0);
+        assert!(s.claim_next("w", LEASE, T0).await.unwrap().is_none());
+    }
+
+    pub async fn a_task_becomes_ready_exactly_when_its_last_dependency_completes(s: SharedStore) {
+        let p = create(
+            &s,
+            vec![
+                task("a", &[], 0),
+                task("b", &["a"], 0),
+                task("c", &["a"], 0),
+                task("d", &["b", "c"], 0),
+            ],
+        )
+        .await;
+        assert_eq!(s.ready_len().await.unwrap(), 1);
+        assert_eq!(state(&s, &p, "d").await, TaskState::Pending);
+        claim_ok(&s, &p, "a", "w", T0).await;
+        let done = s.complete(&p, "a", "h-a").await.unwrap();
+        assert!(done.newly_done);
+        assert_eq!(done.released, vec!["b", "c"]);
+        assert_eq!((done.done, done.total, done.plan_finished), (1, 4, false));
+        assert_eq!(state(&s, &p, "d").await, TaskState::Pending);
+
+        claim_ok(&s, &p, "b", "w", T0).await;
+        s.mark_built(&p, "b", "h-b").await.unwrap();
+        let done = s.complete(&p, "b", "h-b").await.unwrap();
+        assert!(done.released.is_empty(), "d still waits for c");
+        assert_eq!(state(&s, &p, "d").await, TaskState::Pending);
+
+        claim_ok(&s, &p, "c", "w", T0).await;
+        let done = s.complete(&p, "c", "h-c").await.unwrap();
+        assert_eq!(done.released, vec!["d"]);
+        assert_eq!(state(&s, &p, "d").await, TaskState::Ready);
+
+        claim_ok(&s, &p, "d", "w", T0).await;
+        let done = s.complete(&p, "d", "h-d").await.unwrap();
+        assert_eq!((done.done, done.total, done.plan_finished), (4, 4, true));
+        let plan = s.plan(&p).await.unwrap().unwrap();
+        assert_eq!(
+            (plan.done, plan.total, plan.failed, plan.blocked),
+            (4, 4, 0, 0)
+        );
+        let d = s.task(&p, "d").await.unwrap().unwrap();
+        assert_eq!(d.artifact.as_deref(), Some("h-d"));
+        assert_eq!(d.lease_owner, None);
+    }
+
+    pub async fn duplicate_completion_is_a_no_op(s: SharedStore) {
+        let p = create(&s, vec![task("a", &[], 0), task("b", &["a"], 0)]).await;
+        claim_ok(&s, &p, "a", "w", T0).await;
+        let first = s.complete(&p, "a", "h1").await.unwrap();
+        assert_eq!(first.released, vec!["b"]);
+        let again = s.complete(&p, "a", "h2").await.unwrap();
+        assert!(!again.newly_done);
+        assert!(again.released.is_empty());
+        assert_eq!(
+            (again.done, again.total, again.plan_finished),
+            (1, 2, false)
+        );
+        assert_eq!(
+            s.ready_len().await.unwrap(),
+            1,
+            "b is in the ready set once"
+        );
+        let a = s.task(&p, "a").await.unwrap().unwrap();
+        assert_eq!(
+            a.artifact.as_deref(),
+            Some("h1"),
+            "the duplicate changed nothing"
+        );
+        assert_eq!(s.plan(&p).await.unwrap().unwrap().done, 1);
+    }
+
+    pub async fn concurrent_claims_hand_each_task_out_exactly_once(s: SharedStore) {
+        let tasks = (0..50)
+            .map(|i| task(&format!("f{i:02}.py"), &[], i % 7))
+            .collect();
+        let p = create(&s, tasks).await;
+        let mut workers = tokio::task::JoinSet::new();
+        for w in 0..8 {
+            let s = s.clone();
+            workers.spawn(async move {
+                let mut mine = Vec::new();
+                while let Some(t) = s.claim_next(&format!("w{w}"), LEASE, T0).await.unwrap() {
+                    assert_eq!(t.lease_owner, Some(format!("w{w}")));
+                    assert_eq!(t.attempt, 1);
+                    mine.push(t.path);
+                    tokio::task::yield_now().await;
+                }
+                mine
+            });
+        }
+        let all: Vec<String> = within("8 workers drain 50 tasks", Duration::from_secs(60), async {
+            let mut all = Vec::new();
+            while let Some(r) = workers.join_next().await {
+                all.extend(r.unwrap());
+            }
+            all
+        })
+        .await;
+        let unique_paths: HashSet<&String> = all.iter().collect();
+        assert_eq!(all.len(), 50, "claimed {all:?}");
+        assert_eq!(unique_paths.len(), 50);
+        assert_eq!(s.ready_len().await.unwrap(), 0);
+        for t in s.tasks(&p).await.unwrap() {
+            assert_eq!(t.state, TaskState::Leased);
+        }
+    }
+
+    pub async fn expired_lease_makes_task_claimable_again(s: SharedStore) {
+        let p = create(&s, vec![task("a", &[], 0)]).await;
+        let t = s.claim_next("w1", LEASE, T0).await.unwrap().unwrap();
+        assert_eq!((t.attempt, t.lease_expires_ms), (1, Some(T0 + 1000)));
+        assert!(
+            s.reap_expired(T0 + 1000).await.unwrap().is_empty(),
+            "not expired at its expiry"
+        );
+        assert_eq!(
+            s.claim(&p, "a", "w2", None, LEASE, T0 + 500).await.unwrap(),
+            ClaimOutcome::Held {
+                owner: "w1".into(),
+                expires_ms: T0 + 1000
+            }
+        );
+        assert_eq!(
+            s.reap_expired(T0 + 1001).await.unwrap(),
+            vec![(p.clone(), "a".to_owned())]
+        );
+        let reaped = s.task(&p, "a").await.unwrap().unwrap();
+        assert_eq!(reaped.state, TaskState::Ready);
+        assert_eq!(reaped.class, TaskClass::New, "class kept");
+        assert_eq!(reaped.lease_owner, None);
+        assert!(
+            !s.renew(&p, "a", "w1", LEASE, T0 + 1001).await.unwrap(),
+            "w1 lost it"
+        );
+        let t = s.claim_next("w2", LEASE, T0 + 1001).await.unwrap().unwrap();
+        assert_eq!((t.attempt, t.lease_owner.as_deref()), (2, Some("w2")));
+        // Without a reaper: another owner takes an expired lease directly.
+        assert_eq!(claim_ok(&s, &p, "a", "w3", T0 + 2002).await, 3);
+        assert!(!s.renew(&p, "a", "w2", LEASE, T0 + 2002).await.unwrap());
+        assert!(
+            s.reap_expired(T0 + 2002).await.unwrap().is_empty(),
+            "w3's lease is live"
+        );
+    }
+
+    pub async fn renew_extends_for_the_owner_and_fails_for_a_stranger(s: SharedStore) {
+        let p = create(&s, vec![task("a", &[], 0)]).await;
+        claim_ok(&s, &p, "a", "w1", T0).await;
+        assert!(s.renew(&p, "a", "w1", LEASE, T0 + 500).await.unwrap());
+        let t = s.task(&p, "a").await.unwrap().unwrap();
+        assert_eq!(t.lease_expires_ms, Some(T0 + 1500));
+        assert_eq!(t.attempt, 1, "renewing is not a new attempt");
+        assert!(!s.renew(&p, "a", "stranger", LEASE, T0 + 600).await.unwrap());
+        assert!(
+            s.reap_expired(T0 + 1200).await.unwrap().is_empty(),
+            "the renewal holds"
+        );
+        assert!(
+            !s.renew(&p, "a", "w1", LEASE, T0 + 1501).await.unwrap(),
+            "expired: lost"
+        );
+        assert!(matches!(
+            s.renew(&p, "nope", "w1", LEASE, T0).await,
+            Err(StoreError::UnknownTask { .. })
+        ));
+    }
+
+    pub async fn handoff_passes_the_lease_without_a_new_attempt(s: SharedStore) {
+        let p = create(&s, vec![task("a", &[], 0), task("b", &["a"], 0)]).await;
+        let t = s.claim_next("scheduler", LEASE, T0).await.unwrap().unwrap();
+        assert_eq!(t.attempt, 1);
+        match s
+            .claim(&p, "a", "worker-1", Some("scheduler"), LEASE, T0 + 10)
+            .await
+            .unwrap()
+        {
+            ClaimOutcome::Claimed(t) => {
+                assert_eq!(t.lease_owner.as_deref(), Some("worker-1"));
+                assert_eq!(t.attempt, 1);
+                assert_eq!(t.lease_expires_ms, Some(T0 + 1010));
+            }
+            other => panic!("handoff: {other:?}"),
+        }
+        // The dispatcher no longer holds it, so a second handoff finds it held.
+        assert_eq!(
+            s.claim(&p, "a", "worker-2", Some("scheduler"), LEASE, T0 + 20)
+                .await
+                .unwrap(),
+            ClaimOutcome::Held {
+                owner: "worker-1".into(),
+                expires_ms: T0 + 1010
+            }
+        );
+        // A redelivered claim by the same worker keeps the attempt.
+        assert_eq!(claim_ok(&s, &p, "a", "worker-1", T0 + 30).await, 1);
+        assert!(!s.renew(&p, "a", "scheduler", LEASE, T0 + 40).await.unwrap());
+        assert_eq!(
+            s.claim(&p, "b", "worker-1", None, LEASE, T0).await.unwrap(),
+            ClaimOutcome::NotClaimable(TaskState::Pending)
+        );
+        assert!(matches!(
+            s.claim(&p, "zz", "worker-1", None, LEASE, T0).await,
+            Err(StoreError::UnknownTask { .. })
+        ));
+    }
+
+    pub async fn fail_blocks_transitive_dependents_and_finishes_the_plan(s: SharedStore) {
+        let p = create(
+            &s,
+            vec![
+                task("a", &[], 0),
+                task("b", &["a"], 0),
+                task("c", &["b"], 0),
+                task("d", &["a"], 0),
+                task("e", &[], 0),
+            ],
+        )
+        .await;
+        claim_ok(&s, &p, "a", "w", T0).await;
+        let f = s.fail(&p, "a", "boom").await.unwrap();
+        assert!(f.newly_failed);
+        assert_eq!(f.blocked, vec!["b", "c", "d"]);
+        assert!(!f.plan_finished, "e is still to run");
+        let c = s.task(&p, "c").await.unwrap().unwrap();
+        assert_eq!(c.state, TaskState::Blocked);
+        assert_eq!(c.error.as_deref(), Some("blocked by a: boom"));
+        let a = s.task(&p, "a").await.unwrap().unwrap();
+        assert_eq!((a.state, a.lease_owner.clone()), (TaskState::Failed, None));
+        assert_eq!(a.error.as_deref(), Some("boom"));
+        let again = s.fail(&p, "a", "boom again").await.unwrap();
+        assert!(!again.newly_failed && again.blocked.is_empty());
+        assert_eq!(
+            s.task(&p, "a").await.unwrap().unwrap().error.as_deref(),
+            Some("boom")
+        );
+        assert!(
+            s.reap_expired(T0 + 10_000).await.unwrap().is_empty(),
+            "lease removed"
+        );
+
+        assert_eq!(drain(&s, "w").await, vec![(p.clone(), "e".to_owned())]);
+        let done = s.complete(&p, "e", "h-e").await.unwrap();
+        assert!(done.plan_finished);
+        let plan = s.plan(&p).await.unwrap().unwrap();
+        assert_eq!(
+            (plan.done, plan.failed, plan.blocked, plan.total),
+            (1, 1, 3, 5)
+        );
+        assert!(s
+            .fail(&p, "e", "late")
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("done"));
+        assert!(matches!(
+            s.fail(&p, "c", "x").await,
+            Err(StoreError::InvalidState {
+                state: TaskState::Blocked,
+                ..
+            })
+        ));
+    }
+
+    pub async fn replay_returns_a_failed_task_and_what_it_blocked(s: SharedStore) {
+        let p = create(
+            &s,
+            vec![
+                task("a", &[], 0),
+                task("x", &[], 0),
+                task("b", &["a"], 0),
+                task("c", &["b", "x"], 0),
+            ],
+        )
+        .await;
+        claim_ok(&s, &p, "x", "w", T0).await;
+        s.complete(&p, "x", "h-x").await.unwrap();
+        claim_ok(&s, &p, "a", "w", T0).await;
+        s.requeue(&p, "a", TaskClass::Fix, Some("lint".into()))
+            .await
+            .unwrap();
+        claim_ok(&s, &p, "a", "w", T0).await;
+        let f = s.fail(&p, "a", "gave up").await.unwrap();
+        assert_eq!(f.blocked, vec!["b", "c"]);
+        assert!(matches!(
+            s.replay(&p, "b").await,
+            Err(StoreError::InvalidState {
+                state: TaskState::Blocked,
+                ..
+            })
+        ));
+
+        s.replay(&p, "a").await.unwrap();
+        let a = s.task(&p, "a").await.unwrap().unwrap();
+        assert_eq!(
+            (a.state, a.attempt, a.class, a.error.clone()),
+            (TaskState::Ready, 0, TaskClass::New, None)
+        );
+        let b = s.task(&p, "b").await.unwrap().unwrap();
+        assert_eq!((b.state, b.error.clone()), (TaskState::Pending, None));
+        assert_eq!(state(&s, &p, "c").await, TaskState::Pending);
+        let plan = s.plan(&p).await.unwrap().unwrap();
+        assert_eq!((plan.done, plan.failed, plan.blocked), (1, 0, 0));
+
+        assert_eq!(claim_ok(&s, &p, "a", "w", T0).await, 1);
+        assert_eq!(
+            s.complete(&p, "a", "h-a").await.unwrap().released,
+            vec!["b"]
+        );
+        claim_ok(&s, &p, "b", "w", T0).await;
+        assert_eq!(
+            s.complete(&p, "b", "h-b").await.unwrap().released,
+            vec!["c"]
+        );
+        claim_ok(&s, &p, "c", "w", T0).await;
+        assert!(s.complete(&p, "c", "h-c").await.unwrap().plan_finished);
+    }
+
+    pub async fn replay_keeps_tasks_blocked_by_another_failure(s: SharedStore) {
+        // d depends on both a and b; both fail. Replaying a alone must leave d
+        // blocked (by b), and replaying b then frees it.
+        let p = create(
+            &s,
+            vec![
+                task("a", &[], 0),
+                task("b", &[], 0),
+                task("d", &["a", "b"], 0),
+            ],
+        )
+        .await;
+        claim_ok(&s, &p, "a", "w", T0).await;
+        claim_ok(&s, &p, "b", "w", T0).await;
+        assert_eq!(s.fail(&p, "a", "A").await.unwrap().blocked, vec!["d"]);
+        assert!(
+            s.fail(&p, "b", "B").await.unwrap().blocked.is_empty(),
+            "d already blocked"
+        );
+        s.replay(&p, "a").await.unwrap();
+        assert_eq!(state(&s, &p, "d").await, TaskState::Blocked);
+        s.replay(&p, "b").await.unwrap();
+        assert_eq!(state(&s, &p, "d").await, TaskState::Pending);
+        let plan = s.plan(&p).await.unwrap().unwrap();
+        assert_eq!((plan.failed, plan.blocked), (0, 0));
+        assert_eq!(s.ready_len().await.unwrap(), 2);
+    }
+
+    pub async fn redelivered_create_plan_creates_nothing_twice(s: SharedStore) {
+        let id = unique("plan");
+        let tasks = vec![task("a", &[], 0), task("b", &["a"], 0)];
+        assert!(s.create_plan(plan(&id, 5), tasks.clone()).await.unwrap());
+        claim_ok(&s, &id, "a", "w", T0).await;
+        let before = s.tasks(&id).await.unwrap();
+        let mut other = plan(&id, 6);
+        other.name = "changed".into();
+        assert!(!s.create_plan(other, tasks).await.unwrap());
+        assert!(!s
+            .create_plan(plan(&id, 7), vec![task("zzz", &[], 9)])
+            .await
+            .unwrap());
+        assert_eq!(s.tasks(&id).await.unwrap(), before);
+        assert_eq!(s.ready_len().await.unwrap(), 0);
+        let stored = s.plan(&id).await.unwrap().unwrap();
+        assert_eq!(
+            stored.name,
+            format!("name of {id}"),
+            "the first delivery's plan is kept"
+        );
+        assert_eq!((stored.total, stored.created_ms), (2, 5));
+        assert_eq!(s.plans().await.unwrap().len(), 1);
+    }
+
+    pub async fn a_bad_plan_creates_nothing(s: SharedStore) {
+        let id = unique("plan");
+        let err = s
+            .create_plan(
+                plan(&id, 1),
+                vec![task("a", &[], 0), task("b", &["a", "ghost.py"], 0)],
+            )
+            .await
+            .unwrap_err();
+        match err {
+            StoreError::UnknownDependency {
+                plan_id,
+                path,
+                dependency,
+            } => assert_eq!(
+                (plan_id.as_str(), path.as_str(), dependency.as_str()),
+                (id.as_str(), "b", "ghost.py")
+            ),
+            other => panic!("expected UnknownDependency, got {other}"),
+        }
+        let dup = s
+            .create_plan(plan(&id, 1), vec![task("a", &[], 0), task("a", &[], 0)])
+            .await;
+        assert!(matches!(dup, Err(StoreError::DuplicateTask { ref path, .. }) if path == "a"));
+        let bad_id = s
+            .create_plan(plan("has:colon", 1), vec![task("a", &[], 0)])
+            .await;
+        assert!(matches!(bad_id, Err(StoreError::InvalidPlanId { .. })));
+        assert!(s.plan(&id).await.unwrap().is_none());
+        assert!(s.plans().await.unwrap().is_empty());
+        assert_eq!(s.ready_len().await.unwrap(), 0);
+        assert!(s.task(&id, "a").await.unwrap().is_none());
+        assert!(matches!(
+            s.tasks(&id).await,
+            Err(StoreError::UnknownPlan { .. })
+        ));
+        // The same id still works once the plan is fixed.
+        assert!(s
+            .create_plan(plan(&id, 1), vec![task("a", &[], 0)])
+            .await
+            .unwrap());
+    }
+
+    pub async fn records_round_trip_and_tasks_list_in_path_order(s: SharedStore) {
+        let mut rich = task("src/ü/main.py", &["lib|x.py", "a:b.py"], u32::MAX);
+        rich.content = Some("print('héllo')\n\ttabs \"quotes\" \u{1F600}".into());
+        rich.executor = Some("openai".into());
+        rich.estimate = 42;
+        let p = create_at(
+            &s,
+            vec![
+                task("lib|x.py", &[], 0),
+                rich.clone(),
+                task("a:b.py", &[], 0),
+                task("empty", &[], 3),
+            ],
+            1_700_000_000_123,
+        )
+        .await;
+        let tasks = s.tasks(&p).await.unwrap();
+        let paths: Vec<&str> = tasks.iter().map(|t| t.path.as_str()).collect();
+        assert_eq!(paths, vec!["a:b.py", "empty", "lib|x.py", "src/ü/main.py"]);
+        let r = s.task(&p, "src/ü/main.py").await.unwrap().unwrap();
+        assert_eq!(r.plan_id, p);
+        assert_eq!(r.spec, rich.spec);
+        assert_eq!(r.content, rich.content);
+        assert_eq!(r.executor.as_deref(), Some("openai"));
+        assert_eq!(r.depends_on, vec!["lib|x.py", "a:b.py"]);
+        assert_eq!((r.priority, r.estimate, r.attempt), (u32::MAX, 42, 0));
+        assert_eq!((r.state, r.class), (TaskState::Pending, TaskClass::New));
+        assert_eq!(r.updated_ms, 1_700_000_000_123);
+        assert_eq!(
+            (
+                r.lease_owner.clone(),
+                r.lease_expires_ms,
+                r.artifact.clone(),
+                r.error.clone()
+            ),
+            (None, None, None, None)
+        );
+        let lib = s.task(&p, "lib|x.py").await.unwrap().unwrap();
+        assert_eq!(lib.dependents, vec!["src/ü/main.py"]);
+        assert_eq!(lib.content, None);
+        // Paths with ':' and '|' are keys like any other.
+        assert_eq!(drain(&s, "w").await.len(), 3);
+        s.complete(&p, "lib|x.py", "h").await.unwrap();
+        let done = s.complete(&p, "a:b.py", "h").await.unwrap();
+        assert_eq!(done.released, vec!["src/ü/main.py"]);
+        assert!(s.task(&p, "nope").await.unwrap().is_none());
+    }
+
+    pub async fn mark_built_requeue_and_complete_check_the_state(s: SharedStore) {
+        let p = create(&s, vec![task("a", &[], 0), task("b", &["a"], 0)]).await;
+        let invalid = |r: Result<(), StoreError>, want: TaskState| match r {
+            Err(StoreError::InvalidState { state, .. }) => assert_eq!(state, want),
+            other => panic!("expected InvalidState({want:?}), got {other:?}"),
+        };
+        invalid(s.mark_built(&p, "a", "h").await, TaskState::Ready);
+        invalid(
+            s.requeue(&p, "b", TaskClass::Fix, None).await,
+            TaskState::Pending,
+        );
+        let err = s.complete(&p, "b", "h").await.unwrap_err();
+        assert!(err.to_string().contains("pending"), "{err}");
+        assert!(matches!(
+            s.complete(&p, "zz", "h").await,
+            Err(StoreError::UnknownTask { .. })
+        ));
+
+        claim_ok(&s, &p, "a", "w", T0).await;
+        s.mark_built(&p, "a", "h1").await.unwrap();
+        let a = s.task(&p, "a").await.unwrap().unwrap();
+        assert_eq!(
+            (a.state, a.artifact.as_deref(), a.lease_owner.as_deref()),
+            (TaskState::Built, Some("h1"), None)
+        );
+        assert!(
+            s.reap_expired(T0 + 10_000).await.unwrap().is_empty(),
+            "built: no lease"
+        );
+        assert_eq!(
+            s.claim(&p, "a", "w", None, LEASE, T0).await.unwrap(),
+            ClaimOutcome::NotClaimable(TaskState::Built)
+        );
+        s.requeue(&p, "a", TaskClass::Fix, Some("2 tests failed".into()))
+            .await
+            .unwrap();
+        let a = s.task(&p, "a").await.unwrap().unwrap();
+        assert_eq!(
+            (a.state, a.class, a.attempt),
+            (TaskState::Ready, TaskClass::Fix, 1)
+        );
+        assert_eq!(a.error.as_deref(), Some("2 tests failed"));
+        assert_eq!(claim_ok(&s, &p, "a", "w", T0).await, 2);
+        s.requeue(&p, "a", TaskClass::New, None).await.unwrap();
+        assert_eq!(s.task(&p, "a").await.unwrap().unwrap().error, None);
+        claim_ok(&s, &p, "a", "w", T0).await;
+        s.mark_built(&p, "a", "h2").await.unwrap();
+        s.complete(&p, "a", "h2").await.unwrap();
+        s.mark_built(&p, "a", "h3").await.unwrap();
+        assert_eq!(
+            s.task(&p, "a").await.unwrap().unwrap().artifact.as_deref(),
+            Some("h2"),
+            "a late built after done changes nothing"
+        );
+        invalid(
+            s.requeue(&p, "a", TaskClass::Fix, None).await,
+            TaskState::Done,
+        );
+    }
+
+    pub async fn plans_are_listed_newest_first(s: SharedStore) {
+        let old = create_at(&s, vec![task("a", &[], 0)], 100).await;
+        let new = create_at(&s, vec![task("a", &[], 0), task("b", &[], 0)], 300).await;
+        let mid = create_at(&s, vec![], 200).await;
+        let ids: Vec<String> = s.plans().await.unwrap().into_iter().map(|p| p.id).collect();
+        assert_eq!(ids, vec![new.clone(), mid.clone(), old]);
+        let n = s.plan(&new).await.unwrap().unwrap();
+        assert_eq!(
+            (n.total, n.status, n.detail.as_str()),
+            (2, PlanStatus::Running, "{\"opaque\":true}")
+        );
+        s.set_plan_status(&new, PlanStatus::Failed, Some("integration failed".into()))
+            .await
+            .unwrap();
+        let n = s.plan(&new).await.unwrap().unwrap();
+        assert_eq!(
+            (n.status, n.message.as_deref()),
+            (PlanStatus::Failed, Some("integration failed"))
+        );
+        s.set_plan_status(&new, PlanStatus::Succeeded, None)
+            .await
+            .unwrap();
+        assert_eq!(s.plan(&new).await.unwrap().unwrap().message, None);
+        assert!(matches!(
+            s.set_plan_status("missing", PlanStatus::Running, None)
+                .await,
+            Err(StoreError::UnknownPlan { .. })
+        ));
+        assert!(s.tasks(&mid).await.unwrap().is_empty());
+        assert!(s.plan("missing").await.unwrap().is_none());
+    }
+
+    pub async fn cache_artifacts_and_counters(s: SharedStore) {
+        assert_eq!(s.cache_get("k1").await.unwrap(), None);
+        s.cache_put("k1", "hash-1").await.unwrap();
+        s.cache_put("k1", "hash-2").await.unwrap();
+        assert_eq!(s.cache_get("k1").await.unwrap().as_deref(), Some("hash-2"));
+
+        let bytes = vec![0u8, 159, 146, 150, 255, b'\n'];
+        let h = s.put_artifact(&bytes).await.unwrap();
+        assert_eq!(h, content_hash(&bytes));
+        assert_eq!(s.put_artifact(&bytes).await.unwrap(), h);
+        assert_eq!(s.artifact(&h).await.unwrap(), Some(bytes));
+        assert_eq!(s.artifact(&content_hash(b"other")).await.unwrap(), None);
+        let empty = s.put_artifact(b"").await.unwrap();
+        assert_eq!(s.artifact(&empty).await.unwrap(), Some(Vec::new()));
+
+        assert_eq!(s.counter("c").await.unwrap(), 0);
+        assert_eq!(s.incr("c", 5).await.unwrap(), 5);
+        assert_eq!(s.incr("c", -2).await.unwrap(), 3);
+        assert_eq!(s.counter("c").await.unwrap(), 3);
+        assert_eq!(s.counter("other").await.unwrap(), 0);
+    }
+
+    pub async fn kv_collections_put_get_list_delete(s: SharedStore) {
+        s.kv_put("canary", "b", "2", None).await.unwrap();
+        s.kv_put("canary", "a", "1", None).await.unwrap();
+        s.kv_put("canary", "a", "1bis", None).await.unwrap();
+        s.kv_put("dlq", "a", "other collection", None)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.kv_list("canary").await.unwrap(),
+            vec![("a".into(), "1bis".into()), ("b".into(), "2".into())]
+        );
+        assert_eq!(
+            s.kv_get("canary", "a").await.unwrap().as_deref(),
+            Some("1bis")
+        );
+        assert_eq!(s.kv_get("canary", "zz").await.unwrap(), None);
+        assert!(!s.kv_put_new("canary", "a", "x").await.unwrap());
+        assert_eq!(
+            s.kv_get("canary", "a").await.unwrap().as_deref(),
+            Some("1bis")
+        );
+        assert!(s.kv_put_new("canary", "c", "3").await.unwrap());
+        assert!(s.kv_delete("canary", "a").await.unwrap());
+        assert!(!s.kv_delete("canary", "a").await.unwrap());
+        assert_eq!(
+            s.kv_list("canary").await.unwrap(),
+            vec![("b".into(), "2".into()), ("c".into(), "3".into())]
+        );
+        assert_eq!(s.kv_list("dlq").await.unwrap().len(), 1);
+        assert!(s.kv_list("never-used").await.unwrap().is_empty());
+    }
+
+    pub async fn kv_records_with_a_ttl_expire(s: SharedStore) {
+        // Long enough that the "not expired yet" check cannot race it.
+        let ttl = Some(Duration::from_secs(2));
+        s.kv_put("breaker", "short", "open", ttl).await.unwrap();
+        s.kv_put("breaker", "kept", "v1", ttl).await.unwrap();
+        // Rewriting without a TTL makes the record permanent.
+        s.kv_put("breaker", "kept", "v2", None).await.unwrap();
+        s.kv_put("breaker", "forever", "x", None).await.unwrap();
+        assert!(
+            !s.kv_put_new("breaker", "short", "again").await.unwrap(),
+            "not expired yet"
+        );
+        wait_for(
+            "the TTL'd record to expire",
+            Duration::from_secs(20),
+            || {
+                let s = s.clone();
+                async move {
+                    s.kv_get("breaker", "short")
+                        .await
+                        .unwrap()
+                        .is_none()
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+        assert_eq!(
+            s.kv_list("breaker").await.unwrap(),
+            vec![("forever".into(), "x".into()), ("kept".into(), "v2".into())]
+        );
+        assert!(!s.kv_delete("breaker", "short").await.unwrap());
+        assert!(
+            s.kv_put_new("breaker", "short", "again").await.unwrap(),
+            "expired counts as absent"
+        );
+        assert_eq!(
+            s.kv_get("breaker", "short").await.unwrap().as_deref(),
+            Some("again")
+        );
+        // Expiry is also honoured by a list that is the first to look.
+        s.kv_put("breaker2", "gone", "x", Some(Duration::from_millis(300)))
+            .await
+            .unwrap();
+        wait_for(
+            "a list without the expired record",
+            Duration::from_secs(20),
+            || {
+                let s = s.clone();
+                async move {
+                    s.kv_list("breaker2")
+                        .await
+                        .unwrap()
+                        .is_empty()
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+    }
+}
+
+/// Generates the conformance tests for one backend: `$prefix` names the
+/// module (and so the test names), `$make` is an expression producing a
+/// future of a fresh, empty [`SharedStore`].
+macro_rules! store_suite {
+    ($prefix:ident, $make:expr) => {
+        mod $prefix {
+            use super::*;
+
+            store_suite!(@tests $make;
+                ready_order_is_fix_first_then_priority_then_fifo_across_plans,
+                a_task_becomes_ready_exactly_when_its_last_dependency_completes,
+                duplicate_completion_is_a_no_op,
+                concurrent_claims_hand_each_task_out_exactly_once,
+                expired_lease_makes_task_claimable_again,
+                renew_extends_for_the_owner_and_fails_for_a_stranger,
+                handoff_passes_the_lease_without_a_new_attempt,
+                fail_blocks_transitive_dependents_and_finishes_the_plan,
+                replay_returns_a_failed_task_and_what_it_blocked,
+                replay_keeps_tasks_blocked_by_another_failure,
+                redelivered_create_plan_creates_nothing_twice,
+                a_bad_plan_creates_nothing,
+                records_round_trip_and_tasks_list_in_path_order,
+                mark_built_requeue_and_complete_check_the_state,
+                plans_are_listed_newest_first,
+                cache_artifacts_and_counters,
+                kv_collections_put_get_list_delete,
+                kv_records_with_a_ttl_expire,
+            );
+        }
+    };
+    (@tests $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let store: SharedStore = $make.await;
+                checks::$name(store).await;
+            }
+        )*
+    };
+}
+
+store_suite!(memory, memory_store());
+store_suite!(redis, redis_store());
+
+// ---------------------------------------------------------------------------
+// Redis only.
+
+#[tokio::test]
+async fn redis_unreachable_server_fails_with_an_error_naming_the_url() {
+    let url = "redis://:hunter2@127.0.0.1:1/";
+    let err = within(
+        "connecting to a closed port",
+        Duration::from_secs(60),
+        RedisStore::connect(url, "x"),
+    )
+    .await
+    .expect_err("nothing listens on port 1");
+    let text = err.to_string();
+    assert!(matches!(err, StoreError::Connect { .. }), "{text}");
+    assert!(text.contains("127.0.0.1:1"), "{text}");
+    assert!(!text.contains("hunter2"), "password leaked: {text}");
+    assert!(matches!(
+        RedisStore::connect("not a url", "x").await,
+        Err(StoreError::InvalidUrl { .. })
+    ));
+}
+
+#[tokio::test]
+async fn redis_corrupt_records_are_errors_not_panics() {
+    let prefix = unique("t");
+    let store: SharedStore = Arc::new(connect_redis(&prefix).await);
+    let p = create(&store, vec![task("a", &[], 0), task("b", &["a"], 0)]).await;
+    let client = ::redis::Client::open(redis_url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("{prefix}:task:{p}:b");
+    let _: () = ::redis::cmd("HSET")
+        .arg(&key)
+        .arg("attempt")
+        .arg("many")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    match store.task(&p, "b").await {
+        Err(StoreError::Corrupt { key: k, reason }) => {
+            assert_eq!(k, key);
+            assert!(reason.contains("attempt"), "{reason}");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert!(matches!(
+        store.tasks(&p).await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    let _: () = ::redis::cmd("HSET")
+        .arg(format!("{prefix}:task:{p}:a"))
+        .arg("state")
+        .arg("sideways")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.task(&p, "a").await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert!(store.complete(&p, "a", "h").await.is_err());
+}
+
+/// Restarts the shared Redis while a writer keeps going: calls during the
+/// outage fail with a connection error (or wait for the reconnect), the
+/// store works again afterwards, and everything acknowledged before and
+/// during the outage is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_keeps_data_and_the_store_recovers() {
+    let ctl = require_env("DEVFLEET_SERVERS_CTL");
+    let dir = require_env("DEVFLEET_SERVERS_DIR");
+    let s = redis_store().await;
+
+    let p = create(
+        &s,
+        vec![task("a", &[], 2), task("b", &["a"], 0), task("c", &[], 1)],
+    )
+    .await;
+    claim_ok(&s, &p, "a", "w", T0).await;
+    assert_eq!(
+        s.complete(&p, "a", "h-a").await.unwrap().released,
+        vec!["b"]
+    );
+    claim_ok(&s, &p, "b", "w", T0).await;
+    let art = s.put_artifact(b"print('kept')").await.unwrap();
+    s.cache_put("ck", &art).await.unwrap();
+    s.incr("before", 7).await.unwrap();
+    s.kv_put("canary", "dep-1", "{\"stage\":2}", None)
+        .await
+        .unwrap();
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (s, stop) = (s.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut acked, mut attempts, mut errors) = (0i64, 0i64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                attempts += 1;
+                match s.incr("during", 1).await {
+                    Ok(_) => acked += 1,
+                    Err(e) => errors.push(e),
+                }
+                // Pacing, not waiting for an effect.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (acked, attempts, errors)
+        })
+    };
+
+    let status = within(
+        "servers.sh restart redis",
+        Duration::from_secs(120),
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(ctl)
+                .args(["restart", &dir, "redis"])
+                .status()
+        }),
+    )
+    .await
+    .unwrap()
+    .expect("running servers.sh");
+    assert!(status.success(), "servers.sh restart redis: {status}");
+
+    wait_for(
+        "the store to answer after the restart",
+        Duration::from_secs(60),
+        || {
+            let s = s.clone();
+            async move { s.counter("before").await.ok() }
+        },
+    )
+    .await;
+    // Let the writer get a few calls through the new connection.
+    let seen = s.counter("during").await.unwrap();
+    wait_for("the writer to write again", Duration::from_secs(30), || {
+        let s = s.clone();
+        async move { (s.counter("during").await.ok()? > seen).then_some(()) }
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (acked, attempts, errors) = within("the writer stops", Duration::from_secs(30), writer)
+        .await
+        .unwrap();
+    eprintln!(
+        "during the restart: {attempts} writes attempted, {acked} acknowledged, {} failed",
+        errors.len()
+    );
+    for e in &errors {
+        eprintln!("  {e}");
+    }
+    let url = redis_url();
+    let host = url.trim_start_matches("redis://").trim_end_matches('/');
+    for e in &errors {
+        assert!(
+            matches!(e, StoreError::Connect { .. }),
+            "unexpected error kind: {e}"
+        );
+        assert!(
+            e.to_string().contains(host),
+            "error does not name {host}: {e}"
+        );
+    }
+    let during = s.counter("during").await.unwrap();
+    assert!(
+        acked <= during && during <= attempts,
+        "acked {acked}, stored {during}, attempted {attempts}"
+    );
+
+    assert_eq!(s.counter("before").await.unwrap(), 7);
+    assert_eq!(
+        s.artifact(&art).await.unwrap().as_deref(),
+        Some(&b"print('kept')"[..])
+    );
+    assert_eq!(s.cache_get("ck").await.unwrap(), Some(art));
+    assert_eq!(
+        s.kv_get("canary", "dep-1").await.unwrap().as_deref(),
+        Some("{\"stage\":2}")
+    );
+    let plan = s.plan(&p).await.unwrap().unwrap();
+    assert_eq!((plan.done, plan.total), (1, 3));
+    assert_eq!(state(&s, &p, "a").await, TaskState::Done);
+    // The lease survived: the owner renews it, the scripts reload on demand.
+    assert!(s.renew(&p, "b", "w", LEASE, T0 + 10).await.unwrap());
+    assert_eq!(drain(&s, "w2").await, vec![(p.clone(), "c".to_owned())]);
+    s.complete(&p, "b", "h-b").await.unwrap();
+    assert!(s.complete(&p, "c", "h-c").await.unwrap().plan_finished);
+}
+
+/// Runs `servers.sh <action> <dir> redis`, waiting for it to finish.
+async fn servers_ctl(action: &'static str) {
+    let ctl = require_env("DEVFLEET_SERVERS_CTL");
+    let dir = require_env("DEVFLEET_SERVERS_DIR");
+    let status = within(
+        &format!("servers.sh {action} redis"),
+        Duration::from_secs(120),
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(ctl)
+                .args([action, &dir, "redis"])
+                .status()
+        }),
+    )
+    .await
+    .unwrap()
+    .expect("running servers.sh");
+    assert!(status.success(), "servers.sh {action} redis: {status}");
+}
+
+/// Starts Redis again if a test that stopped it ends early (a failed
+/// assertion), so later tests do not all fail for want of a server.
+struct BringRedisBack {
+    armed: bool,
+}
+
+impl Drop for BringRedisBack {
+    fn drop(&mut self) {
+        if self.armed {
+            let ctl = require_env("DEVFLEET_SERVERS_CTL");
+            let dir = require_env("DEVFLEET_SERVERS_DIR");
+            let _ = std::process::Command::new(ctl)
+                .args(["up", &dir, "redis"])
+                .status();
+        }
+    }
+}
+
+/// Kills Redis (SIGKILL) and keeps it down: every call fails promptly with
+/// a connection error naming the URL; once Redis is up again the same
+/// store works and every acknowledged write is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_after_an_outage_fails_calls_cleanly_then_recovers() {
+    let s = redis_store().await;
+    let p = create(&s, vec![task("a", &[], 0), task("b", &["a"], 0)]).await;
+    claim_ok(&s, &p, "a", "w", T0).await;
+    s.complete(&p, "a", "h-a").await.unwrap();
+    s.incr("before", 3).await.unwrap();
+
+    let mut guard = BringRedisBack { armed: true };
+    servers_ctl("kill").await;
+    let url = redis_url();
+    let host = url.trim_start_matches("redis://").trim_end_matches('/');
+    for attempt in 0..2 {
+        let r = within(
+            "a call while Redis is down",
+            Duration::from_secs(60),
+            s.incr("before", 1),
+        )
+        .await;
+        match r {
+            Err(e @ StoreError::Connect { .. }) => {
+                assert!(
+                    e.to_string().contains(host),
+                    "error does not name {host}: {e}"
+                )
+            }
+            other => panic!("call {attempt} while Redis is down: expected Connect, got {other:?}"),
+        }
+    }
+    let claim = within(
+        "a claim while Redis is down",
+        Duration::from_secs(60),
+        s.claim_next("w", LEASE, T0),
+    )
+    .await;
+    assert!(
+        matches!(claim, Err(StoreError::Connect { .. })),
+        "{claim:?}"
+    );
+
+    servers_ctl("up").await;
+    guard.armed = false;
+    wait_for(
+        "the store to answer after Redis is back",
+        Duration::from_secs(60),
+        || {
+            let s = s.clone();
+            async move { s.counter("before").await.ok() }
+        },
+    )
+    .await;
+    assert_eq!(
+        s.counter("before").await.unwrap(),
+        3,
+        "nothing applied while down"
+    );
+    assert_eq!(state(&s, &p, "a").await, TaskState::Done);
+    let b = s
+        .claim_next("w", LEASE, T0)
+        .await
+        .unwrap()
+        .expect("b is ready");
+    assert_eq!((b.path.as_str(), b.attempt), ("b", 1));
+    assert!(s.complete(&p, "b", "h-b").await.unwrap().plan_finished);
+}

@@ -1,0 +1,140 @@
+//! `devfleet status` and `devfleet pull`: read plans, tasks and artifacts
+//! from the store.
+
+use anyhow::Context as _;
+use devfleet_runtime::ConnectArgs;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:
+  devfleet status
+  devfleet status flask-todo-1a2b3c4d --json")]
+pub struct StatusArgs {
+    /// A plan id; without it, every plan is listed.
+    plan_id: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let store = args.connect.connect().await?.store;
+    let Some(plan_id) = args.plan_id else {
+        let plans = store.plans().await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&plans)?);
+        } else if plans.is_empty() {
+            println!("no plans yet; submit one with `devfleet publish PLAN`");
+        } else {
+            println!("{:<40} {:<12} {:>9} {:>6}", "PLAN", "STATUS", "DONE", "FAILED");
+            for p in plans {
+                println!(
+                    "{:<40} {:<12} {:>9} {:>6}",
+                    p.id,
+                    p.status.as_str(),
+                    format!("{}/{}", p.done, p.total),
+                    p.failed
+                );
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let plan = store
+        .plan(&plan_id)
+        .await?
+        .with_context(|| format!("no plan '{plan_id}'; `devfleet status` lists them"))?;
+    let tasks = store.tasks(&plan_id).await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "plan": plan, "tasks": tasks }))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "plan {} ({}): {}, {}/{} done, {} failed, {} blocked",
+        plan.id,
+        plan.name,
+        plan.status.as_str(),
+        plan.done,
+        plan.total,
+        plan.failed,
+        plan.blocked
+    );
+    if let Some(m) = &plan.message {
+        println!("  {m}");
+    }
+    println!("{:<50} {:<8} {:>7} {:<4}  NOTE", "TASK", "STATE", "ATTEMPT", "PRIO");
+    for t in tasks {
+        let note = t
+            .error
+            .as_deref()
+            .map(|e| e.lines().next().unwrap_or("").chars().take(80).collect::<String>())
+            .unwrap_or_default();
+        println!(
+            "{:<50} {:<8} {:>7} {:<4}  {}",
+            t.path,
+            t.state.as_str(),
+            t.attempt,
+            t.priority,
+            note
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "Example:
+  devfleet pull flask-todo-1a2b3c4d --out ./generated")]
+pub struct PullArgs {
+    /// The plan whose files to write.
+    plan_id: String,
+    /// Folder to write into (created if missing; files are overwritten).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
+    let store = args.connect.connect().await?.store;
+    store
+        .plan(&args.plan_id)
+        .await?
+        .with_context(|| format!("no plan '{}'", args.plan_id))?;
+    let mut written = 0usize;
+    let mut missing = Vec::new();
+    for task in store.tasks(&args.plan_id).await? {
+        // Paths were validated at submission; check again before writing,
+        // since the store is not ours to trust blindly.
+        devfleet_protocol::plan::validate_path(&task.path)
+            .map_err(|e| anyhow::anyhow!("refusing to write '{}': {e}", task.path))?;
+        let Some(hash) = task.artifact.as_deref() else {
+            missing.push(task.path);
+            continue;
+        };
+        let bytes = store
+            .artifact(hash)
+            .await?
+            .with_context(|| format!("artifact {hash} of '{}' is missing", task.path))?;
+        let dest = args.out.join(&task.path);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::write(&dest, bytes).with_context(|| format!("writing {}", dest.display()))?;
+        written += 1;
+    }
+    println!("wrote {written} files to {}", args.out.display());
+    if !missing.is_empty() {
+        eprintln!(
+            "{} tasks have no file yet: {}",
+            missing.len(),
+            missing.join(", ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
