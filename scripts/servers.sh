@@ -67,7 +67,9 @@ start_redis() {
 start_nats() {
   local dir=$1
   mkdir -p "$dir/nats"
-  nats-server -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$dir/nats" -P "$dir/nats.pid" \
+  # Envelopes may be up to 16 MiB (the bus limit); NATS defaults to 1 MiB.
+  echo 'max_payload: 16MB' >"$dir/nats.conf"
+  nats-server -c "$dir/nats.conf" -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$dir/nats" -P "$dir/nats.pid" \
     >>"$dir/nats.log" 2>&1 &
   wait_port "$NATS_PORT" 30 nats
 }

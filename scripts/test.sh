@@ -18,6 +18,20 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# Tools the tests use besides the servers: promtool and prometheus (gateway
+# and canary), bubblewrap (QA sandbox), chromium (dashboard), graphviz (DOT).
+need=()
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v dot >/dev/null 2>&1 || need+=(graphviz)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "test.sh: installing ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >&2
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
 scripts/servers.sh start "$tmp/servers"
 # shellcheck disable=SC1091
 . "$tmp/servers/env"

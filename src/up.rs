@@ -103,32 +103,32 @@ fn spawn_services(
     ));
     let c = connections.clone();
     set.spawn(devfleet_scheduler::run(
-        devfleet_scheduler::Config { connections: c },
+        devfleet_scheduler::Config::new(c),
         shutdown.clone(),
     ));
     let c = connections.clone();
     set.spawn(devfleet_dev_worker::run(
-        devfleet_dev_worker::Config { connections: c },
+        devfleet_dev_worker::Config::new(c),
         shutdown.clone(),
     ));
     let c = connections.clone();
     set.spawn(devfleet_router::run(
-        devfleet_router::Config { connections: c },
+        devfleet_router::Config::new(c),
         shutdown.clone(),
     ));
     let c = connections.clone();
     set.spawn(devfleet_qa_worker::run(
-        devfleet_qa_worker::Config { connections: c },
+        devfleet_qa_worker::Config::new(c),
         shutdown.clone(),
     ));
     let c = connections.clone();
     set.spawn(devfleet_canary::run(
-        devfleet_canary::Config { connections: c },
+        devfleet_canary::Config::new(c),
         shutdown.clone(),
     ));
     let c = connections.clone();
     set.spawn(devfleet_metrics_gateway::run(
-        devfleet_metrics_gateway::Config { connections: c },
+        devfleet_metrics_gateway::Config::new(c),
         shutdown.clone(),
     ));
     set

@@ -27,6 +27,7 @@ pub mod plan;
 pub mod report;
 pub mod resolve;
 pub mod scanner;
+pub mod service;
 pub mod tree;
 
 pub use analysis::{Analysis, CriticalPath, Edge, FileNode, Stats};
@@ -180,7 +181,6 @@ pub enum AnalyzeError {
 /// `root` itself cannot be listed; unreadable, binary, non-UTF-8 or
 /// oversized files and symlink loops become [`Analysis::warnings`].
 pub fn analyze_dir(root: &Path, opts: &Options) -> Result<Analysis, AnalyzeError> {
-    let listing = tree::list(root, opts)?;
-    let scanned = tree::scan_sources(&listing, opts);
+    let (listing, scanned) = tree::walk_and_scan(root, opts)?;
     Ok(analysis::build_from_tree(root, listing, scanned))
 }

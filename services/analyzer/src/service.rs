@@ -59,9 +59,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 .max_attempts(config.max_attempts),
         )
         .await?;
-    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(config.concurrency.max(1) as usize));
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(
+        config.concurrency.max(1) as usize
+    ));
     let mut inflight = tokio::task::JoinSet::new();
-    tracing::info!("analyzer consuming {}", config.connections.queue(queues::PLANS_SUBMITTED));
+    tracing::info!(
+        "analyzer consuming {}",
+        config.connections.queue(queues::PLANS_SUBMITTED)
+    );
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -122,7 +127,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 /// Analyses one plan and publishes the outcome. An error means the outcome
 /// could not be made durable (the delivery is retried); a bad plan is not
 /// an error here.
-async fn handle(config: &Config, metrics: &Metrics, submitted: PlanSubmitted) -> anyhow::Result<()> {
+async fn handle(
+    config: &Config,
+    metrics: &Metrics,
+    submitted: PlanSubmitted,
+) -> anyhow::Result<()> {
     let PlanSubmitted { plan_id, plan } = submitted;
     let started = std::time::Instant::now();
     let base = match (&plan.base, &config.workdir) {
@@ -138,7 +147,8 @@ async fn handle(config: &Config, metrics: &Metrics, submitted: PlanSubmitted) ->
     match analysis {
         Ok(analysis) => {
             let tasks = analysis.to_analyzed_tasks(&plan);
-            let (critical_path_length, critical_path) = analysis.critical_path();
+            let critical = analysis.critical_path();
+            let (critical_path_length, critical_path) = (critical.length, critical.files.clone());
             let count = tasks.len();
             config
                 .connections
@@ -153,7 +163,11 @@ async fn handle(config: &Config, metrics: &Metrics, submitted: PlanSubmitted) ->
                     },
                 )
                 .await?;
-            tracing::info!(tasks = count, elapsed_ms = started.elapsed().as_millis() as u64, "plan analyzed");
+            tracing::info!(
+                tasks = count,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "plan analyzed"
+            );
             metrics
                 .emit(
                     MetricType::Performance,
@@ -183,7 +197,11 @@ async fn handle(config: &Config, metrics: &Metrics, submitted: PlanSubmitted) ->
                 detail: String::new(),
                 message: Some(error.clone()),
             };
-            config.connections.store.create_plan(record, Vec::new()).await?;
+            config
+                .connections
+                .store
+                .create_plan(record, Vec::new())
+                .await?;
             config
                 .connections
                 .event(PlanRejected {

@@ -1,22 +1,290 @@
-//! The dev-worker service: writes files with an executor behind a result cache.
+//! The dev-worker service: writes files with an executor behind a result
+//! cache.
 //!
-//! Not built yet: it arrives with issue #4. Until then [`run`] only
-//! says so and waits for shutdown, so `devfleet up` and the stacks can
-//! already start it.
+//! A dev-worker consumes `work.dev` (prefetch = its maximum slot count) and
+//! runs at most its current slot count of tasks at once ([`slots`]). For
+//! each message it:
+//!
+//! 1. claims the task in the store, taking the lease over from the
+//!    dispatcher (`claim` with handoff). A task held by another live worker,
+//!    or no longer claimable (done, built, failed), is a duplicate: the
+//!    message is acked and dropped. The store decides who runs a task.
+//! 2. renews the lease every third of its length while working; a worker
+//!    that loses its lease abandons the task without publishing anything.
+//! 3. computes the cache key ([`cache_key`]); a hit records the cached
+//!    artifact without running the executor (counter `cache_hits`); a miss
+//!    runs the executor ([`executor`]) under a timeout, stores the artifact
+//!    and caches it (counter `cache_misses`).
+//! 4. marks the task Built and publishes `task.built`, or publishes
+//!    `task.failed` with the error and whether a retry can help;
+//! 5. acks the message only after that publish was confirmed.
+//!
+//! Meanwhile it autoscales its slots ([`autoscale`]) and keeps its capacity
+//! record in the store fresh ([`heartbeat`]) for the scheduler's dispatch
+//! credit.
+//!
+//! # Guarantees
+//!
+//! * Never acks unfinished work: a message is acked after its outcome is
+//!   published, or when the store says someone else owns the task.
+//! * A worker killed at any point loses nothing: its unacked messages are
+//!   redelivered, its leases expire and the scheduler's reaper makes the
+//!   tasks Ready again; whoever claims next runs the task. A task built by
+//!   a worker that died before publishing is re-announced by the redelivery.
+//! * On shutdown it stops taking messages, hands back those waiting for a
+//!   slot (unsettled, so the broker redelivers them), gives running tasks
+//!   `shutdown_grace` to finish, then abandons the rest the same way.
 
-use devfleet_runtime::Connections;
+use devfleet_protocol::ExecutorKind;
+use devfleet_runtime::{Connections, Metrics};
+use devfleet_scheduler::capacity::WorkerCapacity;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub mod autoscale;
+pub mod cache_key;
+pub mod executor;
+mod heartbeat;
+pub mod settings;
+pub mod slots;
+mod work;
+
+pub use autoscale::ScalePolicy;
+pub use executor::{ExecError, ExecInput, Executor, Executors};
+pub use settings::Settings;
+
+/// Store counter: tasks answered from the result cache.
+pub const CACHE_HITS: &str = "cache_hits";
+/// Store counter: tasks the executor had to run.
+pub const CACHE_MISSES: &str = "cache_misses";
 
 /// Settings of the dev-worker service.
 #[derive(Clone)]
 pub struct Config {
     pub connections: Connections,
+    /// Lease owner and metrics source; must be unique among live workers.
+    pub instance: String,
+    /// The executors this worker can run and its default.
+    pub executors: Executors,
+    /// Slot bounds and autoscaling hysteresis.
+    pub scale: ScalePolicy,
+    /// Lease on a claimed task; renewed every third of it.
+    pub lease: Duration,
+    /// Longest one executor run may take.
+    pub exec_timeout: Duration,
+    /// How long running tasks may finish after shutdown was requested.
+    pub shutdown_grace: Duration,
+    /// Lifetime of the capacity record (refreshed every third of it).
+    pub heartbeat_ttl: Duration,
+    /// Use the result cache.
+    pub cache: bool,
+    /// Mixed into every cache key: change it to stop reusing results.
+    pub cache_salt: String,
 }
 
-/// Runs the service until `shutdown` is cancelled.
+impl Config {
+    /// Defaults that work on loopback: builtin executor by default, 2..10
+    /// slots, 30 s leases. Reads no environment; see [`Config::from_env`].
+    pub fn new(connections: Connections) -> Self {
+        Self {
+            connections,
+            instance: unique_instance(),
+            executors: Executors::new(ExecutorKind::Builtin),
+            scale: ScalePolicy::default(),
+            lease: Duration::from_secs(30),
+            exec_timeout: Duration::from_secs(600),
+            shutdown_grace: Duration::from_secs(30),
+            heartbeat_ttl: Duration::from_secs(10),
+            cache: true,
+            cache_salt: String::new(),
+        }
+    }
+
+    /// The configuration the `dev-worker` binary would build from the
+    /// `DEVFLEET_*` variables alone (executor, command, OpenAI settings,
+    /// slots…), for the embedded mode. Errors name the bad variable.
+    pub fn from_env(connections: Connections) -> anyhow::Result<Self> {
+        Settings::from_env()?.into_config(connections)
+    }
+
+    /// Checks the settings; errors name the flag.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.scale.min >= 1 && self.scale.min <= self.scale.max,
+            "--min-slots (DEVFLEET_MIN_SLOTS) must be at least 1 and at most --max-slots \
+             (DEVFLEET_MAX_SLOTS); got {}..{}",
+            self.scale.min,
+            self.scale.max
+        );
+        anyhow::ensure!(
+            self.scale.max <= u32::from(u16::MAX),
+            "--max-slots (DEVFLEET_MAX_SLOTS) is too large"
+        );
+        anyhow::ensure!(
+            self.lease >= Duration::from_millis(30),
+            "--lease-ms (DEVFLEET_LEASE_MS) must be at least 30"
+        );
+        anyhow::ensure!(
+            !self.exec_timeout.is_zero(),
+            "--exec-timeout-secs (DEVFLEET_EXEC_TIMEOUT_SECS) must be positive"
+        );
+        anyhow::ensure!(
+            self.heartbeat_ttl >= Duration::from_millis(30) && !self.scale.tick.is_zero(),
+            "--heartbeat-ttl-ms and --scale-tick-ms must be positive"
+        );
+        anyhow::ensure!(
+            !self.instance.is_empty(),
+            "the instance name must not be empty"
+        );
+        Ok(())
+    }
+}
+
+/// `dev-worker@host-pid-xxxxxx`: unique even for several workers in one
+/// process, because lease ownership is by instance name.
+pub fn unique_instance() -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!(
+        "{}-{}",
+        devfleet_runtime::instance_name("dev-worker"),
+        &id[..6]
+    )
+}
+
+/// What the parts of a running worker share.
+pub(crate) struct Worker {
+    pub connections: Connections,
+    pub instance: String,
+    pub executors: Executors,
+    pub metrics: Metrics,
+    pub slots: Arc<slots::SlotPool>,
+    /// Deliveries held, waiting for a slot.
+    pub waiting: AtomicU32,
+    /// Shutting down: advertise no free slot.
+    pub draining: AtomicBool,
+    /// Slots, busy or waiting changed: refresh the heartbeat.
+    pub capacity_changed: Notify,
+    /// Tasks running in this process, to drop a duplicate delivery at once.
+    running: Mutex<HashSet<(String, String)>>,
+    pub scale: ScalePolicy,
+    pub lease: Duration,
+    pub exec_timeout: Duration,
+    pub heartbeat_ttl: Duration,
+    pub cache: bool,
+    pub cache_salt: String,
+}
+
+impl Worker {
+    fn new(config: &Config) -> Self {
+        Self {
+            connections: config.connections.clone(),
+            instance: config.instance.clone(),
+            executors: config.executors.clone(),
+            metrics: config.connections.metrics(config.instance.clone()),
+            slots: slots::SlotPool::new(config.scale.min),
+            waiting: AtomicU32::new(0),
+            draining: AtomicBool::new(false),
+            capacity_changed: Notify::new(),
+            running: Mutex::new(HashSet::new()),
+            scale: config.scale,
+            lease: config.lease,
+            exec_timeout: config.exec_timeout,
+            heartbeat_ttl: config.heartbeat_ttl,
+            cache: config.cache,
+            cache_salt: config.cache_salt.clone(),
+        }
+    }
+
+    /// The capacity record as of now.
+    pub(crate) fn capacity_now(&self, now_ms: i64) -> WorkerCapacity {
+        let (slots, busy) = self.slots.snapshot();
+        let slots = if self.draining.load(Ordering::Relaxed) {
+            busy
+        } else {
+            slots
+        };
+        let ttl = i64::try_from(self.heartbeat_ttl.as_millis()).unwrap_or(i64::MAX);
+        WorkerCapacity {
+            slots,
+            busy,
+            waiting: self.waiting.load(Ordering::Relaxed),
+            at_ms: now_ms,
+            expires_ms: now_ms.saturating_add(ttl),
+        }
+    }
+
+    /// Marks a task as running here; `false` if it already is.
+    pub(crate) fn start_running(&self, plan_id: &str, path: &str) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((plan_id.to_owned(), path.to_owned()))
+    }
+
+    pub(crate) fn stop_running(&self, plan_id: &str, path: &str) {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(plan_id.to_owned(), path.to_owned()));
+    }
+}
+
+/// Runs the service until `shutdown` is cancelled, then drains (see the
+/// crate docs) and returns. Errors only if the bus is closed under it.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let _ = &config.connections;
-    tracing::warn!(service = "dev-worker", "not implemented yet (issue #4); idling until shutdown");
-    shutdown.cancelled().await;
-    Ok(())
+    config.validate()?;
+    let worker = Arc::new(Worker::new(&config));
+    tracing::info!(
+        instance = %worker.instance,
+        namespace = %worker.connections.namespace,
+        min_slots = config.scale.min,
+        max_slots = config.scale.max,
+        executor = config.executors.default_kind().as_str(),
+        "dev-worker starting"
+    );
+    let background = CancellationToken::new();
+    let heartbeat = tokio::spawn(heartbeat::run(worker.clone(), background.clone()));
+    let scaler = tokio::spawn(autoscale::run(worker.clone(), background.clone()));
+    let stop_waiting = CancellationToken::new();
+    let hard_stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    let (consumer, result) = work::intake(
+        worker.clone(),
+        &tracker,
+        &shutdown,
+        &stop_waiting,
+        &hard_stop,
+    )
+    .await;
+
+    // Drain: advertise no free slot, hand back what waits, let running
+    // tasks finish within the grace period, then abandon the rest.
+    worker.draining.store(true, Ordering::Relaxed);
+    worker.capacity_changed.notify_one();
+    stop_waiting.cancel();
+    tracker.close();
+    if tokio::time::timeout(config.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            running = tracker.len(),
+            "shutdown grace ran out; handing back unfinished tasks"
+        );
+        hard_stop.cancel();
+        tracker.wait().await;
+    }
+    // Closing the consumer returns every unsettled delivery to the broker.
+    drop(consumer);
+    background.cancel();
+    let _ = heartbeat.await;
+    let _ = scaler.await;
+    tracing::info!(instance = %worker.instance, "dev-worker stopped");
+    result
 }

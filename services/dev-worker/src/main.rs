@@ -2,6 +2,7 @@
 //! [`devfleet_dev_worker::run`].
 
 use clap::Parser;
+use devfleet_dev_worker::Settings;
 use devfleet_runtime::ConnectArgs;
 
 /// devfleet dev-worker: writes files with an executor behind a result cache.
@@ -10,13 +11,20 @@ use devfleet_runtime::ConnectArgs;
 struct Args {
     #[command(flatten)]
     connect: ConnectArgs,
+    #[command(flatten)]
+    settings: Settings,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    devfleet_runtime::serve("dev-worker", &args.connect, |connections, shutdown| {
-        devfleet_dev_worker::run(devfleet_dev_worker::Config { connections }, shutdown)
-    })
+    devfleet_runtime::serve(
+        "dev-worker",
+        &args.connect,
+        |connections, shutdown| async move {
+            let config = args.settings.into_config(connections)?;
+            devfleet_dev_worker::run(config, shutdown).await
+        },
+    )
     .await
 }

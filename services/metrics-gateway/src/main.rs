@@ -2,21 +2,34 @@
 //! [`devfleet_metrics_gateway::run`].
 
 use clap::Parser;
+use devfleet_metrics_gateway::GatewayArgs;
 use devfleet_runtime::ConnectArgs;
 
 /// devfleet metrics-gateway: metrics over WebSocket, Prometheus /metrics and the live dashboard.
 #[derive(Parser)]
 #[command(version)]
+#[command(after_help = "Examples:
+  metrics-gateway --addr 0.0.0.0:7070
+  DEVFLEET_GATEWAY_TOKEN=s3cret metrics-gateway   # clients send Authorization: Bearer s3cret or ?token=s3cret")]
 struct Args {
     #[command(flatten)]
     connect: ConnectArgs,
+    #[command(flatten)]
+    gateway: GatewayArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    devfleet_runtime::serve("metrics-gateway", &args.connect, |connections, shutdown| {
-        devfleet_metrics_gateway::run(devfleet_metrics_gateway::Config { connections }, shutdown)
-    })
+    devfleet_runtime::serve(
+        "metrics-gateway",
+        &args.connect,
+        |connections, shutdown| async move {
+            let config = args
+                .gateway
+                .apply(devfleet_metrics_gateway::Config::new(connections))?;
+            devfleet_metrics_gateway::run(config, shutdown).await
+        },
+    )
     .await
 }

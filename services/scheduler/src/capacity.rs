@@ -1,7 +1,7 @@
 //! The capacity protocol between dev-workers and the scheduler's dispatcher.
 //!
 //! Each dev-worker keeps one [`WorkerCapacity`] record in the store
-//! collection [`WORKERS`] (namespaced), rewritten whenever its slots, busy
+//! collection [`WORKERS`], rewritten whenever its slots, busy
 //! or waiting counts change and at least every third of its TTL; the
 //! record expires with the TTL, so a worker killed with SIGKILL stops
 //! counting within one TTL. The dispatcher reads the records
@@ -13,7 +13,6 @@
 //! `devfleet-runtime`; the dev-worker writes its record with
 //! [`write_capacity`].
 
-use crate::namespace::Namespace;
 use devfleet_store::{StoreResult, TaskStore};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -22,7 +21,8 @@ use std::time::Duration;
 /// lease over with `claim(.., handoff_from = Some(DISPATCH_OWNER), ..)`.
 pub const DISPATCH_OWNER: &str = "dispatch";
 
-/// Store collection (namespaced) holding one capacity record per worker.
+/// Store collection holding one capacity record per worker. (The store is
+/// already per namespace: `devfleet:<namespace>` key prefix.)
 pub const WORKERS: &str = "workers";
 
 /// What one dev-worker can take, as of `at_ms`.
@@ -43,37 +43,28 @@ pub struct WorkerCapacity {
 impl WorkerCapacity {
     /// Slots neither running nor promised to a waiting delivery.
     pub fn free(&self) -> u32 {
-        self.slots.saturating_sub(self.busy.saturating_add(self.waiting))
+        self.slots
+            .saturating_sub(self.busy.saturating_add(self.waiting))
     }
 }
 
 /// Writes (or refreshes) a worker's record with a TTL.
 pub async fn write_capacity(
     store: &dyn TaskStore,
-    namespace: &Namespace,
     instance: &str,
     capacity: &WorkerCapacity,
     ttl: Duration,
 ) -> StoreResult<()> {
     let json = serde_json::to_string(capacity).unwrap_or_default();
-    store
-        .kv_put(&namespace.collection(WORKERS), instance, &json, Some(ttl))
-        .await
+    store.kv_put(WORKERS, instance, &json, Some(ttl)).await
 }
 
 /// Removes a worker's record (on clean shutdown).
-pub async fn remove_capacity(
-    store: &dyn TaskStore,
-    namespace: &Namespace,
-    instance: &str,
-) -> StoreResult<()> {
-    store
-        .kv_delete(&namespace.collection(WORKERS), instance)
-        .await
-        .map(|_| ())
+pub async fn remove_capacity(store: &dyn TaskStore, instance: &str) -> StoreResult<()> {
+    store.kv_delete(WORKERS, instance).await.map(|_| ())
 }
 
-/// The live workers of a namespace, summed.
+/// The live workers, summed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Fleet {
     pub workers: u32,
@@ -107,13 +98,9 @@ impl Fleet {
     }
 }
 
-/// Reads every live worker record of a namespace.
-pub async fn read_fleet(
-    store: &dyn TaskStore,
-    namespace: &Namespace,
-    now_ms: i64,
-) -> StoreResult<Fleet> {
-    let records = store.kv_list(&namespace.collection(WORKERS)).await?;
+/// Reads every live worker record.
+pub async fn read_fleet(store: &dyn TaskStore, now_ms: i64) -> StoreResult<Fleet> {
+    let records = store.kv_list(WORKERS).await?;
     Ok(Fleet::from_records(
         records.iter().map(|(_, v)| v.as_str()),
         now_ms,

@@ -43,7 +43,11 @@ pub(crate) async fn complete(
     let store = &shared.connections.store;
     let completion = store.complete(plan_id, path, artifact).await?;
     if completion.newly_done {
-        store.incr(&shared.counter(TASKS_COMPLETED), 1).await?;
+        // Counting is informational: a failure here must not redeliver a
+        // completion that already happened.
+        if let Err(e) = store.incr(TASKS_COMPLETED, 1).await {
+            tracing::warn!(error = %e, "cannot count the completion");
+        }
         tracing::debug!(
             plan_id,
             path,
@@ -78,7 +82,12 @@ pub(crate) async fn complete(
 /// Fails a task for good: its transitive dependents become Blocked with the
 /// cause; tasks that do not depend on it still run. Idempotent. A task that
 /// is already Done or Blocked is left alone (the failure is stale).
-pub(crate) async fn fail(shared: &Shared, plan_id: &str, path: &str, error: &str) -> StoreResult<()> {
+pub(crate) async fn fail(
+    shared: &Shared,
+    plan_id: &str,
+    path: &str,
+    error: &str,
+) -> StoreResult<()> {
     let store = &shared.connections.store;
     let failure = store.fail(plan_id, path, error).await?;
     if failure.newly_failed {
@@ -136,7 +145,13 @@ async fn outcome(
     let failed: Vec<String> = tasks
         .iter()
         .filter(|t| t.state == TaskState::Failed)
-        .map(|t| format!("{} ({})", t.path, t.error.as_deref().unwrap_or("no error recorded")))
+        .map(|t| {
+            format!(
+                "{} ({})",
+                t.path,
+                t.error.as_deref().unwrap_or("no error recorded")
+            )
+        })
         .collect();
     let message = format!(
         "{} task(s) failed: {}; {} blocked; {} of {} done",

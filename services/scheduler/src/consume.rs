@@ -58,14 +58,14 @@ const HANDLER_BACKOFF: Backoff = Backoff {
     jitter: 0.5,
 };
 
-/// Consumes `queue` until `shutdown`, running `handler` on each envelope
+/// Consumes the logical `queue` (namespace applied) until `shutdown`, running `handler` on each envelope
 /// with at most `concurrency` in flight.
 ///
 /// Returns an error only when the bus is closed for good while the loop was
 /// meant to run on; broker outages are ridden out (the bus reconnects).
 pub(crate) async fn consume<H, Fut>(
     shared: Arc<Shared>,
-    queue: String,
+    queue: &'static str,
     concurrency: usize,
     shutdown: CancellationToken,
     handler: H,
@@ -78,6 +78,7 @@ where
     let options = ConsumeOptions::default()
         .prefetch(u16::try_from(concurrency).unwrap_or(u16::MAX))
         .max_attempts(shared.max_handler_attempts);
+    let queue = shared.connections.queue(queue);
     let limit = Arc::new(Semaphore::new(concurrency));
     let tracker = TaskTracker::new();
     // Kept open until every in-flight handler settled its delivery.
@@ -133,8 +134,13 @@ where
                 continue;
             }
             Some(Err(e)) => {
+                failures += 1;
                 tracing::warn!(%queue, error = %e, "consume error");
                 consumer = Some(current);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'outer Ok(()),
+                    _ = tokio::time::sleep(HANDLER_BACKOFF.delay(failures)) => {}
+                }
             }
             Some(Ok((envelope, delivery))) => {
                 failures = 0;
@@ -184,7 +190,10 @@ pub(crate) async fn settle(delivery: Delivery, settlement: Settlement) {
         Settlement::Ack => delivery.ack().await,
         Settlement::Retry(reason) => {
             tracing::warn!(%reason, attempt, "handler failed; retrying later");
-            match delivery.retry(HANDLER_BACKOFF.delay(attempt), &reason).await {
+            match delivery
+                .retry(HANDLER_BACKOFF.delay(attempt), &reason)
+                .await
+            {
                 Ok(RetryOutcome::DeadLettered) => {
                     tracing::error!(%reason, attempt, "gave up; message dead-lettered");
                     Ok(())

@@ -15,7 +15,8 @@
 //!
 //! If publishing fails the claimed task keeps its dispatch lease until the
 //! reaper returns it to Ready; the dispatcher backs off before its next
-//! cycle, so a broker outage strands at most one task per cycle.
+//! cycle, so a broker outage strands at most one round of tasks (the free
+//! slots) per backoff period, each for one dispatch lease.
 
 use crate::capacity::{self, Fleet, DISPATCH_OWNER};
 use crate::Shared;
@@ -31,6 +32,9 @@ use tracing::Instrument as _;
 /// worker reports after it, or for at most this long (bounds the damage of
 /// clock skew between machines, or of a worker that never reports).
 const LEDGER_MAX_AGE_MS: i64 = 1_000;
+
+/// Most tasks handed out in one dispatch round.
+const MAX_ROUND: u64 = 64;
 
 /// How often `queue_status` is emitted.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
@@ -120,47 +124,74 @@ async fn cycle(
     last_status: &mut Option<Instant>,
 ) -> anyhow::Result<CycleEnd> {
     let store = &shared.connections.store;
-    let work_dev = shared.queue(queues::WORK_DEV);
-    let fleet = capacity::read_fleet(store.as_ref(), &shared.namespace, now_ms()).await?;
-    let depth = shared.connections.bus.queue_depth(&work_dev).await?;
+    let fleet = capacity::read_fleet(store.as_ref(), now_ms()).await?;
+    let depth = shared.connections.queue_depth(queues::WORK_DEV).await?;
     ledger.prune(fleet.newest_at_ms, now_ms());
     let outstanding = depth + ledger.len() as u64;
-    let credit = capacity::credit(&fleet, outstanding);
+    let credit = capacity::credit(&fleet, outstanding).min(MAX_ROUND);
     let mut end = CycleEnd::CreditUsed;
-    for _ in 0..credit {
-        let Some(task) = store
-            .claim_next(DISPATCH_OWNER, shared.dispatch_lease, now_ms())
-            .await?
-        else {
-            end = CycleEnd::NoReadyWork;
-            break;
-        };
-        let span = tracing::info_span!(
-            "dispatch",
-            plan_id = %task.plan_id,
-            path = %task.path,
-            attempt = task.attempt,
-            class = task.class.as_str(),
-            priority = task.priority,
-        );
-        let work = TaskWork {
-            plan_id: task.plan_id,
-            path: task.path,
-            attempt: task.attempt,
-            class: task.class,
-        };
-        shared
-            .connections
-            .publish(&work_dev, work)
-            .instrument(span)
-            .await?;
-        ledger.record(now_ms());
+    // One round: claim the best `credit` tasks, then publish them. Claims
+    // and publishes are issued concurrently (each is atomic on its own), so
+    // a round costs about one store and one broker round trip; the tasks of
+    // one round go to slots that are free at the same time.
+    let claims = futures::future::join_all(
+        (0..credit).map(|_| store.claim_next(DISPATCH_OWNER, shared.dispatch_lease, now_ms())),
+    )
+    .await;
+    let mut failure = None;
+    let mut claimed = Vec::with_capacity(claims.len());
+    for claim in claims {
+        match claim {
+            Ok(Some(task)) => claimed.push(task),
+            Ok(None) => end = CycleEnd::NoReadyWork,
+            Err(e) => failure = Some(anyhow::Error::from(e)),
+        }
+    }
+    let traces = futures::future::join_all(
+        claimed
+            .iter()
+            .map(|t| shared.traces.lookup(store.as_ref(), &t.plan_id)),
+    )
+    .await;
+    let publishes =
+        futures::future::join_all(claimed.into_iter().zip(traces).map(|(task, trace)| {
+            let span = tracing::info_span!(
+                "dispatch",
+                plan_id = %task.plan_id,
+                path = %task.path,
+                attempt = task.attempt,
+                class = task.class.as_str(),
+                priority = task.priority,
+            );
+            devfleet_telemetry::set_parent(&span, trace.as_deref());
+            let work = TaskWork {
+                plan_id: task.plan_id,
+                path: task.path,
+                attempt: task.attempt,
+                class: task.class,
+            };
+            shared
+                .connections
+                .publish(queues::WORK_DEV, work)
+                .instrument(span)
+        }))
+        .await;
+    for published in publishes {
+        match published {
+            // Recorded once confirmed: later than the worker can have seen
+            // it, so the ledger errs towards counting it too long.
+            Ok(()) => ledger.record(now_ms()),
+            Err(e) => failure = Some(e),
+        }
     }
     if last_status.is_none_or(|t| t.elapsed() >= STATUS_EVERY) {
         *last_status = Some(Instant::now());
         emit_status(shared, &fleet, depth, ledger.len()).await;
     }
-    Ok(end)
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(end),
+    }
 }
 
 async fn emit_status(shared: &Shared, fleet: &Fleet, depth: u64, unreported: usize) {

@@ -91,6 +91,14 @@ async fn create(shared: &Shared, plan: PlanAnalyzed) -> Settlement {
         critical_path = plan.critical_path_length,
         "plan created"
     );
+    shared
+        .traces
+        .remember(
+            store.as_ref(),
+            &plan.plan_id,
+            devfleet_telemetry::current_traceparent(),
+        )
+        .await;
     shared.wake.notify_one();
     shared
         .connections

@@ -47,12 +47,10 @@ mod consume;
 pub mod direct_router;
 pub mod dispatch;
 pub mod intake;
-pub mod namespace;
+mod plan_trace;
 pub mod reaper;
 
-pub use namespace::{connect_store, Namespace, NamespaceError};
-
-/// Store counter (namespaced) of tasks this pipeline completed: it grows by
+/// Store counter of tasks this pipeline completed: it grows by
 /// exactly one per task that became Done, however often `task.done` or
 /// `task.built` was delivered.
 pub const TASKS_COMPLETED: &str = "scheduler.tasks_completed";
@@ -63,8 +61,6 @@ pub struct Config {
     pub connections: Connections,
     /// Name of this replica in metrics and logs.
     pub instance: String,
-    /// Prefix for work queues and store collections (see [`Namespace`]).
-    pub namespace: Namespace,
     /// Complete `task.built` and fail `task.failed` here, standing in for
     /// the router (see [`direct_router`]). Default true until issue 5.
     pub direct_routing: bool,
@@ -93,7 +89,6 @@ impl Config {
         Self {
             connections,
             instance: devfleet_runtime::instance_name("scheduler"),
-            namespace: Namespace::none(),
             direct_routing: true,
             dispatch_lease: Duration::from_secs(30),
             dispatch_tick: Duration::from_millis(20),
@@ -125,25 +120,15 @@ impl Config {
 /// What every part of the running scheduler shares.
 pub(crate) struct Shared {
     pub connections: Connections,
-    pub namespace: Namespace,
     pub metrics: Metrics,
     /// Wakes the dispatcher: a plan was created, a task released or reaped.
     pub wake: Notify,
+    pub traces: plan_trace::PlanTraces,
     pub dispatch_lease: Duration,
     pub dispatch_tick: Duration,
     pub idle_tick: Duration,
     pub reap_interval: Duration,
     pub max_handler_attempts: u32,
-}
-
-impl Shared {
-    pub(crate) fn queue(&self, queue: &str) -> String {
-        self.namespace.queue(queue)
-    }
-
-    pub(crate) fn counter(&self, name: &str) -> String {
-        self.namespace.collection(name)
-    }
 }
 
 /// Runs the service until `shutdown` is cancelled, then finishes the
@@ -154,8 +139,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let shared = Arc::new(Shared {
         metrics: config.connections.metrics(config.instance.clone()),
         connections: config.connections.clone(),
-        namespace: config.namespace.clone(),
         wake: Notify::new(),
+        traces: plan_trace::PlanTraces::default(),
         dispatch_lease: config.dispatch_lease,
         dispatch_tick: config.dispatch_tick,
         idle_tick: config.idle_tick,
@@ -164,7 +149,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     });
     tracing::info!(
         instance = %config.instance,
-        namespace = %config.namespace,
+        namespace = %config.connections.namespace,
         direct_routing = config.direct_routing,
         "scheduler starting"
     );
@@ -174,14 +159,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let s = &shared;
     parts.spawn(consume::consume(
         s.clone(),
-        s.queue(queues::PLANS_ANALYZED),
+        queues::PLANS_ANALYZED,
         n.min(4),
         stop.clone(),
         intake::handle,
     ));
     parts.spawn(consume::consume(
         s.clone(),
-        s.queue(queues::TASK_DONE),
+        queues::TASK_DONE,
         n,
         stop.clone(),
         completion::handle_done,
@@ -189,14 +174,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     if config.direct_routing {
         parts.spawn(consume::consume(
             s.clone(),
-            s.queue(queues::TASK_BUILT),
+            queues::TASK_BUILT,
             n,
             stop.clone(),
             direct_router::handle_built,
         ));
         parts.spawn(consume::consume(
             s.clone(),
-            s.queue(queues::TASK_FAILED),
+            queues::TASK_FAILED,
             n,
             stop.clone(),
             direct_router::handle_failed,

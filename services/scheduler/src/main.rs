@@ -3,7 +3,7 @@
 
 use clap::Parser;
 use devfleet_runtime::ConnectArgs;
-use devfleet_scheduler::{Config, Namespace};
+use devfleet_scheduler::Config;
 use std::time::Duration;
 
 /// devfleet scheduler: keeps tasks in the priority store and dispatches each
@@ -13,13 +13,6 @@ use std::time::Duration;
 struct Args {
     #[command(flatten)]
     connect: ConnectArgs,
-    /// Prefix for work queues and store collections; every service of one
-    /// stack must use the same.
-    #[arg(long, env = "DEVFLEET_NAMESPACE", default_value = "")]
-    namespace: Namespace,
-    /// Key prefix in Redis; stacks sharing one Redis need different ones.
-    #[arg(long, env = "DEVFLEET_STORE_PREFIX")]
-    store_prefix: Option<String>,
     /// Complete task.built and fail task.failed here (until the router
     /// exists). Pass `false` once a router runs.
     #[arg(long, env = "DEVFLEET_DIRECT_ROUTING", default_value_t = true, action = clap::ArgAction::Set)]
@@ -38,18 +31,17 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let redis_url = args.connect.redis_url.clone();
-    devfleet_runtime::serve("scheduler", &args.connect, |mut connections, shutdown| async move {
-        if let Some(prefix) = &args.store_prefix {
-            connections.store = devfleet_scheduler::connect_store(&redis_url, prefix).await?;
-        }
-        let mut config = Config::new(connections);
-        config.namespace = args.namespace.clone();
-        config.direct_routing = args.direct_routing;
-        config.dispatch_lease = Duration::from_millis(args.dispatch_lease_ms);
-        config.dispatch_tick = Duration::from_millis(args.dispatch_tick_ms);
-        config.reap_interval = Duration::from_millis(args.reap_interval_ms);
-        devfleet_scheduler::run(config, shutdown).await
-    })
+    devfleet_runtime::serve(
+        "scheduler",
+        &args.connect,
+        |connections, shutdown| async move {
+            let mut config = Config::new(connections);
+            config.direct_routing = args.direct_routing;
+            config.dispatch_lease = Duration::from_millis(args.dispatch_lease_ms);
+            config.dispatch_tick = Duration::from_millis(args.dispatch_tick_ms);
+            config.reap_interval = Duration::from_millis(args.reap_interval_ms);
+            devfleet_scheduler::run(config, shutdown).await
+        },
+    )
     .await
 }

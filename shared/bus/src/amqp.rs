@@ -21,11 +21,7 @@ mod listener;
 mod publish;
 mod topology;
 
-use crate::memory::MAX_QUEUE_NAME_BYTES;
-use crate::{
-    Bus, BusError, BusResult, ConsumeOptions, Consumer, Listener, DEAD_LETTER_QUEUE,
-    MAX_PAYLOAD_BYTES,
-};
+use crate::{Bus, BusError, BusResult, ConsumeOptions, Consumer, Listener, MAX_PAYLOAD_BYTES};
 use async_trait::async_trait;
 use lapin::options::{QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::FieldTable;
@@ -114,20 +110,7 @@ impl AmqpBus {
 }
 
 fn check_queue_name(queue: &str) -> Result<(), Fault> {
-    if queue.is_empty() {
-        Err(Fault::Permanent("queue name is empty".to_owned()))
-    } else if queue.len() > MAX_QUEUE_NAME_BYTES {
-        Err(Fault::Permanent(format!(
-            "queue name is {} bytes; the limit is {MAX_QUEUE_NAME_BYTES}",
-            queue.len()
-        )))
-    } else if queue.starts_with("devfleet.delay.") {
-        Err(Fault::Permanent(
-            "names starting with 'devfleet.delay.' are reserved for retry delays".to_owned(),
-        ))
-    } else {
-        Ok(())
-    }
+    crate::memory::check_queue_name(queue).map_err(Fault::Permanent)
 }
 
 /// Turns a fault into the caller's error, keeping `Closed` as such.
@@ -236,9 +219,7 @@ impl Bus for AmqpBus {
             queue: queue.to_owned(),
             reason,
         };
-        if queue != DEAD_LETTER_QUEUE {
-            check_queue_name(queue).map_err(|f| bus_error(f, consume_error))?;
-        }
+        check_queue_name(queue).map_err(|f| bus_error(f, consume_error))?;
         let stream = consumer::AmqpStream::start(
             self.publisher.clone(),
             self.consumers.clone(),

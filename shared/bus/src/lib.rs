@@ -14,8 +14,9 @@
 //!   effect is durable, [`Delivery::retry`] to redeliver after a delay, or
 //!   [`Delivery::dead_letter`] to move it to [`DEAD_LETTER_QUEUE`] with a
 //!   reason. A delivery that is never settled (consumer crashed or dropped)
-//!   is redelivered: at once when its consumer closes (memory, AMQP), or
-//!   after [`ConsumeOptions::ack_wait`] (NATS).
+//!   is redelivered: at once when it or its consumer is dropped, and after
+//!   [`ConsumeOptions::ack_wait`] (NATS) or with the connection (AMQP) when
+//!   the whole process died.
 //! * [`Delivery::retry`] past [`ConsumeOptions::max_attempts`] dead-letters
 //!   instead, with the reason of the last failure. That policy lives here,
 //!   in one place; backends only implement the primitives of [`Settle`].

@@ -166,7 +166,11 @@ impl Shared {
     }
 }
 
-fn check_queue_name(queue: &str) -> Result<(), String> {
+/// The rule every backend applies to queue names: not empty, at most
+/// [`MAX_QUEUE_NAME_BYTES`], and not in the namespace the RabbitMQ backend
+/// keeps for its delay queues (kept here too, so code that works on memory
+/// works on RabbitMQ).
+pub(crate) fn check_queue_name(queue: &str) -> Result<(), String> {
     if queue.is_empty() {
         Err("queue name is empty".to_owned())
     } else if queue.len() > MAX_QUEUE_NAME_BYTES {
@@ -174,6 +178,8 @@ fn check_queue_name(queue: &str) -> Result<(), String> {
             "queue name is {} bytes; the limit is {MAX_QUEUE_NAME_BYTES}",
             queue.len()
         ))
+    } else if queue.starts_with("devfleet.delay.") {
+        Err("names starting with 'devfleet.delay.' are reserved for retry delays".to_owned())
     } else {
         Ok(())
     }

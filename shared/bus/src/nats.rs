@@ -13,7 +13,7 @@
 //!   subject, and competing workers are exactly one logical consumer.
 //! * [`DEAD_LETTER_QUEUE`] is an ordinary queue of that shape; each
 //!   dead-lettered copy carries its [`DeadLetterInfo`](crate::DeadLetterInfo)
-//!   in `Devfleet-Dlq-*` headers ([`dead_letter`]).
+//!   in `Devfleet-Dlq-*` headers (module `dead_letter`).
 //! * Broadcasts are core NATS subjects: nothing is stored.
 //!
 //! # How the [`Bus`] guarantees are met
@@ -25,25 +25,42 @@
 //!   server's duplicate window (2 minutes).
 //! * The delivery [`attempt`](crate::Delivery::attempt) is JetStream's own
 //!   delivery count. A retry is a NAK with delay: the server redelivers after
-//!   the delay and counts one more delivery. An unsettled delivery (consumer
-//!   dropped or crashed) comes back after the consumer's `ack_wait`.
+//!   the delay and counts one more delivery.
+//! * A delivery dropped unsettled, or held by a consumer that is dropped, is
+//!   handed back with a NAK at once (after at most one pull-request expiry,
+//!   see "Server compatibility"), and can no longer be settled. What a
+//!   crashed process or a lost connection leaves unsettled comes back after
+//!   the consumer's `ack_wait`.
 //! * A poison message that crashes its worker every time is stopped by the
-//!   consumer's `max_deliver` ([`max_deliver`]); the server then publishes a
-//!   max-deliveries advisory, on which a consumer of the queue moves the
-//!   message to the dead-letter queue ([`dead_letter`]).
-//! * `prefetch` is enforced by the client ([`consumer`]): a consumer asks
-//!   the server for no more messages than `prefetch` minus the deliveries it
-//!   still holds unsettled.
-//!
+//!   consumer's `max_deliver` (`max_attempts`, or 20 when unlimited); when
+//!   the server would deliver it once more it publishes a max-deliveries
+//!   advisory instead, on which a consumer of the queue moves the message
+//!   to the dead-letter queue (module `dead_letter`).
+//! * `prefetch` is enforced by the client (module `consumer`): a consumer
+//!   asks the server for no more messages than `prefetch` minus the
+//!   deliveries it still holds unsettled.
+//! * [`Bus::queue_depth`] is the durable's `num_pending`: messages never
+//!   delivered yet. [`Bus::purge`] purges the stream, unsettled messages
+//!   included.
+//! * The durable has one configuration: the last [`Bus::consume`] on a queue
+//!   sets `ack_wait` and `max_deliver` for all its consumers.
+
 //! # Server compatibility
 //!
 //! Written for nats-server 2.9 and later. Only 2.9 APIs are used: the
 //! async-nats `server_2_10`+ features stay off, consumers are created with
 //! `$JS.API.CONSUMER.CREATE.<stream>.<name>`, pull requests use `batch`,
 //! `expires` and `idle_heartbeat` only, and NAK delays need 2.7.1+.
+//! nats-server 2.9 redelivers a message as new (delivery count 1) when the
+//! only pull request waiting for it belongs to a consumer that is gone; pull
+//! requests are therefore kept shorter than half the `ack_wait`, and a
+//! dropped consumer's NAKs are delayed until its last request expired.
+//! The server's `max_payload` (1 MiB by default) bounds a message below
+//! [`MAX_PAYLOAD_BYTES`] unless the server is configured for more.
 
 mod consumer;
 mod dead_letter;
+mod ledger;
 
 use crate::{
     Bus, BusError, BusResult, ConsumeOptions, Consumer, Listener, MessageStream, DEAD_LETTER_QUEUE,
@@ -65,6 +82,9 @@ use tokio_util::sync::CancellationToken;
 /// How long [`Bus::publish`] keeps retrying through a reconnect before it
 /// reports [`BusError::PublishTimeout`].
 pub const PUBLISH_DEADLINE: Duration = Duration::from_secs(30);
+
+/// How long [`NatsBus::connect`] keeps trying an unreachable server.
+pub const CONNECT_DEADLINE: Duration = Duration::from_secs(20);
 
 /// Prefix of every queue's stream name.
 const STREAM_PREFIX: &str = "DEVFLEET_Q_";
@@ -106,9 +126,10 @@ pub(crate) struct Inner {
 }
 
 impl NatsBus {
-    /// Connects to the NATS server at `url` (`nats://[user:pass@]host:port`).
-    /// Fails if the server cannot be reached now; once connected, the client
-    /// reconnects by itself for as long as the bus lives.
+    /// Connects to the NATS server at `url` (`nats://[user:pass@]host:port`),
+    /// retrying for up to [`CONNECT_DEADLINE`] while it is unreachable. Fails
+    /// at once on a malformed URL or refused credentials. Once connected, the
+    /// client reconnects by itself for as long as the bus lives.
     pub async fn connect(url: &str) -> BusResult<NatsBus> {
         let shown = redact(url);
         let (connects_tx, connects) = watch::channel(0u64);
@@ -143,14 +164,32 @@ impl NatsBus {
                     }
                 }
             });
-        let client = options
-            .connect(url)
-            .await
-            .map_err(|e| BusError::Connect {
-                backend: "nats",
-                url: shown.clone(),
-                reason: e.to_string(),
-            })?;
+        let deadline = Instant::now() + CONNECT_DEADLINE;
+        let mut failures = 0;
+        let client = loop {
+            let error = match options.clone().connect(url).await {
+                Ok(client) => break client,
+                Err(e) => e,
+            };
+            use async_nats::ConnectErrorKind as Kind;
+            let retry = matches!(error.kind(), Kind::Io | Kind::TimedOut);
+            failures += 1;
+            let pause = backoff(failures);
+            if !retry || Instant::now() + pause >= deadline {
+                let reason = error.to_string();
+                return Err(if error.kind() == Kind::ServerParse {
+                    BusError::InvalidUrl { url: shown, reason }
+                } else {
+                    BusError::Connect {
+                        backend: "nats",
+                        url: shown,
+                        reason,
+                    }
+                });
+            }
+            tracing::debug!(url = %shown, %error, ?pause, "nats: server unreachable; retrying");
+            tokio::time::sleep(pause).await;
+        };
         let js = jetstream::ContextBuilder::new()
             .timeout(API_TIMEOUT)
             .build(client.clone());
@@ -213,7 +252,8 @@ impl Bus for NatsBus {
             queue: queue.to_owned(),
             reason,
         })?;
-        let stream = consumer::NatsDeliveries::start(Arc::clone(&self.inner), queue, options).await?;
+        let stream =
+            consumer::NatsDeliveries::start(Arc::clone(&self.inner), queue, options).await?;
         Ok(Consumer::new(queue, Box::new(stream)))
     }
 
@@ -326,8 +366,26 @@ impl Inner {
         }
     }
 
-    /// The most payload bytes one message may carry: ours, or the server's
-    /// `max_payload` (1 MiB by default) less room for headers.
+    /// Refuses a payload over [`MAX_PAYLOAD_BYTES`], or over what the
+    /// server takes: its `max_payload` (1 MiB unless configured; at most
+    /// 64 MiB) less room for our headers.
+    fn check_size(&self, queue: &str, size: usize) -> BusResult<()> {
+        let too_large = |limit| BusError::TooLarge {
+            queue: queue.to_owned(),
+            size,
+            limit,
+        };
+        if size > MAX_PAYLOAD_BYTES {
+            return Err(too_large(MAX_PAYLOAD_BYTES));
+        }
+        let server = self.payload_limit();
+        if size > server {
+            return Err(too_large(server));
+        }
+        Ok(())
+    }
+
+    /// The most payload bytes one message may carry on this server.
     fn payload_limit(&self) -> usize {
         let server = self.client.server_info().max_payload;
         if server == 0 {
@@ -335,18 +393,6 @@ impl Inner {
         } else {
             MAX_PAYLOAD_BYTES.min(server.saturating_sub(HEADER_ALLOWANCE))
         }
-    }
-
-    fn check_size(&self, queue: &str, size: usize) -> BusResult<()> {
-        let limit = self.payload_limit();
-        if size > limit {
-            return Err(BusError::TooLarge {
-                queue: queue.to_owned(),
-                size,
-                limit,
-            });
-        }
-        Ok(())
     }
 
     /// The queue's stream, created with its durable consumer on first use.
@@ -413,7 +459,8 @@ impl Inner {
                     .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
                     .await
                     .map_err(|e| PublishFailure::from_publish(e, queue))?;
-                ack.await.map_err(|e| PublishFailure::from_publish(e, queue))
+                ack.await
+                    .map_err(|e| PublishFailure::from_publish(e, queue))
             };
             let remaining = deadline.saturating_duration_since(Instant::now());
             let reason = tokio::select! {

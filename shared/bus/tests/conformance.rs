@@ -39,6 +39,8 @@ pub struct TestBus {
 }
 
 impl TestBus {
+    /// A bus that keeps `hold` (e.g. a [`gate::Shared`]) alive until the
+    /// test ends.
     pub fn holding(bus: SharedBus, hold: impl Send + 'static) -> Self {
         TestBus {
             bus,
@@ -241,6 +243,24 @@ pub async fn dropped_consumer_redelivers_its_unsettled_messages(bus: TestBus) {
     );
     again.ack().await.expect("ack");
     assert_quiet(&mut second, "an acked message came back").await;
+}
+
+/// `next()` may be cancelled (a `select!` or timeout around it) without
+/// losing or delaying a message.
+pub async fn cancelled_next_loses_no_message(bus: TestBus) {
+    let queue = queue_name();
+    let mut consumer = bus.consume(&queue, options()).await.expect("consume");
+    for _ in 0..5 {
+        let waited = tokio::time::timeout(Duration::from_millis(20), consumer.next()).await;
+        assert!(waited.is_err(), "nothing was published yet: {waited:?}");
+    }
+    bus.publish(&queue, b"after cancels")
+        .await
+        .expect("publish");
+    let delivery = next(&mut consumer).await;
+    assert_eq!(delivery.payload, Bytes::from_static(b"after cancels"));
+    assert_eq!(delivery.attempt, 1);
+    delivery.ack().await.expect("ack");
 }
 
 /// A delivery dropped without being settled comes back as the next attempt.
@@ -521,21 +541,24 @@ pub async fn closed_bus_refuses_work(bus: TestBus) {
     ));
 }
 
-/// Restarts a broker in the middle of a stream: every confirmed message is
-/// still delivered and acked, deliveries from before the restart cannot be
-/// acked (except where the backend can still settle them), the same
-/// consumer carries on, and publishing works during and after the outage.
+/// Restarts a broker in the middle of a stream. Every confirmed message is
+/// still delivered and acked; the same consumer waits across the outage
+/// and carries on; publishes made during the outage are retried until the
+/// broker is back; deliveries held from before the restart cannot be acked
+/// (AMQP: their connection is gone) and come again; a listener resumes.
 ///
 /// `server` names the server for `$DEVFLEET_SERVERS_CTL restart`; `url` is
 /// its URL, used to see when it is down.
 pub async fn restart_mid_stream_loses_no_confirmed_message(bus: TestBus, server: &str, url: &str) {
     let queue = queue_name();
+    let root = unique(QUEUE_PREFIX);
     let mut expected = BTreeSet::new();
     for i in 0..30 {
         let m = format!("m{i}");
         bus.publish(&queue, m.as_bytes()).await.expect("publish");
         expected.insert(m);
     }
+    let mut listener = bus.listen(&format!("{root}.>")).await.expect("listen");
     let mut consumer = bus
         .consume(&queue, options().prefetch(5))
         .await
@@ -546,9 +569,15 @@ pub async fn restart_mid_stream_loses_no_confirmed_message(bus: TestBus, server:
         acked.insert(String::from_utf8_lossy(&delivery.payload).into_owned());
         delivery.ack().await.expect("ack before the restart");
     }
+    // A second consumer holds five deliveries unsettled through the restart.
+    // It is not polled again, so it does not subscribe again either.
+    let mut holder = bus
+        .consume(&queue, options().prefetch(5))
+        .await
+        .expect("consume");
     let mut held = Vec::new();
     for _ in 0..5 {
-        held.push(next(&mut consumer).await);
+        held.push(next(&mut holder).await);
     }
 
     let _exclusive = gate::exclusive().await;
@@ -563,55 +592,24 @@ pub async fn restart_mid_stream_loses_no_confirmed_message(bus: TestBus, server:
     .await;
 
     // Published while the broker is down: retried until it is back.
+    let during: Vec<String> = (0..10).map(|i| format!("p{i}")).collect();
+    expected.extend(during.iter().cloned());
     let publisher = {
         let bus = bus.bus.clone();
         let queue = queue.clone();
         tokio::spawn(async move {
-            let mut sent = Vec::new();
-            for i in 0..10 {
-                let m = format!("p{i}");
+            for m in during {
                 bus.publish(&queue, m.as_bytes())
                     .await
                     .expect("publish during the outage");
-                sent.push(m);
             }
-            sent
         })
     };
-    within("the restart", Duration::from_secs(120), restart)
-        .await
-        .expect("restart task");
-    let during = within(
-        "publishes during the outage",
-        Duration::from_secs(60),
-        publisher,
-    )
-    .await
-    .expect("publisher task");
-    expected.extend(during);
 
-    for delivery in held {
-        let payload = String::from_utf8_lossy(&delivery.payload).into_owned();
-        match delivery.ack().await {
-            Ok(()) => {
-                assert_ne!(
-                    bus.backend(),
-                    "amqp",
-                    "an ack on a connection lost in the restart cannot succeed"
-                );
-                acked.insert(payload);
-            }
-            Err(e) => eprintln!("ack after the restart failed, as it should: {e}"),
-        }
-    }
-
-    bus.publish(&queue, b"after")
-        .await
-        .expect("publish after the restart");
-    expected.insert("after".to_owned());
-
+    // The consumer keeps going across the outage. Deliveries it received
+    // before the connection dropped fail to ack and come again.
     within(
-        "every confirmed message to be delivered after the restart",
+        "every confirmed message to be delivered across the restart",
         Duration::from_secs(120),
         async {
             while acked != expected {
@@ -625,7 +623,47 @@ pub async fn restart_mid_stream_loses_no_confirmed_message(bus: TestBus, server:
         },
     )
     .await;
+    within("the restart", Duration::from_secs(120), restart)
+        .await
+        .expect("restart task");
+    within("publishes during the outage", SOON, publisher)
+        .await
+        .expect("publisher task");
+
+    for delivery in held {
+        let result = delivery.ack().await;
+        if bus.backend() == "amqp" {
+            assert!(
+                result.is_err(),
+                "an ack on a connection lost in the restart cannot succeed"
+            );
+        }
+    }
+    drop(holder);
+
+    bus.publish(&queue, b"after")
+        .await
+        .expect("publish after the restart");
+    let delivery = next(&mut consumer).await;
+    assert_eq!(delivery.payload, Bytes::from_static(b"after"));
+    delivery.ack().await.expect("ack after the restart");
     wait_for_depth(&bus, &queue, 0).await;
+
+    // Broadcasts are best effort, and the listener binds again in the
+    // background: send until one arrives.
+    let subject = format!("{root}.after");
+    within("the listener to resume", SOON, async {
+        loop {
+            bus.broadcast(&subject, b"back").await.expect("broadcast");
+            if let Ok(Some((got, _))) =
+                tokio::time::timeout(Duration::from_millis(500), listener.next()).await
+            {
+                assert_eq!(got, subject);
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// `host:port` of a server URL such as `amqp://user:pw@127.0.0.1:5672/%2f`.
@@ -789,6 +827,7 @@ macro_rules! conformance_suite {
                 prefetch_bounds_unsettled_deliveries,
                 dropped_consumer_redelivers_its_unsettled_messages,
                 dropped_delivery_is_redelivered,
+                cancelled_next_loses_no_message,
                 retry_waits_at_least_its_delay,
                 retries_past_max_attempts_are_dead_lettered,
                 dead_letter_records_origin_and_reason,
@@ -833,8 +872,8 @@ async fn amqp_bus() -> TestBus {
 
 conformance_suite!(memory, memory_bus);
 conformance_suite!(amqp, amqp_bus);
-// NATS: add `async fn nats_bus() -> TestBus` (see `amqp_bus`) and invoke
-// `conformance_suite!(nats, nats_bus);` here.
+// Another backend: an `async fn` like `amqp_bus` and one
+// `conformance_suite!(name, maker);` line (NATS is at the end of the file).
 
 /// RabbitMQ-only: the broker restarts mid-stream. Named `restart` so that
 /// `scripts/test.sh` runs it alone, after everything else.
@@ -851,6 +890,61 @@ mod amqp_restart {
             "the restart test to finish",
             Duration::from_secs(400),
             restart_mid_stream_loses_no_confirmed_message(bus.into(), "rabbitmq", &url),
+        )
+        .await;
+    }
+}
+
+/// RabbitMQ-only behaviours of connecting.
+mod amqp_connect {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refused_credentials_fail_at_connect_without_retrying() {
+        let url = devfleet_testkit::amqp_url();
+        let bad = format!("amqp://devfleet-nobody:wrong@{}/%2f", host_port(&url));
+        let started = Instant::now();
+        let err = within("connect to fail", SOON, devfleet_bus::connect(&bad))
+            .await
+            .map(drop)
+            .expect_err("connecting with bad credentials must fail");
+        assert!(matches!(err, BusError::Connect { .. }), "{err}");
+        assert!(!err.to_string().contains("wrong"), "password leaked: {err}");
+        eprintln!("failed after {:?}: {err}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// NATS JetStream
+// ---------------------------------------------------------------------------
+
+async fn nats_bus() -> TestBus {
+    let url = devfleet_testkit::nats_url();
+    let gate = gate::shared().await;
+    let bus = devfleet_bus::connect(&url).await.expect("connect to NATS");
+    TestBus::holding(bus, gate)
+}
+
+conformance_suite!(nats, nats_bus);
+
+/// NATS-only: the server restarts mid-stream. Named `restart` so that
+/// `scripts/test.sh` runs it alone, after everything else.
+mod nats_restart {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn server_restart_mid_stream_loses_no_confirmed_message() {
+        let url = devfleet_testkit::nats_url();
+        let bus: SharedBus = devfleet_bus::connect(&url).await.expect("connect to NATS");
+        within(
+            "the restart test to finish",
+            Duration::from_secs(400),
+            restart_mid_stream_loses_no_confirmed_message(bus.into(), "nats", &url),
         )
         .await;
     }

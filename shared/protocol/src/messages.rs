@@ -218,6 +218,25 @@ pub struct Escalation {
     pub history: Vec<AttemptRecord>,
 }
 
+/// A stage's circuit breaker changed state.
+///
+/// Published by the router as the `breaker.changed` event when the breaker
+/// of a stage (`dev` or `qa`) opens, goes half-open or closes; consumed by
+/// the metrics gateway and operators. Best effort: the store's `breaker`
+/// collection holds the truth.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BreakerChanged {
+    pub stage: Stage,
+    /// `closed`, `open` or `half_open`.
+    pub state: String,
+    /// Why, for people: the error rate and volume that opened it, or the probe outcome.
+    pub reason: String,
+    /// Errors / outcomes in the window when it changed (0 when not measured).
+    pub error_rate: f64,
+    /// Outcomes in the window when it changed.
+    pub volume: u64,
+}
+
 /// Lifecycle of a plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -384,6 +403,7 @@ pub enum Message {
     QaResult(QaResult),
     TaskDone(TaskDone),
     Escalation(Escalation),
+    BreakerChanged(BreakerChanged),
     IntegrationWork(IntegrationWork),
     IntegrationResult(IntegrationResult),
     DeployRequested(DeployRequested),
@@ -432,6 +452,7 @@ message_kinds! {
     QaResult => "qa.result",
     TaskDone => "task.done",
     Escalation => "escalation",
+    BreakerChanged => "breaker.changed",
     IntegrationWork => "integration.work",
     IntegrationResult => "integration.result",
     DeployRequested => "deploy.requested",
@@ -453,6 +474,7 @@ impl Message {
             Message::QaResult(m) => (Some(&m.plan_id), Some(&m.path)),
             Message::TaskDone(m) => (Some(&m.plan_id), Some(&m.path)),
             Message::Escalation(m) => (Some(&m.plan_id), m.path.as_deref()),
+            Message::BreakerChanged(_) => (None, None),
             Message::IntegrationWork(m) => (Some(&m.plan_id), None),
             Message::IntegrationResult(m) => (Some(&m.plan_id), None),
             Message::DeployRequested(m) => (m.plan_id.as_deref(), None),

@@ -28,7 +28,10 @@ impl Default for Backoff {
 impl Backoff {
     /// The un-jittered delay before attempt `attempt + 1`, after `attempt` failures.
     pub fn ceiling(&self, attempt: u32) -> Duration {
-        let exp = self.factor.max(1.0).powi(attempt.saturating_sub(1).min(64) as i32);
+        let exp = self
+            .factor
+            .max(1.0)
+            .powi(attempt.saturating_sub(1).min(64) as i32);
         let secs = (self.base.as_secs_f64() * exp).min(self.cap.as_secs_f64());
         Duration::from_secs_f64(secs.max(0.0))
     }

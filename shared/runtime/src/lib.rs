@@ -40,10 +40,14 @@ pub struct ConnectArgs {
     #[arg(long, env = "DEVFLEET_NATS_URL")]
     pub nats_url: Option<String>,
     /// Redis URL of the task store (`memory://` for an in-process store).
-    #[arg(long, env = "DEVFLEET_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    #[arg(
+        long,
+        env = "DEVFLEET_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/"
+    )]
     pub redis_url: String,
-    /// Prefix for every queue name, so several pipelines (or test runs)
-    /// can share one broker without seeing each other's work.
+    /// Prefix for every queue name and store key, so several pipelines (or
+    /// test runs) can share one broker and Redis without seeing each other.
     #[arg(long, env = "DEVFLEET_NAMESPACE", default_value = "")]
     pub namespace: String,
 }
@@ -174,7 +178,12 @@ impl ConnectArgs {
                 .context("connecting to NATS for metrics (DEVFLEET_NATS_URL)")?,
             (None, _) => bus.clone(),
         };
-        let store = devfleet_store::connect(&self.redis_url)
+        let prefix = if self.namespace.is_empty() {
+            "devfleet".to_owned()
+        } else {
+            format!("devfleet:{}", self.namespace)
+        };
+        let store = devfleet_store::connect_with_prefix(&self.redis_url, &prefix)
             .await
             .context("connecting to Redis (DEVFLEET_REDIS_URL)")?;
         Ok(Connections {

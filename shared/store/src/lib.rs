@@ -404,9 +404,15 @@ pub fn content_hash(bytes: &[u8]) -> String {
 
 /// Connects to the store a URL names: `redis://…` or `memory://`.
 pub async fn connect(url: &str) -> StoreResult<SharedStore> {
+    connect_with_prefix(url, "devfleet").await
+}
+
+/// Like [`connect`], with every Redis key under `prefix` (so several
+/// pipelines or test runs can share one Redis).
+pub async fn connect_with_prefix(url: &str, prefix: &str) -> StoreResult<SharedStore> {
     match url.split_once("://") {
         Some(("redis" | "rediss", _)) => {
-            Ok(Arc::new(redis::RedisStore::connect(url, "devfleet").await?))
+            Ok(Arc::new(redis::RedisStore::connect(url, prefix).await?))
         }
         Some(("memory", _)) => Ok(Arc::new(memory::MemoryStore::new())),
         _ => Err(StoreError::InvalidUrl {

@@ -82,9 +82,13 @@ enum Tok<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Frame {
     /// `{`: a block (regex may follow its `}`) or an object literal (it may not).
-    Brace { block: bool },
+    Brace {
+        block: bool,
+    },
     /// `(`: `cond` when it holds an `if`/`while`/`for`/`with` head.
-    Paren { cond: bool },
+    Paren {
+        cond: bool,
+    },
     Bracket,
     /// `${` inside a template literal.
     TemplateExpr,
@@ -93,7 +97,9 @@ enum Frame {
     /// Template literal text.
     Template,
     /// Inside `<Tag …>` or `</Tag>`.
-    JsxTag { closing: bool },
+    JsxTag {
+        closing: bool,
+    },
     /// Between `<Tag>` and `</Tag>`.
     JsxChildren,
 }
@@ -194,7 +200,12 @@ impl<'a> Lexer<'a> {
                 self.line += 1;
                 self.i += 1;
             }
-            b' ' | b'\t' | b'\r' | b'\x0b' | b'\x0c' => self.i += 1,
+            b' ' | b'\t' | b'\r' | b'\x0b' | b'\x0c' => {
+                self.i += 1;
+                while matches!(self.b.get(self.i), Some(b' ')) {
+                    self.i += 1;
+                }
+            }
             b'/' if self.peek(1) == b'/' => self.skip_line(),
             b'/' if self.peek(1) == b'*' => self.skip_block_comment(),
             b'/' if self.expr_allowed => {
@@ -243,8 +254,13 @@ impl<'a> Lexer<'a> {
                 self.after(false, false);
                 return Some((Tok::Op(c), line));
             }
-            b'<' if self.peek(1) == b'!' && self.b[self.i..].starts_with(b"<!--") => self.skip_line(),
-            b'<' if self.expr_allowed && self.dialect != Dialect::TypeScript && self.jsx_starts() => {
+            b'<' if self.peek(1) == b'!' && self.b[self.i..].starts_with(b"<!--") => {
+                self.skip_line()
+            }
+            b'<' if self.expr_allowed
+                && self.dialect != Dialect::TypeScript
+                && self.jsx_starts() =>
+            {
                 self.i += 1;
                 self.stack.push(Frame::JsxTag { closing: false });
             }
@@ -296,15 +312,14 @@ impl<'a> Lexer<'a> {
             c if is_ident_byte(c) || c == b'$' || c == b'\\' => {
                 let start = self.i;
                 self.i += 1;
-                while self.i < self.b.len() && (is_ident_byte(self.b[self.i]) || self.b[self.i] == b'$') {
+                while self.i < self.b.len()
+                    && (is_ident_byte(self.b[self.i]) || self.b[self.i] == b'$')
+                {
                     self.i += 1;
                 }
                 let word = self.src.get(start..self.i).unwrap_or("");
                 let keyword_expr = keyword_allows_expr(word);
-                self.after(
-                    keyword_expr,
-                    !keyword_expr || matches!(word, "else" | "do"),
-                );
+                self.after(keyword_expr, !keyword_expr || matches!(word, "else" | "do"));
                 self.after_cond_keyword = matches!(word, "if" | "while" | "for" | "with");
                 return Some((Tok::Name(word), line));
             }
@@ -351,7 +366,10 @@ impl<'a> Lexer<'a> {
     /// Pops up to the `(` this `)` closes; true when it was a statement head.
     fn close_paren(&mut self) -> bool {
         // Brackets left open inside the parentheses close with them; braces do not.
-        let pos = self.stack.iter().rposition(|f| !matches!(f, Frame::Bracket));
+        let pos = self
+            .stack
+            .iter()
+            .rposition(|f| !matches!(f, Frame::Bracket));
         match pos.map(|p| (p, self.stack[p])) {
             Some((p, Frame::Paren { cond })) => {
                 self.stack.truncate(p);
@@ -391,7 +409,8 @@ impl<'a> Lexer<'a> {
     fn number(&mut self) {
         self.i += 1;
         while let Some(&c) = self.b.get(self.i) {
-            let exponent_sign = (c == b'+' || c == b'-') && matches!(self.b[self.i - 1], b'e' | b'E');
+            let exponent_sign =
+                (c == b'+' || c == b'-') && matches!(self.b[self.i - 1], b'e' | b'E');
             if is_ident_byte(c) || c == b'.' || exponent_sign {
                 self.i += 1;
             } else {
@@ -661,7 +680,8 @@ impl Clause {
     }
 
     fn kind(&self) -> EdgeKind {
-        let all_typed = self.specifiers > 0 && self.type_specifiers == self.specifiers && !self.runtime_binding;
+        let all_typed =
+            self.specifiers > 0 && self.type_specifiers == self.specifiers && !self.runtime_binding;
         if self.type_only || all_typed {
             EdgeKind::Type
         } else {
@@ -797,7 +817,9 @@ impl Recognizer {
         if clause.closed {
             return match tok {
                 Tok::Name("from") => {
-                    self.state = State::From { kind: clause.kind() };
+                    self.state = State::From {
+                        kind: clause.kind(),
+                    };
                     true
                 }
                 _ => false,
@@ -850,7 +872,9 @@ impl Recognizer {
             Tok::Op(b'*') => clause.runtime_binding = true,
             Tok::Op(b',') if !clause.export => {}
             Tok::Name("from") => {
-                self.state = State::From { kind: clause.kind() };
+                self.state = State::From {
+                    kind: clause.kind(),
+                };
             }
             Tok::Name("as") => {}
             Tok::Name("type") if clause.export && !clause.type_only && !clause.runtime_binding => {
@@ -1021,7 +1045,7 @@ x = y / z /* comment */ / w; import real2 from "./two";
         let src = r#"
 import React from "react";
 export const App = () => (
-  <div className="import x from 'fake1'" title='it\'s'>
+  <div className="import x from 'fake1'" title="it's">
     Don't import anything from "fake2"; it's text.
     {items.map((i) => <Item key={i} label={`${i}`} />)}
     <>
@@ -1070,26 +1094,41 @@ import another from "./another";
 
     #[test]
     fn spread_of_require_counts() {
-        assert_eq!(names("module.exports = { ...require('./base') };", Dialect::JavaScript), ["./base"]);
+        assert_eq!(
+            names(
+                "module.exports = { ...require('./base') };",
+                Dialect::JavaScript
+            ),
+            ["./base"]
+        );
     }
 
     #[test]
     fn line_numbers() {
-        let got = scan("/*\n\n*/\nimport a from './a';\n`\n`\nrequire('./b')\n", Dialect::JavaScript);
+        let got = scan(
+            "/*\n\n*/\nimport a from './a';\n`\n`\nrequire('./b')\n",
+            Dialect::JavaScript,
+        );
         assert_eq!(got.iter().map(|i| i.line).collect::<Vec<_>>(), [4, 7]);
     }
 
     #[test]
     fn hashbang_and_html_comments() {
         assert_eq!(
-            names("#!/usr/bin/env node\n<!-- import x from 'no'\nrequire('./yes')\n", Dialect::JavaScript),
+            names(
+                "#!/usr/bin/env node\n<!-- import x from 'no'\nrequire('./yes')\n",
+                Dialect::JavaScript
+            ),
             ["./yes"]
         );
     }
 
     #[test]
     fn deep_nesting_does_not_overflow() {
-        let src = "(".repeat(300_000) + &"{".repeat(300_000) + &"`${".repeat(100_000) + &"<a>".repeat(100_000);
+        let src = "(".repeat(300_000)
+            + &"{".repeat(300_000)
+            + &"`${".repeat(100_000)
+            + &"<a>".repeat(100_000);
         let _ = scan(&src, Dialect::Tsx);
     }
 }

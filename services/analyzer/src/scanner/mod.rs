@@ -18,5 +18,18 @@ pub mod python;
 /// counts, so Unicode identifiers stay whole.
 #[inline]
 pub(crate) fn is_ident_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80
+    IDENT[b as usize]
 }
+
+/// [`is_ident_byte`] as a table: one load instead of four comparisons in
+/// the scanners' hottest loop.
+static IDENT: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        table[i] = b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80;
+        i += 1;
+    }
+    table
+};

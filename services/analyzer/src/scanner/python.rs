@@ -10,7 +10,8 @@
 //! - the body of `if TYPE_CHECKING:` / `if typing.TYPE_CHECKING:` (also
 //!   `elif`), by indentation, whose imports get [`EdgeKind::Type`];
 //! - `importlib.import_module("literal")` and `__import__("literal")` calls,
-//!   which get [`EdgeKind::Dynamic`];
+//!   which get [`EdgeKind::Dynamic`]; a relative literal only with
+//!   `package=__name__` / `__package__` (any other package is a variable);
 //! - `from __future__ import …`, which is dropped.
 //!
 //! `import` and `from` are hard keywords, so any such token outside a string
@@ -161,7 +162,12 @@ impl<'a> Lexer<'a> {
                         });
                     }
                 }
-                b' ' | b'\t' | b'\r' | b'\x0c' => self.i += 1,
+                b' ' | b'\t' | b'\r' | b'\x0c' => {
+                    self.i += 1;
+                    while matches!(self.b.get(self.i), Some(b' ')) {
+                        self.i += 1;
+                    }
+                }
                 b'#' => self.skip_comment(),
                 b'\\' if self.peek(1) == b'\n' => {
                     self.i += 2;
@@ -263,7 +269,8 @@ impl<'a> Lexer<'a> {
     fn number(&mut self) {
         self.i += 1;
         while let Some(&c) = self.b.get(self.i) {
-            let exponent_sign = (c == b'+' || c == b'-') && matches!(self.b[self.i - 1], b'e' | b'E');
+            let exponent_sign =
+                (c == b'+' || c == b'-') && matches!(self.b[self.i - 1], b'e' | b'E');
             if is_ident_byte(c) || c == b'.' || exponent_sign {
                 self.i += 1;
             } else {
@@ -530,6 +537,10 @@ enum Call<'a> {
     Function,
     Open,
     Literal(&'a str, u32),
+    /// A relative literal, then `,`: resolvable only against our own package.
+    PackageArg(&'a str, u32),
+    /// … then `package =`.
+    PackageKeyword(&'a str, u32),
 }
 
 #[derive(Debug, Default)]
@@ -554,7 +565,11 @@ impl<'a> Parser<'a> {
 
     fn feed(&mut self, t: Token<'a>) {
         if t.first {
-            while self.type_checking.last().is_some_and(|&top| top >= t.indent) {
+            while self
+                .type_checking
+                .last()
+                .is_some_and(|&top| top >= t.indent)
+            {
                 self.type_checking.pop();
             }
             self.line_type_checking = false;
@@ -579,12 +594,8 @@ impl<'a> Parser<'a> {
             State::ImportNames {
                 current,
                 line,
-                step,
-            } => {
-                if step == Step::AfterName {
-                    self.push_import(current, line);
-                }
-            }
+                step: Step::AfterName,
+            } => self.push_import(current, line),
             _ => {}
         }
     }
@@ -679,7 +690,7 @@ impl<'a> Parser<'a> {
                         module.push('.');
                         *expect_name = true;
                     }
-                    Tok::Name("import") if !(*expect_name && !module.is_empty()) => {
+                    Tok::Name("import") if !*expect_name || module.is_empty() => {
                         if *level == 0 && module.is_empty() {
                             self.state = State::Idle;
                             return true;
@@ -787,7 +798,20 @@ impl<'a> Parser<'a> {
             (_, Tok::Name("import_module" | "__import__")) => Call::Function,
             (Call::Function, Tok::Op(b'(')) => Call::Open,
             (Call::Open, Tok::Str(Some(text))) => Call::Literal(text, t.line),
+            (Call::Literal(text, line), Tok::Op(b',')) if text.starts_with('.') => {
+                Call::PackageArg(text, line)
+            }
             (Call::Literal(text, line), Tok::Op(b')' | b',')) => {
+                if !text.starts_with('.') {
+                    self.push_dynamic(text, line);
+                }
+                Call::None
+            }
+            (Call::PackageArg(text, line), Tok::Name("package")) => {
+                Call::PackageKeyword(text, line)
+            }
+            (Call::PackageKeyword(text, line), Tok::Op(b'=')) => Call::PackageArg(text, line),
+            (Call::PackageArg(text, line), Tok::Name("__name__" | "__package__")) => {
                 self.push_dynamic(text, line);
                 Call::None
             }
@@ -854,7 +878,11 @@ mod tests {
         assert_eq!(got[0], (".".into(), vec!["x".into()], EdgeKind::Import));
         assert_eq!(
             got[1],
-            ("..pkg.mod".into(), vec!["a".into(), "c".into()], EdgeKind::Import)
+            (
+                "..pkg.mod".into(),
+                vec!["a".into(), "c".into()],
+                EdgeKind::Import
+            )
         );
         assert_eq!(got[2], ("...".into(), vec!["*".into()], EdgeKind::Import));
         assert_eq!(got[3], (".m".into(), vec!["y".into()], EdgeKind::Import));
@@ -955,7 +983,10 @@ import real
 
     #[test]
     fn unterminated_string_recovers_at_end_of_line() {
-        assert_eq!(modules("x = 'oops\nimport a\ny = f\"{\nimport b\n"), ["a", "b"]);
+        assert_eq!(
+            modules("x = 'oops\nimport a\ny = f\"abc {x} \nimport b\n"),
+            ["a", "b"]
+        );
     }
 
     #[test]
@@ -967,7 +998,7 @@ import real
     #[test]
     fn import_module_literals_are_dynamic() {
         let got = summary(
-            "import importlib\nm = importlib.import_module('pkg.plugins')\nn = import_module(\".rel\", package=__name__)\no = __import__(\"os\")\np = import_module(name)\nq = import_module('a' + b)\n",
+            "import importlib\nm = importlib.import_module('pkg.plugins')\nn = import_module(\".rel\", package=__name__)\no = __import__(\"os\")\np = import_module(name)\nq = import_module('a' + b)\nr = import_module('.mgmt', app.name)\n",
         );
         assert_eq!(got[0], ("importlib".into(), vec![], EdgeKind::Import));
         assert_eq!(got[1], ("pkg.plugins".into(), vec![], EdgeKind::Dynamic));
@@ -994,7 +1025,10 @@ import real
     #[test]
     fn keywords_as_attribute_names_do_not_confuse() {
         // `print` call with `from`-like names inside brackets and a dict key.
-        assert_eq!(modules("x = {'from': 1}\nprint(a, sep='')\nimport real"), ["real"]);
+        assert_eq!(
+            modules("x = {'from': 1}\nprint(a, sep='')\nimport real"),
+            ["real"]
+        );
     }
 
     #[test]

@@ -45,6 +45,9 @@ mod tests {
     async fn no_content_is_a_clear_non_retryable_error() {
         let err = Builtin.run(&test_input("a.py")).await.unwrap_err();
         assert!(!err.retryable);
-        assert!(err.message.contains("a.py") && err.message.contains("no content"), "{err}");
+        assert!(
+            err.message.contains("a.py") && err.message.contains("no content"),
+            "{err}"
+        );
     }
 }

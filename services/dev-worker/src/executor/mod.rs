@@ -105,7 +105,9 @@ impl Executors {
         by_kind.insert(ExecutorKind::Builtin, Arc::new(builtin::Builtin));
         by_kind.insert(
             ExecutorKind::Simulate,
-            Arc::new(simulate::Simulate::new(simulate::SimulateSettings::default())),
+            Arc::new(simulate::Simulate::new(
+                simulate::SimulateSettings::default(),
+            )),
         );
         Self { by_kind, default }
     }
@@ -147,7 +149,10 @@ impl Executors {
                 ExecutorKind::Openai => "the task wants the openai executor, but this worker has \
                      no API key (DEVFLEET_OPENAI_API_KEY or OPENAI_API_KEY)"
                     .to_owned(),
-                other => format!("executor '{}' is not configured on this worker", other.as_str()),
+                other => format!(
+                    "executor '{}' is not configured on this worker",
+                    other.as_str()
+                ),
             })),
         }
     }
@@ -177,7 +182,10 @@ mod tests {
     fn resolve_uses_the_task_kind_then_the_default() {
         let ex = Executors::new(ExecutorKind::Simulate);
         assert_eq!(ex.resolve(None).unwrap().0, ExecutorKind::Simulate);
-        assert_eq!(ex.resolve(Some("builtin")).unwrap().0, ExecutorKind::Builtin);
+        assert_eq!(
+            ex.resolve(Some("builtin")).unwrap().0,
+            ExecutorKind::Builtin
+        );
     }
 
     #[test]

@@ -80,8 +80,8 @@ fn draw(seed: u64, path: &str, attempt: u32) -> f64 {
 fn comment_for(path: &str) -> &'static str {
     let ext = path.rsplit_once('.').map(|(_, e)| e).unwrap_or("");
     match ext {
-        "js" | "jsx" | "ts" | "tsx" | "mjs" | "cjs" | "rs" | "go" | "java" | "c" | "h"
-        | "cc" | "cpp" | "hpp" | "cs" | "kt" | "swift" | "scala" => "//",
+        "js" | "jsx" | "ts" | "tsx" | "mjs" | "cjs" | "rs" | "go" | "java" | "c" | "h" | "cc"
+        | "cpp" | "hpp" | "cs" | "kt" | "swift" | "scala" => "//",
         "sql" | "lua" | "hs" => "--",
         _ => "#",
     }
@@ -170,13 +170,15 @@ mod tests {
     #[test]
     fn output_changes_with_spec_and_dependency_text_only() {
         let mut a = test_input("src/a.ts");
-        a.dependencies.insert("src/b.ts".into(), "export const b = 1;\n".into());
+        a.dependencies
+            .insert("src/b.ts".into(), "export const b = 1;\n".into());
         let base = render(&a);
         assert!(base.starts_with("// src/a.ts"), "{base}");
         let mut b = a.clone();
         b.attempt = 4;
         assert_eq!(render(&b), base);
-        b.dependencies.insert("src/b.ts".into(), "export const b = 2;\n".into());
+        b.dependencies
+            .insert("src/b.ts".into(), "export const b = 2;\n".into());
         assert_ne!(render(&b), base);
         let mut c = a.clone();
         c.spec = "another spec".into();

@@ -7,7 +7,7 @@
 //! subscribes again on a fresh one and carries on.
 
 use super::headers;
-use super::link::{op, short, Backoff, Fault, Link, Session, OP_TIMEOUT};
+use super::link::{close_in_background, op, short, Fault, Link, Pacer, Session, OP_TIMEOUT};
 use super::publish::{publish, Destination};
 use super::topology;
 use crate::{
@@ -61,25 +61,9 @@ async fn subscribe(link: &Link, queue: &str, prefetch: u16) -> Result<Active, Fa
         }),
         Err(fault) => {
             link.note(session.generation, &fault).await;
-            close_channel(session.channel, "subscribe failed");
+            close_in_background(session.channel, "subscribe failed");
             Err(fault)
         }
-    }
-}
-
-/// Closes a channel in the background; its unacked messages go back to
-/// their queues.
-fn close_channel(channel: Channel, why: &'static str) {
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        runtime.spawn(async move {
-            if channel.status().connected() {
-                let _ = tokio::time::timeout(
-                    OP_TIMEOUT,
-                    channel.close(lapin::protocol::constants::REPLY_SUCCESS, why.into()),
-                )
-                .await;
-            }
-        });
     }
 }
 
@@ -90,9 +74,7 @@ pub(super) struct AmqpStream {
     queue: String,
     options: ConsumeOptions,
     active: Option<Active>,
-    backoff: Backoff,
-    /// The last subscription failed or broke: wait before the next one.
-    failed: bool,
+    pacer: Pacer,
     /// Cleared when the consumer is dropped: its channel closes, which
     /// hands its unsettled deliveries back, so they need no nack.
     open: Arc<AtomicBool>,
@@ -118,8 +100,7 @@ impl AmqpStream {
             queue: queue.to_owned(),
             options,
             active: Some(active),
-            backoff: Backoff::new(),
-            failed: false,
+            pacer: Pacer::new(),
             open: Arc::new(AtomicBool::new(true)),
         })
     }
@@ -127,9 +108,9 @@ impl AmqpStream {
     fn drop_active(&mut self, why: &'static str) {
         if let Some(active) = self.active.take() {
             drop(active.consumer);
-            close_channel(active.channel, why);
+            close_in_background(active.channel, why);
         }
-        self.failed = true;
+        self.pacer.failed();
     }
 
     fn delivery(&self, delivery: lapin::message::Delivery) -> Delivery {
@@ -168,23 +149,18 @@ impl DeliveryStream for AmqpStream {
                 return None;
             }
             if self.active.is_none() {
-                if self.failed {
-                    let delay = self.backoff.next_delay();
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = closed.cancelled() => return None,
-                    }
+                if !self.pacer.wait(&closed).await {
+                    return None;
                 }
                 match subscribe(&self.consumer_link, &self.queue, self.options.prefetch).await {
                     Ok(active) => {
                         tracing::info!(queue = %self.queue, "consumer subscribed again");
                         self.active = Some(active);
-                        self.failed = false;
-                        self.backoff.reset();
+                        self.pacer.succeeded();
                     }
                     Err(Fault::Closed) => return None,
                     Err(Fault::Permanent(reason)) => {
-                        self.failed = true;
+                        self.pacer.failed();
                         return Some(Err(BusError::Consume {
                             queue: self.queue.clone(),
                             reason,
@@ -192,7 +168,7 @@ impl DeliveryStream for AmqpStream {
                     }
                     Err(fault) => {
                         tracing::debug!(queue = %self.queue, reason = %fault.reason(), "resubscribe failed; retrying");
-                        self.failed = true;
+                        self.pacer.failed();
                         continue;
                     }
                 }

@@ -108,8 +108,64 @@ impl Backoff {
         delay
     }
 
-    pub(super) fn reset(&mut self) {
+    fn reset(&mut self) {
         self.next = Self::FIRST;
+    }
+}
+
+/// When a consumer or listener may try to subscribe again. It keeps the
+/// time rather than sleeping a fresh delay, so a caller that cancels
+/// `next()` (a `select!` with a timeout) neither restarts nor stretches
+/// the wait.
+#[derive(Debug)]
+pub(super) struct Pacer {
+    backoff: Backoff,
+    not_before: Option<Instant>,
+}
+
+impl Pacer {
+    pub(super) fn new() -> Self {
+        Pacer {
+            backoff: Backoff::new(),
+            not_before: None,
+        }
+    }
+
+    /// The subscription failed or broke: back off before the next try.
+    pub(super) fn failed(&mut self) {
+        self.not_before = Some(Instant::now() + self.backoff.next_delay());
+    }
+
+    pub(super) fn succeeded(&mut self) {
+        self.backoff.reset();
+        self.not_before = None;
+    }
+
+    /// Waits until the next try is due; false when `closed` fires first.
+    pub(super) async fn wait(&self, closed: &CancellationToken) -> bool {
+        let Some(at) = self.not_before else {
+            return !closed.is_cancelled();
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(at) => true,
+            _ = closed.cancelled() => false,
+        }
+    }
+}
+
+/// Closes a channel in the background; its unacked messages go back to
+/// their queues.
+pub(super) fn close_in_background(channel: Channel, why: &'static str) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            if channel.status().connected() {
+                let _ = tokio::time::timeout(
+                    OP_TIMEOUT,
+                    channel.close(lapin::protocol::constants::REPLY_SUCCESS, why.into()),
+                )
+                .await;
+            }
+        });
     }
 }
 

@@ -4,7 +4,7 @@
 //! listener. Broadcasts sent while the connection is down are missed (best
 //! effort); the listener binds a new queue after a reconnect.
 
-use super::link::{op, short, Backoff, Fault, Link};
+use super::link::{close_in_background, op, short, Fault, Link, Pacer};
 use super::topology::{self, BROADCAST_EXCHANGE};
 use crate::{subject_matches, MessageStream};
 use async_trait::async_trait;
@@ -81,7 +81,7 @@ pub(super) struct AmqpListener {
     link: Arc<Link>,
     pattern: String,
     active: Option<Active>,
-    backoff: Backoff,
+    pacer: Pacer,
 }
 
 impl AmqpListener {
@@ -99,29 +99,16 @@ impl AmqpListener {
             link,
             pattern: pattern.to_owned(),
             active: Some(active),
-            backoff: Backoff::new(),
+            pacer: Pacer::new(),
         })
     }
 
     fn drop_active(&mut self) {
         if let Some(active) = self.active.take() {
             drop(active.consumer);
-            let channel = active.channel;
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    if channel.status().connected() {
-                        let _ = op(
-                            "channel.close",
-                            channel.close(
-                                lapin::protocol::constants::REPLY_SUCCESS,
-                                "listener dropped".into(),
-                            ),
-                        )
-                        .await;
-                    }
-                });
-            }
+            close_in_background(active.channel, "listener closed");
         }
+        self.pacer.failed();
     }
 }
 
@@ -134,19 +121,18 @@ impl MessageStream for AmqpListener {
                 return None;
             }
             let Some(active) = self.active.as_mut() else {
-                let delay = self.backoff.next_delay();
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = closed.cancelled() => return None,
+                if !self.pacer.wait(&closed).await {
+                    return None;
                 }
                 match subscribe(&self.link, &self.pattern).await {
                     Ok(active) => {
                         self.active = Some(active);
-                        self.backoff.reset();
+                        self.pacer.succeeded();
                     }
                     Err(Fault::Closed) => return None,
                     Err(fault) => {
                         tracing::debug!(pattern = %self.pattern, reason = %fault.reason(), "listener resubscribe failed; retrying");
+                        self.pacer.failed();
                     }
                 }
                 continue;

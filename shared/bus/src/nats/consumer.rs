@@ -8,13 +8,20 @@
 //! `prefetch` unsettled deliveries, except briefly after a reconnect, when
 //! a request the server still had may be answered next to the new one.
 //!
-//! Pull requests expire after [`PULL_EXPIRES`] and ask for idle heartbeats
-//! every [`PULL_HEARTBEAT`]. A reconnect, silence for [`PULL_LOST_AFTER`], or
-//! an error status means the request is gone (a restarted server forgets
-//! it), and a new one is sent; "no responders" or "consumer deleted" first
+//! Pull requests expire after [`pull_expires`] (at most half the
+//! `ack_wait`, see there) and ask for idle heartbeats twice as often. A
+//! reconnect, silence for [`PULL_LOST_AFTER`] past the expiry, or an error
+//! status means the request is gone (a restarted server forgets it), and a
+//! new one is sent; "no responders" or "consumer deleted" first
 //! recreates the stream and durable. Failures back off from 100 ms to 2 s.
 //! None of this is returned to the caller: `next` just waits.
+//!
+//! Dropping the consumer, or a delivery unsettled, hands the message back
+//! at once ([`ledger`](super::ledger)); so do the messages that reached the
+//! inbox but were not handed out yet. `ack_wait` only covers what a
+//! crashed process or a lost connection leaves behind.
 
+use super::ledger::{self, Ledger};
 use super::{backoff, consumer_config, dead_letter, Inner, CONSUMER};
 use crate::{
     BusError, BusResult, ConsumeOptions, DeadLetterInfo, Delivery, DeliveryStream, Settle,
@@ -23,46 +30,42 @@ use crate::{
 use async_nats::jetstream::{self, AckKind};
 use async_nats::{StatusCode, Subscriber};
 use async_trait::async_trait;
-use futures::StreamExt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use futures::{FutureExt, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-/// How long the server keeps one pull request open.
-const PULL_EXPIRES: Duration = Duration::from_secs(5);
-/// Idle heartbeat asked of the server while a pull request is open.
-const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
-/// Silence after which an open pull request is presumed lost. A safety
-/// net only (a reconnect already triggers a new request), so generous:
-/// presuming too early leaves two requests open, and the consumer may then
-/// hold more than `prefetch`.
-const PULL_LOST_AFTER: Duration = Duration::from_secs(8);
+/// Longest time the server keeps one pull request open.
+const MAX_PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// Shortest: requests are renewed this often at most.
+const MIN_PULL_EXPIRES: Duration = Duration::from_millis(500);
+/// Silence past a pull request's expiry after which it is presumed lost.
+/// A safety net only (a reconnect already triggers a new request), so
+/// generous: presuming too early leaves two requests open, and the
+/// consumer may then hold more than `prefetch`.
+const PULL_LOST_AFTER: Duration = Duration::from_secs(3);
+/// Margin added to a dropped consumer's last pull request's expiry before
+/// its messages are redelivered (see [`pull_expires`]).
+const EXPIRY_MARGIN: Duration = Duration::from_millis(200);
 
-/// Deliveries handed out and not yet settled (or dropped).
-struct Held {
-    count: AtomicUsize,
-    /// Signalled when one is settled: room for another pull.
-    freed: Notify,
-}
-
-/// One unit of [`Held`]; releases it when dropped.
-struct HeldSlot(Arc<Held>);
-
-impl HeldSlot {
-    fn take(held: &Arc<Held>) -> Self {
-        held.count.fetch_add(1, Ordering::AcqRel);
-        HeldSlot(Arc::clone(held))
+/// How long each pull request stays open: half the `ack_wait`, within
+/// [`MIN_PULL_EXPIRES`]..=[`MAX_PULL_EXPIRES`].
+///
+/// Why: nats-server 2.9 mishandles a redelivery whose only waiting pull
+/// request belongs to a consumer that is gone: it rewinds the consumer and
+/// redelivers the message as new, with delivery count 1 (`loopAndGatherMsgs`
+/// decrements `o.sseq` even for a redelivered message). A gone consumer's
+/// request must therefore end before anything of its can be redelivered:
+/// before `ack_wait` runs out (hence half of it), and before the messages
+/// it hands back on drop return (hence their NAK delay, see `Drop`).
+fn pull_expires(ack_wait: Duration) -> Duration {
+    if ack_wait.is_zero() {
+        // The server's default ack_wait, 30 s, applies.
+        return MAX_PULL_EXPIRES;
     }
-}
-
-impl Drop for HeldSlot {
-    fn drop(&mut self) {
-        self.0.count.fetch_sub(1, Ordering::AcqRel);
-        self.0.freed.notify_one();
-    }
+    (ack_wait / 2).clamp(MIN_PULL_EXPIRES, MAX_PULL_EXPIRES)
 }
 
 /// The [`DeliveryStream`] of a NATS consumer.
@@ -74,11 +77,14 @@ pub(super) struct NatsDeliveries {
     options: ConsumeOptions,
     inbox: String,
     subscriber: Option<Subscriber>,
-    held: Arc<Held>,
+    ledger: Arc<Ledger>,
     /// Messages the open pull request may still bring; 0 when none is open.
     requested: usize,
     /// When the server last showed that the open pull request is alive.
     last_heard: Instant,
+    /// When the last pull request was sent, and how long it lives.
+    pulled_at: Instant,
+    expires: Duration,
     /// `None` once the client is gone.
     connects: Option<watch::Receiver<u64>>,
     /// Recreate the stream and durable before the next pull.
@@ -93,7 +99,34 @@ impl Drop for NatsDeliveries {
         if let Some(mover) = &self.mover {
             mover.abort();
         }
+        let mut subjects = self.ledger.close();
+        subjects.extend(
+            self.subscriber
+                .take()
+                .map(drain_deliveries)
+                .unwrap_or_default(),
+        );
+        // While our last pull request may still be waiting on the server,
+        // a redelivery must not find it (see `pull_expires`).
+        let delay = if self.requested > 0 {
+            (self.pulled_at + self.expires + EXPIRY_MARGIN)
+                .saturating_duration_since(Instant::now())
+        } else {
+            Duration::ZERO
+        };
+        ledger::hand_back(&self.inner.client, subjects, delay);
     }
+}
+
+/// The ack subjects of the deliveries already waiting in an inbox.
+fn drain_deliveries(mut subscriber: Subscriber) -> Vec<async_nats::Subject> {
+    let mut subjects = Vec::new();
+    while let Some(Some(message)) = subscriber.next().now_or_never() {
+        if matches!(message.status, None | Some(StatusCode::OK)) {
+            subjects.extend(message.reply);
+        }
+    }
+    subjects
 }
 
 impl NatsDeliveries {
@@ -105,11 +138,24 @@ impl NatsDeliveries {
         queue: &str,
         options: ConsumeOptions,
     ) -> BusResult<NatsDeliveries> {
+        let expires = pull_expires(options.ack_wait);
         let mut connects = inner.connects.clone();
         connects.mark_unchanged();
-        // Nothing moves messages out of the dead-letter queue itself.
-        let mover = (queue != DEAD_LETTER_QUEUE)
-            .then(|| dead_letter::spawn_mover(Arc::clone(&inner), queue.to_owned()));
+        // Nothing moves messages out of the dead-letter queue itself. The
+        // mover subscribes before our first pull request, so it cannot miss
+        // an advisory that request causes.
+        let mover = if queue == DEAD_LETTER_QUEUE {
+            None
+        } else {
+            Some(
+                dead_letter::start_mover(Arc::clone(&inner), queue.to_owned())
+                    .await
+                    .map_err(|reason| BusError::Consume {
+                        queue: queue.to_owned(),
+                        reason,
+                    })?,
+            )
+        };
         let mut deliveries = NatsDeliveries {
             next_subject: format!(
                 "$JS.API.CONSUMER.MSG.NEXT.{}.{CONSUMER}",
@@ -120,12 +166,11 @@ impl NatsDeliveries {
             queue: queue.to_owned(),
             options,
             subscriber: None,
-            held: Arc::new(Held {
-                count: AtomicUsize::new(0),
-                freed: Notify::new(),
-            }),
+            ledger: Arc::new(Ledger::new()),
             requested: 0,
             last_heard: Instant::now(),
+            pulled_at: Instant::now(),
+            expires,
             connects: Some(connects),
             needs_setup: true,
             failures: 0,
@@ -173,21 +218,27 @@ impl NatsDeliveries {
     async fn pull(&mut self, batch: usize) -> Result<(), String> {
         let request = format!(
             r#"{{"batch":{batch},"expires":{},"idle_heartbeat":{}}}"#,
-            PULL_EXPIRES.as_nanos(),
-            PULL_HEARTBEAT.as_nanos()
+            self.expires.as_nanos(),
+            (self.expires / 2).as_nanos()
         );
-        self.inner
+        // Counted as open before it is sent: if `next` is cancelled while
+        // sending, a second request must not follow the first.
+        self.requested = batch;
+        self.last_heard = Instant::now();
+        self.pulled_at = self.last_heard;
+        let sent = self
+            .inner
             .client
             .publish_with_reply(
                 self.next_subject.clone(),
                 self.inbox.clone(),
                 request.into(),
             )
-            .await
-            .map_err(|e| format!("sending pull request: {e}"))?;
-        self.requested = batch;
-        self.last_heard = Instant::now();
-        Ok(())
+            .await;
+        sent.map_err(|e| {
+            self.requested = 0;
+            format!("sending pull request: {e}")
+        })
     }
 
     /// Waits out a failure's backoff; false if the bus closed meanwhile.
@@ -201,8 +252,9 @@ impl NatsDeliveries {
         }
     }
 
-    /// Turns one message from the inbox into a delivery; `None` (logged) if
-    /// it is not a JetStream message.
+    /// Turns one message from the inbox into a delivery; `None` if it is
+    /// not a JetStream message (logged) or a stale copy of one acked
+    /// already.
     fn delivery(&self, message: async_nats::Message) -> Option<Delivery> {
         let message = jetstream::Message {
             message,
@@ -215,6 +267,11 @@ impl NatsDeliveries {
                 return None;
             }
         };
+        let ack_subject = message.reply.clone()?;
+        if self.ledger.was_acked(stream_sequence) {
+            tracing::debug!(queue = %self.queue, stream_sequence, "nats: skipping a stale copy of an acked message");
+            return None;
+        }
         let attempt = u32::try_from(delivered.max(1)).unwrap_or(u32::MAX);
         let dead_letter = dead_letter::info_from_headers(message.headers.as_ref());
         let payload = message.payload.clone();
@@ -223,7 +280,9 @@ impl NatsDeliveries {
             queue: self.queue.clone(),
             stream_sequence,
             message,
-            _slot: HeldSlot::take(&self.held),
+            id: self.ledger.hand_out(ack_subject),
+            ledger: Arc::clone(&self.ledger),
+            settled: false,
         };
         Some(Delivery::new(
             self.queue.clone(),
@@ -250,7 +309,7 @@ impl DeliveryStream for NatsDeliveries {
                 continue;
             }
             let prefetch = usize::from(self.options.prefetch.max(1));
-            let held = self.held.count.load(Ordering::Acquire);
+            let held = self.ledger.unsettled();
             if self.requested == 0 && held < prefetch {
                 if let Err(reason) = self.pull(prefetch - held).await {
                     if !self.pause(&reason).await {
@@ -263,7 +322,7 @@ impl DeliveryStream for NatsDeliveries {
                 continue;
             };
             let open = self.requested > 0;
-            let lost_at = self.last_heard + PULL_LOST_AFTER;
+            let lost_at = self.last_heard + self.expires + PULL_LOST_AFTER;
             let connects = self.connects.as_mut();
             let watch_connects = connects.is_some();
             let wake = tokio::select! {
@@ -273,7 +332,7 @@ impl DeliveryStream for NatsDeliveries {
                 biased;
                 _ = self.inner.shutdown.cancelled() => return None,
                 message = subscriber.next() => Wake::Inbox(message),
-                _ = self.held.freed.notified(), if !open => Wake::Freed,
+                _ = self.ledger.freed.notified(), if !open => Wake::Freed,
                 _ = tokio::time::sleep_until(lost_at), if open => Wake::Silent,
                 changed = async {
                     match connects {
@@ -360,16 +419,33 @@ impl NatsDeliveries {
 }
 
 /// Settles one delivery; holds its place in the consumer's prefetch until
-/// settled or dropped.
+/// settled, and hands the message back if dropped unsettled.
 struct NatsSettle {
     inner: Arc<Inner>,
     queue: String,
     stream_sequence: u64,
     message: jetstream::Message,
-    _slot: HeldSlot,
+    ledger: Arc<Ledger>,
+    id: u64,
+    settled: bool,
 }
 
 impl NatsSettle {
+    /// Takes the delivery off its consumer's book; fails if the consumer
+    /// was dropped and handed the message back already.
+    fn begin(&mut self) -> BusResult<()> {
+        self.settled = true;
+        if self.ledger.settle(self.id) {
+            Ok(())
+        } else {
+            Err(BusError::Settle {
+                queue: self.queue.clone(),
+                reason: "its consumer was dropped and handed the message back for redelivery"
+                    .to_owned(),
+            })
+        }
+    }
+
     /// Sends `kind` and waits for the server to confirm it got it.
     async fn reply(&self, kind: AckKind) -> BusResult<()> {
         self.message
@@ -380,18 +456,38 @@ impl NatsSettle {
                 reason: e.to_string(),
             })
     }
+
+    /// ACKs and remembers it, so a stale copy is not handed out again.
+    async fn ack_confirmed(&self) -> BusResult<()> {
+        self.reply(AckKind::Ack).await?;
+        self.ledger.acked(self.stream_sequence);
+        Ok(())
+    }
+}
+
+impl Drop for NatsSettle {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        if let Some(subject) = self.ledger.drop_unsettled(self.id) {
+            ledger::hand_back(&self.inner.client, vec![subject], Duration::ZERO);
+        }
+    }
 }
 
 #[async_trait]
 impl Settle for NatsSettle {
     /// ACK, confirmed by the server: the message is removed from the stream.
-    async fn ack(self: Box<Self>) -> BusResult<()> {
-        self.reply(AckKind::Ack).await
+    async fn ack(mut self: Box<Self>) -> BusResult<()> {
+        self.begin()?;
+        self.ack_confirmed().await
     }
 
     /// NAK with `delay`: the server redelivers after it. The attempt number
     /// is the server's delivery count, which will be `next_attempt`.
-    async fn redeliver(self: Box<Self>, delay: Duration, _next_attempt: u32) -> BusResult<()> {
+    async fn redeliver(mut self: Box<Self>, delay: Duration, _next_attempt: u32) -> BusResult<()> {
+        self.begin()?;
         self.reply(AckKind::Nak(Some(delay))).await
     }
 
@@ -399,7 +495,8 @@ impl Settle for NatsSettle {
     /// the original. If the ACK fails the original comes back and may be
     /// dead-lettered again; the copy's message id makes the server drop
     /// that second copy within its duplicate window.
-    async fn dead_letter(self: Box<Self>, info: DeadLetterInfo) -> BusResult<()> {
+    async fn dead_letter(mut self: Box<Self>, info: DeadLetterInfo) -> BusResult<()> {
+        self.begin()?;
         let id = dead_letter::message_id(&self.queue, self.stream_sequence);
         dead_letter::store(&self.inner, &info, &id, self.message.payload.clone())
             .await
@@ -407,6 +504,6 @@ impl Settle for NatsSettle {
                 queue: self.queue.clone(),
                 reason: format!("copying to the dead-letter queue: {e}"),
             })?;
-        self.reply(AckKind::Ack).await
+        self.ack_confirmed().await
     }
 }

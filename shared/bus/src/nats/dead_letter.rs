@@ -89,46 +89,38 @@ fn header_value(text: &str) -> HeaderValue {
     HeaderValue::from_str(&clean).unwrap_or_default()
 }
 
-/// Starts the mover for `queue` (see the module docs). It runs until
-/// aborted or the bus closes.
-pub(super) fn spawn_mover(inner: Arc<Inner>, queue: String) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let subject = format!(
-            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{CONSUMER}",
-            stream_name(&queue)
-        );
-        let mut failures = 0;
+/// Starts the mover for `queue` (see the module docs): subscribes now,
+/// then runs until aborted or the bus closes.
+pub(super) async fn start_mover(
+    inner: Arc<Inner>,
+    queue: String,
+) -> Result<JoinHandle<()>, String> {
+    let subject = format!(
+        "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{CONSUMER}",
+        stream_name(&queue)
+    );
+    let mut advisories = inner
+        .client
+        .queue_subscribe(subject, MOVER_GROUP.to_owned())
+        .await
+        .map_err(|e| format!("listening for max-deliveries advisories: {e}"))?;
+    Ok(tokio::spawn(async move {
+        // The client renews the subscription after a reconnect; it ends
+        // only when the client closes.
         loop {
-            let subscribed = inner
-                .client
-                .queue_subscribe(subject.clone(), MOVER_GROUP.to_owned())
-                .await;
-            let mut advisories = match subscribed {
-                Ok(subscriber) => subscriber,
-                Err(e) => {
-                    failures += 1;
-                    tracing::warn!(%queue, error = %e, "nats: cannot listen for max-deliveries advisories");
-                    tokio::select! {
-                        _ = inner.shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(backoff(failures)) => continue,
-                    }
-                }
+            let advisory = tokio::select! {
+                _ = inner.shutdown.cancelled() => return,
+                advisory = advisories.next() => advisory,
             };
-            loop {
-                let advisory = tokio::select! {
-                    _ = inner.shutdown.cancelled() => return,
-                    advisory = advisories.next() => advisory,
-                };
-                let Some(advisory) = advisory else { break };
-                let Some(sequence) = json_u64(&advisory.payload, "stream_seq") else {
-                    tracing::warn!(%queue, "nats: max-deliveries advisory without stream_seq");
-                    continue;
-                };
-                let deliveries = json_u64(&advisory.payload, "deliveries").unwrap_or_default();
-                move_message(&inner, &queue, sequence, deliveries).await;
-            }
+            let Some(advisory) = advisory else { return };
+            let Some(sequence) = json_u64(&advisory.payload, "stream_seq") else {
+                tracing::warn!(%queue, "nats: max-deliveries advisory without stream_seq");
+                continue;
+            };
+            let deliveries = json_u64(&advisory.payload, "deliveries").unwrap_or_default();
+            move_message(&inner, &queue, sequence, deliveries).await;
         }
-    })
+    }))
 }
 
 /// Copies message `sequence` of `queue` to the dead-letter queue and
@@ -143,7 +135,12 @@ async fn move_message(inner: &Inner, queue: &str, sequence: u64, deliveries: u64
     for tries in 1..=MOVE_TRIES {
         match try_move(inner, queue, sequence, &info).await {
             Ok(()) => {
-                tracing::warn!(queue, sequence, deliveries, "nats: moved a message that exceeded max deliveries to the dead-letter queue");
+                tracing::warn!(
+                    queue,
+                    sequence,
+                    deliveries,
+                    "nats: moved a message that exceeded max deliveries to the dead-letter queue"
+                );
                 return;
             }
             Err(reason) => {

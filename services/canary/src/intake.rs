@@ -1,0 +1,181 @@
+//! Consuming `deploy.requested`: record the deployment, then ack.
+//!
+//! * A valid request with a new id is recorded (kv `canary`, put-if-absent,
+//!   so two replicas receiving duplicates create it once) and marked active;
+//!   the delivery is acked only after both writes.
+//! * A redelivery of the same message, or a request identical to an
+//!   existing deployment (same spec and plan), is acked without effect.
+//! * An invalid request, or a different request reusing an existing id, is
+//!   refused: dead-lettered with the reason, and a `deployment` metric
+//!   with `event: "refused"` says why.
+//! * A store failure retries the delivery with backoff.
+
+use crate::record::{self, DeploymentRecord, ACTIVE, RECORDS};
+use crate::supervisor::Ctx;
+use devfleet_bus::ConsumeOptions;
+use devfleet_protocol::{queues, DeployRequested, Message, MetricType};
+use devfleet_runtime::backoff::Backoff;
+use std::sync::Arc;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+/// What became of a request.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    Accepted,
+    Duplicate,
+    Refused(String),
+}
+
+pub(crate) async fn run(
+    ctx: Arc<Ctx>,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let connections = &ctx.config.connections;
+    let mut consumer = connections
+        .consume(
+            queues::DEPLOY_REQUESTED,
+            ConsumeOptions::default()
+                .prefetch(4)
+                .max_attempts(ctx.config.max_attempts),
+        )
+        .await?;
+    tracing::info!(
+        "canary consuming {}",
+        connections.queue(queues::DEPLOY_REQUESTED)
+    );
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            next = consumer.next_envelope() => next,
+        };
+        let (envelope, delivery) = match next {
+            None => break,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "deploy.requested consumer error");
+                continue;
+            }
+            Some(Ok(pair)) => pair,
+        };
+        let Message::DeployRequested(request) = envelope.message else {
+            let reason = format!(
+                "unexpected '{}' message on {}",
+                envelope.message.kind(),
+                queues::DEPLOY_REQUESTED
+            );
+            if let Err(e) = delivery.dead_letter(&reason).await {
+                tracing::warn!(error = %e, "dead-lettering failed");
+            }
+            continue;
+        };
+        let span = tracing::info_span!(
+            "deploy_requested",
+            deployment = %request.deployment_id,
+            plan_id = request.plan_id.as_deref().unwrap_or(""),
+        );
+        devfleet_telemetry::set_parent(&span, envelope.traceparent.as_deref());
+        let attempt = delivery.attempt;
+        let settled = async {
+            match accept(&ctx, &envelope.id, request).await {
+                Ok(Outcome::Accepted) => {
+                    let r = delivery.ack().await;
+                    wake.notify_one();
+                    r.map(|_| ())
+                }
+                Ok(Outcome::Duplicate) => delivery.ack().await.map(|_| ()),
+                Ok(Outcome::Refused(reason)) => delivery.dead_letter(&reason).await,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "deployment could not be recorded; retrying");
+                    delivery
+                        .retry(Backoff::default().delay(attempt), &format!("{e:#}"))
+                        .await
+                        .map(|_| ())
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+        if let Err(e) = settled {
+            tracing::warn!(error = %e, "settling a deploy.requested delivery failed; it will be redelivered");
+        }
+    }
+    Ok(())
+}
+
+/// Records one request. An error means nothing durable could be decided
+/// (the delivery is retried).
+async fn accept(ctx: &Ctx, request_id: &str, request: DeployRequested) -> anyhow::Result<Outcome> {
+    let store = &ctx.config.connections.store;
+    let id = request.deployment_id.clone();
+    if let Err(e) = crate::request::validate_request(&request) {
+        return Ok(refuse(ctx, &request, e.to_string()).await);
+    }
+    let record = DeploymentRecord::new(
+        id.clone(),
+        request.plan_id.clone(),
+        request_id.to_owned(),
+        request.spec.clone(),
+        devfleet_protocol::now_ms(),
+    );
+    if store
+        .kv_put_new(RECORDS, &id, &serde_json::to_string(&record)?)
+        .await?
+    {
+        store.kv_put(ACTIVE, &id, "", None).await?;
+        tracing::info!(stages = ?request.spec.stages, "deployment accepted");
+        emit(ctx, &record, "accepted", None).await;
+        return Ok(Outcome::Accepted);
+    }
+    let Some(existing) = record::load(store, &id).await? else {
+        anyhow::bail!("deployment '{id}' vanished while being created; retrying");
+    };
+    if existing.request_id == request_id {
+        // Our own earlier delivery got this far before dying: finish it.
+        if !existing.status.is_final() {
+            store.kv_put(ACTIVE, &id, "", None).await?;
+        }
+        return Ok(Outcome::Duplicate);
+    }
+    if existing.spec == request.spec && existing.plan_id == request.plan_id {
+        tracing::info!(
+            status = existing.status.as_str(),
+            "identical request for an existing deployment; nothing to do"
+        );
+        return Ok(Outcome::Duplicate);
+    }
+    let reason = format!(
+        "deployment id '{id}' is already used by a different deployment ({}, created at {} ms); \
+         choose another id",
+        existing.status.as_str(),
+        existing.created_ms
+    );
+    Ok(refuse(ctx, &request, reason).await)
+}
+
+async fn refuse(ctx: &Ctx, request: &DeployRequested, reason: String) -> Outcome {
+    tracing::warn!(%reason, "deployment refused");
+    ctx.metrics
+        .emit(
+            MetricType::Deployment,
+            serde_json::json!({
+                "deployment_id": request.deployment_id,
+                "plan_id": request.plan_id,
+                "event": "refused",
+                "status": "refused",
+                "reason": reason,
+            }),
+        )
+        .await;
+    Outcome::Refused(reason)
+}
+
+async fn emit(ctx: &Ctx, record: &DeploymentRecord, event: &str, reason: Option<&str>) {
+    ctx.metrics
+        .emit(
+            MetricType::Deployment,
+            crate::driver::metric_data(record, event, reason, &ctx.config.instance),
+        )
+        .await;
+}

@@ -1,0 +1,180 @@
+//! Temporary workspaces: a plan's generated files written out from the
+//! store's artifacts, removed again when the [`Workspace`] is dropped.
+
+use devfleet_store::{StoreResult, TaskRecord, TaskStore};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::{Component, Path, PathBuf};
+
+/// Largest total size written into one workspace, in bytes.
+pub const MAX_WORKSPACE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// A temporary directory holding files; deleted on drop.
+#[derive(Debug)]
+pub struct Workspace {
+    root: PathBuf,
+}
+
+impl Workspace {
+    /// Creates an empty workspace under `parent`.
+    pub fn create(parent: &Path) -> std::io::Result<Workspace> {
+        let root = parent.join(format!("devfleet-qa-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&root)?;
+        Ok(Workspace { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Writes `bytes` at the relative `path`, refusing anything that would
+    /// land outside the workspace.
+    pub fn write(&self, path: &str, bytes: &[u8]) -> std::io::Result<()> {
+        let rel = safe_relative(path).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("path '{path}' is not a plain relative path"),
+            )
+        })?;
+        let full = self.root.join(rel);
+        if let Some(parent) = full.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(full, bytes)
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.root) {
+            tracing::warn!(root = %self.root.display(), error = %e, "cannot remove a QA workspace");
+        }
+    }
+}
+
+/// `path` as a relative path of normal components only, or `None`.
+pub fn safe_relative(path: &str) -> Option<PathBuf> {
+    let p = Path::new(path);
+    if path.is_empty() || p.is_absolute() {
+        return None;
+    }
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(part) => out.push(part),
+            Component::CurDir => {}
+            _ => return None,
+        }
+    }
+    (!out.as_os_str().is_empty()).then_some(out)
+}
+
+/// Why a workspace could not be filled.
+#[derive(Debug, thiserror::Error)]
+pub enum MaterialiseError {
+    #[error(transparent)]
+    Store(#[from] devfleet_store::StoreError),
+    #[error("writing the workspace: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("artifact {hash} of '{path}' is missing from the store")]
+    MissingArtifact { path: String, hash: String },
+    #[error("the files are over {MAX_WORKSPACE_BYTES} bytes")]
+    TooLarge,
+}
+
+/// Every task `path` depends on, transitively (not including itself).
+pub fn dependency_closure(tasks: &BTreeMap<String, TaskRecord>, path: &str) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    let mut queue: VecDeque<&str> = VecDeque::from([path]);
+    while let Some(p) = queue.pop_front() {
+        if let Some(t) = tasks.get(p) {
+            for d in &t.depends_on {
+                if d != path && seen.insert(d.clone()) {
+                    queue.push_back(d);
+                }
+            }
+        }
+    }
+    seen
+}
+
+/// Writes `file` (the artifact under check) and the current artifacts of
+/// the given other tasks; tasks without an artifact yet are left out.
+/// Returns the paths written.
+pub async fn materialise(
+    store: &dyn TaskStore,
+    workspace: &Workspace,
+    file: Option<(&str, &str)>,
+    others: impl IntoIterator<Item = &TaskRecord>,
+) -> Result<Vec<String>, MaterialiseError> {
+    let mut written = Vec::new();
+    let mut total = 0u64;
+    let mut put = |path: &str, bytes: &[u8]| -> Result<(), MaterialiseError> {
+        total += bytes.len() as u64;
+        if total > MAX_WORKSPACE_BYTES {
+            return Err(MaterialiseError::TooLarge);
+        }
+        workspace.write(path, bytes)?;
+        written.push(path.to_owned());
+        Ok(())
+    };
+    for task in others {
+        if Some(task.path.as_str()) == file.map(|f| f.0) {
+            continue;
+        }
+        let Some(hash) = &task.artifact else { continue };
+        let bytes = fetch(store, &task.path, hash).await?;
+        put(&task.path, &bytes)?;
+    }
+    if let Some((path, hash)) = file {
+        let bytes = fetch(store, path, hash).await?;
+        put(path, &bytes)?;
+    }
+    Ok(written)
+}
+
+async fn fetch(store: &dyn TaskStore, path: &str, hash: &str) -> Result<Vec<u8>, MaterialiseError> {
+    store
+        .artifact(hash)
+        .await?
+        .ok_or_else(|| MaterialiseError::MissingArtifact {
+            path: path.to_owned(),
+            hash: hash.to_owned(),
+        })
+}
+
+/// Every task of a plan by path.
+pub async fn plan_tasks(
+    store: &dyn TaskStore,
+    plan_id: &str,
+) -> StoreResult<BTreeMap<String, TaskRecord>> {
+    Ok(store
+        .tasks(plan_id)
+        .await?
+        .into_iter()
+        .map(|t| (t.path.clone(), t))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_paths_are_refused() {
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a/../b"] {
+            assert!(safe_relative(bad).is_none(), "{bad}");
+        }
+        assert_eq!(safe_relative("./a/b.py"), Some(PathBuf::from("a/b.py")));
+    }
+
+    #[test]
+    fn workspaces_write_and_vanish() {
+        let ws = Workspace::create(&std::env::temp_dir()).unwrap();
+        let root = ws.root().to_owned();
+        ws.write("pkg/a.py", b"x = 1\n").unwrap();
+        assert!(root.join("pkg/a.py").exists());
+        assert!(ws.write("../escape.py", b"").is_err());
+        drop(ws);
+        assert!(!root.exists());
+    }
+}

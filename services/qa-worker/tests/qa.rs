@@ -1,0 +1,452 @@
+//! The qa-worker on real RabbitMQ and Redis: hostile checks are contained,
+//! and integration shards run in parallel.
+
+use devfleet_bus::ConsumeOptions;
+use devfleet_protocol::{
+    now_ms, queues, IntegrationResult, IntegrationStep, Message, PlanStatus, QaResult, QaWork,
+};
+use devfleet_qa_worker::{CheckSpec, Config, IntegrationTally, TallyState};
+use devfleet_runtime::Connections;
+use devfleet_store::{NewTask, PlanRecord};
+use devfleet_testkit::{amqp_url, redis_url, unique, within};
+use std::collections::BTreeMap;
+use std::io::Read as _;
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+const SOON: Duration = Duration::from_secs(120);
+
+async fn connections(name: &str) -> Connections {
+    let bus = devfleet_bus::connect(&amqp_url()).await.expect("amqp");
+    let store = devfleet_store::connect_with_prefix(&redis_url(), &unique("t"))
+        .await
+        .expect("redis");
+    Connections {
+        broadcast: bus.clone(),
+        bus,
+        store,
+        namespace: unique(name),
+    }
+}
+
+/// Creates a plan whose tasks are all built with the given contents.
+async fn built_plan(
+    c: &Connections,
+    files: &[(&str, String)],
+) -> (String, BTreeMap<String, String>) {
+    let plan_id = unique("plan");
+    let now = now_ms();
+    c.store
+        .create_plan(
+            PlanRecord {
+                id: plan_id.clone(),
+                name: "qa-test".into(),
+                status: PlanStatus::Running,
+                total: 0,
+                done: 0,
+                failed: 0,
+                blocked: 0,
+                created_ms: now,
+                updated_ms: now,
+                detail: "{}".into(),
+                message: None,
+            },
+            files
+                .iter()
+                .map(|(path, _)| NewTask {
+                    path: (*path).into(),
+                    spec: "s".into(),
+                    content: None,
+                    depends_on: vec![],
+                    priority: 1,
+                    estimate: 1,
+                    executor: None,
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let mut artifacts = BTreeMap::new();
+    for (path, text) in files {
+        c.store
+            .claim(
+                &plan_id,
+                path,
+                "dev",
+                None,
+                Duration::from_secs(60),
+                now_ms(),
+            )
+            .await
+            .unwrap();
+        let hash = c.store.put_artifact(text.as_bytes()).await.unwrap();
+        c.store.mark_built(&plan_id, path, &hash).await.unwrap();
+        artifacts.insert(path.to_string(), hash);
+    }
+    (plan_id, artifacts)
+}
+
+fn start(config: Config) -> (CancellationToken, JoinSet<anyhow::Result<()>>) {
+    let stop = CancellationToken::new();
+    let mut set = JoinSet::new();
+    set.spawn(devfleet_qa_worker::run(config, stop.clone()));
+    (stop, set)
+}
+
+async fn stop(stop: CancellationToken, mut set: JoinSet<anyhow::Result<()>>) {
+    stop.cancel();
+    while let Some(r) = set.join_next().await {
+        r.expect("worker panicked").expect("worker failed");
+    }
+}
+
+/// Sends QA work for each path and collects the results by path.
+async fn check(
+    c: &Connections,
+    plan_id: &str,
+    artifacts: &BTreeMap<String, String>,
+    paths: &[&str],
+) -> BTreeMap<String, QaResult> {
+    let mut results = c
+        .consume(queues::QA_RESULTS, ConsumeOptions::default())
+        .await
+        .unwrap();
+    for path in paths {
+        c.publish(
+            queues::WORK_QA,
+            QaWork {
+                plan_id: plan_id.into(),
+                path: (*path).into(),
+                attempt: 1,
+                artifact: artifacts[*path].clone(),
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let mut out = BTreeMap::new();
+    within("every QA result", SOON, async {
+        while out.len() < paths.len() {
+            let (env, delivery) = results.next_envelope().await.unwrap().unwrap();
+            delivery.ack().await.unwrap();
+            if let Message::QaResult(r) = env.message {
+                out.insert(r.path.clone(), r);
+            }
+        }
+    })
+    .await;
+    out
+}
+
+fn hostile_config(c: &Connections, check_timeout: Duration) -> Config {
+    let mut config = Config::new(c.clone());
+    config.concurrency = 2;
+    config.check_timeout = check_timeout;
+    config.sandbox.limits.processes = 32;
+    config.sandbox.limits.cpu_seconds = 20;
+    config.sandbox.limits.memory_bytes = 512 * 1024 * 1024;
+    config.sandbox.uid_base = Some(HOSTILE_UID_BASE);
+    // Run the file itself: it is the hostile part.
+    config.checks = vec![
+        CheckSpec {
+            name: "run".into(),
+            extensions: vec!["py".into()],
+            run: "python3 {file}".into(),
+            optional: false,
+            timeout_seconds: None,
+        },
+        CheckSpec {
+            name: "ruff".into(),
+            extensions: vec!["py".into()],
+            run: "devfleet-no-such-linter {file}".into(),
+            optional: true,
+            timeout_seconds: None,
+        },
+    ];
+    config
+}
+
+/// Sandbox uids of the hostile test's worker (other tests use the default base).
+const HOSTILE_UID_BASE: u32 = 3_500_000;
+
+fn sandbox_uid_processes() -> Vec<String> {
+    let mut left = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(mut f) = std::fs::File::open(entry.path().join("status")) else {
+            continue;
+        };
+        let mut s = String::new();
+        if f.read_to_string(&mut s).is_err() {
+            continue;
+        }
+        let uid = s
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|u| u.parse::<u32>().ok());
+        if uid.is_some_and(|u| (HOSTILE_UID_BASE..HOSTILE_UID_BASE + 1_000).contains(&u)) {
+            let state = s.lines().find(|l| l.starts_with("State:")).unwrap_or("");
+            left.push(format!("{} {state}", s.lines().next().unwrap_or("")));
+        }
+    }
+    left
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_checks_are_contained_and_the_worker_lives_on() {
+    let c = connections("hostile").await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let outside = std::env::temp_dir().join(unique("qa-escape"));
+    std::fs::create_dir_all(&outside).unwrap();
+    let target = outside.join("pwned");
+    // Writable by anyone on the host: only the sandbox can stop the write.
+    std::process::Command::new("chmod")
+        .arg("777")
+        .arg(&outside)
+        .status()
+        .unwrap();
+
+    let files = vec![
+        (
+            "net.py",
+            format!(
+                "import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=3)\nprint('connected')\n"
+            ),
+        ),
+        (
+            "escape.py",
+            format!("open({:?}, 'w').write('x')\nprint('escaped')\n", target.display().to_string()),
+        ),
+        (
+            "forkbomb.py",
+            "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n".to_owned(),
+        ),
+        ("spin.py", "while True:\n    pass\n".to_owned()),
+        ("good.py", "print('fine')\n".to_owned()),
+        ("NOTES.md", "# notes\n".to_owned()),
+    ];
+    let (plan_id, artifacts) = built_plan(&c, &files).await;
+    let (stop_token, set) = start(hostile_config(&c, Duration::from_secs(4)));
+
+    let results = check(
+        &c,
+        &plan_id,
+        &artifacts,
+        &["net.py", "escape.py", "forkbomb.py", "spin.py"],
+    )
+    .await;
+    let status = |path: &str| results[path].checks[0].status.clone();
+    for (path, r) in &results {
+        println!(
+            "{path}: passed={} {}",
+            r.passed,
+            r.diagnostics
+                .lines()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    }
+    assert!(!results["net.py"].passed);
+    assert!(
+        listener.accept().is_err(),
+        "nothing reached the host's loopback"
+    );
+    assert!(!results["escape.py"].passed);
+    assert!(
+        !target.exists(),
+        "nothing was written outside the workspace"
+    );
+    assert!(!results["forkbomb.py"].passed, "{}", status("forkbomb.py"));
+    assert_eq!(status("spin.py"), "timeout");
+    assert!(results["spin.py"].diagnostics.contains("timed out"));
+    // The kernel tears a killed PID namespace down asynchronously.
+    let settled = tokio::time::timeout(Duration::from_secs(10), async {
+        while !sandbox_uid_processes().is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        settled.is_ok(),
+        "processes outlived their checks: {:?}",
+        sandbox_uid_processes()
+    );
+
+    // The worker lives on and still tells good from bad.
+    let results = check(&c, &plan_id, &artifacts, &["good.py", "NOTES.md"]).await;
+    let good = &results["good.py"];
+    assert!(good.passed, "{good:?}");
+    assert_eq!(good.checks[0].status, "passed");
+    assert_eq!(
+        good.checks[1].status, "skipped",
+        "a missing optional linter is recorded"
+    );
+    assert!(good.checks[1].output.contains("not installed"));
+    let notes = &results["NOTES.md"];
+    assert!(notes.passed);
+    assert_eq!(notes.checks.len(), 1);
+    assert_eq!(notes.checks[0].name, "none");
+    assert_eq!(
+        notes.checks[0].status, "skipped",
+        "unchecked files are never silently passed"
+    );
+    assert!(notes.checks[0].output.contains(".md"));
+
+    stop(stop_token, set).await;
+    std::fs::remove_dir_all(&outside).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn default_checks_find_syntax_errors_with_dependencies_materialised() {
+    let c = connections("defaults").await;
+    let files = vec![
+        ("pkg/__init__.py", String::new()),
+        (
+            "pkg/ok.py",
+            "from pkg import util\n\nVALUE = util.twice(2)\n".to_owned(),
+        ),
+        (
+            "pkg/util.py",
+            "def twice(x):\n    return 2 * x\n".to_owned(),
+        ),
+        ("pkg/bad.py", "def broken(:\n    pass\n".to_owned()),
+        ("web/app.js", "const x = ;\n".to_owned()),
+    ];
+    let (plan_id, artifacts) = built_plan(&c, &files).await;
+    let mut config = Config::new(c.clone());
+    config.concurrency = 2;
+    let (stop_token, set) = start(config);
+    let results = check(
+        &c,
+        &plan_id,
+        &artifacts,
+        &["pkg/ok.py", "pkg/bad.py", "web/app.js"],
+    )
+    .await;
+    for (path, r) in &results {
+        for ch in &r.checks {
+            println!(
+                "check {path} {} {} {} ms",
+                ch.name, ch.status, ch.duration_ms
+            );
+        }
+    }
+    assert!(results["pkg/ok.py"].passed, "{:?}", results["pkg/ok.py"]);
+    let bad = &results["pkg/bad.py"];
+    assert!(!bad.passed);
+    assert!(
+        bad.diagnostics.contains("SyntaxError"),
+        "{}",
+        bad.diagnostics
+    );
+    assert!(
+        bad.diagnostics.contains("pkg/bad.py"),
+        "diagnostics name the file: {}",
+        bad.diagnostics
+    );
+    let js = &results["web/app.js"];
+    assert!(!js.passed, "{js:?}");
+    assert!(js.diagnostics.contains("SyntaxError"), "{}", js.diagnostics);
+    stop(stop_token, set).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn integration_shards_run_in_parallel() {
+    let c = connections("integration").await;
+    let runner = "import os, time\ni = int(os.environ['DEVFLEET_SHARD_INDEX'])\nn = int(os.environ['DEVFLEET_SHARD_COUNT'])\ntime.sleep(2)\nprint(f'shard {i} of {n} done')\n";
+    let (plan_id, _) = built_plan(
+        &c,
+        &[
+            ("run_shard.py", runner.to_owned()),
+            ("app.py", "x = 1\n".to_owned()),
+        ],
+    )
+    .await;
+    let steps = vec![
+        IntegrationStep {
+            name: "suite".into(),
+            run: "python3 run_shard.py".into(),
+            shard: Some(3),
+            timeout_seconds: Some(60),
+        },
+        IntegrationStep {
+            name: "fails".into(),
+            run: "python3 -c 'raise SystemExit(3)'".into(),
+            shard: None,
+            timeout_seconds: None,
+        },
+    ];
+    let work = devfleet_qa_worker::shards(&plan_id, &steps);
+    assert_eq!(work.len(), 4);
+    let mut config = Config::new(c.clone());
+    config.concurrency = 4;
+    let (stop_token, set) = start(config);
+    let mut results = c
+        .consume(queues::INTEGRATION_RESULTS, ConsumeOptions::default())
+        .await
+        .unwrap();
+    for w in &work {
+        c.publish(queues::WORK_INTEGRATION, w.clone())
+            .await
+            .unwrap();
+    }
+    let mut tally = IntegrationTally::new(&plan_id, &work);
+    let mut spans: Vec<(i64, i64)> = Vec::new();
+    let mut got: Vec<IntegrationResult> = Vec::new();
+    within("every shard's result", SOON, async {
+        while matches!(tally.state(), TallyState::Pending { .. }) {
+            let (env, delivery) = results.next_envelope().await.unwrap().unwrap();
+            let received = now_ms();
+            delivery.ack().await.unwrap();
+            if let Message::IntegrationResult(r) = env.message {
+                if r.step == "suite" {
+                    spans.push((received - r.duration_ms as i64, received));
+                }
+                got.push(r.clone());
+                tally.record(r);
+            }
+        }
+    })
+    .await;
+    for r in &got {
+        println!(
+            "{} {}/{} passed={} {} ms",
+            r.step,
+            r.shard_index + 1,
+            r.shard_count,
+            r.passed,
+            r.duration_ms
+        );
+    }
+    let suite: Vec<&IntegrationResult> = got.iter().filter(|r| r.step == "suite").collect();
+    assert!(suite.iter().all(|r| r.passed), "{suite:?}");
+    for (i, r) in suite.iter().enumerate() {
+        assert!(
+            r.output
+                .contains(&format!("shard {} of 3 done", r.shard_index)),
+            "{i}: {}",
+            r.output
+        );
+    }
+    // Overlap: the last shard started before the first one ended.
+    let latest_start = spans.iter().map(|s| s.0).max().unwrap();
+    let earliest_end = spans.iter().map(|s| s.1).min().unwrap();
+    let wall = spans.iter().map(|s| s.1).max().unwrap() - spans.iter().map(|s| s.0).min().unwrap();
+    let sum: i64 = spans.iter().map(|s| s.1 - s.0).sum();
+    println!("integration: wall {wall} ms for {sum} ms of shards");
+    assert!(
+        latest_start < earliest_end,
+        "shards overlapped in time: {spans:?}"
+    );
+    assert_eq!(tally.state(), TallyState::Failed, "one step failed");
+    let summary = tally.failure_summary(4_000);
+    assert!(
+        summary.contains("'fails'") && summary.contains("exit 3"),
+        "{summary}"
+    );
+    stop(stop_token, set).await;
+}

@@ -1,0 +1,544 @@
+//! The routes: `task.built`, `task.failed` and `qa.results` handlers, QA
+//! dispatch behind the QA breaker, dead-lettering, and the periodic tick.
+
+use crate::consume::{self, Settlement, Source};
+use crate::dlq::{self, DlqEntry, DlqSource};
+use crate::history::{self, task_key, HistoryEntry};
+use crate::retry;
+use crate::{Config, Router};
+use devfleet_bus::ConsumeOptions;
+use devfleet_protocol::{
+    now_ms, queues, Escalation, MetricType, PlanEvent, PlanStatus, QaResult, QaWork, Stage,
+    TaskBuilt, TaskClass, TaskDone, TaskFailed,
+};
+use devfleet_protocol::{Envelope, Message};
+use devfleet_store::{StoreError, TaskRecord, TaskState};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Store collection of QA work held back by an open QA breaker, keyed by
+/// task key, value [`QaWork`] JSON.
+pub const QA_PARKED: &str = "qa_parked";
+
+/// How often breaker states are reported as `system_health`.
+const HEALTH_EVERY: Duration = Duration::from_secs(5);
+
+/// Starts the consumers of every queue the router reads.
+pub(crate) fn spawn(
+    parts: &mut JoinSet<anyhow::Result<()>>,
+    router: &Arc<Router>,
+    config: &Config,
+    stop: &CancellationToken,
+) {
+    let n = config.handler_concurrency;
+    let options = ConsumeOptions::default().max_attempts(config.max_handler_attempts);
+    let source = |queue: &'static str, options: ConsumeOptions| Source {
+        connections: config.connections.clone(),
+        queue,
+        options,
+        concurrency: n,
+    };
+    parts.spawn(consume::consume(
+        source(queues::TASK_BUILT, options.clone()),
+        router.clone(),
+        stop.clone(),
+        handle_built,
+    ));
+    parts.spawn(consume::consume(
+        source(queues::TASK_FAILED, options.clone()),
+        router.clone(),
+        stop.clone(),
+        handle_failed,
+    ));
+    parts.spawn(consume::consume(
+        source(queues::QA_RESULTS, options),
+        router.clone(),
+        stop.clone(),
+        handle_qa_result,
+    ));
+    // Tickets wait by redelivery, so their delivery count says nothing
+    // about failures: never dead-letter them for it.
+    parts.spawn(consume::consume(
+        source(
+            retry::RETRY_QUEUE,
+            ConsumeOptions::default().max_attempts(0),
+        ),
+        router.clone(),
+        stop.clone(),
+        retry::handle_ticket,
+    ));
+}
+
+/// The task as the store has it, or the settlement for a message about a
+/// task that does not exist.
+async fn load(router: &Router, plan_id: &str, path: &str) -> Result<TaskRecord, Settlement> {
+    match router.connections.store.task(plan_id, path).await {
+        Ok(Some(t)) => Ok(t),
+        Ok(None) => Err(Settlement::DeadLetter(format!(
+            "task '{path}' of plan '{plan_id}' does not exist"
+        ))),
+        Err(e) => Err(Settlement::from_store_error("reading the task", e)),
+    }
+}
+
+fn record_fields(plan_id: &str, path: &str, attempt: u32) {
+    let span = tracing::Span::current();
+    span.record("plan_id", plan_id);
+    span.record("path", path);
+    span.record("attempt", attempt);
+}
+
+/// `task.built` → QA.
+#[tracing::instrument(skip_all, fields(plan_id = tracing::field::Empty, path = tracing::field::Empty, attempt = tracing::field::Empty))]
+pub(crate) async fn handle_built(router: Arc<Router>, envelope: Envelope) -> Settlement {
+    let Message::TaskBuilt(built) = envelope.message else {
+        return consume::unexpected(&envelope, queues::TASK_BUILT);
+    };
+    record_fields(&built.plan_id, &built.path, built.attempt);
+    if let Err(e) = router.breakers.record(Stage::Dev, true).await {
+        tracing::warn!(error = %e, "cannot record a dev success in the breaker");
+    }
+    let task = match load(&router, &built.plan_id, &built.path).await {
+        Ok(t) => t,
+        Err(s) => return s,
+    };
+    if !is_current_build(&task, &built) {
+        tracing::info!(
+            state = task.state.as_str(),
+            "stale task.built: the task moved on; nothing to do"
+        );
+        return Settlement::Ack;
+    }
+    let work = QaWork {
+        plan_id: built.plan_id,
+        path: built.path,
+        attempt: built.attempt,
+        artifact: built.artifact,
+    };
+    match dispatch_qa(&router, work).await {
+        Ok(()) => Settlement::Ack,
+        Err(e) => Settlement::from_publish_error("dispatching QA", e),
+    }
+}
+
+fn is_current_build(task: &TaskRecord, built: &TaskBuilt) -> bool {
+    task.state == TaskState::Built
+        && task.attempt == built.attempt
+        && task.artifact.as_deref() == Some(built.artifact.as_str())
+}
+
+/// Publishes QA work, or parks it while the QA breaker does not admit it.
+pub(crate) async fn dispatch_qa(router: &Router, work: QaWork) -> anyhow::Result<()> {
+    if router.breakers.admit(Stage::Qa).await? {
+        router.connections.publish(queues::WORK_QA, work).await
+    } else {
+        let key = task_key(&work.plan_id, &work.path);
+        let json = serde_json::to_string(&work)?;
+        router
+            .connections
+            .store
+            .kv_put(QA_PARKED, &key, &json, None)
+            .await?;
+        tracing::info!(plan_id = %work.plan_id, path = %work.path, "QA breaker open: QA work parked");
+        Ok(())
+    }
+}
+
+/// `qa.results` → done, or a fix task, or a dead letter.
+#[tracing::instrument(skip_all, fields(plan_id = tracing::field::Empty, path = tracing::field::Empty, attempt = tracing::field::Empty))]
+pub(crate) async fn handle_qa_result(router: Arc<Router>, envelope: Envelope) -> Settlement {
+    let Message::QaResult(result) = envelope.message else {
+        return consume::unexpected(&envelope, queues::QA_RESULTS);
+    };
+    record_fields(&result.plan_id, &result.path, result.attempt);
+    // A verdict, either way, means the QA stage works.
+    if let Err(e) = router.breakers.record(Stage::Qa, true).await {
+        tracing::warn!(error = %e, "cannot record a QA success in the breaker");
+    }
+    let task = match load(&router, &result.plan_id, &result.path).await {
+        Ok(t) => t,
+        Err(s) => return s,
+    };
+    if task.state != TaskState::Built
+        || task.attempt != result.attempt
+        || task.artifact.as_deref() != Some(result.artifact.as_str())
+    {
+        tracing::info!(
+            state = task.state.as_str(),
+            "stale QA result: the task moved on"
+        );
+        return Settlement::Ack;
+    }
+    let outcome = if result.passed {
+        passed(&router, &result).await
+    } else {
+        qa_failed(&router, &task, &result).await
+    };
+    match outcome {
+        Ok(()) => Settlement::Ack,
+        Err(e) => retry_or_stale("routing the QA result", e),
+    }
+}
+
+/// Maps a handler error: a store transition that no longer applies means
+/// the message is stale; anything else is retried.
+fn retry_or_stale(what: &str, err: anyhow::Error) -> Settlement {
+    match err.downcast::<StoreError>() {
+        Ok(store_err) => Settlement::from_store_error(what, store_err),
+        Err(other) => Settlement::from_publish_error(what, other),
+    }
+}
+
+async fn passed(router: &Router, result: &QaResult) -> anyhow::Result<()> {
+    router
+        .connections
+        .publish(
+            queues::TASK_DONE,
+            TaskDone {
+                plan_id: result.plan_id.clone(),
+                path: result.path.clone(),
+                attempt: result.attempt,
+                artifact: result.artifact.clone(),
+            },
+        )
+        .await?;
+    // Keep the history a while for people, then let it expire.
+    let store = router.connections.store.as_ref();
+    let history = history::read(store, &result.plan_id, &result.path).await?;
+    if !history.is_empty() {
+        history::write(
+            store,
+            &result.plan_id,
+            &result.path,
+            &history,
+            Some(history::DONE_HISTORY_TTL),
+        )
+        .await?;
+    }
+    tracing::info!(plan_id = %result.plan_id, path = %result.path, "QA passed: task done");
+    Ok(())
+}
+
+async fn qa_failed(router: &Router, task: &TaskRecord, result: &QaResult) -> anyhow::Result<()> {
+    let store = router.connections.store.as_ref();
+    let failing: Vec<&str> = result
+        .checks
+        .iter()
+        .filter(|c| c.status != "passed" && c.status != "skipped")
+        .map(|c| c.name.as_str())
+        .collect();
+    let error = format!("QA failed: {}", failing.join(", "));
+    let history = history::append(
+        store,
+        &result.plan_id,
+        &result.path,
+        HistoryEntry {
+            attempt: result.attempt,
+            stage: Stage::Qa,
+            error: error.clone(),
+            diagnostics: Some(result.diagnostics.clone()),
+            at_ms: now_ms(),
+        },
+    )
+    .await?;
+    let failures = history.len() as u32;
+    if failures >= router.max_failures {
+        let reason = format!("gave up after {failures} failures; the last: {error}");
+        return dead_letter(router, task, &history, &reason).await;
+    }
+    store
+        .requeue(
+            &result.plan_id,
+            &result.path,
+            TaskClass::Fix,
+            Some(result.diagnostics.clone()),
+        )
+        .await?;
+    router
+        .metrics
+        .emit(
+            MetricType::TaskProgress,
+            serde_json::json!({
+                "plan_id": result.plan_id,
+                "path": result.path,
+                "status": "fixing",
+                "attempt": result.attempt,
+                "failures": failures,
+            }),
+        )
+        .await;
+    tracing::info!(failures, "QA failed: fix task queued (priority high)");
+    Ok(())
+}
+
+/// `task.failed` → a delayed retry, or a dead letter.
+#[tracing::instrument(skip_all, fields(plan_id = tracing::field::Empty, path = tracing::field::Empty, attempt = tracing::field::Empty))]
+pub(crate) async fn handle_failed(router: Arc<Router>, envelope: Envelope) -> Settlement {
+    let Message::TaskFailed(failed) = envelope.message else {
+        return consume::unexpected(&envelope, queues::TASK_FAILED);
+    };
+    record_fields(&failed.plan_id, &failed.path, failed.attempt);
+    if failed.stage == Stage::Integration {
+        tracing::warn!("integration failures are the scheduler's; ignoring");
+        return Settlement::Ack;
+    }
+    if let Err(e) = router.breakers.record(failed.stage, false).await {
+        tracing::warn!(error = %e, "cannot record a failure in the breaker");
+    }
+    let task = match load(&router, &failed.plan_id, &failed.path).await {
+        Ok(t) => t,
+        Err(s) => return s,
+    };
+    if task.state.is_final() || task.attempt != failed.attempt {
+        tracing::info!(
+            state = task.state.as_str(),
+            current_attempt = task.attempt,
+            "stale task.failed: the task moved on"
+        );
+        return Settlement::Ack;
+    }
+    match route_failure(&router, &task, &failed).await {
+        Ok(()) => Settlement::Ack,
+        Err(e) => retry_or_stale("routing the failure", e),
+    }
+}
+
+async fn route_failure(
+    router: &Router,
+    task: &TaskRecord,
+    failed: &TaskFailed,
+) -> anyhow::Result<()> {
+    let store = router.connections.store.as_ref();
+    let history = history::append(
+        store,
+        &failed.plan_id,
+        &failed.path,
+        HistoryEntry {
+            attempt: failed.attempt,
+            stage: failed.stage,
+            error: first_line(&failed.error),
+            diagnostics: Some(failed.error.clone()),
+            at_ms: now_ms(),
+        },
+    )
+    .await?;
+    let failures = history.len() as u32;
+    if !failed.retryable {
+        let reason = format!(
+            "not retryable ({} attempt {}): {}",
+            failed.stage.as_str(),
+            failed.attempt,
+            first_line(&failed.error)
+        );
+        return dead_letter(router, task, &history, &reason).await;
+    }
+    if failures >= router.max_failures {
+        let reason = format!(
+            "gave up after {failures} failures; the last ({} attempt {}): {}",
+            failed.stage.as_str(),
+            failed.attempt,
+            first_line(&failed.error)
+        );
+        return dead_letter(router, task, &history, &reason).await;
+    }
+    let delay = retry::schedule(router, failed, task, failures).await?;
+    router
+        .metrics
+        .emit(
+            MetricType::TaskProgress,
+            serde_json::json!({
+                "plan_id": failed.plan_id,
+                "path": failed.path,
+                "status": "retrying",
+                "stage": failed.stage.as_str(),
+                "attempt": failed.attempt,
+                "failures": failures,
+                "delay_ms": delay.as_millis() as u64,
+            }),
+        )
+        .await;
+    tracing::info!(
+        failures,
+        delay_ms = delay.as_millis() as u64,
+        "attempt failed: retry scheduled"
+    );
+    Ok(())
+}
+
+fn first_line(s: &str) -> String {
+    history::trim_text(s.lines().next().unwrap_or(""), 500)
+}
+
+/// Gives up on a task: Failed in the store (dependents Blocked), indexed in
+/// the DLQ with its history, escalated to the planner. Idempotent.
+async fn dead_letter(
+    router: &Router,
+    task: &TaskRecord,
+    history: &[HistoryEntry],
+    reason: &str,
+) -> anyhow::Result<()> {
+    let store = router.connections.store.as_ref();
+    let entry = DlqEntry {
+        id: dlq::task_entry_id(&task.plan_id, &task.path, task.attempt),
+        source: DlqSource::Task,
+        plan_id: Some(task.plan_id.clone()),
+        path: Some(task.path.clone()),
+        reason: reason.to_owned(),
+        at_ms: now_ms(),
+        history: history.to_vec(),
+        queue: None,
+        attempts: history.len() as u32,
+        kind: None,
+        payload: None,
+        payload_bytes: 0,
+    };
+    // Index first: a task Failed without its entry would be invisible to
+    // `devfleet dlq list`; an entry for a task that then failed to fail is
+    // rewritten by the redelivery.
+    dlq::put(store, &entry).await?;
+    let failure = store.fail(&task.plan_id, &task.path, reason).await?;
+    store
+        .kv_delete(retry::RETRIES, &task_key(&task.plan_id, &task.path))
+        .await?;
+    if failure.newly_failed {
+        tracing::warn!(
+            dlq_id = %entry.id,
+            blocked = failure.blocked.len(),
+            %reason,
+            "task dead-lettered"
+        );
+        router
+            .connections
+            .event(Escalation {
+                plan_id: task.plan_id.clone(),
+                path: Some(task.path.clone()),
+                reason: format!("{reason} (dead letter {})", entry.id),
+                history: history.iter().map(HistoryEntry::to_record).collect(),
+            })
+            .await;
+        router
+            .metrics
+            .emit(
+                MetricType::Error,
+                serde_json::json!({
+                    "plan_id": task.plan_id,
+                    "path": task.path,
+                    "error": reason,
+                    "dlq_id": entry.id,
+                    "blocked": failure.blocked,
+                }),
+            )
+            .await;
+    }
+    if failure.plan_finished {
+        finish_failed_plan(router, &task.plan_id).await?;
+    }
+    Ok(())
+}
+
+/// Ends a plan whose last task just failed (the scheduler ends plans whose
+/// last task completes). A plan already final is left alone.
+async fn finish_failed_plan(router: &Router, plan_id: &str) -> anyhow::Result<()> {
+    let store = router.connections.store.as_ref();
+    let Some(plan) = store.plan(plan_id).await? else {
+        return Ok(());
+    };
+    if plan.status.is_final() {
+        return Ok(());
+    }
+    let failed: Vec<String> = store
+        .tasks(plan_id)
+        .await?
+        .into_iter()
+        .filter(|t| t.state == TaskState::Failed)
+        .map(|t| t.path)
+        .collect();
+    let message = history::trim_text(
+        &format!(
+            "{} task(s) failed: {}; {} blocked; {} of {} done; see `devfleet dlq list`",
+            failed.len(),
+            failed.join(", "),
+            plan.blocked,
+            plan.done,
+            plan.total
+        ),
+        2_000,
+    );
+    store
+        .set_plan_status(plan_id, PlanStatus::Failed, Some(message.clone()))
+        .await?;
+    router
+        .connections
+        .event(PlanEvent {
+            plan_id: plan_id.to_owned(),
+            name: plan.name,
+            status: PlanStatus::Failed,
+            done: plan.done,
+            failed: plan.failed,
+            total: plan.total,
+            message: Some(message),
+        })
+        .await;
+    Ok(())
+}
+
+/// The periodic part: breaker timers, parked QA work, health reports.
+pub(crate) async fn tick(
+    router: Arc<Router>,
+    period: Duration,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut last_health: Option<Instant> = None;
+    loop {
+        match router.breakers.tick().await {
+            Ok(states) => {
+                if last_health.is_none_or(|t| t.elapsed() >= HEALTH_EVERY) {
+                    last_health = Some(Instant::now());
+                    for s in &states {
+                        router.breakers.emit_health(s).await;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "breaker tick failed"),
+        }
+        if let Err(e) = release_parked(&router).await {
+            tracing::warn!(error = %e, "releasing parked QA work failed");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(period) => {}
+        }
+    }
+}
+
+/// Publishes parked QA work while the QA breaker admits it. Each parked
+/// item is taken by exactly one replica (the one whose delete succeeds).
+async fn release_parked(router: &Router) -> anyhow::Result<()> {
+    let store = router.connections.store.as_ref();
+    let parked = store.kv_list(QA_PARKED).await?;
+    for (key, json) in parked {
+        if !router.breakers.admit(Stage::Qa).await? {
+            break;
+        }
+        if !store.kv_delete(QA_PARKED, &key).await? {
+            continue;
+        }
+        let Ok(work) = serde_json::from_str::<QaWork>(&json) else {
+            tracing::warn!(%key, "dropping an unreadable parked QA record");
+            continue;
+        };
+        let current = store.task(&work.plan_id, &work.path).await?;
+        if !current.is_some_and(|t| {
+            t.state == TaskState::Built && t.artifact.as_deref() == Some(work.artifact.as_str())
+        }) {
+            continue;
+        }
+        if let Err(e) = router.connections.publish(queues::WORK_QA, work).await {
+            store.kv_put(QA_PARKED, &key, &json, None).await?;
+            return Err(e);
+        }
+    }
+    Ok(())
+}

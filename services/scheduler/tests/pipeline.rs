@@ -1,0 +1,548 @@
+//! The scheduler and dev-workers together, in one process, over real
+//! RabbitMQ and Redis (plus NATS JetStream variants, and the in-memory
+//! backends for the fast ones).
+//!
+//! Isolation on shared servers: every test runs in its own namespace
+//! (`Connections::namespace`: prefixed queue names, and the Redis key prefix
+//! `devfleet:<namespace>`), so tests running in parallel never take each
+//! other's work.
+
+use async_trait::async_trait;
+use devfleet_dev_worker::executor::simulate::{Simulate, SimulateSettings};
+use devfleet_dev_worker::{ExecError, ExecInput, Executor, Executors, ScalePolicy};
+use devfleet_protocol::{queues, AnalyzedTask, ExecutorKind, Plan, PlanAnalyzed, PlanStatus};
+use devfleet_runtime::Connections;
+use devfleet_scheduler::TASKS_COMPLETED;
+use devfleet_store::{PlanRecord, TaskState};
+use devfleet_testkit::{unique, wait_for, within};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Memory,
+    /// RabbitMQ + Redis from the environment.
+    Real,
+    /// NATS JetStream + Redis from the environment.
+    Nats,
+}
+
+/// An executor that records the order in which tasks started.
+struct Recording {
+    inner: Arc<dyn Executor>,
+    runs: Mutex<Vec<String>>,
+}
+
+impl Recording {
+    fn new(inner: Arc<dyn Executor>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            runs: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn runs(&self) -> Vec<String> {
+        self.runs.lock().unwrap().clone()
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.runs.lock().unwrap())
+    }
+}
+
+#[async_trait]
+impl Executor for Recording {
+    fn identity(&self) -> String {
+        self.inner.identity()
+    }
+
+    async fn run(&self, input: &ExecInput) -> Result<String, ExecError> {
+        self.runs.lock().unwrap().push(input.path.clone());
+        self.inner.run(input).await
+    }
+}
+
+struct Stack {
+    connections: Connections,
+    shutdown: CancellationToken,
+    services: JoinSet<anyhow::Result<()>>,
+}
+
+impl Stack {
+    /// Connections in a fresh namespace: its own queues and, on Redis, its
+    /// own key prefix (`devfleet:<namespace>`, as `ConnectArgs` makes it).
+    async fn new(backend: Backend) -> Stack {
+        devfleet_telemetry::init_for_tests();
+        let namespace = unique("t");
+        let connections = match backend {
+            Backend::Memory => Connections::in_memory().with_namespace(namespace),
+            Backend::Real | Backend::Nats => {
+                let url = match backend {
+                    Backend::Nats => devfleet_testkit::nats_url(),
+                    _ => devfleet_testkit::amqp_url(),
+                };
+                let bus = devfleet_bus::connect(&url).await.expect("the broker");
+                let store = devfleet_store::connect_with_prefix(
+                    &devfleet_testkit::redis_url(),
+                    &format!("devfleet:{namespace}"),
+                )
+                .await
+                .expect("Redis");
+                Connections {
+                    broadcast: bus.clone(),
+                    bus,
+                    store,
+                    namespace,
+                }
+            }
+        };
+        Stack {
+            connections,
+            shutdown: CancellationToken::new(),
+            services: JoinSet::new(),
+        }
+    }
+
+    fn scheduler(&mut self) {
+        let mut config = devfleet_scheduler::Config::new(self.connections.clone());
+        config.dispatch_tick = Duration::from_millis(10);
+        config.reap_interval = Duration::from_millis(100);
+        config.dispatch_lease = Duration::from_secs(5);
+        self.services
+            .spawn(devfleet_scheduler::run(config, self.shutdown.clone()));
+    }
+
+    fn worker(&mut self, executors: Executors, min: u32, max: u32) {
+        let mut config = devfleet_dev_worker::Config::new(self.connections.clone());
+        config.executors = executors;
+        config.scale = ScalePolicy {
+            min,
+            max,
+            tick: Duration::from_millis(200),
+            ..ScalePolicy::default()
+        };
+        config.lease = Duration::from_secs(3);
+        config.heartbeat_ttl = Duration::from_secs(2);
+        config.shutdown_grace = Duration::from_secs(5);
+        self.services
+            .spawn(devfleet_dev_worker::run(config, self.shutdown.clone()));
+    }
+
+    async fn submit(&self, plan: &PlanAnalyzed) {
+        self.connections
+            .publish(queues::PLANS_ANALYZED, plan.clone())
+            .await
+            .expect("publish plan");
+    }
+
+    async fn finished(&self, plan_id: &str, timeout: Duration) -> PlanRecord {
+        let store = self.connections.store.clone();
+        wait_for(&format!("plan {plan_id} to end"), timeout, || {
+            let store = store.clone();
+            async move {
+                store
+                    .plan(plan_id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .filter(|p| p.status.is_final())
+            }
+        })
+        .await
+    }
+
+    async fn counter(&self, name: &str) -> i64 {
+        self.connections.store.counter(name).await.unwrap()
+    }
+
+    async fn states(&self, plan_id: &str) -> BTreeMap<String, TaskState> {
+        self.connections
+            .store
+            .tasks(plan_id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.path, t.state))
+            .collect()
+    }
+
+    async fn stop(mut self) {
+        self.shutdown.cancel();
+        within("services to stop", Duration::from_secs(30), async {
+            while let Some(joined) = self.services.join_next().await {
+                joined.expect("service panicked").expect("service failed");
+            }
+        })
+        .await;
+    }
+}
+
+/// One task: path, dependencies, spec, content.
+struct T {
+    path: String,
+    deps: Vec<String>,
+    spec: String,
+    content: Option<String>,
+    priority: Option<u32>,
+}
+
+fn t<S: AsRef<str>>(path: impl Into<String>, deps: &[S]) -> T {
+    let path = path.into();
+    T {
+        spec: format!("spec of {path}"),
+        content: Some(format!("# {path}\n")),
+        path,
+        deps: deps.iter().map(|d| d.as_ref().to_owned()).collect(),
+        priority: None,
+    }
+}
+
+/// An analyzed plan. Tasks must come after their dependencies; priorities
+/// default to the longest remaining path (every estimate 1), as the
+/// analyzer computes them.
+fn analyzed(tasks: Vec<T>, executor: ExecutorKind) -> PlanAnalyzed {
+    let index: HashMap<&str, usize> = tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.path.as_str(), i))
+        .collect();
+    let mut longest = vec![1u32; tasks.len()];
+    for i in (0..tasks.len()).rev() {
+        for d in &tasks[i].deps {
+            let j = index[d.as_str()];
+            longest[j] = longest[j].max(longest[i] + 1);
+        }
+    }
+    let mut batch = vec![0u32; tasks.len()];
+    for i in 0..tasks.len() {
+        for d in &tasks[i].deps {
+            batch[i] = batch[i].max(batch[index[d.as_str()]] + 1);
+        }
+    }
+    let critical = longest.iter().copied().max().unwrap_or(0);
+    let analyzed_tasks = tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| AnalyzedTask {
+            path: t.path.clone(),
+            spec: t.spec.clone(),
+            content: t.content.clone(),
+            depends_on: t.deps.clone(),
+            estimate: 1,
+            priority: t.priority.unwrap_or(longest[i]),
+            batch: batch[i],
+            executor: None,
+        })
+        .collect();
+    PlanAnalyzed {
+        plan_id: unique("plan"),
+        plan: Plan {
+            name: "test".into(),
+            base: None,
+            executor: Some(executor),
+            tasks: vec![],
+            integration: vec![],
+            deploy: None,
+        },
+        tasks: analyzed_tasks,
+        critical_path_length: u64::from(critical),
+        critical_path: vec![],
+    }
+}
+
+/// A deep DAG: a backbone chain (every task but each fifth depends on the
+/// one before) plus pseudo-random edges back up to 12 tasks.
+fn deep_dag(n: usize) -> Vec<T> {
+    let name = |i: usize| format!("src/m{i:03}.py");
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    (0..n)
+        .map(|i| {
+            let mut deps = BTreeSet::new();
+            if i > 0 && i % 5 != 0 {
+                deps.insert(name(i - 1));
+            }
+            if i > 1 {
+                for _ in 0..(next() % 3) {
+                    let back = 1 + (next() as usize % 12).min(i - 1);
+                    deps.insert(name(i - back));
+                }
+            }
+            t(name(i), &deps.into_iter().collect::<Vec<_>>())
+        })
+        .collect()
+}
+
+fn builtin_recorder() -> (Arc<Recording>, Executors) {
+    let rec = Recording::new(Arc::new(devfleet_dev_worker::executor::builtin::Builtin));
+    let executors = Executors::new(ExecutorKind::Builtin).with(ExecutorKind::Builtin, rec.clone());
+    (rec, executors)
+}
+
+fn simulate_recorder() -> (Arc<Recording>, Executors) {
+    let rec = Recording::new(Arc::new(Simulate::new(SimulateSettings {
+        unit: Duration::ZERO,
+        ..SimulateSettings::default()
+    })));
+    let executors =
+        Executors::new(ExecutorKind::Simulate).with(ExecutorKind::Simulate, rec.clone());
+    (rec, executors)
+}
+
+async fn deep_dag_completes_once(backend: Backend, n: usize) {
+    let mut stack = Stack::new(backend).await;
+    let (rec, executors) = builtin_recorder();
+    stack.scheduler();
+    stack.worker(executors.clone(), 4, 4);
+    stack.worker(executors, 4, 4);
+    let tasks = deep_dag(n);
+    let deps: HashMap<String, Vec<String>> = tasks
+        .iter()
+        .map(|t| (t.path.clone(), t.deps.clone()))
+        .collect();
+    let plan = analyzed(tasks, ExecutorKind::Builtin);
+    stack.submit(&plan).await;
+    let record = stack
+        .finished(&plan.plan_id, Duration::from_secs(240))
+        .await;
+    assert_eq!(record.status, PlanStatus::Succeeded, "{record:?}");
+    assert_eq!(record.done as usize, n);
+
+    let runs = rec.runs();
+    assert_eq!(runs.len(), n, "every task runs exactly once");
+    let position: HashMap<&str, usize> = runs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.as_str(), i))
+        .collect();
+    assert_eq!(position.len(), n, "no task ran twice");
+    for (path, ds) in &deps {
+        for d in ds {
+            assert!(
+                position[d.as_str()] < position[path.as_str()],
+                "{path} started before its dependency {d}"
+            );
+        }
+    }
+    assert_eq!(stack.counter(TASKS_COMPLETED).await, n as i64);
+    assert!(stack
+        .states(&plan.plan_id)
+        .await
+        .values()
+        .all(|s| *s == TaskState::Done));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deep_dag_of_300_tasks_completes_with_every_task_run_once() {
+    deep_dag_completes_once(Backend::Real, 300).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_deep_dag_completes_with_every_task_run_once() {
+    deep_dag_completes_once(Backend::Nats, 150).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_deep_dag_completes_with_every_task_run_once() {
+    deep_dag_completes_once(Backend::Memory, 120).await;
+}
+
+async fn one_slot_follows_priority(backend: Backend) {
+    let mut stack = Stack::new(backend).await;
+    let (rec, executors) = simulate_recorder();
+    stack.scheduler();
+    stack.worker(executors, 1, 1);
+    // Independent tasks with distinct priorities, listed in a scrambled order.
+    let n = 40u32;
+    let tasks: Vec<T> = (0..n)
+        .map(|i| {
+            let priority = (i * 17) % n + 1;
+            let mut task = t(format!("p{priority:02}.py"), &[] as &[&str]);
+            task.priority = Some(priority);
+            task
+        })
+        .collect();
+    let mut expected: Vec<(u32, String)> = tasks
+        .iter()
+        .map(|t| (t.priority.unwrap_or(0), t.path.clone()))
+        .collect();
+    expected.sort_by_key(|e| std::cmp::Reverse(e.0));
+    let expected: Vec<String> = expected.into_iter().map(|(_, p)| p).collect();
+    let plan = analyzed(tasks, ExecutorKind::Simulate);
+    stack.submit(&plan).await;
+    let record = stack
+        .finished(&plan.plan_id, Duration::from_secs(120))
+        .await;
+    assert_eq!(record.status, PlanStatus::Succeeded);
+    assert_eq!(rec.runs(), expected, "dispatch order must follow priority");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_slot_dispatch_order_equals_priority_order() {
+    one_slot_follows_priority(Backend::Real).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_one_slot_dispatch_order_equals_priority_order() {
+    one_slot_follows_priority(Backend::Nats).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_one_slot_dispatch_order_equals_priority_order() {
+    one_slot_follows_priority(Backend::Memory).await;
+}
+
+/// Every task downstream of `changed` (itself included).
+fn downstream(tasks: &[T], changed: &str) -> BTreeSet<String> {
+    let mut set = BTreeSet::from([changed.to_owned()]);
+    // Tasks are in dependency order, so one pass suffices.
+    for t in tasks {
+        if t.deps.iter().any(|d| set.contains(d)) {
+            set.insert(t.path.clone());
+        }
+    }
+    set
+}
+
+async fn reruns_hit_the_cache(backend: Backend) {
+    let mut stack = Stack::new(backend).await;
+    let (rec, executors) = simulate_recorder();
+    stack.scheduler();
+    stack.worker(executors, 4, 4);
+    let build = || deep_dag(30);
+    let total = build().len();
+
+    let first = analyzed(build(), ExecutorKind::Simulate);
+    stack.submit(&first).await;
+    let r = stack
+        .finished(&first.plan_id, Duration::from_secs(120))
+        .await;
+    assert_eq!(r.status, PlanStatus::Succeeded);
+    assert_eq!(rec.take().len(), total);
+
+    // The same plan again, under a new id: nothing runs.
+    let hits_before = stack.counter(devfleet_dev_worker::CACHE_HITS).await;
+    let second = analyzed(build(), ExecutorKind::Simulate);
+    stack.submit(&second).await;
+    let r = stack
+        .finished(&second.plan_id, Duration::from_secs(120))
+        .await;
+    assert_eq!(r.status, PlanStatus::Succeeded);
+    assert!(rec.take().is_empty(), "a re-run must be all cache hits");
+    let hits = stack.counter(devfleet_dev_worker::CACHE_HITS).await - hits_before;
+    assert_eq!(hits, total as i64);
+
+    // One spec changes: exactly it and its downstream run again.
+    let changed = "src/m012.py";
+    let mut tasks = build();
+    let expected = downstream(&tasks, changed);
+    assert!(expected.len() > 1 && expected.len() < total, "{expected:?}");
+    for t in &mut tasks {
+        if t.path == changed {
+            t.spec.push_str(" (now with logging)");
+        }
+    }
+    let third = analyzed(tasks, ExecutorKind::Simulate);
+    stack.submit(&third).await;
+    let r = stack
+        .finished(&third.plan_id, Duration::from_secs(120))
+        .await;
+    assert_eq!(r.status, PlanStatus::Succeeded);
+    let reran: BTreeSet<String> = rec.take().into_iter().collect();
+    assert_eq!(reran, expected);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rerun_is_all_cache_hits_and_a_changed_spec_reruns_exactly_its_downstream() {
+    reruns_hit_the_cache(Backend::Real).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_rerun_is_all_cache_hits_and_a_changed_spec_reruns_exactly_its_downstream() {
+    reruns_hit_the_cache(Backend::Memory).await;
+}
+
+async fn failure_blocks_dependents(backend: Backend) {
+    let mut stack = Stack::new(backend).await;
+    let (_, executors) = builtin_recorder();
+    stack.scheduler();
+    stack.worker(executors, 2, 2);
+    let a = "a.py".to_owned();
+    let broken = "broken.py".to_owned();
+    let mut no_content = t(&broken, &[&a]);
+    no_content.content = None;
+    let tasks = vec![
+        t(&a, &[] as &[&str]),
+        no_content,
+        t("after_broken.py", &[&broken]),
+        t("after_after.py", &["after_broken.py"]),
+        t("independent.py", &[&a]),
+        t("alone.py", &[] as &[&str]),
+    ];
+    let plan = analyzed(tasks, ExecutorKind::Builtin);
+    stack.submit(&plan).await;
+    let record = stack.finished(&plan.plan_id, Duration::from_secs(60)).await;
+    assert_eq!(record.status, PlanStatus::Failed);
+    let message = record.message.unwrap_or_default();
+    assert!(
+        message.contains("broken.py") && message.contains("no content"),
+        "{message}"
+    );
+    let states = stack.states(&plan.plan_id).await;
+    assert_eq!(states["broken.py"], TaskState::Failed);
+    assert_eq!(states["after_broken.py"], TaskState::Blocked);
+    assert_eq!(states["after_after.py"], TaskState::Blocked);
+    for done in ["a.py", "independent.py", "alone.py"] {
+        assert_eq!(states[done], TaskState::Done, "{done}");
+    }
+    let blocked = stack
+        .connections
+        .store
+        .task(&plan.plan_id, "after_after.py")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        blocked.error.unwrap_or_default().contains("broken.py"),
+        "the blocked task names the cause"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_task_blocks_its_dependents_and_fails_the_plan() {
+    failure_blocks_dependents(Backend::Real).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_a_failed_task_blocks_its_dependents_and_fails_the_plan() {
+    failure_blocks_dependents(Backend::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_a_redelivered_plan_creates_and_runs_nothing_twice() {
+    let mut stack = Stack::new(Backend::Memory).await;
+    let (rec, executors) = builtin_recorder();
+    stack.scheduler();
+    stack.worker(executors, 2, 2);
+    let plan = analyzed(deep_dag(10), ExecutorKind::Builtin);
+    stack.submit(&plan).await;
+    stack.submit(&plan).await;
+    let record = stack.finished(&plan.plan_id, Duration::from_secs(60)).await;
+    assert_eq!(record.status, PlanStatus::Succeeded);
+    assert_eq!(record.total, 10);
+    assert_eq!(rec.runs().len(), 10);
+    assert_eq!(stack.counter(TASKS_COMPLETED).await, 10);
+    stack.stop().await;
+}

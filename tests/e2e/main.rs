@@ -1,0 +1,6 @@
+//! End-to-end tests: real services over real servers (RabbitMQ, NATS,
+//! Redis started by `scripts/test.sh`). One test binary, one module per
+//! area, so the slow link happens once.
+
+mod analyzer;
+mod support;
