@@ -3,9 +3,12 @@
 use clap::{Parser, Subcommand};
 
 mod analyze;
+mod canary;
+mod dlq;
 mod publish;
 mod status;
 mod up;
+mod watch;
 
 /// Run AI coding agents as a distributed, dependency-aware pipeline.
 ///
@@ -18,7 +21,9 @@ mod up;
   devfleet up --plan examples/hello/plan.yaml --exit-when-done
   devfleet analyze ./my-repo --format json
   devfleet publish plan.yaml --wait
-  devfleet status")]
+  devfleet status
+  devfleet watch --metrics task_progress,queue_status
+  devfleet dlq list")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -36,6 +41,13 @@ enum Command {
     Status(status::StatusArgs),
     /// Write a plan's generated files to a folder.
     Pull(status::PullArgs),
+    /// Subscribe to the metrics gateway and print live.
+    Watch(watch::WatchArgs),
+    /// The dead-letter queue: list, replay, purge.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
+    /// Canary deployments on their own: start, status, rollback.
+    Canary(canary::CanaryArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -59,6 +71,9 @@ async fn run_async(command: Command) -> anyhow::Result<std::process::ExitCode> {
         Command::Publish(args) => publish::run(args).await,
         Command::Status(args) => status::run(args).await,
         Command::Pull(args) => status::pull(args).await,
+        Command::Watch(args) => watch::run(args).await,
+        Command::Dlq(command) => dlq::run(command).await,
+        Command::Canary(args) => canary::run(args).await,
         Command::Analyze(args) => analyze::run(&args).map(|()| std::process::ExitCode::SUCCESS),
     }
 }

@@ -27,26 +27,15 @@ pub struct UpArgs {
     timeout: u64,
 }
 
-/// Services that run for real so far, and the ones still to come.
-const NOT_YET: &[(&str, u32)] = &[
-    ("scheduler", 4),
-    ("dev-worker", 4),
-    ("router", 5),
-    ("qa-worker", 5),
-    ("canary", 6),
-    ("metrics-gateway", 7),
-];
 
 pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let _telemetry = devfleet_telemetry::init("devfleet-up")?;
     let plan = args.plan.as_deref().map(publish::read_plan).transpose()?;
     let connections = Connections::in_memory();
     let shutdown = devfleet_runtime::shutdown_on_signals();
-    let mut services = spawn_services(&connections, &shutdown);
+    let (mut services, gateway) = spawn_services(&connections, &shutdown)?;
     eprintln!("devfleet up: all services running in one process (in-memory bus and store)");
-    for (name, issue) in NOT_YET {
-        eprintln!("  note: {name} is not built yet (issue #{issue}); it idles");
-    }
+    eprintln!("  dashboard: http://{gateway}/   metrics: http://{gateway}/metrics");
 
     let outcome = match plan {
         Some(plan) => {
@@ -91,45 +80,35 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Starts every service's `run` on the shared connections.
+/// Starts every service's `run` on the shared connections; returns the
+/// gateway's address.
 fn spawn_services(
     connections: &Connections,
     shutdown: &CancellationToken,
-) -> JoinSet<anyhow::Result<()>> {
+) -> anyhow::Result<(JoinSet<anyhow::Result<()>>, std::net::SocketAddr)> {
+    let c = || connections.clone();
+    let s = || shutdown.clone();
     let mut set = JoinSet::new();
     set.spawn(devfleet_analyzer::service::run(
-        devfleet_analyzer::service::Config::new(connections.clone()),
-        shutdown.clone(),
+        devfleet_analyzer::service::Config::new(c()),
+        s(),
     ));
-    let c = connections.clone();
-    set.spawn(devfleet_scheduler::run(
-        devfleet_scheduler::Config::new(c),
-        shutdown.clone(),
-    ));
-    let c = connections.clone();
+    let mut scheduler = devfleet_scheduler::Config::new(c());
+    // The router runs here, so the scheduler's direct seam stays off.
+    scheduler.direct_routing = false;
+    set.spawn(devfleet_scheduler::run(scheduler, s()));
     set.spawn(devfleet_dev_worker::run(
-        devfleet_dev_worker::Config::new(c),
-        shutdown.clone(),
+        devfleet_dev_worker::Config::from_env(c())?,
+        s(),
     ));
-    let c = connections.clone();
-    set.spawn(devfleet_router::run(
-        devfleet_router::Config::new(c),
-        shutdown.clone(),
-    ));
-    let c = connections.clone();
+    set.spawn(devfleet_router::run(devfleet_router::Config::new(c()), s()));
     set.spawn(devfleet_qa_worker::run(
-        devfleet_qa_worker::Config::new(c),
-        shutdown.clone(),
+        devfleet_qa_worker::Config::new(c()),
+        s(),
     ));
-    let c = connections.clone();
-    set.spawn(devfleet_canary::run(
-        devfleet_canary::Config::new(c),
-        shutdown.clone(),
-    ));
-    let c = connections.clone();
-    set.spawn(devfleet_metrics_gateway::run(
-        devfleet_metrics_gateway::Config::new(c),
-        shutdown.clone(),
-    ));
-    set
+    set.spawn(devfleet_canary::run(devfleet_canary::Config::new(c()), s()));
+    let gateway = devfleet_metrics_gateway::Config::from_env(c())?;
+    let addr = gateway.addr;
+    set.spawn(devfleet_metrics_gateway::run(gateway, s()));
+    Ok((set, addr))
 }

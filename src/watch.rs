@@ -69,11 +69,11 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
             let frame = client::next_frame(&mut socket, &url).await?;
             if frame.get("type").and_then(Value::as_str) == Some("stats") {
                 let text = if args.json {
-                    frame.to_string()
+                    format!("{frame}\n")
                 } else {
                     stats_table(&frame)
                 };
-                let _ = writeln!(std::io::stdout().lock(), "{text}");
+                let _ = write!(std::io::stdout().lock(), "{text}");
                 return Ok(ExitCode::SUCCESS);
             }
         }
@@ -110,7 +110,10 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
             client::format_frame(&frame)
         };
         // A closed pipe (`| head`) ends the watch quietly.
-        if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
+        if writeln!(stdout, "{line}")
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
             return Ok(ExitCode::SUCCESS);
         }
     }
@@ -118,7 +121,10 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
 
 /// A table of the windowed statistics.
 fn stats_table(frame: &Value) -> String {
-    let window = frame.get("window_seconds").and_then(Value::as_f64).unwrap_or(0.0);
+    let window = frame
+        .get("window_seconds")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
     let mut out = format!("windowed statistics over the last {window} s\n");
     out.push_str(&format!(
         "{:<32} {:>8} {:>12} {:>12} {:>12}\n",

@@ -3,9 +3,9 @@
 //!
 //! The pipeline, one module per step:
 //!
-//! 1. [`tree`] lists a directory (symlink loops, binary, invalid UTF-8 and
-//!    huge files are skipped with a [`Warning`]) and reads and scans the
-//!    sources on every core.
+//! 1. [`tree`] walks a directory and scans its sources on every core
+//!    (symlink loops, binary, invalid UTF-8 and huge files are skipped with a
+//!    [`Warning`]).
 //! 2. [`scanner`] finds imports with exact hand-written lexers for Python and
 //!    JavaScript/TypeScript; no syntax tree is built.
 //! 3. [`resolve`] maps each import to a file of the tree (Python's own rules;
@@ -132,7 +132,8 @@ pub struct Options {
     pub max_file_bytes: u64,
     /// Directory names not entered (see [`DEFAULT_SKIP_DIRS`]).
     pub skip_dirs: Vec<String>,
-    /// Follow symbolic links to directories (loops are detected and skipped).
+    /// Follow symbolic links to directories outside the tree (links into the
+    /// tree and loops are skipped with a warning).
     pub follow_symlinks: bool,
 }
 

@@ -1,19 +1,19 @@
 //! Listing a directory and scanning its sources on every core.
 //!
-//! The walk is sequential (directory reads are cheap); reading and scanning
-//! the files is spread over `Options::threads` threads, which take files one
-//! at a time from a shared counter so a few large files do not leave a core
-//! idle. Nothing here fails on a bad file: it becomes a [`Warning`] and stays
-//! a graph node without imports, so edges into it still resolve.
+//! [`walk_and_scan`] runs `Options::threads` threads that share a queue of
+//! directories: each takes one, queues its subdirectories and reads and
+//! scans its source files, so listing and reading overlap and both cores stay
+//! busy. [`list`] only lists (a plan's base). Nothing here fails on a bad
+//! file: it becomes a [`Warning`] and stays a graph node without imports, so
+//! edges into it still resolve.
 
 use crate::resolve::FileSet;
 use crate::scanner::js::{self, Dialect, JsImport};
 use crate::scanner::python::{self, PyImport};
 use crate::{AnalyzeError, Language, Options, Warning};
-use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// One regular file found under the root.
 #[derive(Debug, Clone)]
@@ -77,8 +77,8 @@ pub fn scan_text(path: &str, text: &str) -> Imports {
     }
 }
 
-/// Checks that `root` is a readable directory; its identity for loop detection.
-fn open_root(root: &Path) -> Result<DirId, AnalyzeError> {
+/// Checks that `root` is a readable directory; its canonical path.
+fn open_root(root: &Path) -> Result<PathBuf, AnalyzeError> {
     let io = |source| AnalyzeError::Io {
         path: root.to_path_buf(),
         source,
@@ -90,25 +90,73 @@ fn open_root(root: &Path) -> Result<DirId, AnalyzeError> {
         });
     }
     fs::read_dir(root).map_err(io)?;
-    DirId::of(root, &meta).map_err(io)
+    fs::canonicalize(root).map_err(io)
+}
+
+/// Directories nested deeper than this are not entered: the last guard
+/// against loops that need no symbolic link (a bind mount of an ancestor).
+const MAX_DEPTH: usize = 256;
+
+/// The targets of the symbolic links a directory was reached through.
+#[derive(Debug)]
+struct LinkChain {
+    target: PathBuf,
+    up: Option<Arc<LinkChain>>,
+}
+
+/// Decides whether the walk enters a symbolically linked directory.
+///
+/// Real directories cannot form a loop (there are no directory hard links),
+/// so only links are checked, and a tree without them costs no `stat` per
+/// directory. A link is entered when its target lies outside the root —
+/// inside, the walk reaches the target by its real path anyway, and an
+/// ancestor would be a loop — and is not the target of a link on the way to
+/// it, which ends loops among outside directories (walkdir's rule). Two links
+/// to one outside directory both show its files, under both paths.
+fn admit_link(
+    root: &Path,
+    link: &Path,
+    chain: Option<&Arc<LinkChain>>,
+) -> Result<Arc<LinkChain>, String> {
+    let target = fs::canonicalize(link).map_err(|e| format!("not readable: {e}"))?;
+    if target.starts_with(root) {
+        return Err(
+            "symbolic link to a directory of the tree (walked by its real path; \
+                    a loop if it is an ancestor); skipped"
+                .into(),
+        );
+    }
+    let mut up = chain;
+    while let Some(link) = up {
+        if link.target == target {
+            return Err("symbolic link loop; skipped".into());
+        }
+        up = link.up.as_ref();
+    }
+    Ok(Arc::new(LinkChain {
+        target,
+        up: chain.cloned(),
+    }))
+}
+
+/// A directory to read.
+struct DirJob {
+    path: PathBuf,
+    rel: String,
+    chain: Option<Arc<LinkChain>>,
 }
 
 /// What reading one directory found.
 #[derive(Default)]
 struct DirContents {
     files: Vec<ListedFile>,
-    subdirs: Vec<(PathBuf, String)>,
+    subdirs: Vec<DirJob>,
     warnings: Vec<Warning>,
 }
 
-/// Reads one directory. `first_visit` records a subdirectory's identity and
-/// says whether it was new (false: a symlink loop or an alias).
-fn read_directory(
-    dir: &Path,
-    rel: &str,
-    opts: &Options,
-    first_visit: &mut dyn FnMut(DirId) -> bool,
-) -> DirContents {
+/// Reads one directory; `root` is the canonical root, for [`admit_link`].
+fn read_directory(root: &Path, job: &DirJob, opts: &Options) -> DirContents {
+    let (dir, rel) = (&job.path, job.rel.as_str());
     let mut out = DirContents::default();
     let warn = |out: &mut DirContents, path: &str, message: String| {
         out.warnings.push(Warning {
@@ -161,10 +209,10 @@ fn read_directory(
                 continue;
             }
         };
-        let (dir_meta, size) = if file_type.is_symlink() {
+        let (is_dir, size) = if file_type.is_symlink() {
             match fs::metadata(&path) {
-                Ok(m) if m.is_dir() && opts.follow_symlinks => (Some(m), 0),
-                Ok(m) if m.is_file() => (None, m.len()),
+                Ok(m) if m.is_dir() && opts.follow_symlinks => (true, 0),
+                Ok(m) if m.is_file() => (false, m.len()),
                 Ok(_) => continue,
                 Err(e) => {
                     warn(
@@ -176,43 +224,47 @@ fn read_directory(
                 }
             }
         } else if file_type.is_dir() {
-            match entry.metadata() {
-                Ok(m) => (Some(m), 0),
-                Err(e) => {
-                    warn(&mut out, &child, format!("not readable: {e}"));
-                    continue;
-                }
-            }
+            (true, 0)
         } else if file_type.is_file() {
-            (None, 0) // sources are measured when they are read
+            (false, 0) // sources are measured when they are read
         } else {
             continue; // sockets, fifos, devices
         };
-        let Some(dir_meta) = dir_meta else {
+        if !is_dir {
             out.files.push(ListedFile {
                 rel: child,
                 abs: path,
                 size,
             });
             continue;
-        };
+        }
         if name.starts_with('.') || opts.skip_dirs.contains(&name) {
             continue;
         }
-        match DirId::of(&path, &dir_meta) {
-            Ok(id) => {
-                if first_visit(id) {
-                    out.subdirs.push((path, child));
-                } else {
-                    warn(
-                        &mut out,
-                        &child,
-                        "directory already visited (symbolic link loop or alias); skipped".into(),
-                    );
+        if child.matches('/').count() >= MAX_DEPTH {
+            warn(
+                &mut out,
+                &child,
+                format!("nested deeper than {MAX_DEPTH} directories; skipped"),
+            );
+            continue;
+        }
+        let chain = if file_type.is_symlink() {
+            match admit_link(root, &path, job.chain.as_ref()) {
+                Ok(chain) => Some(chain),
+                Err(reason) => {
+                    warn(&mut out, &child, reason);
+                    continue;
                 }
             }
-            Err(e) => warn(&mut out, &child, format!("not readable: {e}")),
-        }
+        } else {
+            job.chain.clone()
+        };
+        out.subdirs.push(DirJob {
+            path,
+            rel: child,
+            chain,
+        });
     }
     out
 }
@@ -222,11 +274,15 @@ fn read_directory(
 ///
 /// Fails only when `root` is not a readable directory.
 pub fn list(root: &Path, opts: &Options) -> Result<Listing, AnalyzeError> {
-    let mut visited = HashSet::from([open_root(root)?]);
+    let canonical = open_root(root)?;
     let mut listing = Listing::default();
-    let mut stack = vec![(root.to_path_buf(), String::new())];
-    while let Some((dir, rel)) = stack.pop() {
-        let found = read_directory(&dir, &rel, opts, &mut |id| visited.insert(id));
+    let mut stack = vec![DirJob {
+        path: root.to_path_buf(),
+        rel: String::new(),
+        chain: None,
+    }];
+    while let Some(job) = stack.pop() {
+        let found = read_directory(&canonical, &job, opts);
         listing.files.extend(found.files);
         listing.warnings.extend(found.warnings);
         stack.extend(found.subdirs);
@@ -237,7 +293,7 @@ pub fn list(root: &Path, opts: &Options) -> Result<Listing, AnalyzeError> {
 
 /// The directories still to read, shared by the walking threads.
 struct Queue {
-    dirs: Vec<(PathBuf, String)>,
+    dirs: Vec<DirJob>,
     /// Threads reading a directory now (they may add more).
     busy: usize,
     /// Threads waiting for a directory.
@@ -249,18 +305,21 @@ struct Queue {
 /// directory, queues its subdirectories for any thread, and scans its
 /// sources, so reading files overlaps listing directories.
 pub fn walk_and_scan(root: &Path, opts: &Options) -> Result<(Listing, Scanned), AnalyzeError> {
-    let root_id = open_root(root)?;
+    let canonical = open_root(root)?;
     let threads = match opts.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
     let queue = Mutex::new(Queue {
-        dirs: vec![(root.to_path_buf(), String::new())],
+        dirs: vec![DirJob {
+            path: root.to_path_buf(),
+            rel: String::new(),
+            chain: None,
+        }],
         busy: 0,
         idle: 0,
     });
     let wake = Condvar::new();
-    let visited = Mutex::new(HashSet::from([root_id]));
 
     type Found = (
         Vec<(ListedFile, Option<Result<Imports, Warning>>)>,
@@ -286,13 +345,11 @@ pub fn walk_and_scan(root: &Path, opts: &Options) -> Result<(Listing, Scanned), 
                     q.idle -= 1;
                 }
             };
-            let Some((dir, rel)) = job else {
+            let Some(job) = job else {
                 wake.notify_all();
                 return (files, warnings);
             };
-            let found = read_directory(&dir, &rel, opts, &mut |id| {
-                visited.lock().unwrap_or_else(|e| e.into_inner()).insert(id)
-            });
+            let found = read_directory(&canonical, &job, opts);
             if !found.subdirs.is_empty() {
                 let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
                 q.dirs.extend(found.subdirs);
@@ -349,30 +406,6 @@ pub fn walk_and_scan(root: &Path, opts: &Options) -> Result<(Listing, Scanned), 
     listing.warnings.sort_by(|a, b| a.path.cmp(&b.path));
     scanned.warnings = scan_warnings;
     Ok((listing, scanned))
-}
-
-/// What makes a directory the same directory however it was reached.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum DirId {
-    /// Device and inode: one `stat`, which the walk has done anyway.
-    #[cfg(unix)]
-    Inode(u64, u64),
-    /// Elsewhere, the canonical path.
-    #[cfg(not(unix))]
-    Path(PathBuf),
-}
-
-impl DirId {
-    #[cfg(unix)]
-    fn of(_path: &Path, meta: &fs::Metadata) -> std::io::Result<DirId> {
-        use std::os::unix::fs::MetadataExt;
-        Ok(DirId::Inode(meta.dev(), meta.ino()))
-    }
-
-    #[cfg(not(unix))]
-    fn of(path: &Path, _meta: &fs::Metadata) -> std::io::Result<DirId> {
-        fs::canonicalize(path).map(DirId::Path)
-    }
 }
 
 /// The scan of every listed file: `imports[i]` belongs to `listing.files[i]`.

@@ -463,7 +463,11 @@ fn bad_input_is_skipped_with_warnings_and_never_panics() {
     assert!(warned("huge.py", "limit"), "{:?}", a.warnings());
     #[cfg(unix)]
     {
-        assert!(warned("loop", "already visited"), "{:?}", a.warnings());
+        assert!(
+            warned("loop", "symbolic link to a directory of the tree"),
+            "{:?}",
+            a.warnings()
+        );
         assert!(
             warned("broken.py", "broken symbolic link"),
             "{:?}",
@@ -480,6 +484,46 @@ fn bad_input_is_skipped_with_warnings_and_never_panics() {
         "a declared encoding is scanned"
     );
     assert!(a.files().iter().all(|f| !f.path.starts_with("loop/")));
+}
+
+#[cfg(unix)]
+#[test]
+fn links_to_outside_directories_are_followed_and_loops_end() {
+    let outside = tree(&[("lib.py", "import app\n")]);
+    let dir = tree(&[("app.py", "import vendor.lib\nimport again.lib\n")]);
+    let link = |target: &Path, at: &Path| std::os::unix::fs::symlink(target, at).expect("symlink");
+    link(outside.path(), &dir.path().join("vendor"));
+    link(outside.path(), &dir.path().join("again"));
+    // A loop through the outside directory: back into the tree, and to itself.
+    link(dir.path(), &outside.path().join("back"));
+    link(outside.path(), &outside.path().join("self"));
+    let a = analyze(&dir);
+    let paths: Vec<&str> = a.files().iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["again/lib.py", "app.py", "vendor/lib.py"],
+        "{:?}",
+        a.warnings()
+    );
+    assert_eq!(edge(&a, "app.py", "vendor/lib.py"), Some(EdgeKind::Import));
+    assert_eq!(edge(&a, "vendor/lib.py", "app.py"), Some(EdgeKind::Import));
+    let warned = |path: &str, what: &str| {
+        a.warnings()
+            .iter()
+            .any(|w| w.path == path && w.message.contains(what))
+    };
+    for link in ["again", "vendor"] {
+        assert!(
+            warned(&format!("{link}/back"), "of the tree"),
+            "{:?}",
+            a.warnings()
+        );
+        assert!(
+            warned(&format!("{link}/self"), "loop"),
+            "{:?}",
+            a.warnings()
+        );
+    }
 }
 
 #[test]

@@ -22,6 +22,7 @@ pub enum Action {
 }
 
 impl Action {
+    /// The name used in webhook bodies and `DEVFLEET_CANARY_ACTION`.
     pub fn as_str(self) -> &'static str {
         match self {
             Action::Shift => "shift",

@@ -132,6 +132,7 @@ impl Leases {
         Self { store, owner, ttl }
     }
 
+    /// The replica these leases belong to.
     pub fn owner(&self) -> &str {
         &self.owner
     }
@@ -257,6 +258,7 @@ impl Lease {
         &self.lost
     }
 
+    /// The epoch won; a later epoch means another replica took over.
     pub fn epoch(&self) -> u64 {
         self.epoch
     }

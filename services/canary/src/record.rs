@@ -35,6 +35,7 @@ pub enum Status {
 }
 
 impl Status {
+    /// The name shown by `status` and in metrics.
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Progressing => "progressing",
@@ -69,6 +70,7 @@ pub enum Classification {
 }
 
 impl Classification {
+    /// The name shown by `status` and in metrics.
     pub fn as_str(self) -> &'static str {
         match self {
             Classification::Healthy => "healthy",

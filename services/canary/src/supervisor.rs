@@ -35,32 +35,45 @@ pub(crate) async fn run(config: Config, shutdown: CancellationToken) -> anyhow::
         ),
         config,
     });
+    // Cancelled on shutdown, or when the intake dies: a replica that can
+    // no longer take requests stops (and hands its deployments over)
+    // rather than run half-deaf.
+    let stop = shutdown.child_token();
     let wake = Arc::new(Notify::new());
-    let intake = tokio::spawn(crate::intake::run(
-        ctx.clone(),
-        wake.clone(),
-        shutdown.clone(),
-    ));
+    let mut intake = tokio::spawn(crate::intake::run(ctx.clone(), wake.clone(), stop.clone()));
     tracing::info!(instance = %ctx.config.instance, "canary running");
 
     let mut drivers: JoinSet<()> = JoinSet::new();
     let mut driving: HashMap<tokio::task::Id, String> = HashMap::new();
+    let mut intake_result = None;
     loop {
         reap(&mut drivers, &mut driving);
-        if let Err(e) = scan(&ctx, &mut drivers, &mut driving, &shutdown).await {
+        if let Err(e) = scan(&ctx, &mut drivers, &mut driving, &stop).await {
             tracing::warn!(error = %format!("{e:#}"), "canary scan failed; retrying at the next one");
         }
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
+            result = &mut intake => {
+                intake_result = Some(result);
+                break;
+            }
             _ = wake.notified() => {}
             _ = tokio::time::sleep(ctx.config.scan_interval) => {}
         }
     }
-    // Drivers watch the same token: each records its progress and releases
-    // its lease.
+    stop.cancel();
+    // Drivers watch `stop`: each records its progress and releases its lease.
     while drivers.join_next().await.is_some() {}
-    match intake.await {
-        Ok(result) => result,
+    let result = match intake_result {
+        Some(result) => result,
+        None => intake.await,
+    };
+    match result {
+        Ok(Ok(())) if shutdown.is_cancelled() => Ok(()),
+        Ok(Ok(())) => Err(anyhow::anyhow!(
+            "the deploy.requested consumer closed; stopping this canary replica"
+        )),
+        Ok(Err(e)) => Err(e.context("canary intake failed")),
         Err(e) => Err(anyhow::anyhow!("canary intake task failed: {e}")),
     }
 }

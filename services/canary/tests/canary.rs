@@ -377,31 +377,57 @@ fn logged_weights(log: &Path, id: &str) -> Vec<u8> {
         .collect()
 }
 
-/// The next `deployment` metric about `id` with `event`, within 20 s.
-async fn deployment_metric(
-    listener: &mut devfleet_bus::Listener,
-    id: &str,
-    event: &str,
-) -> serde_json::Value {
-    devfleet_testkit::within(
-        &format!("a '{event}' deployment metric for {id}"),
-        Duration::from_secs(20),
-        async {
-            loop {
-                let (_, payload) = listener.next().await.expect("broadcast closed");
-                let Ok(envelope) = Envelope::decode(&payload) else {
-                    continue;
-                };
-                let Message::Metric(metric) = envelope.message else {
-                    continue;
-                };
-                if metric.data["deployment_id"] == id && metric.data["event"] == event {
-                    return metric.data;
+/// Collects every `deployment` metric from the moment it is created. The
+/// listener is drained all the time: broadcast is best effort, and a
+/// listener left unread while other tests emit would drop samples.
+struct MetricTap {
+    seen: Arc<Mutex<Vec<serde_json::Value>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MetricTap {
+    async fn start(connections: &Connections) -> Self {
+        let mut listener = connections
+            .broadcast
+            .listen("devfleet.metrics.deployment")
+            .await
+            .unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Some((_, payload)) = listener.next().await {
+                if let Ok(envelope) = Envelope::decode(&payload) {
+                    if let Message::Metric(metric) = envelope.message {
+                        sink.lock().unwrap().push(metric.data);
+                    }
                 }
             }
-        },
-    )
-    .await
+        });
+        Self { seen, task }
+    }
+
+    /// The first metric about `id` with `event`, waiting up to 20 s.
+    async fn wait(&self, id: &str, event: &str) -> serde_json::Value {
+        wait_for(
+            &format!("a '{event}' deployment metric for {id}"),
+            Duration::from_secs(20),
+            || async {
+                self.seen
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|m| m["deployment_id"] == id && m["event"] == event)
+                    .cloned()
+            },
+        )
+        .await
+    }
+}
+
+impl Drop for MetricTap {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -452,11 +478,7 @@ async fn healthy_rollout_is_promoted_through_every_stage_in_order() {
 async fn error_spike_at_the_second_stage_rolls_back_within_one_check() {
     let ns = unique("canary");
     let connections = connections(&ns).await;
-    let mut metrics = connections
-        .broadcast
-        .listen("devfleet.metrics.deployment")
-        .await
-        .unwrap();
+    let metrics = MetricTap::start(&connections).await;
     let service = TestService::start(GOOD).await;
     // The new version fails 20 % of requests once it gets 25 % of traffic.
     service.bad_from_weight(
@@ -500,7 +522,7 @@ async fn error_spike_at_the_second_stage_rolls_back_within_one_check() {
     assert_eq!(rec.weight, 0);
 
     // The rollback was announced as a deployment metric with its reason.
-    let announced = deployment_metric(&mut metrics, &id, "rolled_back").await;
+    let announced = metrics.wait(&id, "rolled_back").await;
     assert_eq!(announced["status"], "rolled_back");
     assert!(announced["reason"].as_str().unwrap().contains("error rate"));
 }
@@ -673,11 +695,7 @@ async fn manual_rollback_takes_traffic_back_and_is_refused_once_final() {
 async fn duplicate_id_is_refused_and_many_deployments_run_independently() {
     let ns = unique("canary");
     let connections = connections(&ns).await;
-    let mut metrics = connections
-        .broadcast
-        .listen("devfleet.metrics.deployment")
-        .await
-        .unwrap();
+    let metrics = MetricTap::start(&connections).await;
     let good = TestService::start(GOOD).await;
     let bad = TestService::start(Behaviour {
         error_rate: 0.5,
@@ -707,7 +725,7 @@ async fn duplicate_id_is_refused_and_many_deployments_run_independently() {
     )
     .await;
 
-    let refused = deployment_metric(&mut metrics, &a, "refused").await;
+    let refused = metrics.wait(&a, "refused").await;
     assert!(
         refused["reason"].as_str().unwrap().contains("already used"),
         "{refused}"

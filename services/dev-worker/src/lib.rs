@@ -20,7 +20,7 @@
 //! 5. acks the message only after that publish was confirmed.
 //!
 //! Meanwhile it autoscales its slots ([`autoscale`]) and keeps its capacity
-//! record in the store fresh ([`heartbeat`]) for the scheduler's dispatch
+//! record in the store fresh (`heartbeat`) for the scheduler's dispatch
 //! credit.
 //!
 //! # Guarantees

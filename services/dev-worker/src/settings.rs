@@ -64,6 +64,7 @@ pub struct ExecutorArgs {
     /// Executor for tasks whose plan names none: builtin, command, openai or simulate.
     #[arg(
         long = "executor",
+        value_name = "KIND",
         env = "DEVFLEET_EXECUTOR",
         default_value = "builtin"
     )]

@@ -111,7 +111,7 @@ async fn bench(clients: usize, phase: Duration, rates: &[u64]) -> anyhow::Result
     let mut seq = 0u64;
     for &rate in rates {
         let tick = Duration::from_millis(10);
-        let per_tick = (rate as f64 * tick.as_secs_f64()).max(1.0);
+        let per_tick = rate as f64 * tick.as_secs_f64();
         let mut interval = tokio::time::interval(tick);
         let before = shared.delivered.load(Ordering::Relaxed);
         let closed_before = closed.load(Ordering::Relaxed);

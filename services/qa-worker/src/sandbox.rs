@@ -418,8 +418,8 @@ impl Sandbox {
             }
         };
         let pgid = child.id();
-        // Kills the group even if this future is dropped half-way (shutdown).
-        let _guard = GroupGuard(pgid);
+        // Kills the group if this future is dropped half-way (shutdown).
+        let mut guard = GroupGuard(pgid);
         let out = tokio::spawn(read_capped(child.stdout.take(), cap));
         let err = tokio::spawn(read_capped(child.stderr.take(), cap));
         let exit = tokio::select! {
@@ -434,8 +434,10 @@ impl Sandbox {
             },
             _ = tokio::time::sleep(wall) => Exit::Timeout,
         };
-        // Whatever ended it, nothing it started may outlive it.
+        // Whatever ended it, nothing it started may outlive it. Done once,
+        // right away: a process group id, like a pid, is reused later.
         kill_group(pgid);
+        guard.0 = None;
         let _ = child.kill().await;
         if let Some((uid, _)) = ids {
             kill_uid(uid).await;

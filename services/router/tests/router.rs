@@ -34,6 +34,7 @@ const SOON: Duration = Duration::from_secs(60);
 mod cli_dlq;
 
 async fn connections(name: &str) -> Connections {
+    devfleet_telemetry::init_for_tests();
     let bus = devfleet_bus::connect(&amqp_url()).await.expect("amqp");
     let store = devfleet_store::connect_with_prefix(&redis_url(), &unique("t"))
         .await
@@ -120,6 +121,9 @@ async fn dispatcher(c: Connections, log: Arc<Mutex<Vec<(i64, String)>>>, stop: C
     let store = c.store.clone();
     loop {
         let mut dispatched = false;
+        // When the breaker was asked: a dispatch is judged by what the
+        // breaker said then, not by when the publish finished.
+        let asked_ms = now_ms();
         if store.ready_len().await.unwrap_or(0) > 0
             && breaker::try_admit(store.as_ref(), Stage::Dev)
                 .await
@@ -130,7 +134,7 @@ async fn dispatcher(c: Connections, log: Arc<Mutex<Vec<(i64, String)>>>, stop: C
                 .await
                 .unwrap()
             {
-                log.lock().unwrap().push((now_ms(), t.path.clone()));
+                log.lock().unwrap().push((asked_ms, t.path.clone()));
                 c.publish(
                     queues::WORK_DEV,
                     TaskWork {
@@ -472,8 +476,12 @@ async fn always_failing_task_is_tried_three_times_with_growing_delays_then_dead_
         &[("lib/flaky.py", &[]), ("lib/user.py", &["lib/flaky.py"])],
     )
     .await;
-    let mut escalations = c
-        .broadcast
+    // A connection of its own: RabbitMQ 3.10 sometimes closes a whole
+    // connection (541 INTERNAL_ERROR) when a consumer subscribes to a quorum
+    // queue still starting, and a best-effort broadcast sent while a
+    // listener rebinds is lost. The services' consumers must not share it.
+    let events_bus = devfleet_bus::connect(&amqp_url()).await.expect("amqp");
+    let mut escalations = events_bus
         .listen(&devfleet_protocol::queues::event_subject("escalation"))
         .await
         .unwrap();
@@ -684,6 +692,7 @@ async fn error_storm_opens_the_breaker_pauses_dispatch_and_recovers_after_the_co
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn undecodable_messages_are_indexed_in_the_dlq_then_listed_and_purged_by_the_cli() {
+    devfleet_telemetry::init_for_tests();
     // Connected the way the CLI connects, so `devfleet dlq` sees this stack.
     let connect = devfleet_runtime::ConnectArgs {
         bus: devfleet_runtime::BusKind::Amqp,

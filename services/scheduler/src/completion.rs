@@ -1,10 +1,10 @@
 //! Task completion and failure, and the end of a plan.
 //!
-//! [`handle_done`] consumes `task.done` (published by the router once a task
+//! `handle_done` consumes `task.done` (published by the router once a task
 //! passed every stage). Completing is idempotent in the store: the step that
 //! makes a task Done also makes Ready each dependent whose last unfinished
 //! dependency it was, and a duplicate delivery changes nothing. When the
-//! last task of a plan becomes final, [`finish_plan`] decides the plan's
+//! last task of a plan becomes final, `finish_plan` decides the plan's
 //! outcome. The direct seam ([`crate::direct_router`]) uses the same
 //! functions.
 

@@ -62,7 +62,7 @@ impl Ledger {
 
     /// Forgets dispatches older than the newest worker record (a worker
     /// that took one has reported it by then, or it is still in the queue
-    /// depth) and any older than [`LEDGER_MAX_AGE_MS`].
+    /// depth) and any older than `LEDGER_MAX_AGE_MS` (1 s).
     pub fn prune(&mut self, newest_report_ms: Option<i64>, now_ms: i64) {
         let floor = now_ms - LEDGER_MAX_AGE_MS;
         let floor = newest_report_ms.map_or(floor, |n| n.max(floor));

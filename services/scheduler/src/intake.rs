@@ -99,6 +99,14 @@ async fn create(shared: &Shared, plan: PlanAnalyzed) -> Settlement {
             devfleet_telemetry::current_traceparent(),
         )
         .await;
+    if total == 0 {
+        // Nothing will ever complete to end it (the analyzer rejects empty
+        // plans; this only guards against another publisher).
+        if let Err(e) = crate::completion::finish_plan(shared, &plan.plan_id).await {
+            return Settlement::from_store_error("ending an empty plan", e);
+        }
+        return Settlement::Ack;
+    }
     shared.wake.notify_one();
     shared
         .connections

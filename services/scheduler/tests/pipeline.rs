@@ -546,3 +546,109 @@ async fn memory_a_redelivered_plan_creates_and_runs_nothing_twice() {
     assert_eq!(stack.counter(TASKS_COMPLETED).await, 10);
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_a_worker_drops_messages_for_tasks_held_elsewhere_or_finished() {
+    let mut stack = Stack::new(Backend::Memory).await;
+    let (rec, executors) = builtin_recorder();
+    // No scheduler: this test plays the dispatcher itself.
+    stack.worker(executors, 2, 2);
+    let plan = analyzed(
+        vec![t("held.py", &[] as &[&str]), t("done.py", &[] as &[&str])],
+        ExecutorKind::Builtin,
+    );
+    let store = stack.connections.store.clone();
+    let tasks = devfleet_scheduler::intake::new_tasks(&plan);
+    let record = PlanRecord {
+        id: plan.plan_id.clone(),
+        name: "test".into(),
+        status: PlanStatus::Running,
+        total: 2,
+        done: 0,
+        failed: 0,
+        blocked: 0,
+        created_ms: 0,
+        updated_ms: 0,
+        detail: String::new(),
+        message: None,
+    };
+    assert!(store.create_plan(record, tasks).await.unwrap());
+    let now = devfleet_protocol::now_ms();
+    // Another worker holds one task; the other is already finished.
+    let outcome = store
+        .claim(
+            &plan.plan_id,
+            "held.py",
+            "someone-else",
+            None,
+            Duration::from_secs(60),
+            now,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(outcome, devfleet_store::ClaimOutcome::Claimed(_)));
+    store
+        .claim(
+            &plan.plan_id,
+            "done.py",
+            "finisher",
+            None,
+            Duration::from_secs(60),
+            now,
+        )
+        .await
+        .unwrap();
+    store
+        .mark_built(&plan.plan_id, "done.py", "h")
+        .await
+        .unwrap();
+    store.complete(&plan.plan_id, "done.py", "h").await.unwrap();
+
+    for path in ["held.py", "done.py"] {
+        stack
+            .connections
+            .publish(
+                queues::WORK_DEV,
+                devfleet_protocol::TaskWork {
+                    plan_id: plan.plan_id.clone(),
+                    path: path.into(),
+                    attempt: 1,
+                    class: devfleet_protocol::TaskClass::New,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    // Both messages are taken and acked without running anything.
+    let bus = stack.connections.bus.clone();
+    let queue = stack.connections.queue(queues::WORK_DEV);
+    wait_for(
+        "the worker to take both messages",
+        Duration::from_secs(10),
+        || {
+            let bus = bus.clone();
+            let queue = queue.clone();
+            async move { (bus.queue_depth(&queue).await.ok()? == 0).then_some(()) }
+        },
+    )
+    .await;
+    // The worker's capacity record shows it idle again once it settled them.
+    wait_for("the worker to be idle", Duration::from_secs(10), || {
+        let store = store.clone();
+        async move {
+            let fleet = devfleet_scheduler::capacity::read_fleet(
+                store.as_ref(),
+                devfleet_protocol::now_ms(),
+            )
+            .await
+            .ok()?;
+            (fleet.workers == 1 && fleet.busy == 0 && fleet.waiting == 0).then_some(())
+        }
+    })
+    .await;
+    assert!(rec.runs().is_empty(), "ran {:?}", rec.runs());
+    let held = store.task(&plan.plan_id, "held.py").await.unwrap().unwrap();
+    assert_eq!(held.lease_owner.as_deref(), Some("someone-else"));
+    assert_eq!(held.state, TaskState::Leased);
+    stack.stop().await;
+}

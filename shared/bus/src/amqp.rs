@@ -23,7 +23,7 @@ mod topology;
 
 use crate::{Bus, BusError, BusResult, ConsumeOptions, Consumer, Listener, MAX_PAYLOAD_BYTES};
 use async_trait::async_trait;
-use lapin::options::{QueueDeclareOptions, QueuePurgeOptions};
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions};
 use lapin::types::FieldTable;
 use link::{op, short, Fault, Link};
 use publish::{Destination, PUBLISH_DEADLINE};
@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// How long [`AmqpBus::connect`] keeps trying to reach the broker.
-const CONNECT_DEADLINE: Duration = Duration::from_secs(20);
+const CONNECT_DEADLINE: Duration = Duration::from_secs(30);
 
 /// A [`Bus`] on RabbitMQ. Cheap to clone; clones share the connections.
 #[derive(Clone)]
@@ -67,7 +67,7 @@ fn redact(url: &str) -> String {
 
 impl AmqpBus {
     /// Connects to the broker at an `amqp://` or `amqps://` URL, retrying
-    /// for up to 20 s while it is unreachable. Fails at once on a malformed
+    /// for up to 30 s while it is unreachable. Fails at once on a malformed
     /// URL or refused credentials.
     pub async fn connect(url: &str) -> BusResult<AmqpBus> {
         let connect_error = |reason: String| BusError::Connect {
@@ -106,6 +106,51 @@ impl AmqpBus {
 
     fn deadline() -> Instant {
         Instant::now() + PUBLISH_DEADLINE
+    }
+
+    /// Deletes a queue with its messages, and the queues holding its
+    /// retries (delays up to an hour). Not part of [`Bus`]: queues are
+    /// meant to live for good; this is for tests and tooling that create
+    /// throwaway ones. Deleting a queue that does not exist succeeds.
+    pub async fn delete_queue(&self, queue: &str) -> BusResult<()> {
+        self.check_open()?;
+        let delete_error = |reason: String| BusError::Backend {
+            backend: "amqp",
+            reason: format!("deleting '{queue}': {reason}"),
+        };
+        check_queue_name(queue).map_err(|f| bus_error(f, delete_error))?;
+        let mut names = vec![queue.to_owned()];
+        names.extend(topology::delay_queue_names(queue));
+        for name in names {
+            self.publisher
+                .retry("delete queue", Some(Self::deadline()), || {
+                    self.delete_once(&name)
+                })
+                .await
+                .map_err(|f| bus_error(f, delete_error))?;
+        }
+        Ok(())
+    }
+
+    async fn delete_once(&self, queue: &str) -> Result<(), Fault> {
+        // A channel of its own: a refused delete closes the channel it was
+        // sent on, and that must not be the shared publishing one.
+        let session = self.publisher.open_channel().await?;
+        self.publisher.forget_declared(queue);
+        let delete = session
+            .channel
+            .queue_delete(short(queue)?, QueueDeleteOptions::default());
+        let result = match tokio::time::timeout(link::OP_TIMEOUT, delete).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if link::is_not_found(&e) => Ok(()),
+            Ok(Err(e)) => Err(Fault::from(e)),
+            Err(_) => Err(Fault::Timeout("queue.delete: no answer".to_owned())),
+        };
+        link::close_in_background(session.channel, "queue deleted");
+        if let Err(fault) = &result {
+            self.publisher.note(session.generation, fault).await;
+        }
+        result
     }
 }
 

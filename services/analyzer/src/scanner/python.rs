@@ -41,10 +41,23 @@ pub struct PyImport {
 
 /// Every import in `src`, in source order. Never fails; never panics.
 pub fn scan(src: &str) -> Vec<PyImport> {
+    // Every import holds the text `import` (the keyword, `import_module`,
+    // `__import__`), so nothing after its last occurrence can start one:
+    // lexing stops there once the statement in progress is over. Imports sit
+    // mostly at the top of a module; in Django this skips two thirds of the
+    // bytes.
+    // (A forward SIMD search for every occurrence beats memchr's reverse
+    // search, which has no vectorised path.)
+    let Some(last) = memchr::memmem::find_iter(src.as_bytes(), b"import").last() else {
+        return Vec::new();
+    };
     let mut lexer = Lexer::new(src);
     let mut parser = Parser::default();
     while let Some(token) = lexer.next_token() {
         parser.feed(token);
+        if lexer.i > last + 6 && parser.between_statements() {
+            break;
+        }
     }
     parser.finish();
     parser.out
@@ -555,6 +568,11 @@ struct Parser<'a> {
 }
 
 impl<'a> Parser<'a> {
+    /// No statement or call in progress: what follows can only start anew.
+    fn between_statements(&self) -> bool {
+        matches!(self.state, State::Idle) && self.call == Call::None
+    }
+
     fn kind(&self) -> EdgeKind {
         if self.line_type_checking || !self.type_checking.is_empty() {
             EdgeKind::Type
@@ -1029,6 +1047,19 @@ import real
             modules("x = {'from': 1}\nprint(a, sep='')\nimport real"),
             ["real"]
         );
+    }
+
+    #[test]
+    fn the_last_statement_is_read_to_its_end() {
+        // Scanning stops after the last `import` text, but only once the
+        // statement holding it is complete.
+        assert_eq!(
+            summary("x = 1\nfrom a import (\n    b,\n    c,\n)\ny = 2\n")[0].1,
+            ["b", "c"]
+        );
+        assert_eq!(modules("import a, \\\n    b\nz = 3\n"), ["a", "b"]);
+        assert_eq!(modules("m = import_module(\n  'late'\n)\n"), ["late"]);
+        assert!(scan("x = 1\ndef f():\n    return 2\n").is_empty());
     }
 
     #[test]

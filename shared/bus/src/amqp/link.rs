@@ -18,10 +18,10 @@ use tokio_util::sync::CancellationToken;
 
 /// Longest wait for one broker round trip (declare, qos, consume, purge,
 /// opening a channel) before the connection is presumed dead.
-pub(super) const OP_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const OP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Longest wait for the TCP connect and AMQP handshake.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Why one attempt at a broker operation failed, and whether to try again.
 #[derive(Debug, Clone)]
@@ -66,6 +66,12 @@ impl From<lapin::Error> for Fault {
             Fault::Transient(err.to_string())
         }
     }
+}
+
+/// True when the broker said the queue or exchange does not exist.
+pub(super) fn is_not_found(err: &lapin::Error) -> bool {
+    matches!(err.kind(), ErrorKind::ProtocolError(e)
+        if matches!(e.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
 }
 
 /// Runs one broker round trip with [`OP_TIMEOUT`].

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 pub(super) const PUBLISH_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Longest wait for the confirm of one attempt.
-pub(super) const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Where a message goes.
 pub(super) enum Destination<'a> {

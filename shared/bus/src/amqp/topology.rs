@@ -47,6 +47,13 @@ pub(super) fn delay_queue_name(target: &str, bucket_ms: u64) -> String {
     format!("devfleet.delay.{target}.{bucket_ms}")
 }
 
+/// Every delay queue of `target` for delays up to an hour.
+pub(super) fn delay_queue_names(target: &str) -> impl Iterator<Item = String> + '_ {
+    DELAY_BUCKETS_MS
+        .iter()
+        .map(move |&bucket| delay_queue_name(target, bucket))
+}
+
 /// The AMQP binding key for a NATS-style pattern. A final `>` (one or more
 /// tokens) becomes `#` (zero or more); listeners filter out the subject
 /// that differs, `a` for `a.>`, with [`crate::subject_matches`].
