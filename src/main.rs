@@ -6,6 +6,7 @@ mod analyze;
 mod canary;
 mod dlq;
 mod publish;
+mod report;
 mod status;
 mod up;
 mod watch;
@@ -52,6 +53,12 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Up(_)) && std::env::var_os("RUST_LOG").is_none() {
+        // The embedded mode shows a progress bar and a report; service logs
+        // would drown them. RUST_LOG=info brings the logs back. No other
+        // thread exists yet, so changing the environment is sound.
+        std::env::set_var("RUST_LOG", "warn");
+    }
     let result = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt.block_on(run_async(cli.command)),
         Err(e) => Err(anyhow::anyhow!("cannot start the async runtime: {e}")),

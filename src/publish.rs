@@ -40,37 +40,27 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    let progress = (!args.json).then(|| crate::report::PlanProgress::new(&plan_id));
     let record = wait_for_plan(
         &connections,
         &plan_id,
         Duration::from_secs(args.timeout),
         |r| {
-            if !args.json {
-                eprintln!(
-                    "{}: {} ({}/{} done, {} failed)",
-                    r.id,
-                    r.status.as_str(),
-                    r.done,
-                    r.total,
-                    r.failed
-                );
+            if let Some(p) = &progress {
+                p.update(r);
             }
         },
     )
-    .await?;
+    .await;
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    let record = record?;
+    let report = crate::report::PlanReport::load(&connections, &plan_id).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&record)?);
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!(
-            "plan {} {}{}",
-            record.id,
-            record.status.as_str(),
-            record
-                .message
-                .as_deref()
-                .map(|m| format!(": {m}"))
-                .unwrap_or_default()
-        );
+        println!("{report}");
     }
     Ok(if record.status == PlanStatus::Succeeded {
         ExitCode::SUCCESS

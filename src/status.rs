@@ -29,7 +29,10 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         } else if plans.is_empty() {
             println!("no plans yet; submit one with `devfleet publish PLAN`");
         } else {
-            println!("{:<40} {:<12} {:>9} {:>6}", "PLAN", "STATUS", "DONE", "FAILED");
+            println!(
+                "{:<40} {:<12} {:>9} {:>6}",
+                "PLAN", "STATUS", "DONE", "FAILED"
+            );
             for p in plans {
                 println!(
                     "{:<40} {:<12} {:>9} {:>6}",
@@ -67,12 +70,22 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     if let Some(m) = &plan.message {
         println!("  {m}");
     }
-    println!("{:<50} {:<8} {:>7} {:<4}  NOTE", "TASK", "STATE", "ATTEMPT", "PRIO");
+    println!(
+        "{:<50} {:<8} {:>7} {:<4}  NOTE",
+        "TASK", "STATE", "ATTEMPT", "PRIO"
+    );
     for t in tasks {
         let note = t
             .error
             .as_deref()
-            .map(|e| e.lines().next().unwrap_or("").chars().take(80).collect::<String>())
+            .map(|e| {
+                e.lines()
+                    .next()
+                    .unwrap_or("")
+                    .chars()
+                    .take(80)
+                    .collect::<String>()
+            })
             .unwrap_or_default();
         println!(
             "{:<50} {:<8} {:>7} {:<4}  {}",

@@ -27,7 +27,6 @@ pub struct UpArgs {
     timeout: u64,
 }
 
-
 pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let _telemetry = devfleet_telemetry::init("devfleet-up")?;
     let plan = args.plan.as_deref().map(publish::read_plan).transpose()?;
@@ -42,26 +41,24 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             let plan_id = publish::submit(&connections, plan).await?;
             eprintln!("submitted plan {plan_id}");
             if args.exit_when_done {
+                let progress = crate::report::PlanProgress::new(&plan_id);
                 let waited = tokio::select! {
-                    r = publish::wait_for_plan(&connections, &plan_id, Duration::from_secs(args.timeout), |r| {
-                        eprintln!("  {}: {} ({}/{} done)", r.id, r.status.as_str(), r.done, r.total);
-                    }) => Some(r),
+                    r = publish::wait_for_plan(&connections, &plan_id, Duration::from_secs(args.timeout), |r| progress.update(r)) => Some(r),
                     _ = shutdown.cancelled() => None,
                 };
-                shutdown.cancel();
-                match waited {
+                progress.finish();
+                let outcome = match waited {
                     Some(record) => {
                         let record = record?;
-                        println!(
-                            "plan {} {}{}",
-                            record.id,
-                            record.status.as_str(),
-                            record.message.map(|m| format!(": {m}")).unwrap_or_default()
-                        );
+                        let report =
+                            crate::report::PlanReport::load(&connections, &plan_id).await?;
+                        println!("{report}");
                         Some(record.status == PlanStatus::Succeeded)
                     }
                     None => Some(false),
-                }
+                };
+                shutdown.cancel();
+                outcome
             } else {
                 None
             }

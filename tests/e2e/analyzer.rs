@@ -50,7 +50,11 @@ async fn analyzer_turns_a_submitted_plan_into_a_dag_over_rabbitmq() {
             task("app/__init__.py", "", &[]),
             task("app/db.py", "import sqlite3\n", &[]),
             task("app/models.py", "from app.db import connect\n", &[]),
-            task("app/api.py", "from app import models\nfrom . import db\n", &[]),
+            task(
+                "app/api.py",
+                "from app import models\nfrom . import db\n",
+                &[],
+            ),
             task("README.md", "docs", &["app/api.py"]),
         ]),
     };
@@ -59,10 +63,14 @@ async fn analyzer_turns_a_submitted_plan_into_a_dag_over_rabbitmq() {
         .await
         .unwrap();
 
-    let (envelope, delivery) = within("plans.analyzed", Duration::from_secs(30), analyzed.next_envelope())
-        .await
-        .expect("consumer open")
-        .expect("delivery");
+    let (envelope, delivery) = within(
+        "plans.analyzed",
+        Duration::from_secs(30),
+        analyzed.next_envelope(),
+    )
+    .await
+    .expect("consumer open")
+    .expect("delivery");
     delivery.ack().await.unwrap();
     let Message::PlanAnalyzed(result) = envelope.message else {
         panic!("expected plan.analyzed, got {}", envelope.message.kind());
@@ -77,8 +85,14 @@ async fn analyzer_turns_a_submitted_plan_into_a_dag_over_rabbitmq() {
     // db is on the critical path db -> models -> api -> README, so it runs first.
     assert!(get("app/db.py").priority > get("app/models.py").priority);
     assert!(get("app/models.py").priority > get("app/api.py").priority);
-    assert_eq!(result.critical_path.first().map(String::as_str), Some("app/db.py"));
-    assert_eq!(result.critical_path.last().map(String::as_str), Some("README.md"));
+    assert_eq!(
+        result.critical_path.first().map(String::as_str),
+        Some("app/db.py")
+    );
+    assert_eq!(
+        result.critical_path.last().map(String::as_str),
+        Some("README.md")
+    );
 
     shutdown.cancel();
     within("analyzer shutdown", Duration::from_secs(10), service)
@@ -101,17 +115,27 @@ async fn analyzer_records_a_rejected_plan_with_the_reason() {
         plan_id: plan_id.clone(),
         plan: plan(vec![task("a.py", "", &["missing.py"])]),
     };
-    connections.publish(queues::PLANS_SUBMITTED, bad).await.unwrap();
+    connections
+        .publish(queues::PLANS_SUBMITTED, bad)
+        .await
+        .unwrap();
     let store = connections.store.clone();
-    let record = wait_for("the rejection in the store", Duration::from_secs(30), || {
-        let store = store.clone();
-        let plan_id = plan_id.clone();
-        async move { store.plan(&plan_id).await.unwrap() }
-    })
+    let record = wait_for(
+        "the rejection in the store",
+        Duration::from_secs(30),
+        || {
+            let store = store.clone();
+            let plan_id = plan_id.clone();
+            async move { store.plan(&plan_id).await.unwrap() }
+        },
+    )
     .await;
     assert_eq!(record.status, PlanStatus::Rejected);
     let message = record.message.unwrap_or_default();
-    assert!(message.contains("a.py") && message.contains("missing.py"), "{message}");
+    assert!(
+        message.contains("a.py") && message.contains("missing.py"),
+        "{message}"
+    );
     shutdown.cancel();
     within("analyzer shutdown", Duration::from_secs(10), service)
         .await

@@ -13,5 +13,7 @@ pub async fn real_connections(bus: BusKind) -> Connections {
         redis_url: redis_url(),
         namespace: unique("e2e"),
     };
-    args.connect().await.expect("connecting to the test servers")
+    args.connect()
+        .await
+        .expect("connecting to the test servers")
 }

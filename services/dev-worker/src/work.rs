@@ -310,14 +310,17 @@ async fn run_claimed(worker: &Worker, record: TaskRecord, hard_stop: &Cancellati
             // lost it must not record over the new owner), count the
             // outcome and cache a fresh result.
             let renew = store.renew(plan_id, path, &worker.instance, worker.lease, now_ms());
-            let count = store.incr(
-                if built.cache_hit {
-                    CACHE_HITS
-                } else {
-                    CACHE_MISSES
-                },
-                1,
-            );
+            let counter = if built.cache_hit {
+                CACHE_HITS
+            } else {
+                CACHE_MISSES
+            };
+            // The global counter feeds /metrics; the per-plan one the
+            // plan's final report.
+            let count = async {
+                store.incr(counter, 1).await?;
+                store.incr(&format!("{counter}:{plan_id}"), 1).await
+            };
             let cache = async {
                 match &built.cache_key {
                     Some(key) => store.cache_put(key, &built.artifact).await,

@@ -878,3 +878,57 @@ async fn qa_errors_open_the_qa_breaker_which_parks_qa_work_until_a_probe_succeed
     assert!(c.store.kv_list("qa_parked").await.unwrap().is_empty());
     services.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pending_retry_survives_the_router_stopping_and_waits_its_delay() {
+    let c = connections("retrystop").await;
+    let plan_id = create_plan(&c, &[("once/flaky.py", &[])]).await;
+    let mut config = router_config(&c);
+    let base = Duration::from_millis(2500);
+    config.backoff = Backoff {
+        base,
+        factor: 2.0,
+        cap: Duration::from_secs(10),
+        jitter: 0.2,
+    };
+    let services = Services::start(config.clone(), Some(qa_config(&c)));
+    let harness = Harness::start(
+        &c,
+        Arc::new(|a: &Attempt| {
+            if a.attempt == 1 {
+                Err("first try fails".into())
+            } else {
+                Ok("fine = 1\n".into())
+            }
+        }),
+    );
+    // The retry is scheduled: the router holds the task, the ticket waits.
+    wait_for("the retry to be scheduled", SOON, || async {
+        let t = c.store.task(&plan_id, "once/flaky.py").await.unwrap()?;
+        (t.lease_owner.as_deref() == Some(devfleet_router::ROUTER_OWNER)).then_some(())
+    })
+    .await;
+    services.stop().await;
+    let t = c
+        .store
+        .task(&plan_id, "once/flaky.py")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(t.state, TaskState::Leased, "held while no router runs");
+
+    // Another router takes over the waiting ticket.
+    let services = Services::start(config.clone(), Some(qa_config(&c)));
+    wait_state(&c, &plan_id, "once/flaky.py", TaskState::Done).await;
+    let tries = harness.attempts_of("once/flaky.py");
+    assert_eq!(tries.len(), 2, "{tries:?}");
+    let delay = tries[1].started_ms - tries[0].ended_ms;
+    let floor = (base.as_millis() as f64 * (1.0 - config.backoff.jitter)) as i64;
+    println!("retry across a router stop: {delay} ms (floor {floor} ms)");
+    assert!(
+        delay >= floor,
+        "the retry still waited its delay: {delay} < {floor}"
+    );
+    harness.stop().await;
+    services.stop().await;
+}

@@ -45,8 +45,14 @@ mod tests {
 
     #[test]
     fn schemes() {
-        assert!(matches!(BusUrl::parse("amqp://127.0.0.1:5672/%2f"), Ok(BusUrl::Amqp(_))));
-        assert!(matches!(BusUrl::parse("nats://127.0.0.1:4222"), Ok(BusUrl::Nats(_))));
+        assert!(matches!(
+            BusUrl::parse("amqp://127.0.0.1:5672/%2f"),
+            Ok(BusUrl::Amqp(_))
+        ));
+        assert!(matches!(
+            BusUrl::parse("nats://127.0.0.1:4222"),
+            Ok(BusUrl::Nats(_))
+        ));
         assert_eq!(BusUrl::parse("memory://").unwrap(), BusUrl::Memory);
         let err = BusUrl::parse("kafka://x").unwrap_err().to_string();
         assert!(err.contains("kafka"), "{err}");

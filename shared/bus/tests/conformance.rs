@@ -14,13 +14,14 @@
 
 use bytes::Bytes;
 use devfleet_bus::{
-    BusError, ConsumeOptions, Consumer, DeadLetterInfo, Delivery, RetryOutcome, SharedBus,
+    Bus, BusError, ConsumeOptions, Consumer, DeadLetterInfo, Delivery, RetryOutcome, SharedBus,
     DEAD_LETTER_QUEUE, MAX_PAYLOAD_BYTES,
 };
 use devfleet_protocol::{messages::PlanRejected, Envelope};
 use devfleet_testkit::{unique, wait_for, within};
+use futures::future::BoxFuture;
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Generous bound for anything that should happen "soon".
@@ -32,9 +33,16 @@ const QUIET: Duration = Duration::from_millis(500);
 /// Prefix of every queue this suite creates; also marks stale dead letters.
 const QUEUE_PREFIX: &str = "conf";
 
-/// A bus under test, plus whatever must live as long as the test.
+/// Removes the queues a test used, for backends whose queues outlive the
+/// test (brokers). Gets the names [`TestBus::queue`] handed out.
+pub type Cleanup = Arc<dyn Fn(Vec<String>) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// A bus under test, plus whatever must live as long as the test and what
+/// to clean up after it.
 pub struct TestBus {
     bus: SharedBus,
+    queues: Arc<Mutex<Vec<String>>>,
+    cleanup: Option<Cleanup>,
     _hold: Option<Box<dyn Send>>,
 }
 
@@ -43,15 +51,49 @@ impl TestBus {
     /// test ends.
     pub fn holding(bus: SharedBus, hold: impl Send + 'static) -> Self {
         TestBus {
-            bus,
             _hold: Some(Box::new(hold)),
+            ..TestBus::from(bus)
+        }
+    }
+
+    /// Runs `cleanup` with the test's queues once the test passed.
+    pub fn with_cleanup(mut self, cleanup: Cleanup) -> Self {
+        self.cleanup = Some(cleanup);
+        self
+    }
+
+    /// A queue name no other test uses, cleaned up after the test.
+    pub fn queue(&self) -> String {
+        let name = unique(QUEUE_PREFIX);
+        self.queues
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(name.clone());
+        name
+    }
+
+    /// What to run after the test, kept apart from the bus because the
+    /// test consumes the bus.
+    fn finisher(&self) -> impl std::future::Future<Output = ()> {
+        let queues = self.queues.clone();
+        let cleanup = self.cleanup.clone();
+        async move {
+            let names = std::mem::take(&mut *queues.lock().unwrap_or_else(|e| e.into_inner()));
+            if let Some(cleanup) = cleanup {
+                cleanup(names).await;
+            }
         }
     }
 }
 
 impl From<SharedBus> for TestBus {
     fn from(bus: SharedBus) -> Self {
-        TestBus { bus, _hold: None }
+        TestBus {
+            bus,
+            queues: Arc::default(),
+            cleanup: None,
+            _hold: None,
+        }
     }
 }
 
@@ -126,10 +168,6 @@ async fn take_dead_letter(bus: &SharedBus, queue: &str, payload: &[u8]) -> (Dead
     found
 }
 
-fn queue_name() -> String {
-    unique(QUEUE_PREFIX)
-}
-
 // ---------------------------------------------------------------------------
 // The behaviours
 // ---------------------------------------------------------------------------
@@ -137,7 +175,7 @@ fn queue_name() -> String {
 /// A published message is delivered once, as attempt 1, and an ack removes
 /// it for good.
 pub async fn publish_consume_ack_round_trip(bus: TestBus) {
-    let queue = queue_name();
+    let queue = bus.queue();
     bus.publish(&queue, b"hello").await.expect("publish");
     let mut consumer = bus.consume(&queue, options()).await.expect("consume");
     let delivery = next(&mut consumer).await;
@@ -156,7 +194,7 @@ pub async fn publish_consume_ack_round_trip(bus: TestBus) {
 /// Two consumers on one queue share its messages; each gets each message
 /// at most once.
 pub async fn competing_consumers_split_the_messages(bus: TestBus) {
-    let queue = queue_name();
+    let queue = bus.queue();
     let mut a = bus
         .consume(&queue, options().prefetch(5))
         .await
@@ -196,7 +234,7 @@ pub async fn competing_consumers_split_the_messages(bus: TestBus) {
 /// A consumer never holds more unsettled deliveries than its prefetch;
 /// settling one lets the next through.
 pub async fn prefetch_bounds_unsettled_deliveries(bus: TestBus) {
-    let queue = queue_name();
+    let queue = bus.queue();
     for i in 0..5 {
         bus.publish(&queue, format!("m{i}").as_bytes())
             .await
@@ -226,7 +264,7 @@ pub async fn prefetch_bounds_unsettled_deliveries(bus: TestBus) {
 /// as the next attempt; the dropped consumer's delivery can no longer be
 /// acked.
 pub async fn dropped_consumer_redelivers_its_unsettled_messages(bus: TestBus) {
-    let queue = queue_name();
+    let queue = bus.queue();
     bus.publish(&queue, b"work").await.expect("publish");
     let mut first = bus.consume(&queue, options()).await.expect("consume");
     let stale = next(&mut first).await;
@@ -248,7 +286,7 @@ pub async fn dropped_consumer_redelivers_its_unsettled_messages(bus: TestBus) {
 /// `next()` may be cancelled (a `select!` or timeout around it) without
 /// losing or delaying a message.
 pub async fn cancelled_next_loses_no_message(bus: TestBus) {
-    let queue = queue_name();
+    let queue = bus.queue();
     let mut consumer = bus.consume(&queue, options()).await.expect("consume");
     for _ in 0..5 {
         let waited = tokio::time::timeout(Duration::from_millis(20), consumer.next()).await;
@@ -265,7 +303,7 @@ pub async fn cancelled_next_loses_no_message(bus: TestBus) {
 
 /// A delivery dropped without being settled comes back as the next attempt.
 pub async fn dropped_delivery_is_redelivered(bus: TestBus) {
-    let queue = queue_name();
+    let queue = bus.queue();
     bus.publish(&queue, b"work").await.expect("publish");
     let mut consumer = bus.consume(&queue, options()).await.expect("consume");
     let delivery = next(&mut consumer).await;
@@ -279,7 +317,7 @@ pub async fn dropped_delivery_is_redelivered(bus: TestBus) {
 
 /// A retry comes back no sooner than its delay, as the next attempt.
 pub async fn retry_waits_at_least_its_delay(bus: TestBus) {
-    let queue = queue_name();
+    let queue = bus.queue();
     let delay = Duration::from_millis(700);
     bus.publish(&queue, b"later").await.expect("publish");
     let mut consumer = bus.consume(&queue, options()).await.expect("consume");
@@ -306,7 +344,7 @@ pub async fn retry_waits_at_least_its_delay(bus: TestBus) {
 /// A retry on the last allowed attempt dead-letters the message with the
 /// last error and its origin queue.
 pub async fn retries_past_max_attempts_are_dead_lettered(bus: TestBus) {
-    let queue = queue_name();
+    let queue = bus.queue();
     let payload = format!("poison-{queue}");
     bus.publish(&queue, payload.as_bytes())
         .await
@@ -348,7 +386,7 @@ pub async fn retries_past_max_attempts_are_dead_lettered(bus: TestBus) {
 /// An explicit dead-letter records the origin queue, the reason and the
 /// attempts made.
 pub async fn dead_letter_records_origin_and_reason(bus: TestBus) {
-    let queue = queue_name();
+    let queue = bus.queue();
     let payload = format!("bad-{queue}");
     bus.publish(&queue, payload.as_bytes())
         .await
@@ -369,7 +407,7 @@ pub async fn dead_letter_records_origin_and_reason(bus: TestBus) {
 /// An undecodable message read as an envelope goes to the dead-letter
 /// queue at once, and the consumer moves on to the next valid envelope.
 pub async fn undecodable_message_is_dead_lettered_and_skipped(bus: TestBus) {
-    let queue = queue_name();
+    let queue = bus.queue();
     let garbage = format!("\u{1}not messagepack {queue}").into_bytes();
     let envelope = Envelope::new(PlanRejected {
         plan_id: queue.clone(),
@@ -403,7 +441,7 @@ pub async fn undecodable_message_is_dead_lettered_and_skipped(bus: TestBus) {
 /// `queue_depth` counts waiting messages; `purge` removes them and says
 /// how many.
 pub async fn queue_depth_and_purge(bus: TestBus) {
-    let queue = queue_name();
+    let queue = bus.queue();
     assert_eq!(
         bus.queue_depth(&queue).await.expect("depth of a new queue"),
         0
@@ -424,7 +462,7 @@ pub async fn queue_depth_and_purge(bus: TestBus) {
 /// consumer) is dead-lettered after a bounded number of deliveries instead
 /// of looping for ever.
 pub async fn crash_looping_message_is_dead_lettered(bus: TestBus) {
-    let queue = queue_name();
+    let queue = bus.queue();
     let payload = format!("crash-{queue}");
     bus.publish(&queue, payload.as_bytes())
         .await
@@ -517,7 +555,7 @@ pub async fn broadcast_reaches_matching_listeners_only(bus: TestBus) {
 
 /// A payload over the limit is refused before anything is sent.
 pub async fn oversized_payload_is_refused(bus: TestBus) {
-    let queue = queue_name();
+    let queue = bus.queue();
     let payload = vec![0u8; MAX_PAYLOAD_BYTES + 1];
     match bus.publish(&queue, &payload).await {
         Err(BusError::TooLarge { size, limit, .. }) => {
@@ -529,7 +567,7 @@ pub async fn oversized_payload_is_refused(bus: TestBus) {
 
 /// After `close`, consumers end and calls fail with `Closed`.
 pub async fn closed_bus_refuses_work(bus: TestBus) {
-    let queue = queue_name();
+    let queue = bus.queue();
     let mut consumer = bus.consume(&queue, options()).await.expect("consume");
     bus.close().await;
     assert!(within("the consumer to end", SOON, consumer.next())
@@ -550,7 +588,7 @@ pub async fn closed_bus_refuses_work(bus: TestBus) {
 /// `server` names the server for `$DEVFLEET_SERVERS_CTL restart`; `url` is
 /// its URL, used to see when it is down.
 pub async fn restart_mid_stream_loses_no_confirmed_message(bus: TestBus, server: &str, url: &str) {
-    let queue = queue_name();
+    let queue = bus.queue();
     let root = unique(QUEUE_PREFIX);
     let mut expected = BTreeSet::new();
     for i in 0..30 {
@@ -845,12 +883,14 @@ macro_rules! conformance_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $test() {
                 let bus: TestBus = $make().await.into();
+                let finish = bus.finisher();
                 within(
                     concat!(stringify!($test), " to finish"),
                     Duration::from_secs(240),
                     super::$test(bus),
                 )
                 .await;
+                finish.await;
             }
         )*
     };
@@ -862,12 +902,38 @@ async fn memory_bus() -> TestBus {
 }
 
 async fn amqp_bus() -> TestBus {
-    let url = devfleet_testkit::amqp_url();
     let gate = gate::shared().await;
+    TestBus {
+        _hold: Some(Box::new(gate)),
+        ..amqp_bus_ungated().await
+    }
+}
+
+/// A RabbitMQ bus whose test deletes its queues when it passes.
+async fn amqp_bus_ungated() -> TestBus {
+    let url = devfleet_testkit::amqp_url();
     let bus = devfleet_bus::connect(&url)
         .await
         .expect("connect to RabbitMQ");
-    TestBus::holding(bus, gate)
+    // Its own connection: the test may have closed its bus.
+    let cleanup: Cleanup = Arc::new(move |queues: Vec<String>| {
+        let url = url.clone();
+        Box::pin(async move {
+            let result = async {
+                let bus = devfleet_bus::amqp::AmqpBus::connect(&url).await?;
+                for queue in &queues {
+                    bus.delete_queue(queue).await?;
+                }
+                bus.close().await;
+                Ok::<_, BusError>(())
+            }
+            .await;
+            if let Err(e) = result {
+                eprintln!("warning: test queues {queues:?} were not deleted: {e}");
+            }
+        })
+    });
+    TestBus::from(bus).with_cleanup(cleanup)
 }
 
 conformance_suite!(memory, memory_bus);
@@ -883,15 +949,16 @@ mod amqp_restart {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn broker_restart_mid_stream_loses_no_confirmed_message() {
         let url = devfleet_testkit::amqp_url();
-        let bus: SharedBus = devfleet_bus::connect(&url)
-            .await
-            .expect("connect to RabbitMQ");
+        // Not gated as a reader: the test takes the gate exclusively itself.
+        let bus = amqp_bus_ungated().await;
+        let finish = bus.finisher();
         within(
             "the restart test to finish",
             Duration::from_secs(400),
-            restart_mid_stream_loses_no_confirmed_message(bus.into(), "rabbitmq", &url),
+            restart_mid_stream_loses_no_confirmed_message(bus, "rabbitmq", &url),
         )
         .await;
+        finish.await;
     }
 }
 

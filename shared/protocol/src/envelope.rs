@@ -64,7 +64,9 @@ pub enum DecodeError {
     Truncated(String),
     #[error("message is not a devfleet envelope: {0}")]
     Malformed(String),
-    #[error("envelope schema version {found} is not supported (this build reads version {supported})")]
+    #[error(
+        "envelope schema version {found} is not supported (this build reads version {supported})"
+    )]
     UnsupportedVersion { found: u16, supported: u16 },
     #[error("unknown message kind '{kind}'")]
     UnknownKind { kind: String },
@@ -294,7 +296,13 @@ mod tests {
         env.version = 9;
         let err = Envelope::decode(&env.encode().unwrap()).unwrap_err();
         assert!(
-            matches!(err, DecodeError::UnsupportedVersion { found: 9, supported: 1 }),
+            matches!(
+                err,
+                DecodeError::UnsupportedVersion {
+                    found: 9,
+                    supported: 1
+                }
+            ),
             "{err:?}"
         );
         assert!(err.to_string().contains("version 9"));
@@ -302,7 +310,11 @@ mod tests {
 
     #[test]
     fn garbage_is_malformed() {
-        for garbage in [&b"hello world"[..], &[0xc1, 0x00][..], &[0x92, 0x01, 0x02][..]] {
+        for garbage in [
+            &b"hello world"[..],
+            &[0xc1, 0x00][..],
+            &[0x92, 0x01, 0x02][..],
+        ] {
             let err = Envelope::decode(garbage).unwrap_err();
             assert!(
                 matches!(err, DecodeError::Malformed(_) | DecodeError::Truncated(_)),

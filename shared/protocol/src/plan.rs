@@ -324,10 +324,7 @@ impl DeploySpec {
             return Err("stages must not be empty".into());
         }
         if self.stages.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(format!(
-                "stages must rise strictly, got {:?}",
-                self.stages
-            ));
+            return Err(format!("stages must rise strictly, got {:?}", self.stages));
         }
         if self.stages.iter().any(|&s| s == 0 || s > 100) {
             return Err(format!("stages must lie in 1..=100, got {:?}", self.stages));
@@ -438,7 +435,15 @@ deploy:
 
     #[test]
     fn hostile_paths_name_the_task() {
-        for bad in ["../etc/passwd", "/etc/passwd", "a/../../b", "a//b", "./a", "C:x", "a\\b"] {
+        for bad in [
+            "../etc/passwd",
+            "/etc/passwd",
+            "a/../../b",
+            "a//b",
+            "./a",
+            "C:x",
+            "a\\b",
+        ] {
             let text = format!("name: x\ntasks:\n  - path: '{bad}'\n    spec: s\n");
             match Plan::parse(&text) {
                 Err(PlanError::InvalidPath { task, .. }) => assert_eq!(task, bad),
@@ -452,7 +457,9 @@ deploy:
         let dup = "name: x\ntasks:\n  - {path: a.py, spec: s}\n  - {path: a.py, spec: t}\n";
         assert_eq!(
             Plan::parse(dup).unwrap_err(),
-            PlanError::DuplicatePath { task: "a.py".into() }
+            PlanError::DuplicatePath {
+                task: "a.py".into()
+            }
         );
         let unknown = "name: x\ntasks:\n  - {path: a.py, spec: s, depends_on: [b.py]}\n";
         assert_eq!(
@@ -490,6 +497,9 @@ deploy:
     #[test]
     fn falling_stages_are_rejected() {
         let text = GOOD.replace("[10, 50, 100]", "[50, 10]");
-        assert!(matches!(Plan::parse(&text), Err(PlanError::InvalidDeploy(_))));
+        assert!(matches!(
+            Plan::parse(&text),
+            Err(PlanError::InvalidDeploy(_))
+        ));
     }
 }
