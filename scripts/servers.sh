@@ -12,10 +12,12 @@
 #                                          SIGKILL one (it stays down)
 #        scripts/servers.sh up DIR rabbitmq|nats|redis
 #                                          start one that is down
-# DIR/env holds the DEVFLEET_*_URL exports; source it.
+# DIR/env holds the DEVFLEET_*_URL exports; source it. `start` takes
+# REDIS_PORT, NATS_PORT, RABBIT_PORT, RABBIT_DIST_PORT, EPMD_PORT from the
+# environment when set, else picks free ports.
 set -euo pipefail
 
-usage() { sed -n '5,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '5,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
 need_packages() {
   local missing=()
@@ -120,8 +122,21 @@ port_of() {
   case $1 in redis) echo "$REDIS_PORT" ;; nats) echo "$NATS_PORT" ;; rabbitmq) echo "$RABBIT_PORT" ;; esac
 }
 
+# True when $1 is a live process running the program of server $2 (a pid
+# file can outlive its process, and the pid be reused by another).
+is_server_pid() {
+  [ -n "$1" ] && [ -r "/proc/$1/cmdline" ] || return 1
+  local cmd; cmd=$(tr '\0' ' ' <"/proc/$1/cmdline")
+  case $2 in
+    redis) [[ $cmd == *redis-server* ]] ;;
+    nats) [[ $cmd == *nats-server* ]] ;;
+    rabbitmq) [[ $cmd == *beam* ]] ;;
+  esac
+}
+
 stop_one() { # dir name signal
   local pid; pid=$(pid_of "$1" "$2")
+  is_server_pid "$pid" "$2" || pid=
   if [ "$2" = rabbitmq ] && [ "$3" = TERM ]; then
     ( rabbit_env "$1"; rabbitmqctl -n "$RABBITMQ_NODENAME" -q stop >/dev/null 2>&1 ) || true
   fi
@@ -154,12 +169,15 @@ case $cmd in
     need_packages
     mkdir -p "$dir"
     dir=$(cd "$dir" && pwd)
+    # Ports preset in the environment are kept (scripts/stack.sh pins them
+    # so a stack keeps its addresses and data across down/up); the rest are
+    # free ports.
     cat >"$dir/ports" <<PORTS
-REDIS_PORT=$(free_port)
-NATS_PORT=$(free_port)
-RABBIT_PORT=$(free_port)
-RABBIT_DIST_PORT=$(free_port)
-EPMD_PORT=$(free_port)
+REDIS_PORT=${REDIS_PORT:-$(free_port)}
+NATS_PORT=${NATS_PORT:-$(free_port)}
+RABBIT_PORT=${RABBIT_PORT:-$(free_port)}
+RABBIT_DIST_PORT=${RABBIT_DIST_PORT:-$(free_port)}
+EPMD_PORT=${EPMD_PORT:-$(free_port)}
 PORTS
     load "$dir"
     start_redis "$dir" &

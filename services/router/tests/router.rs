@@ -693,6 +693,9 @@ async fn error_storm_opens_the_breaker_pauses_dispatch_and_recovers_after_the_co
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn undecodable_messages_are_indexed_in_the_dlq_then_listed_and_purged_by_the_cli() {
     devfleet_telemetry::init_for_tests();
+    // The subcommands' flags are well-formed (clap checks on build).
+    <cli_dlq::DlqCommand as clap::Subcommand>::augment_subcommands(clap::Command::new("dlq"))
+        .debug_assert();
     // Connected the way the CLI connects, so `devfleet dlq` sees this stack.
     let connect = devfleet_runtime::ConnectArgs {
         bus: devfleet_runtime::BusKind::Amqp,
@@ -917,8 +920,17 @@ async fn a_pending_retry_survives_the_router_stopping_and_waits_its_delay() {
         .unwrap();
     assert_eq!(t.state, TaskState::Leased, "held while no router runs");
 
-    // Another router takes over the waiting ticket.
-    let services = Services::start(config.clone(), Some(qa_config(&c)));
+    // Another router process (its own broker connection) takes over the
+    // waiting ticket.
+    let bus = devfleet_bus::connect(&amqp_url()).await.expect("amqp");
+    let fresh = Connections {
+        broadcast: bus.clone(),
+        bus,
+        ..c.clone()
+    };
+    let mut config = config.clone();
+    config.connections = fresh.clone();
+    let services = Services::start(config.clone(), Some(qa_config(&fresh)));
     wait_state(&c, &plan_id, "once/flaky.py", TaskState::Done).await;
     let tries = harness.attempts_of("once/flaky.py");
     assert_eq!(tries.len(), 2, "{tries:?}");
