@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2016  # single-quoted bodies of `bash -c`/`sh -c` expand in the child, on purpose
 # The real devfleet stack as plain processes on loopback: RabbitMQ, Redis
 # (AOF on) and NATS with JetStream (via scripts/servers.sh), and every
 # service binary as its own process. State (ports, pids, logs, data) lives in
@@ -20,12 +21,10 @@
 # (grace before SIGKILL, default 40). Every other DEVFLEET_* variable set at
 # `up` (executor, OpenAI key, namespace, bus...) is handed to every service.
 set -euo pipefail
-# Single-quoted `sh -c` bodies below expand in the stack's environment, on purpose.
-# shellcheck disable=SC2016
 
 SERVICES=(analyzer scheduler dev-worker qa-worker router canary metrics-gateway)
 
-usage() { sed -n '7,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '8,15p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 say() { echo "stack: $*" >&2; }
 die() { say "$*"; exit 1; }
 

@@ -1,21 +1,24 @@
-//! Task completion and failure, and the end of a plan.
+//! Task completion and failure, and the end of a plan's tasks.
 //!
 //! `handle_done` consumes `task.done` (published by the router once a task
 //! passed every stage). Completing is idempotent in the store: the step that
 //! makes a task Done also makes Ready each dependent whose last unfinished
 //! dependency it was, and a duplicate delivery changes nothing. When the
-//! last task of a plan becomes final, `finish_plan` decides the plan's
-//! outcome. The direct seam ([`crate::direct_router`]) uses the same
+//! last task of a plan becomes final, [`finish_plan`] moves the plan on:
+//! Failed if a task failed; else to its integration stage
+//! ([`crate::integration`]), its deploy stage ([`crate::deploy`]) or
+//! Succeeded. The direct seam ([`crate::direct_router`]) uses the same
 //! functions.
 
-use crate::consume::{self, Settlement};
-use crate::{Shared, TASKS_COMPLETED};
+use crate::consume::{self, Settlement, StepError};
+use crate::stages::PlanStages;
+use crate::{deploy, integration, Shared, TASKS_COMPLETED};
 use devfleet_protocol::{queues, Envelope, Message, MetricType, PlanEvent, PlanStatus};
-use devfleet_store::{PlanRecord, StoreResult, TaskState, TaskStore};
+use devfleet_store::{PlanRecord, TaskState, TaskStore};
 use std::sync::Arc;
 
 /// Longest plan status message, in characters.
-const MAX_MESSAGE_CHARS: usize = 2_000;
+pub(crate) const MAX_MESSAGE_CHARS: usize = 2_000;
 
 /// Handles one `task.done` envelope.
 pub(crate) async fn handle_done(shared: Arc<Shared>, envelope: Envelope) -> Settlement {
@@ -23,7 +26,7 @@ pub(crate) async fn handle_done(shared: Arc<Shared>, envelope: Envelope) -> Sett
         Message::TaskDone(done) => {
             match complete(&shared, &done.plan_id, &done.path, &done.artifact).await {
                 Ok(()) => Settlement::Ack,
-                Err(e) => Settlement::from_store_error("completing the task", e),
+                Err(e) => e.settlement("completing the task"),
             }
         }
         _ => consume::unexpected(&envelope, queues::TASK_DONE),
@@ -39,7 +42,7 @@ pub(crate) async fn complete(
     plan_id: &str,
     path: &str,
     artifact: &str,
-) -> StoreResult<()> {
+) -> Result<(), StepError> {
     let store = &shared.connections.store;
     let completion = store.complete(plan_id, path, artifact).await?;
     if completion.newly_done {
@@ -87,7 +90,7 @@ pub(crate) async fn fail(
     plan_id: &str,
     path: &str,
     error: &str,
-) -> StoreResult<()> {
+) -> Result<(), StepError> {
     let store = &shared.connections.store;
     let failure = store.fail(plan_id, path, error).await?;
     if failure.newly_failed {
@@ -128,19 +131,11 @@ pub(crate) async fn fail(
     Ok(())
 }
 
-/// The outcome of a plan whose every task is final: Succeeded when all are
-/// Done, else Failed with a message naming the failed tasks. `None` when the
-/// plan already ended.
-async fn outcome(
+/// The message of a plan that failed because some tasks did.
+async fn failed_tasks_message(
     store: &dyn TaskStore,
     plan: &PlanRecord,
-) -> StoreResult<Option<(PlanStatus, Option<String>)>> {
-    if plan.status.is_final() {
-        return Ok(None);
-    }
-    if plan.failed == 0 && plan.blocked == 0 {
-        return Ok(Some((PlanStatus::Succeeded, None)));
-    }
+) -> Result<String, StepError> {
     let tasks = store.tasks(&plan.id).await?;
     let failed: Vec<String> = tasks
         .iter()
@@ -153,54 +148,98 @@ async fn outcome(
             )
         })
         .collect();
-    let message = format!(
+    Ok(truncate(format!(
         "{} task(s) failed: {}; {} blocked; {} of {} done",
         failed.len(),
         failed.join(", "),
         plan.blocked,
         plan.done,
         plan.total
-    );
-    Ok(Some((PlanStatus::Failed, Some(truncate(message)))))
+    )))
 }
 
-/// Ends a plan whose every task is final (see [`outcome`]) and announces it.
-/// Does nothing to a plan that already ended, so concurrent or repeated
-/// calls are harmless (at worst the event goes out twice; events are best
-/// effort).
-pub(crate) async fn finish_plan(shared: &Shared, plan_id: &str) -> StoreResult<()> {
+/// Moves on a plan whose every task is final: Failed (naming the failed
+/// tasks) when any failed or is blocked; otherwise into its integration
+/// stage, or its deploy stage, or Succeeded.
+///
+/// Safe to call any number of times, concurrently too: a plan that already
+/// ended is left alone, and entering a stage is claimed once in the store
+/// ([`crate::stages`]); a repeated call only finishes what an interrupted
+/// one left undone (at worst a best-effort event goes out twice).
+pub(crate) async fn finish_plan(shared: &Shared, plan_id: &str) -> Result<(), StepError> {
     let store = &shared.connections.store;
     let Some(plan) = store.plan(plan_id).await? else {
         return Ok(());
     };
-    // Hook for the integration stage (a later issue): a plan with
-    // `integration` steps moves to `Integrating` here and publishes
-    // `work.integration`; only its results decide Succeeded or Failed.
-    let Some((status, message)) = outcome(store.as_ref(), &plan).await? else {
+    if plan.status.is_final() {
         return Ok(());
+    }
+    if plan.failed > 0 || plan.blocked > 0 {
+        let message = failed_tasks_message(store.as_ref(), &plan).await?;
+        return end_plan(shared, &plan, PlanStatus::Failed, Some(message)).await;
+    }
+    let stages = match PlanStages::of(&plan) {
+        Ok(stages) => stages,
+        Err(message) => {
+            tracing::error!(plan_id, %message, "cannot read the plan's later stages");
+            return end_plan(shared, &plan, PlanStatus::Failed, Some(truncate(message))).await;
+        }
     };
-    store
-        .set_plan_status(plan_id, status, message.clone())
+    match (&plan.status, &stages.deploy) {
+        // Past integration: only make sure the deploy request went out.
+        (PlanStatus::Deploying, Some(spec)) => deploy::request(shared, &plan, spec).await,
+        (PlanStatus::Deploying, None) => Ok(()),
+        _ if !stages.integration.is_empty() => integration::start(shared, &plan, &stages).await,
+        (_, Some(spec)) => deploy::request(shared, &plan, spec).await,
+        (_, None) => end_plan(shared, &plan, PlanStatus::Succeeded, None).await,
+    }
+}
+
+/// Sets a plan's final (or next) status and announces it: log, `plan.event`
+/// and a `task_progress` metric. Counts are the record's.
+pub(crate) async fn end_plan(
+    shared: &Shared,
+    plan: &PlanRecord,
+    status: PlanStatus,
+    message: Option<String>,
+) -> Result<(), StepError> {
+    shared
+        .connections
+        .store
+        .set_plan_status(&plan.id, status, message.clone())
         .await?;
     tracing::info!(
-        plan_id,
+        plan_id = %plan.id,
         status = status.as_str(),
         done = plan.done,
         failed = plan.failed,
         blocked = plan.blocked,
         total = plan.total,
-        "plan finished"
+        "plan {}",
+        if status.is_final() { "finished" } else { "moved on" }
     );
+    announce(shared, plan, status, message).await;
+    Ok(())
+}
+
+/// Announces a plan's status: `plan.event` and a `task_progress` metric
+/// (best effort).
+pub(crate) async fn announce(
+    shared: &Shared,
+    plan: &PlanRecord,
+    status: PlanStatus,
+    message: Option<String>,
+) {
     shared
         .connections
         .event(PlanEvent {
-            plan_id: plan_id.to_owned(),
+            plan_id: plan.id.clone(),
             name: plan.name.clone(),
             status,
             done: plan.done,
             failed: plan.failed,
             total: plan.total,
-            message: message.clone(),
+            message,
         })
         .await;
     shared
@@ -208,7 +247,7 @@ pub(crate) async fn finish_plan(shared: &Shared, plan_id: &str) -> StoreResult<(
         .emit(
             MetricType::TaskProgress,
             serde_json::json!({
-                "plan_id": plan_id,
+                "plan_id": plan.id,
                 "name": plan.name,
                 "status": status.as_str(),
                 "done": plan.done,
@@ -218,10 +257,10 @@ pub(crate) async fn finish_plan(shared: &Shared, plan_id: &str) -> StoreResult<(
             }),
         )
         .await;
-    Ok(())
 }
 
-fn truncate(mut s: String) -> String {
+/// Cuts a plan message to [`MAX_MESSAGE_CHARS`] characters.
+pub(crate) fn truncate(mut s: String) -> String {
     if s.chars().count() > MAX_MESSAGE_CHARS {
         s = s.chars().take(MAX_MESSAGE_CHARS).collect::<String>() + "…";
     }

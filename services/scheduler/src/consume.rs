@@ -50,6 +50,30 @@ impl Settlement {
     }
 }
 
+/// Why a step of a handler did not finish: the store failed, or a message
+/// could not be published (always transient: the broker confirms or not).
+#[derive(Debug)]
+pub(crate) enum StepError {
+    Store(StoreError),
+    Publish(anyhow::Error),
+}
+
+impl From<StoreError> for StepError {
+    fn from(e: StoreError) -> Self {
+        StepError::Store(e)
+    }
+}
+
+impl StepError {
+    /// The settlement of a delivery whose handler stopped at this error.
+    pub(crate) fn settlement(self, what: &str) -> Settlement {
+        match self {
+            StepError::Store(e) => Settlement::from_store_error(what, e),
+            StepError::Publish(e) => Settlement::Retry(format!("{what}: {e:#}")),
+        }
+    }
+}
+
 /// Retry policy for transient handler failures.
 const HANDLER_BACKOFF: Backoff = Backoff {
     base: Duration::from_millis(200),

@@ -1,20 +1,22 @@
-//! The direct seam: stands in for the router until issue 5 replaces it.
+//! The direct seam: the scheduler standing in for the router, for tests
+//! and setups that run no router. Off by default.
 //!
-//! With `Config::direct_routing` (the default, `--direct-routing`,
-//! `DEVFLEET_DIRECT_ROUTING`), the scheduler itself consumes what the router
-//! will consume:
+//! With `Config::direct_routing` (`--direct-routing true`,
+//! `DEVFLEET_DIRECT_ROUTING=true`), the scheduler itself consumes what the
+//! router normally consumes:
 //!
 //! * `task.built` is treated as `task.done`: the task is completed through
 //!   the same path ([`crate::completion`]), so its dependents are released.
-//!   There is no QA stage yet.
+//!   There is no QA stage.
 //! * `task.failed` fails the task for good: its dependents are Blocked with
 //!   the cause, independent tasks still finish, and the plan ends Failed.
-//!   There are no retries yet.
+//!   There are no retries, no dead-letter entries and no circuit breaker
+//!   outcomes (a `dev` breaker state in the store is still obeyed).
 //!
-//! **Replaced by the router in issue 5**, which owns `task.built` and
-//! `task.failed` (QA, retries with backoff, dead-lettering, fix tasks) and
-//! publishes `task.done`. Run the scheduler with `--direct-routing false`
-//! once a router is deployed; then this module is not started.
+//! The router (`devfleet-router`) owns `task.built` and `task.failed` in a
+//! real deployment (QA, retries with backoff, dead-lettering, fix tasks) and
+//! publishes `task.done`. Never enable this seam where a router runs: both
+//! would compete for the same messages.
 
 use crate::completion;
 use crate::consume::{self, Settlement};
@@ -29,7 +31,7 @@ pub(crate) async fn handle_built(shared: Arc<Shared>, envelope: Envelope) -> Set
             match completion::complete(&shared, &built.plan_id, &built.path, &built.artifact).await
             {
                 Ok(()) => Settlement::Ack,
-                Err(e) => Settlement::from_store_error("completing the built task", e),
+                Err(e) => e.settlement("completing the built task"),
             }
         }
         _ => consume::unexpected(&envelope, queues::TASK_BUILT),
@@ -48,7 +50,7 @@ pub(crate) async fn handle_failed(shared: Arc<Shared>, envelope: Envelope) -> Se
             );
             match completion::fail(&shared, &failed.plan_id, &failed.path, &error).await {
                 Ok(()) => Settlement::Ack,
-                Err(e) => Settlement::from_store_error("failing the task", e),
+                Err(e) => e.settlement("failing the task"),
             }
         }
         _ => consume::unexpected(&envelope, queues::TASK_FAILED),

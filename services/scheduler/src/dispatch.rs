@@ -11,7 +11,12 @@
 //!
 //! A cycle runs when woken (plan created, task completed, leases reaped)
 //! and on a tick: short while work waits for slots (that is how freed slots
-//! are noticed), longer when there was nothing to dispatch.
+//! are noticed), longer when there was nothing to dispatch or the `dev`
+//! circuit breaker held the work back.
+//!
+//! Before claiming, each cycle asks the router's `dev` circuit breaker
+//! ([`crate::dev_breaker`]) how much of the credit it may use: all of it
+//! when closed, none when open, one probe permit per task when half-open.
 //!
 //! If publishing fails the claimed task keeps its dispatch lease until the
 //! reaper returns it to Ready; the dispatcher backs off before its next
@@ -19,6 +24,7 @@
 //! slots) per backoff period, each for one dispatch lease.
 
 use crate::capacity::{self, Fleet, DISPATCH_OWNER};
+use crate::dev_breaker::DevBreaker;
 use crate::Shared;
 use devfleet_protocol::{now_ms, queues, MetricType, TaskWork};
 use devfleet_runtime::backoff::Backoff;
@@ -87,16 +93,20 @@ enum CycleEnd {
     NoReadyWork,
     /// The credit ran out (or was zero): work may be waiting for slots.
     CreditUsed,
+    /// The `dev` circuit breaker held work back (open, or half-open with
+    /// its probes taken).
+    BreakerHeld,
 }
 
 /// Runs dispatch cycles until `shutdown`.
 pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut ledger = Ledger::default();
+    let mut breaker = DevBreaker::default();
     let mut failures = 0u32;
     let mut last_status: Option<Instant> = None;
     loop {
-        let pause = match cycle(&shared, &mut ledger, &mut last_status).await {
-            Ok(CycleEnd::NoReadyWork) => {
+        let pause = match cycle(&shared, &mut ledger, &mut breaker, &mut last_status).await {
+            Ok(CycleEnd::NoReadyWork | CycleEnd::BreakerHeld) => {
                 failures = 0;
                 shared.idle_tick
             }
@@ -121,6 +131,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) -> any
 async fn cycle(
     shared: &Shared,
     ledger: &mut Ledger,
+    breaker: &mut DevBreaker,
     last_status: &mut Option<Instant>,
 ) -> anyhow::Result<CycleEnd> {
     let store = &shared.connections.store;
@@ -128,8 +139,17 @@ async fn cycle(
     let depth = shared.connections.queue_depth(queues::WORK_DEV).await?;
     ledger.prune(fleet.newest_at_ms, now_ms());
     let outstanding = depth + ledger.len() as u64;
-    let credit = capacity::credit(&fleet, outstanding).min(MAX_ROUND);
+    let mut credit = capacity::credit(&fleet, outstanding).min(MAX_ROUND);
     let mut end = CycleEnd::CreditUsed;
+    if credit > 0 {
+        let admission = breaker
+            .admit(store.as_ref(), &shared.metrics, credit)
+            .await?;
+        if admission.held(credit) {
+            end = CycleEnd::BreakerHeld;
+        }
+        credit = admission.allowed;
+    }
     // One round: claim the best `credit` tasks, then publish them. Claims
     // and publishes are issued concurrently (each is atomic on its own), so
     // a round costs about one store and one broker round trip; the tasks of
@@ -143,7 +163,11 @@ async fn cycle(
     for claim in claims {
         match claim {
             Ok(Some(task)) => claimed.push(task),
-            Ok(None) => end = CycleEnd::NoReadyWork,
+            Ok(None) => {
+                if end != CycleEnd::BreakerHeld {
+                    end = CycleEnd::NoReadyWork;
+                }
+            }
             Err(e) => failure = Some(anyhow::Error::from(e)),
         }
     }
@@ -186,7 +210,7 @@ async fn cycle(
     }
     if last_status.is_none_or(|t| t.elapsed() >= STATUS_EVERY) {
         *last_status = Some(Instant::now());
-        emit_status(shared, &fleet, depth, ledger.len()).await;
+        emit_status(shared, &fleet, depth, ledger.len(), breaker.phase()).await;
     }
     match failure {
         Some(e) => Err(e),
@@ -194,7 +218,13 @@ async fn cycle(
     }
 }
 
-async fn emit_status(shared: &Shared, fleet: &Fleet, depth: u64, unreported: usize) {
+async fn emit_status(
+    shared: &Shared,
+    fleet: &Fleet,
+    depth: u64,
+    unreported: usize,
+    breaker: devfleet_router::breaker::Phase,
+) {
     let ready = match shared.connections.store.ready_len().await {
         Ok(n) => n,
         Err(e) => {
@@ -215,6 +245,7 @@ async fn emit_status(shared: &Shared, fleet: &Fleet, depth: u64, unreported: usi
                 "busy": fleet.busy,
                 "waiting": fleet.waiting,
                 "free_slots": fleet.free,
+                "dev_breaker": breaker.as_str(),
             }),
         )
         .await;

@@ -103,7 +103,7 @@ async fn create(shared: &Shared, plan: PlanAnalyzed) -> Settlement {
         // Nothing will ever complete to end it (the analyzer rejects empty
         // plans; this only guards against another publisher).
         if let Err(e) = crate::completion::finish_plan(shared, &plan.plan_id).await {
-            return Settlement::from_store_error("ending an empty plan", e);
+            return e.settlement("ending an empty plan");
         }
         return Settlement::Ack;
     }

@@ -1,5 +1,6 @@
-//! The scheduler service: keeps every plan's tasks in the priority store and
-//! hands each to a dev-worker the moment its dependencies are done.
+//! The scheduler service: keeps every plan's tasks in the priority store,
+//! hands each to a dev-worker the moment its dependencies are done, and
+//! takes each plan through its integration and deploy stages.
 //!
 //! # What it does
 //!
@@ -10,16 +11,21 @@
 //!   then longest remaining path, then FIFO) as [`capacity::DISPATCH_OWNER`]
 //!   and publishes it on `work.dev`, but only while the dispatched work no
 //!   worker has taken yet fits in the free slots the dev-workers advertise
-//!   ([`capacity`]). A broker backlog therefore never holds work in an order
-//!   the store would no longer choose.
-//! * **Completion** ([`completion`]): consumes `task.done`, completes the task
-//!   (idempotently) and so releases its dependents in the same store step;
-//!   when the last task of a plan is final, marks the plan Succeeded or
-//!   Failed and announces it.
+//!   ([`capacity`]), and only as far as the router's `dev` circuit breaker
+//!   allows ([`dev_breaker`]). A broker backlog therefore never holds work
+//!   in an order the store would no longer choose.
+//! * **Completion** ([`completion`]): consumes `task.done` (from the
+//!   router), completes the task (idempotently) and so releases its
+//!   dependents in the same store step. When the last task of a plan is
+//!   final the plan fails (some task failed), or moves to its integration
+//!   stage ([`integration`]: `work.integration` out, `integration.results`
+//!   in), then to its deploy stage (`deploy`: `deploy.requested`, after
+//!   which the canary decides the outcome), or succeeds.
 //! * **Leases** ([`reaper`]): returns tasks whose lease expired (a worker
 //!   died, or a dispatched message was never taken) to Ready.
-//! * **The direct seam** ([`direct_router`]): until the router (issue 5)
-//!   exists, `task.built` completes a task and `task.failed` fails it.
+//! * **The direct seam** ([`direct_router`], off by default): for tests and
+//!   setups without a router, `task.built` completes a task and
+//!   `task.failed` fails it.
 //!
 //! # Guarantees
 //!
@@ -28,6 +34,8 @@
 //! * A task is completed at most once (the store decides), and every task of
 //!   a created plan ends Done, Failed or Blocked as long as some dev-worker
 //!   and some scheduler keep running.
+//! * A plan enters each later stage once (a put-if-absent marker in the
+//!   store, [`stages`]); an integration result counts once per shard.
 //! * Any number of scheduler replicas may run: each transition is atomic in
 //!   the store. The dispatch credit is computed per replica, so N replicas
 //!   may together overshoot it by up to N−1 rounds of free slots; the
@@ -44,11 +52,15 @@ use tokio_util::sync::CancellationToken;
 pub mod capacity;
 pub mod completion;
 mod consume;
+mod deploy;
+pub mod dev_breaker;
 pub mod direct_router;
 pub mod dispatch;
 pub mod intake;
+pub mod integration;
 mod plan_trace;
 pub mod reaper;
+pub mod stages;
 
 /// Store counter of tasks this pipeline completed: it grows by
 /// exactly one per task that became Done, however often `task.done` or
@@ -62,7 +74,9 @@ pub struct Config {
     /// Name of this replica in metrics and logs.
     pub instance: String,
     /// Complete `task.built` and fail `task.failed` here, standing in for
-    /// the router (see [`direct_router`]). Default true until issue 5.
+    /// the router (see [`direct_router`]). Default false: the router owns
+    /// those queues. Only for tests and setups that run no router; never
+    /// together with one.
     pub direct_routing: bool,
     /// How long a dispatched task may wait for a worker to take it over
     /// before the reaper makes it Ready again. Must exceed the time a
@@ -89,7 +103,7 @@ impl Config {
         Self {
             connections,
             instance: devfleet_runtime::instance_name("scheduler"),
-            direct_routing: true,
+            direct_routing: false,
             dispatch_lease: Duration::from_secs(30),
             dispatch_tick: Duration::from_millis(20),
             idle_tick: Duration::from_millis(250),
@@ -131,6 +145,26 @@ pub(crate) struct Shared {
     pub max_handler_attempts: u32,
 }
 
+#[cfg(test)]
+impl Shared {
+    /// The shared state of a scheduler that runs no loops (unit tests
+    /// drive the handlers directly).
+    pub(crate) fn for_tests(connections: Connections) -> Arc<Shared> {
+        let config = Config::new(connections.clone());
+        Arc::new(Shared {
+            metrics: connections.metrics("scheduler-test"),
+            connections,
+            wake: Notify::new(),
+            traces: plan_trace::PlanTraces::default(),
+            dispatch_lease: config.dispatch_lease,
+            dispatch_tick: config.dispatch_tick,
+            idle_tick: config.idle_tick,
+            reap_interval: config.reap_interval,
+            max_handler_attempts: config.max_handler_attempts,
+        })
+    }
+}
+
 /// Runs the service until `shutdown` is cancelled, then finishes the
 /// handlers in flight and returns. If any part fails for good (the bus was
 /// closed under it), the others are stopped and the error returned.
@@ -170,6 +204,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         n,
         stop.clone(),
         completion::handle_done,
+    ));
+    parts.spawn(consume::consume(
+        s.clone(),
+        queues::INTEGRATION_RESULTS,
+        n,
+        stop.clone(),
+        integration::handle_result,
     ));
     if config.direct_routing {
         parts.spawn(consume::consume(

@@ -13,9 +13,9 @@ use std::time::Duration;
 struct Args {
     #[command(flatten)]
     connect: ConnectArgs,
-    /// Complete task.built and fail task.failed here (until the router
-    /// exists). Pass `false` once a router runs.
-    #[arg(long, env = "DEVFLEET_DIRECT_ROUTING", default_value_t = true, action = clap::ArgAction::Set)]
+    /// Complete task.built and fail task.failed here, without QA or retries.
+    /// Only for setups that run no router; never together with one.
+    #[arg(long, env = "DEVFLEET_DIRECT_ROUTING", default_value_t = false, action = clap::ArgAction::Set)]
     direct_routing: bool,
     /// How long a dispatched task may wait for a worker before it is Ready again.
     #[arg(long, env = "DEVFLEET_DISPATCH_LEASE_MS", default_value_t = 30_000)]

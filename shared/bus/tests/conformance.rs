@@ -8,6 +8,8 @@
 //!
 //! Real-server tests take their URLs from the environment
 //! (`scripts/test.sh` exports them) and fail, never skip, without them.
+//! Tests name their queues with [`TestBus::queue`], so a broker backend can
+//! delete them once the test passed ([`TestBus::with_cleanup`]).
 //! Tests whose names contain `restart` restart a shared broker; the test
 //! script runs them alone, and [`gate`] keeps them from cutting the
 //! broker away under other tests of this file if they do run together.

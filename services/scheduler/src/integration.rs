@@ -1,0 +1,563 @@
+//! The integration stage: once every task of a plan is Done, the plan's
+//! `integration` steps run on qa-workers, and their results decide the plan.
+//!
+//! * [`start`] (from `completion::finish_plan`): the plan becomes
+//!   Integrating, and one `work.integration` message per shard
+//!   (`devfleet_qa_worker::shards`) is published.
+//! * [`handle_result`] consumes `integration.results`: each result is kept
+//!   put-if-absent in the collection `integration.<plan_id>` under
+//!   `<step>#<shard>`, so a redelivered result counts once (the first one
+//!   for a shard wins). The verdict is rebuilt from everything kept
+//!   (`devfleet_qa_worker::IntegrationTally`) after each result.
+//! * Every shard passed: Deploying and `deploy.requested` when the plan has
+//!   a `deploy` section ([`crate::deploy`]), else Succeeded. Any shard
+//!   failed (once all reported): Failed, with a message naming each failed
+//!   step and the end of its output, and an `escalation` event. There is
+//!   no fix loop for integration: the plan's author or the planner decides.
+//!
+//! Every transition is claimed with a stage marker ([`crate::stages`]), so
+//! repeated or concurrent calls make it once.
+
+use crate::completion::{self, MAX_MESSAGE_CHARS};
+use crate::consume::{self, Settlement, StepError};
+use crate::stages::{Marker, PlanStages};
+use crate::{deploy, Shared};
+use devfleet_protocol::{
+    now_ms, queues, AttemptRecord, Envelope, Escalation, IntegrationResult, IntegrationWork,
+    Message, MetricType, PlanStatus, Stage,
+};
+use devfleet_qa_worker::{IntegrationTally, TallyState};
+use devfleet_store::PlanRecord;
+use std::sync::Arc;
+
+/// The store collection holding a plan's integration results.
+pub fn results_collection(plan_id: &str) -> String {
+    format!("integration.{plan_id}")
+}
+
+/// The key of one shard's result in [`results_collection`].
+pub fn result_key(step: &str, shard_index: u32) -> String {
+    format!("{step}#{shard_index}")
+}
+
+/// Enters the integration stage of a plan whose tasks are all Done (or
+/// finishes entering it, after an interrupted call): status Integrating,
+/// every shard published, and the verdict taken if the results are in.
+pub(crate) async fn start(
+    shared: &Shared,
+    plan: &PlanRecord,
+    stages: &PlanStages,
+) -> Result<(), StepError> {
+    let store = shared.connections.store.as_ref();
+    let work = devfleet_qa_worker::shards(&plan.id, &stages.integration);
+    let won = Marker::Integrating
+        .claim(store, &plan.id, &now_ms().to_string())
+        .await?;
+    let message = format!(
+        "integration: {} shard(s) of {} step(s)",
+        work.len(),
+        stages.integration.len()
+    );
+    if won {
+        tracing::info!(plan_id = %plan.id, shards = work.len(), steps = stages.integration.len(), "plan integrating");
+        completion::end_plan(shared, plan, PlanStatus::Integrating, Some(message)).await?;
+    } else if plan.status == PlanStatus::Running {
+        // An earlier call claimed the stage and stopped before the status.
+        store
+            .set_plan_status(&plan.id, PlanStatus::Integrating, Some(message))
+            .await?;
+    }
+    if Marker::IntegrationSent
+        .get(store, &plan.id)
+        .await?
+        .is_none()
+    {
+        // Republishing after an interrupted call may run a shard twice; its
+        // first result is the one that counts.
+        publish_shards(shared, &work).await?;
+        Marker::IntegrationSent
+            .set(store, &plan.id, &work.len().to_string())
+            .await?;
+    }
+    let Some(plan) = store.plan(&plan.id).await? else {
+        return Ok(());
+    };
+    if plan.status == PlanStatus::Integrating {
+        evaluate(shared, &plan, stages, &work).await?;
+    }
+    Ok(())
+}
+
+async fn publish_shards(shared: &Shared, work: &[IntegrationWork]) -> Result<(), StepError> {
+    let published = futures::future::join_all(work.iter().map(|w| {
+        shared
+            .connections
+            .publish(queues::WORK_INTEGRATION, w.clone())
+    }))
+    .await;
+    for p in published {
+        p.map_err(StepError::Publish)?;
+    }
+    Ok(())
+}
+
+/// Handles one `integration.results` envelope.
+pub(crate) async fn handle_result(shared: Arc<Shared>, envelope: Envelope) -> Settlement {
+    match envelope.message {
+        Message::IntegrationResult(result) => record(&shared, result).await,
+        _ => consume::unexpected(&envelope, queues::INTEGRATION_RESULTS),
+    }
+}
+
+#[tracing::instrument(
+    skip_all,
+    fields(plan_id = %result.plan_id, step = %result.step, shard = result.shard_index, passed = result.passed)
+)]
+async fn record(shared: &Shared, result: IntegrationResult) -> Settlement {
+    let store = shared.connections.store.as_ref();
+    let plan = match store.plan(&result.plan_id).await {
+        Ok(Some(plan)) => plan,
+        Ok(None) => {
+            return Settlement::DeadLetter(format!(
+                "integration result for plan '{}', which does not exist",
+                result.plan_id
+            ))
+        }
+        Err(e) => return Settlement::from_store_error("reading the plan", e),
+    };
+    let stages = match PlanStages::of(&plan) {
+        Ok(stages) => stages,
+        Err(message) => return Settlement::DeadLetter(message),
+    };
+    let work = devfleet_qa_worker::shards(&plan.id, &stages.integration);
+    let expected = work.iter().any(|w| {
+        w.step.name == result.step
+            && w.shard_index == result.shard_index
+            && w.shard_count == result.shard_count
+    });
+    if !expected {
+        return Settlement::DeadLetter(format!(
+            "integration result for step '{}' shard {} of {}, which plan '{}' does not have",
+            result.step, result.shard_index, result.shard_count, plan.id
+        ));
+    }
+    let json = match serde_json::to_string(&result) {
+        Ok(json) => json,
+        Err(e) => return Settlement::DeadLetter(format!("cannot serialise the result: {e}")),
+    };
+    match store
+        .kv_put_new(
+            &results_collection(&plan.id),
+            &result_key(&result.step, result.shard_index),
+            &json,
+        )
+        .await
+    {
+        Ok(true) => tracing::info!(
+            duration_ms = result.duration_ms,
+            "integration shard result recorded"
+        ),
+        Ok(false) => {
+            tracing::info!("a result for this shard is already recorded; the first one counts")
+        }
+        Err(e) => return Settlement::from_store_error("recording the integration result", e),
+    }
+    let outcome = match (plan.status, &stages.deploy) {
+        (PlanStatus::Integrating, _) => evaluate(shared, &plan, &stages, &work).await,
+        // Passed already: make sure the deploy request went out (a
+        // redelivery of the result that decided it, after an interruption).
+        (PlanStatus::Deploying, Some(spec)) => deploy::request(shared, &plan, spec).await,
+        // Before the stage was entered `start` takes the verdict; after the
+        // plan ended the result is late.
+        (status, _) => {
+            tracing::debug!(status = status.as_str(), "nothing to decide now");
+            Ok(())
+        }
+    };
+    match outcome {
+        Ok(()) => Settlement::Ack,
+        Err(e) => e.settlement("deciding the integration verdict"),
+    }
+}
+
+/// Rebuilds the plan's tally from every recorded result and, when every
+/// shard reported, decides the plan.
+async fn evaluate(
+    shared: &Shared,
+    plan: &PlanRecord,
+    stages: &PlanStages,
+    work: &[IntegrationWork],
+) -> Result<(), StepError> {
+    let store = shared.connections.store.as_ref();
+    let mut tally = IntegrationTally::new(&plan.id, work);
+    for (key, json) in store.kv_list(&results_collection(&plan.id)).await? {
+        match serde_json::from_str::<IntegrationResult>(&json) {
+            Ok(result) => {
+                tally.record(result);
+            }
+            Err(e) => {
+                tracing::warn!(plan_id = %plan.id, %key, error = %e, "a recorded integration result is unreadable; ignored")
+            }
+        }
+    }
+    match tally.state() {
+        TallyState::Pending { missing } => {
+            tracing::debug!(plan_id = %plan.id, missing, "integration: waiting for shards");
+            Ok(())
+        }
+        TallyState::Failed => failed(shared, plan, &tally).await,
+        TallyState::Passed => passed(shared, plan, stages, work.len()).await,
+    }
+}
+
+/// Claims the verdict. True when this caller should act on it: it made
+/// the claim, or the caller that did stopped before moving the plan on (the
+/// plan is still Integrating; repeating the status write is harmless).
+async fn claim_verdict(
+    shared: &Shared,
+    plan: &PlanRecord,
+    verdict: &str,
+) -> Result<bool, StepError> {
+    let store = shared.connections.store.as_ref();
+    if Marker::Concluded.claim(store, &plan.id, verdict).await? {
+        return Ok(true);
+    }
+    Ok(store
+        .plan(&plan.id)
+        .await?
+        .is_some_and(|p| p.status == PlanStatus::Integrating))
+}
+
+async fn failed(
+    shared: &Shared,
+    plan: &PlanRecord,
+    tally: &IntegrationTally,
+) -> Result<(), StepError> {
+    if !claim_verdict(shared, plan, "failed").await? {
+        return Ok(());
+    }
+    let summary = tally.failure_summary(MAX_MESSAGE_CHARS);
+    let summary = summary.trim_end().to_owned();
+    tracing::warn!(plan_id = %plan.id, failed_shards = tally.failures().len(), "integration failed");
+    completion::end_plan(shared, plan, PlanStatus::Failed, Some(summary.clone())).await?;
+    {
+        let at_ms = now_ms();
+        let history = tally
+            .failures()
+            .into_iter()
+            .map(|r| AttemptRecord {
+                attempt: 1,
+                stage: Stage::Integration,
+                error: completion::truncate(format!(
+                    "integration step '{}' shard {}/{} failed after {} ms:\n{}",
+                    r.step,
+                    r.shard_index + 1,
+                    r.shard_count,
+                    r.duration_ms,
+                    r.output
+                )),
+                at_ms,
+            })
+            .collect();
+        shared
+            .connections
+            .event(Escalation {
+                plan_id: plan.id.clone(),
+                path: None,
+                reason: summary,
+                history,
+            })
+            .await;
+        shared
+            .metrics
+            .emit(
+                MetricType::Error,
+                serde_json::json!({
+                    "plan_id": plan.id,
+                    "stage": Stage::Integration.as_str(),
+                    "failed_steps": tally
+                        .failures()
+                        .iter()
+                        .map(|r| format!("{}#{}", r.step, r.shard_index))
+                        .collect::<Vec<_>>(),
+                }),
+            )
+            .await;
+    }
+    Ok(())
+}
+
+async fn passed(
+    shared: &Shared,
+    plan: &PlanRecord,
+    stages: &PlanStages,
+    shards: usize,
+) -> Result<(), StepError> {
+    let act = claim_verdict(shared, plan, "passed").await?;
+    match &stages.deploy {
+        // The deploy request is idempotent on its own markers, and must go
+        // out even if the caller that claimed the verdict stopped after
+        // moving the plan to Deploying.
+        Some(spec) => deploy::request(shared, plan, spec).await,
+        None if act => {
+            tracing::info!(plan_id = %plan.id, shards, "integration passed");
+            completion::end_plan(
+                shared,
+                plan,
+                PlanStatus::Succeeded,
+                Some(format!(
+                    "integration passed: {shards} shard(s) of {} step(s)",
+                    stages.integration.len()
+                )),
+            )
+            .await
+        }
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{completion, intake};
+    use devfleet_bus::ConsumeOptions;
+    use devfleet_protocol::{AnalyzedTask, Plan, PlanAnalyzed};
+    use devfleet_runtime::Connections;
+    use std::time::Duration;
+
+    const TASK: &str = "a.py";
+
+    /// A one-task plan with the given `integration:`/`deploy:` YAML,
+    /// created through intake and with its task completed.
+    async fn done_plan(shared: &Arc<Shared>, id: &str, stages_yaml: &str) -> PlanAnalyzed {
+        let plan = Plan::parse(&format!(
+            "name: t\ntasks:\n  - {{ path: {TASK}, spec: s, content: 'x = 1' }}\n{stages_yaml}"
+        ))
+        .unwrap();
+        let analyzed = PlanAnalyzed {
+            plan_id: id.into(),
+            plan,
+            tasks: vec![AnalyzedTask {
+                path: TASK.into(),
+                spec: "s".into(),
+                content: Some("x = 1".into()),
+                depends_on: vec![],
+                estimate: 1,
+                priority: 1,
+                batch: 0,
+                executor: None,
+            }],
+            critical_path_length: 1,
+            critical_path: vec![TASK.into()],
+        };
+        let settled = intake::handle(shared.clone(), Envelope::new(analyzed.clone())).await;
+        assert_eq!(settled, Settlement::Ack);
+        let store = &shared.connections.store;
+        let task = store
+            .claim_next("dispatch", Duration::from_secs(30), now_ms())
+            .await
+            .unwrap()
+            .unwrap();
+        store.mark_built(id, &task.path, "h").await.unwrap();
+        completion::complete(shared, id, &task.path, "h")
+            .await
+            .unwrap();
+        analyzed
+    }
+
+    fn result(plan_id: &str, step: &str, index: u32, count: u32, passed: bool) -> Envelope {
+        Envelope::new(IntegrationResult {
+            plan_id: plan_id.into(),
+            step: step.into(),
+            shard_index: index,
+            shard_count: count,
+            passed,
+            output: format!(
+                "{step} shard {index} says {}",
+                if passed { "ok" } else { "boom" }
+            ),
+            duration_ms: 5,
+        })
+    }
+
+    async fn status(shared: &Shared, id: &str) -> (PlanStatus, Option<String>) {
+        let p = shared.connections.store.plan(id).await.unwrap().unwrap();
+        (p.status, p.message)
+    }
+
+    async fn depth(shared: &Shared, queue: &str) -> u64 {
+        shared.connections.queue_depth(queue).await.unwrap()
+    }
+
+    const TWO_STEPS: &str = "integration:\n  - { name: unit, run: 'python3 -m pytest', shard: 2 }\n  - { name: smoke, run: 'python3 smoke.py' }\n";
+    const DEPLOY: &str = "deploy:\n  shift: { command: './shift.sh {weight}' }\n  health: { url: 'http://127.0.0.1:9/stats' }\n";
+
+    #[tokio::test]
+    async fn finishing_a_plan_twice_enters_integration_once() {
+        let shared = Shared::for_tests(Connections::in_memory());
+        done_plan(&shared, "p1", TWO_STEPS).await;
+        assert_eq!(status(&shared, "p1").await.0, PlanStatus::Integrating);
+        assert_eq!(depth(&shared, queues::WORK_INTEGRATION).await, 3);
+        completion::finish_plan(&shared, "p1").await.unwrap();
+        // A redelivered completion of the last task finishes the plan again.
+        completion::complete(&shared, "p1", TASK, "h")
+            .await
+            .unwrap();
+        assert_eq!(
+            depth(&shared, queues::WORK_INTEGRATION).await,
+            3,
+            "shards published once"
+        );
+        assert_eq!(status(&shared, "p1").await.0, PlanStatus::Integrating);
+    }
+
+    #[tokio::test]
+    async fn a_redelivered_result_counts_once_and_a_failed_shard_fails_the_plan() {
+        let connections = Connections::in_memory();
+        let mut escalations = connections
+            .broadcast
+            .listen(&devfleet_protocol::queues::event_subject("escalation"))
+            .await
+            .unwrap();
+        let shared = Shared::for_tests(connections);
+        done_plan(&shared, "p2", TWO_STEPS).await;
+        let s = shared.clone();
+        let handle = |e| handle_result(s.clone(), e);
+        assert_eq!(
+            handle(result("p2", "unit", 0, 2, true)).await,
+            Settlement::Ack
+        );
+        // A second result for the same shard does not count.
+        assert_eq!(
+            handle(result("p2", "unit", 0, 2, false)).await,
+            Settlement::Ack
+        );
+        assert_eq!(
+            handle(result("p2", "smoke", 0, 1, false)).await,
+            Settlement::Ack
+        );
+        assert_eq!(
+            status(&shared, "p2").await.0,
+            PlanStatus::Integrating,
+            "one shard is missing"
+        );
+        assert_eq!(
+            handle(result("p2", "unit", 1, 2, true)).await,
+            Settlement::Ack
+        );
+        let (st, message) = status(&shared, "p2").await;
+        assert_eq!(st, PlanStatus::Failed);
+        let message = message.unwrap_or_default();
+        assert!(
+            message.contains("'smoke'") && message.contains("boom"),
+            "{message}"
+        );
+        assert!(
+            !message.contains("'unit'"),
+            "the duplicate failure did not count: {message}"
+        );
+        let (_, payload) = tokio::time::timeout(Duration::from_secs(5), escalations.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let Message::Escalation(e) = Envelope::decode(&payload).unwrap().message else {
+            panic!("not an escalation")
+        };
+        assert_eq!((e.plan_id.as_str(), e.path.as_deref()), ("p2", None));
+        assert_eq!(e.history.len(), 1);
+        assert_eq!(e.history[0].stage, Stage::Integration);
+        // A late result changes nothing.
+        assert_eq!(
+            handle(result("p2", "unit", 1, 2, true)).await,
+            Settlement::Ack
+        );
+        assert_eq!(status(&shared, "p2").await.0, PlanStatus::Failed);
+    }
+
+    #[tokio::test]
+    async fn passed_integration_succeeds_a_plan_without_deploy() {
+        let shared = Shared::for_tests(Connections::in_memory());
+        done_plan(
+            &shared,
+            "p3",
+            "integration:\n  - { name: ok, run: 'true' }\n",
+        )
+        .await;
+        assert_eq!(
+            handle_result(shared.clone(), result("p3", "ok", 0, 1, true)).await,
+            Settlement::Ack
+        );
+        assert_eq!(status(&shared, "p3").await.0, PlanStatus::Succeeded);
+    }
+
+    #[tokio::test]
+    async fn passed_integration_with_deploy_requests_the_rollout_once() {
+        let shared = Shared::for_tests(Connections::in_memory());
+        let analyzed = done_plan(&shared, "p4", &format!("{TWO_STEPS}{DEPLOY}")).await;
+        for (step, i, n) in [
+            ("unit", 0, 2),
+            ("unit", 1, 2),
+            ("smoke", 0, 1),
+            ("smoke", 0, 1),
+        ] {
+            assert_eq!(
+                handle_result(shared.clone(), result("p4", step, i, n, true)).await,
+                Settlement::Ack
+            );
+        }
+        completion::finish_plan(&shared, "p4").await.unwrap();
+        assert_eq!(status(&shared, "p4").await.0, PlanStatus::Deploying);
+        assert_eq!(
+            depth(&shared, queues::DEPLOY_REQUESTED).await,
+            1,
+            "requested once"
+        );
+        let mut consumer = shared
+            .connections
+            .consume(queues::DEPLOY_REQUESTED, ConsumeOptions::default())
+            .await
+            .unwrap();
+        let (envelope, delivery) = consumer.next_envelope().await.unwrap().unwrap();
+        delivery.ack().await.unwrap();
+        let Message::DeployRequested(request) = envelope.message else {
+            panic!("not a deploy request")
+        };
+        assert_eq!(request.deployment_id, "p4");
+        assert_eq!(request.plan_id.as_deref(), Some("p4"));
+        assert_eq!(Some(request.spec), analyzed.plan.deploy);
+    }
+
+    #[tokio::test]
+    async fn a_plan_with_deploy_and_no_integration_goes_straight_to_deploying() {
+        let shared = Shared::for_tests(Connections::in_memory());
+        done_plan(&shared, "p5", DEPLOY).await;
+        assert_eq!(status(&shared, "p5").await.0, PlanStatus::Deploying);
+        assert_eq!(depth(&shared, queues::WORK_INTEGRATION).await, 0);
+        assert_eq!(depth(&shared, queues::DEPLOY_REQUESTED).await, 1);
+        // The canary settles the plan; a late completion leaves it alone.
+        shared
+            .connections
+            .store
+            .set_plan_status("p5", PlanStatus::Succeeded, None)
+            .await
+            .unwrap();
+        completion::complete(&shared, "p5", TASK, "h")
+            .await
+            .unwrap();
+        assert_eq!(status(&shared, "p5").await.0, PlanStatus::Succeeded);
+        assert_eq!(depth(&shared, queues::DEPLOY_REQUESTED).await, 1);
+    }
+
+    #[tokio::test]
+    async fn a_result_for_a_shard_the_plan_does_not_have_is_dead_lettered() {
+        let shared = Shared::for_tests(Connections::in_memory());
+        done_plan(&shared, "p6", TWO_STEPS).await;
+        let settled = handle_result(shared.clone(), result("p6", "unit", 5, 6, true)).await;
+        assert!(
+            matches!(settled, Settlement::DeadLetter(ref r) if r.contains("does not have")),
+            "{settled:?}"
+        );
+        let settled = handle_result(shared.clone(), result("nope", "unit", 0, 2, true)).await;
+        assert!(matches!(settled, Settlement::DeadLetter(_)), "{settled:?}");
+    }
+}
