@@ -1,16 +1,27 @@
 //! The scheduler and dev-workers together, in one process, over real
 //! RabbitMQ and Redis (plus NATS JetStream variants, and the in-memory
-//! backends for the fast ones).
+//! backends for the fast ones); and the whole pipeline with the real router
+//! and qa-worker (integration and deploy stages, the dev circuit breaker).
+//!
+//! Tests of the scheduler and dev-workers alone run the scheduler's direct
+//! seam (`direct_routing = true`): no router runs there, so the scheduler
+//! stands in for it. Tests with a router run with the seam off, as deployed.
 //!
 //! Isolation on shared servers: every test runs in its own namespace
 //! (`Connections::namespace`: prefixed queue names, and the Redis key prefix
 //! `devfleet:<namespace>`), so tests running in parallel never take each
-//! other's work.
+//! other's work. Broadcast metrics and events are not namespaced: tests
+//! that listen filter by source instance or plan id.
 
 use async_trait::async_trait;
 use devfleet_dev_worker::executor::simulate::{Simulate, SimulateSettings};
 use devfleet_dev_worker::{ExecError, ExecInput, Executor, Executors, ScalePolicy};
-use devfleet_protocol::{queues, AnalyzedTask, ExecutorKind, Plan, PlanAnalyzed, PlanStatus};
+use devfleet_bus::ConsumeOptions;
+use devfleet_protocol::{
+    queues, AnalyzedTask, Envelope, ExecutorKind, IntegrationStep, Message, Plan, PlanAnalyzed,
+    PlanStatus,
+};
+use devfleet_router::breaker::{self, BreakerState, Phase};
 use devfleet_runtime::Connections;
 use devfleet_scheduler::TASKS_COMPLETED;
 use devfleet_store::{PlanRecord, TaskState};
@@ -106,13 +117,37 @@ impl Stack {
         }
     }
 
-    fn scheduler(&mut self) {
+    fn scheduler_config(&self) -> devfleet_scheduler::Config {
         let mut config = devfleet_scheduler::Config::new(self.connections.clone());
         config.dispatch_tick = Duration::from_millis(10);
         config.reap_interval = Duration::from_millis(100);
         config.dispatch_lease = Duration::from_secs(5);
+        config
+    }
+
+    /// The scheduler standing in for the router (no router runs).
+    fn scheduler(&mut self) {
+        let mut config = self.scheduler_config();
+        config.direct_routing = true;
         self.services
             .spawn(devfleet_scheduler::run(config, self.shutdown.clone()));
+    }
+
+    /// The scheduler as deployed, the router and a qa-worker.
+    fn routed_pipeline(&mut self) {
+        let config = self.scheduler_config();
+        assert!(!config.direct_routing, "the seam is off by default");
+        self.services
+            .spawn(devfleet_scheduler::run(config, self.shutdown.clone()));
+        let mut router = devfleet_router::Config::new(self.connections.clone());
+        // The broker's dead-letter queue is shared by every test; this
+        // test's router has no business with it.
+        router.index_bus_dlq = false;
+        self.services
+            .spawn(devfleet_router::run(router, self.shutdown.clone()));
+        let qa = devfleet_qa_worker::Config::new(self.connections.clone());
+        self.services
+            .spawn(devfleet_qa_worker::run(qa, self.shutdown.clone()));
     }
 
     fn worker(&mut self, executors: Executors, min: u32, max: u32) {
@@ -139,8 +174,21 @@ impl Stack {
     }
 
     async fn finished(&self, plan_id: &str, timeout: Duration) -> PlanRecord {
+        self.plan_where(plan_id, "end", timeout, |p| p.status.is_final())
+            .await
+    }
+
+    /// Waits until the plan's record satisfies `check`.
+    async fn plan_where(
+        &self,
+        plan_id: &str,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&PlanRecord) -> bool,
+    ) -> PlanRecord {
         let store = self.connections.store.clone();
-        wait_for(&format!("plan {plan_id} to end"), timeout, || {
+        let check = &check;
+        wait_for(&format!("plan {plan_id} to {what}"), timeout, || {
             let store = store.clone();
             async move {
                 store
@@ -148,7 +196,7 @@ impl Stack {
                     .await
                     .ok()
                     .flatten()
-                    .filter(|p| p.status.is_final())
+                    .filter(|p| check(p))
             }
         })
         .await
@@ -650,5 +698,318 @@ async fn memory_a_worker_drops_messages_for_tasks_held_elsewhere_or_finished() {
     let held = store.task(&plan.plan_id, "held.py").await.unwrap().unwrap();
     assert_eq!(held.lease_owner.as_deref(), Some("someone-else"));
     assert_eq!(held.state, TaskState::Leased);
+    stack.stop().await;
+}
+
+// ---------------------------------------------------------------------
+// The whole pipeline: scheduler (no direct seam) + dev-worker + router +
+// qa-worker, and the stages after the tasks.
+// ---------------------------------------------------------------------
+
+/// Small Python files in a chain and a fan: valid for `py_compile`.
+fn python_tasks(n: usize) -> Vec<T> {
+    (0..n)
+        .map(|i| {
+            let path = format!("pkg/m{i:02}.py");
+            let deps: Vec<String> = match i {
+                0 => vec![],
+                i if i % 4 == 0 => vec![format!("pkg/m{:02}.py", i - 4)],
+                i => vec![format!("pkg/m{:02}.py", i - 1)],
+            };
+            let mut task = t(path, &deps);
+            task.content = Some(format!("VALUE_{i} = {i}\n"));
+            task
+        })
+        .collect()
+}
+
+fn step(name: &str, code: u8) -> IntegrationStep {
+    IntegrationStep {
+        name: name.into(),
+        run: format!("python3 -c 'import sys; sys.exit({code})'"),
+        shard: None,
+        timeout_seconds: Some(60),
+    }
+}
+
+fn with_stages(
+    tasks: Vec<T>,
+    integration: Vec<IntegrationStep>,
+    deploy: Option<devfleet_protocol::DeploySpec>,
+) -> PlanAnalyzed {
+    let mut plan = analyzed(tasks, ExecutorKind::Builtin);
+    plan.plan.integration = integration;
+    plan.plan.deploy = deploy;
+    plan
+}
+
+fn deploy_spec() -> devfleet_protocol::DeploySpec {
+    Plan::parse(
+        r#"
+name: d
+tasks: [{ path: a.py, spec: s }]
+deploy:
+  stages: [20, 100]
+  stage_seconds: 5
+  check_seconds: 1
+  shift: { command: "./shift.sh {deployment} {weight}" }
+  health: { url: "http://127.0.0.1:9/stats" }
+"#,
+    )
+    .expect("a valid deploy section")
+    .deploy
+    .expect("a deploy section")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn integration_stage_fails_the_plan_naming_the_failing_step_and_succeeds_when_all_pass() {
+    let mut stack = Stack::new(Backend::Real).await;
+    let (_, executors) = builtin_recorder();
+    stack.routed_pipeline();
+    stack.worker(executors, 2, 4);
+    let failing = with_stages(
+        python_tasks(4),
+        vec![step("passes", 0), step("exits-three", 3)],
+        None,
+    );
+    let passing = with_stages(
+        python_tasks(4),
+        vec![step("first", 0), step("second", 0)],
+        None,
+    );
+    stack.submit(&failing).await;
+    stack.submit(&passing).await;
+
+    let record = stack
+        .finished(&failing.plan_id, Duration::from_secs(120))
+        .await;
+    assert_eq!(record.status, PlanStatus::Failed, "{record:?}");
+    assert_eq!(record.done, 4, "every task passed; integration failed it");
+    let message = record.message.unwrap_or_default();
+    assert!(
+        message.contains("'exits-three'"),
+        "the failing step is named: {message}"
+    );
+    assert!(
+        !message.contains("'passes'"),
+        "the passing step is not: {message}"
+    );
+    let results = stack
+        .connections
+        .store
+        .kv_list(&devfleet_scheduler::integration::results_collection(
+            &failing.plan_id,
+        ))
+        .await
+        .unwrap();
+    let keys: Vec<&str> = results.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys, ["exits-three#0", "passes#0"]);
+
+    let record = stack
+        .finished(&passing.plan_id, Duration::from_secs(120))
+        .await;
+    assert_eq!(record.status, PlanStatus::Succeeded, "{record:?}");
+    assert_eq!(record.done, 4);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn passing_integration_requests_a_deploy_and_a_plan_without_integration_deploys_at_once() {
+    let mut stack = Stack::new(Backend::Real).await;
+    let (_, executors) = builtin_recorder();
+    stack.routed_pipeline();
+    stack.worker(executors, 2, 4);
+    let spec = deploy_spec();
+    let integrated = with_stages(python_tasks(3), vec![step("ok", 0)], Some(spec.clone()));
+    let direct = with_stages(python_tasks(3), vec![], Some(spec.clone()));
+    // The test plays the canary: it takes the requests off deploy.requested.
+    let mut requests = stack
+        .connections
+        .consume(queues::DEPLOY_REQUESTED, ConsumeOptions::default())
+        .await
+        .expect("consume deploy.requested");
+    stack.submit(&integrated).await;
+    stack.submit(&direct).await;
+
+    let mut seen = BTreeMap::new();
+    within("two deploy requests", Duration::from_secs(120), async {
+        while seen.len() < 2 {
+            let (envelope, delivery) = requests
+                .next_envelope()
+                .await
+                .expect("the consumer is open")
+                .expect("a decodable message");
+            delivery.ack().await.expect("ack");
+            let Message::DeployRequested(request) = envelope.message else {
+                panic!("not a deploy request: {}", envelope.kind());
+            };
+            assert!(
+                seen.insert(request.deployment_id.clone(), request).is_none(),
+                "one request per plan"
+            );
+        }
+    })
+    .await;
+    for plan in [&integrated, &direct] {
+        let request = &seen[&plan.plan_id];
+        assert_eq!(request.plan_id.as_deref(), Some(plan.plan_id.as_str()));
+        assert_eq!(request.spec, spec);
+        let record = stack.connections.store.plan(&plan.plan_id).await.unwrap();
+        let record = record.expect("the plan");
+        assert_eq!(record.status, PlanStatus::Deploying, "{record:?}");
+        assert_eq!(record.done, 3);
+    }
+    // Only the plan with integration steps ran any.
+    let store = &stack.connections.store;
+    let ran = |id: &str| devfleet_scheduler::integration::results_collection(id);
+    assert_eq!(store.kv_list(&ran(&integrated.plan_id)).await.unwrap().len(), 1);
+    assert!(store.kv_list(&ran(&direct.plan_id)).await.unwrap().is_empty());
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn healthy_20_task_plan_completes_through_the_router_and_qa() {
+    let mut stack = Stack::new(Backend::Real).await;
+    let (rec, executors) = builtin_recorder();
+    stack.routed_pipeline();
+    stack.worker(executors, 2, 6);
+    let plan = analyzed(python_tasks(20), ExecutorKind::Builtin);
+    stack.submit(&plan).await;
+    let record = stack
+        .finished(&plan.plan_id, Duration::from_secs(180))
+        .await;
+    assert_eq!(record.status, PlanStatus::Succeeded, "{record:?}");
+    assert_eq!(record.done, 20);
+    let runs = rec.runs();
+    assert_eq!(runs.len(), 20, "every task built once: {runs:?}");
+    assert_eq!(stack.counter(TASKS_COMPLETED).await, 20);
+    stack.stop().await;
+}
+
+/// Writes the `dev` breaker record the router publishes.
+async fn set_dev_breaker(stack: &Stack, phase: Phase, generation: u64, probes: u32) -> String {
+    let mut state = BreakerState::initial(devfleet_protocol::Stage::Dev);
+    state.state = phase;
+    state.generation = generation;
+    state.since_ms = devfleet_protocol::now_ms();
+    state.reason = format!("set by the test ({})", phase.as_str());
+    state.probes = probes;
+    state.probe_counter = format!("breaker.dev.probes.{generation}");
+    stack
+        .connections
+        .store
+        .kv_put(
+            breaker::BREAKER,
+            "dev",
+            &serde_json::to_string(&state).unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+    state.probe_counter
+}
+
+/// Waits for `n` `queue_status` samples from `source` that satisfy `check`:
+/// proof that the dispatcher ran that many once-a-second cycles so.
+async fn status_samples(
+    listener: &mut devfleet_bus::Listener,
+    source: &str,
+    n: usize,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) {
+    within(what, Duration::from_secs(30), async {
+        let mut seen = 0;
+        while seen < n {
+            let (_, payload) = listener.next().await.expect("the listener is open");
+            let Ok(envelope) = Envelope::decode(&payload) else {
+                continue;
+            };
+            if let Message::Metric(m) = envelope.message {
+                if m.source == source && check(&m.data) {
+                    seen += 1;
+                }
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dev_breaker_open_dispatches_nothing_half_open_admits_exactly_the_probes_closed_resumes() {
+    let mut stack = Stack::new(Backend::Real).await;
+    let (rec, executors) = builtin_recorder();
+    set_dev_breaker(&stack, Phase::Open, 1, 2).await;
+    let mut listener = stack
+        .connections
+        .broadcast
+        .listen(&queues::metric_subject(
+            devfleet_protocol::MetricType::QueueStatus,
+        ))
+        .await
+        .expect("listen for queue_status");
+    // No router here: the scheduler completes built tasks itself, and the
+    // test plays the router's breaker.
+    let mut config = stack.scheduler_config();
+    config.direct_routing = true;
+    let source = unique("scheduler");
+    config.instance = source.clone();
+    stack
+        .services
+        .spawn(devfleet_scheduler::run(config, stack.shutdown.clone()));
+    stack.worker(executors, 2, 2);
+    let tasks: Vec<T> = (0..6).map(|i| t(format!("f{i}.py"), &[] as &[&str])).collect();
+    let plan = analyzed(tasks, ExecutorKind::Builtin);
+    stack.submit(&plan).await;
+
+    // Open: cycle after cycle sees six Ready tasks and sends none.
+    status_samples(
+        &mut listener,
+        &source,
+        2,
+        "two dispatch cycles holding six tasks behind the open breaker",
+        |d| d["dev_breaker"] == "open" && d["ready_len"] == 6,
+    )
+    .await;
+    assert!(rec.runs().is_empty(), "dispatched while open: {:?}", rec.runs());
+    assert!(stack
+        .states(&plan.plan_id)
+        .await
+        .values()
+        .all(|s| *s == TaskState::Ready));
+
+    // Half-open with two probes: exactly two tasks go out.
+    let counter = set_dev_breaker(&stack, Phase::HalfOpen, 2, 2).await;
+    stack
+        .plan_where(&plan.plan_id, "complete two probes", Duration::from_secs(30), |p| {
+            p.done >= 2
+        })
+        .await;
+    status_samples(
+        &mut listener,
+        &source,
+        2,
+        "two dispatch cycles holding four tasks while half-open",
+        |d| d["dev_breaker"] == "half_open" && d["ready_len"] == 4,
+    )
+    .await;
+    assert_eq!(rec.runs().len(), 2, "probes dispatched: {:?}", rec.runs());
+    assert_eq!(
+        stack.counter(&counter).await,
+        3,
+        "two permits granted, one refused, then no more asked"
+    );
+    let record = stack.connections.store.plan(&plan.plan_id).await.unwrap().unwrap();
+    assert_eq!((record.done, record.status), (2, PlanStatus::Running));
+
+    // Closed: the rest goes out.
+    set_dev_breaker(&stack, Phase::Closed, 3, 2).await;
+    let record = stack.finished(&plan.plan_id, Duration::from_secs(60)).await;
+    assert_eq!(record.status, PlanStatus::Succeeded);
+    let mut runs = rec.runs();
+    runs.sort();
+    runs.dedup();
+    assert_eq!(runs.len(), 6, "every task ran once");
+    assert_eq!(rec.runs().len(), 6);
     stack.stop().await;
 }

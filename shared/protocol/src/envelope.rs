@@ -213,7 +213,7 @@ mod tests {
             path,
             attempt,
             artifact,
-            cache_hit: attempt % 2 == 0,
+            cache_hit: attempt.is_multiple_of(2),
             executor: "builtin".into(),
             duration_ms: attempt as u64 * 7,
         })
