@@ -71,7 +71,9 @@ start_nats() {
   mkdir -p "$dir/nats"
   # Envelopes may be up to 16 MiB (the bus limit); NATS defaults to 1 MiB.
   echo 'max_payload: 16MB' >"$dir/nats.conf"
-  nats-server -c "$dir/nats.conf" -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$dir/nats" -P "$dir/nats.pid" \
+  # setsid: a server (re)started from inside a test must not die with the
+  # test's process group.
+  setsid nats-server -c "$dir/nats.conf" -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$dir/nats" -P "$dir/nats.pid" \
     >>"$dir/nats.log" 2>&1 &
   wait_port "$NATS_PORT" 30 nats
 }
@@ -100,7 +102,7 @@ start_rabbitmq() {
   # traverse every parent directory.
   chmod o+x "$dir" "$(dirname "$dir")" 2>/dev/null || true
   id rabbitmq >/dev/null 2>&1 && chown -R rabbitmq:rabbitmq "$dir/rabbitmq"
-  ( rabbit_env "$dir"; exec rabbitmq-server >>"$dir/rabbitmq.log" 2>&1 ) &
+  ( rabbit_env "$dir"; exec setsid rabbitmq-server >>"$dir/rabbitmq.log" 2>&1 ) &
   wait_port "$RABBIT_PORT" 90 rabbitmq
   ( rabbit_env "$dir"
     local deadline=$((SECONDS + 60))

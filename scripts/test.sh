@@ -43,5 +43,7 @@ fi
 
 # Tests whose name says `restart` stop and start a shared server: they run
 # one at a time, after everything else, so they disturb no other test.
-cargo nextest run --workspace --no-fail-fast -E "($filter) & not test(/restart/)"
-cargo nextest run --workspace --no-fail-fast -j 1 --no-tests=pass -E "($filter) & test(/restart/)"
+status=0
+cargo nextest run --workspace --no-fail-fast -E "($filter) & not test(/restart/)" || status=$?
+cargo nextest run --workspace --no-fail-fast -j 1 --no-tests=pass -E "($filter) & test(/restart/)" || status=$?
+exit $status

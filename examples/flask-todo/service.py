@@ -10,6 +10,7 @@ canary's health check reads (docs/CANARY.md, "HTTP JSON counters"):
     GET  /healthz          ok
 
 usage: python3 examples/flask-todo/service.py [--port 9000] [--canary-error-rate 0.3]
+       (--port 0 picks a free port and prints it)
 
 With --canary-error-rate above the plan's rollback threshold (0.10) the
 canary rolls the deployment back; the default is a healthy new version.
@@ -132,7 +133,9 @@ def main():
     traffic = Traffic(args)
     threading.Thread(target=traffic.run, daemon=True).start()
     server = ThreadingHTTPServer((args.host, args.port), handler(traffic))
-    print(f"service: http://{args.host}:{args.port}/stats", file=sys.stderr, flush=True)
+    # With --port 0 the system picks a free port; this line names it.
+    host, port = server.server_address[:2]
+    print(f"service: http://{host}:{port}/stats", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -3,4 +3,5 @@
 //! area, so the slow link happens once.
 
 mod analyzer;
+mod stack;
 mod support;

@@ -53,6 +53,8 @@ impl Stack {
 
     fn scheduler(&mut self) {
         let mut config = devfleet_scheduler::Config::new(self.connections.clone());
+        // These tests run no router: built tasks complete directly.
+        config.direct_routing = true;
         config.dispatch_tick = Duration::from_millis(10);
         config.reap_interval = Duration::from_millis(100);
         config.dispatch_lease = Duration::from_secs(5);

@@ -54,6 +54,9 @@ async fn main() -> anyhow::Result<()> {
     let mut services = tokio::task::JoinSet::new();
 
     let mut scheduler = devfleet_scheduler::Config::new(connections.clone());
+    // No router or QA here: what is measured is dispatch and completion, so
+    // the scheduler completes built tasks itself.
+    scheduler.direct_routing = true;
     scheduler.dispatch_tick = Duration::from_millis(5);
     services.spawn(devfleet_scheduler::run(scheduler, shutdown.clone()));
     for _ in 0..workers {

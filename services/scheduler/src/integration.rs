@@ -59,7 +59,6 @@ pub(crate) async fn start(
         stages.integration.len()
     );
     if won {
-        tracing::info!(plan_id = %plan.id, shards = work.len(), steps = stages.integration.len(), "plan integrating");
         completion::end_plan(shared, plan, PlanStatus::Integrating, Some(message)).await?;
     } else if plan.status == PlanStatus::Running {
         // An earlier call claimed the stage and stopped before the status.
@@ -294,13 +293,15 @@ async fn passed(
     shards: usize,
 ) -> Result<(), StepError> {
     let act = claim_verdict(shared, plan, "passed").await?;
+    if act {
+        tracing::info!(plan_id = %plan.id, shards, "integration passed");
+    }
     match &stages.deploy {
         // The deploy request is idempotent on its own markers, and must go
         // out even if the caller that claimed the verdict stopped after
         // moving the plan to Deploying.
         Some(spec) => deploy::request(shared, plan, spec).await,
         None if act => {
-            tracing::info!(plan_id = %plan.id, shards, "integration passed");
             completion::end_plan(
                 shared,
                 plan,

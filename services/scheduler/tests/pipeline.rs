@@ -14,9 +14,9 @@
 //! that listen filter by source instance or plan id.
 
 use async_trait::async_trait;
+use devfleet_bus::ConsumeOptions;
 use devfleet_dev_worker::executor::simulate::{Simulate, SimulateSettings};
 use devfleet_dev_worker::{ExecError, ExecInput, Executor, Executors, ScalePolicy};
-use devfleet_bus::ConsumeOptions;
 use devfleet_protocol::{
     queues, AnalyzedTask, Envelope, ExecutorKind, IntegrationStep, Message, Plan, PlanAnalyzed,
     PlanStatus,
@@ -844,7 +844,8 @@ async fn passing_integration_requests_a_deploy_and_a_plan_without_integration_de
                 panic!("not a deploy request: {}", envelope.kind());
             };
             assert!(
-                seen.insert(request.deployment_id.clone(), request).is_none(),
+                seen.insert(request.deployment_id.clone(), request)
+                    .is_none(),
                 "one request per plan"
             );
         }
@@ -862,8 +863,19 @@ async fn passing_integration_requests_a_deploy_and_a_plan_without_integration_de
     // Only the plan with integration steps ran any.
     let store = &stack.connections.store;
     let ran = |id: &str| devfleet_scheduler::integration::results_collection(id);
-    assert_eq!(store.kv_list(&ran(&integrated.plan_id)).await.unwrap().len(), 1);
-    assert!(store.kv_list(&ran(&direct.plan_id)).await.unwrap().is_empty());
+    assert_eq!(
+        store
+            .kv_list(&ran(&integrated.plan_id))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(store
+        .kv_list(&ran(&direct.plan_id))
+        .await
+        .unwrap()
+        .is_empty());
     stack.stop().await;
 }
 
@@ -958,7 +970,9 @@ async fn dev_breaker_open_dispatches_nothing_half_open_admits_exactly_the_probes
         .services
         .spawn(devfleet_scheduler::run(config, stack.shutdown.clone()));
     stack.worker(executors, 2, 2);
-    let tasks: Vec<T> = (0..6).map(|i| t(format!("f{i}.py"), &[] as &[&str])).collect();
+    let tasks: Vec<T> = (0..6)
+        .map(|i| t(format!("f{i}.py"), &[] as &[&str]))
+        .collect();
     let plan = analyzed(tasks, ExecutorKind::Builtin);
     stack.submit(&plan).await;
 
@@ -971,7 +985,11 @@ async fn dev_breaker_open_dispatches_nothing_half_open_admits_exactly_the_probes
         |d| d["dev_breaker"] == "open" && d["ready_len"] == 6,
     )
     .await;
-    assert!(rec.runs().is_empty(), "dispatched while open: {:?}", rec.runs());
+    assert!(
+        rec.runs().is_empty(),
+        "dispatched while open: {:?}",
+        rec.runs()
+    );
     assert!(stack
         .states(&plan.plan_id)
         .await
@@ -981,9 +999,12 @@ async fn dev_breaker_open_dispatches_nothing_half_open_admits_exactly_the_probes
     // Half-open with two probes: exactly two tasks go out.
     let counter = set_dev_breaker(&stack, Phase::HalfOpen, 2, 2).await;
     stack
-        .plan_where(&plan.plan_id, "complete two probes", Duration::from_secs(30), |p| {
-            p.done >= 2
-        })
+        .plan_where(
+            &plan.plan_id,
+            "complete two probes",
+            Duration::from_secs(30),
+            |p| p.done >= 2,
+        )
         .await;
     status_samples(
         &mut listener,
@@ -999,7 +1020,13 @@ async fn dev_breaker_open_dispatches_nothing_half_open_admits_exactly_the_probes
         3,
         "two permits granted, one refused, then no more asked"
     );
-    let record = stack.connections.store.plan(&plan.plan_id).await.unwrap().unwrap();
+    let record = stack
+        .connections
+        .store
+        .plan(&plan.plan_id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((record.done, record.status), (2, PlanStatus::Running));
 
     // Closed: the rest goes out.
