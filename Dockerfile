@@ -5,6 +5,9 @@
 #
 #   docker build -t devfleet:latest .
 #   docker run --rm devfleet:latest devfleet --help
+#
+# Needs BuildKit (the default of `docker build` and `docker compose`; with
+# the old docker-compose 1.x set DOCKER_BUILDKIT=1 COMPOSE_DOCKER_CLI_BUILD=1).
 
 FROM rust:1-bookworm AS builder
 WORKDIR /src
@@ -29,7 +32,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --user-group --create-home --home-dir /home/devfleet devfleet
 COPY --from=builder /out/ /usr/local/bin/
-COPY deploy/probe.sh /usr/local/bin/devfleet-probe
+COPY --chmod=0755 deploy/probe.sh /usr/local/bin/devfleet-probe
 WORKDIR /home/devfleet
 USER 10001:10001
 # Inside a container the gateway must listen beyond loopback.

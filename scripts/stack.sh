@@ -97,6 +97,8 @@ with_stack_env() {
 }
 
 pidfile() { echo "$dir/run/$1.$2.pid"; }
+# The end of a log since the replica's last start.
+last_run() { tac "$1" | sed '/^---- .* start /q' | tac | tail -n 20; }
 logfile() { echo "$dir/logs/$1.$2.log"; }
 
 # Replica indices of SERVICE with a pid file, ascending.
@@ -193,7 +195,7 @@ wait_started() { # seconds: every replica alive, the gateway healthy
       p=$(pid_in "$(pidfile "$svc" "$i")")
       if ! alive "$p"; then
         say "$svc.$i exited at start; the end of its log:"
-        tail -n 20 "$(logfile "$svc" "$i")" >&2
+        last_run "$(logfile "$svc" "$i")" >&2
         return 1
       fi
     done
@@ -293,14 +295,14 @@ cmd_down() {
 
 cmd_status() {
   load_state
-  local svc i p state any_dead=0 s
+  local svc i p state any_dead=0 s servers_down=0
   printf '%-22s %-8s %-6s %s\n' PROCESS PID STATE LOG
   for s in rabbitmq redis nats; do
     case $s in
       rabbitmq) p=$(pid_in "$dir/servers/rabbitmq/rabbit.pid") ;;
       *) p=$(pid_in "$dir/servers/$s.pid") ;;
     esac
-    if alive "$p"; then state=alive; else state=dead; any_dead=1; fi
+    if alive "$p"; then state=alive; else state=dead; any_dead=1; servers_down=1; fi
     printf '%-22s %-8s %-6s %s\n' "$s" "${p:--}" "$state" "$dir/servers/$s.log"
   done
   for svc in "${SERVICES[@]}"; do
@@ -311,6 +313,10 @@ cmd_status() {
     done
   done
   echo
+  if [ "$servers_down" = 1 ]; then
+    echo "the servers are down: scripts/stack.sh up starts the stack again"
+    return 1
+  fi
   local bus; bus=$(with_stack_env sh -c 'echo "${DEVFLEET_BUS:-amqp}"')
   if [ "$bus" = amqp ]; then
     # shellcheck disable=SC1091
@@ -321,8 +327,9 @@ cmd_status() {
       | sed 1d | sort | awk '{ printf "  %-44s %8s %8s %8s\n", $1, $2, $3, $4 }' \
       || echo "  (rabbitmq not reachable)"
   else
-    echo "queues (from the gateway):"
-    curl_gateway /metrics 2>/dev/null | grep '^devfleet_queue_depth' | sed 's/^/  /' || echo "  (gateway not reachable)"
+    echo "queues (from the gateway: waiting):"
+    curl_gateway /metrics 2>/dev/null | sed -nE 's/^devfleet_queue_depth\{queue="([^"]+)"\} (.*)$/\1 \2/p' \
+      | awk '{ printf "  %-44s %8s\n", $1, $2 }' || echo "  (gateway not reachable)"
   fi
   echo
   with_stack_env "$bin/devfleet" status || true
@@ -366,7 +373,7 @@ case $cmd in
     scale_to "$1" "$2"
     sleep 1
     for i in $(replicas "$1"); do
-      alive "$(pid_in "$(pidfile "$1" "$i")")" || { say "$1.$i exited at start:"; tail -n 20 "$(logfile "$1" "$i")" >&2; exit 1; }
+      alive "$(pid_in "$(pidfile "$1" "$i")")" || { say "$1.$i exited at start:"; last_run "$(logfile "$1" "$i")" >&2; exit 1; }
     done
     say "$1: $(replicas "$1" | wc -l) replicas"
     ;;

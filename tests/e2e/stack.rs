@@ -31,6 +31,53 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+fn newest_source(dir: &Path) -> std::time::SystemTime {
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return newest;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let time = if path.is_dir() {
+            newest_source(&path)
+        } else if path
+            .extension()
+            .is_some_and(|e| e == "rs" || e == "toml" || e == "html")
+        {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(newest)
+        } else {
+            continue;
+        };
+        newest = newest.max(time);
+    }
+    newest
+}
+
+/// The folder of this build's binaries when every service binary there is
+/// newer than the sources (`scripts/test.sh` builds them all with the
+/// tests); `None` makes stack.sh build them.
+fn fresh_bin_dir() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_BIN_EXE_devfleet"))
+        .parent()?
+        .to_path_buf();
+    let sources = ["services", "shared", "src"]
+        .iter()
+        .map(|d| newest_source(&repo().join(d)))
+        .chain([newest_source(&repo().join("Cargo.lock"))])
+        .max()?;
+    SERVICES
+        .iter()
+        .all(|s| {
+            std::fs::metadata(dir.join(s))
+                .and_then(|m| m.modified())
+                .is_ok_and(|built| built >= sources)
+        })
+        .then_some(dir)
+}
+
 fn free_addr() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port");
     listener.local_addr().expect("local address").to_string()
@@ -190,16 +237,15 @@ async fn native_stack_builds_the_flask_example_and_its_tests_pass() {
 
     // Up: servers on free ports, debug binaries, the gateway on a free port.
     let gateway = free_addr();
-    let up = run(
-        "scripts/stack.sh up",
-        Duration::from_secs(600),
-        clean_command(repo().join("scripts/stack.sh"))
-            .args(["up", "dev-worker=2"])
-            .env("DEVFLEET_STACK_DIR", &state)
-            .env("DEVFLEET_PROFILE", "debug")
-            .env("DEVFLEET_GATEWAY_ADDR", &gateway),
-    )
-    .await;
+    let mut up = clean_command(repo().join("scripts/stack.sh"));
+    up.args(["up", "dev-worker=2"])
+        .env("DEVFLEET_STACK_DIR", &state)
+        .env("DEVFLEET_PROFILE", "debug")
+        .env("DEVFLEET_GATEWAY_ADDR", &gateway);
+    if let Some(bin) = fresh_bin_dir() {
+        up.env("DEVFLEET_BIN_DIR", bin);
+    }
+    let up = run("scripts/stack.sh up", Duration::from_secs(600), &mut up).await;
     assert!(up.status.success(), "stack.sh up failed:\n{}", text(&up));
     let exports = String::from_utf8_lossy(&up.stdout);
     assert!(

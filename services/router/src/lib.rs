@@ -37,7 +37,6 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub mod breaker;
-mod consume;
 pub mod dlq;
 mod dlq_indexer;
 pub mod history;

@@ -20,10 +20,10 @@
 //! retry publishes `work.qa` again. A ticket whose record is gone or names
 //! another attempt is stale and dropped.
 
-use crate::consume::Settlement;
 use crate::history::{self, task_key};
 use crate::{Router, ROUTER_OWNER};
 use devfleet_protocol::{now_ms, Envelope, Message, QaWork, Stage, TaskClass, TaskFailed};
+use devfleet_runtime::consume::Settlement;
 use devfleet_store::{ClaimOutcome, StoreError, StoreResult, TaskRecord, TaskState, TaskStore};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -136,7 +136,7 @@ async fn hold(
 #[tracing::instrument(skip_all, fields(plan_id = tracing::field::Empty, path = tracing::field::Empty, attempt = tracing::field::Empty))]
 pub(crate) async fn handle_ticket(router: Arc<Router>, envelope: Envelope) -> Settlement {
     let Message::TaskFailed(failed) = envelope.message else {
-        return crate::consume::unexpected(&envelope, RETRY_QUEUE);
+        return devfleet_runtime::consume::unexpected(&envelope, RETRY_QUEUE);
     };
     let span = tracing::Span::current();
     span.record("plan_id", failed.plan_id.as_str());

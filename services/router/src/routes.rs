@@ -1,7 +1,6 @@
 //! The routes: `task.built`, `task.failed` and `qa.results` handlers, QA
 //! dispatch behind the QA breaker, dead-lettering, and the periodic tick.
 
-use crate::consume::{self, Settlement, Source};
 use crate::dlq::{self, DlqEntry, DlqSource};
 use crate::history::{self, task_key, HistoryEntry};
 use crate::retry;
@@ -12,6 +11,7 @@ use devfleet_protocol::{
     TaskBuilt, TaskClass, TaskDone, TaskFailed,
 };
 use devfleet_protocol::{Envelope, Message};
+use devfleet_runtime::consume::{self, Settlement, Source};
 use devfleet_store::{StoreError, TaskRecord, TaskState};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

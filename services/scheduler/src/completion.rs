@@ -10,10 +10,10 @@
 //! Succeeded. The direct seam ([`crate::direct_router`]) uses the same
 //! functions.
 
-use crate::consume::{self, Settlement, StepError};
 use crate::stages::PlanStages;
 use crate::{deploy, integration, Shared, TASKS_COMPLETED};
 use devfleet_protocol::{queues, Envelope, Message, MetricType, PlanEvent, PlanStatus};
+use devfleet_runtime::consume::{self, Settlement, StepError};
 use devfleet_store::{PlanRecord, TaskState, TaskStore};
 use std::sync::Arc;
 

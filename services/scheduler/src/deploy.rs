@@ -8,10 +8,10 @@
 //! while the plan is still Deploying; see docs/CANARY.md).
 
 use crate::completion;
-use crate::consume::StepError;
 use crate::stages::Marker;
 use crate::Shared;
 use devfleet_protocol::{now_ms, queues, DeployRequested, DeploySpec, PlanStatus};
+use devfleet_runtime::consume::StepError;
 use devfleet_store::PlanRecord;
 
 /// Moves a plan to Deploying and requests its rollout, once. A repeated

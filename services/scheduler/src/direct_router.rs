@@ -19,9 +19,9 @@
 //! would compete for the same messages.
 
 use crate::completion;
-use crate::consume::{self, Settlement};
 use crate::Shared;
 use devfleet_protocol::{queues, Envelope, Message};
+use devfleet_runtime::consume::{self, Settlement};
 use std::sync::Arc;
 
 /// `task.built` → complete the task as if QA had passed it.

@@ -4,11 +4,11 @@
 //! delivery is acked only after it. A redelivered plan finds the plan there
 //! (`create_plan` returns false) and creates nothing twice.
 
-use crate::consume::{self, Settlement};
 use crate::Shared;
 use devfleet_protocol::{
     now_ms, queues, Envelope, Message, MetricType, PlanAnalyzed, PlanEvent, PlanStatus,
 };
+use devfleet_runtime::consume::{self, Settlement};
 use devfleet_store::{NewTask, PlanRecord};
 use std::sync::Arc;
 

@@ -19,7 +19,6 @@
 //! repeated or concurrent calls make it once.
 
 use crate::completion::{self, MAX_MESSAGE_CHARS};
-use crate::consume::{self, Settlement, StepError};
 use crate::stages::{Marker, PlanStages};
 use crate::{deploy, Shared};
 use devfleet_protocol::{
@@ -27,6 +26,7 @@ use devfleet_protocol::{
     Message, MetricType, PlanStatus, Stage,
 };
 use devfleet_qa_worker::{IntegrationTally, TallyState};
+use devfleet_runtime::consume::{self, Settlement, StepError};
 use devfleet_store::PlanRecord;
 use std::sync::Arc;
 

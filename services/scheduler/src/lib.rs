@@ -41,7 +41,9 @@
 //!   may together overshoot it by up to N−1 rounds of free slots; the
 //!   overshoot waits in `work.dev` and costs priority accuracy, not safety.
 
+use devfleet_bus::ConsumeOptions;
 use devfleet_protocol::queues;
+use devfleet_runtime::consume::{consume, Source};
 use devfleet_runtime::{Connections, Metrics};
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,7 +53,6 @@ use tokio_util::sync::CancellationToken;
 
 pub mod capacity;
 pub mod completion;
-mod consume;
 mod deploy;
 pub mod dev_breaker;
 pub mod direct_router;
@@ -191,39 +192,41 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let n = config.handler_concurrency;
     let mut parts = JoinSet::new();
     let s = &shared;
-    parts.spawn(consume::consume(
+    let options = ConsumeOptions::default().max_attempts(s.max_handler_attempts);
+    let source = |queue: &'static str, concurrency: usize| Source {
+        connections: s.connections.clone(),
+        queue,
+        options: options.clone(),
+        concurrency,
+    };
+    parts.spawn(consume(
+        source(queues::PLANS_ANALYZED, n.min(4)),
         s.clone(),
-        queues::PLANS_ANALYZED,
-        n.min(4),
         stop.clone(),
         intake::handle,
     ));
-    parts.spawn(consume::consume(
+    parts.spawn(consume(
+        source(queues::TASK_DONE, n),
         s.clone(),
-        queues::TASK_DONE,
-        n,
         stop.clone(),
         completion::handle_done,
     ));
-    parts.spawn(consume::consume(
+    parts.spawn(consume(
+        source(queues::INTEGRATION_RESULTS, n),
         s.clone(),
-        queues::INTEGRATION_RESULTS,
-        n,
         stop.clone(),
         integration::handle_result,
     ));
     if config.direct_routing {
-        parts.spawn(consume::consume(
+        parts.spawn(consume(
+            source(queues::TASK_BUILT, n),
             s.clone(),
-            queues::TASK_BUILT,
-            n,
             stop.clone(),
             direct_router::handle_built,
         ));
-        parts.spawn(consume::consume(
+        parts.spawn(consume(
+            source(queues::TASK_FAILED, n),
             s.clone(),
-            queues::TASK_FAILED,
-            n,
             stop.clone(),
             direct_router::handle_failed,
         ));

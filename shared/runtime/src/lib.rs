@@ -13,6 +13,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 pub mod backoff;
+pub mod consume;
 
 /// Which transport carries work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

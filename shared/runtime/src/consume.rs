@@ -1,16 +1,17 @@
-//! One consume loop for every queue the router reads.
+//! The one envelope consume loop services use for their work queues.
 //!
-//! Reads envelopes with a bounded number of handlers in flight, runs each
-//! handler in a span linked to the publisher's trace, and settles the
-//! delivery with what the handler returned: ack once the effect is durable,
-//! retry with backoff on a transient failure, redeliver after a chosen
-//! delay (the retry queue), dead-letter what can never succeed. On shutdown
-//! it stops reading, lets in-flight handlers finish (short store and bus
-//! steps), then closes the consumer, so nothing is acked unfinished.
+//! [`consume`] reads envelopes with a bounded number of handlers in flight,
+//! runs each handler in a span linked to the publisher's trace, and settles
+//! the delivery with the [`Settlement`] the handler returned: ack once the
+//! effect is durable, retry with backoff on a transient failure, redeliver
+//! after a chosen delay (a wait, not a failure), dead-letter what can never
+//! succeed. On shutdown it stops reading, lets in-flight handlers finish,
+//! then closes the consumer, so nothing is acked unfinished.
 
+use crate::backoff::Backoff;
+use crate::Connections;
 use devfleet_bus::{BusError, ConsumeOptions, Delivery, RetryOutcome};
 use devfleet_protocol::Envelope;
-use devfleet_runtime::{backoff::Backoff, Connections};
 use devfleet_store::StoreError;
 use std::future::Future;
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use tracing::Instrument as _;
 
 /// What to do with a delivery once its handler returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Settlement {
+pub enum Settlement {
     /// The effect is durable (or there was nothing to do).
     Ack,
     /// A transient failure; redeliver after a backoff (dead-lettered past
@@ -38,7 +39,7 @@ impl Settlement {
     /// Settlement for a store error: transient backend errors are retried,
     /// a transition that no longer applies means the message is stale
     /// (acked), and a message about nothing that exists is dead-lettered.
-    pub(crate) fn from_store_error(what: &str, err: StoreError) -> Settlement {
+    pub fn from_store_error(what: &str, err: StoreError) -> Settlement {
         match err {
             StoreError::Backend(_) | StoreError::Connect { .. } => {
                 Settlement::Retry(format!("{what}: {err}"))
@@ -51,13 +52,40 @@ impl Settlement {
         }
     }
 
-    /// Settlement for a failed publish: retried.
-    pub(crate) fn from_publish_error(what: &str, err: anyhow::Error) -> Settlement {
+    /// Settlement for a failed publish: always retried (the broker either
+    /// confirms or not).
+    pub fn from_publish_error(what: &str, err: anyhow::Error) -> Settlement {
         Settlement::Retry(format!("{what}: {err:#}"))
     }
 }
 
-/// Retry policy for transient handler failures.
+/// Why a step of a handler did not finish: the store failed, or a message
+/// could not be published. `?` converts a [`StoreError`] into it.
+#[derive(Debug)]
+pub enum StepError {
+    Store(StoreError),
+    Publish(anyhow::Error),
+}
+
+impl From<StoreError> for StepError {
+    fn from(e: StoreError) -> Self {
+        StepError::Store(e)
+    }
+}
+
+impl StepError {
+    /// The settlement of a delivery whose handler stopped at this error
+    /// (see [`Settlement::from_store_error`] and
+    /// [`Settlement::from_publish_error`]).
+    pub fn settlement(self, what: &str) -> Settlement {
+        match self {
+            StepError::Store(e) => Settlement::from_store_error(what, e),
+            StepError::Publish(e) => Settlement::from_publish_error(what, e),
+        }
+    }
+}
+
+/// Retry policy for transient handler failures and consumer restarts.
 const HANDLER_BACKOFF: Backoff = Backoff {
     base: Duration::from_millis(200),
     factor: 2.0,
@@ -66,19 +94,25 @@ const HANDLER_BACKOFF: Backoff = Backoff {
 };
 
 /// Where a consume loop reads and how.
-pub(crate) struct Source {
+pub struct Source {
     pub connections: Connections,
     /// Logical queue (namespace applied by [`Connections`]).
     pub queue: &'static str,
+    /// Consumer options; the prefetch is set to `concurrency`.
     pub options: ConsumeOptions,
+    /// Handlers in flight at most (at least one).
     pub concurrency: usize,
 }
 
-/// Consumes a queue until `shutdown`, running `handler` on each envelope.
+/// Consumes a queue until `shutdown`, running `handler` on each envelope
+/// and settling its delivery with the returned [`Settlement`].
 ///
-/// Returns an error only when the bus is closed for good while the loop was
-/// meant to run on; broker outages are ridden out (the bus reconnects).
-pub(crate) async fn consume<S, H, Fut>(
+/// Undecodable messages are dead-lettered by the bus. On shutdown no new
+/// envelope is taken, in-flight handlers finish and settle, and only then
+/// is the consumer closed. Returns an error only when the bus is closed for
+/// good while the loop was meant to run on; broker outages are ridden out
+/// (the consumer is restarted with backoff).
+pub async fn consume<S, H, Fut>(
     source: Source,
     state: Arc<S>,
     shutdown: CancellationToken,
@@ -97,6 +131,7 @@ where
         .prefetch(u16::try_from(concurrency).unwrap_or(u16::MAX));
     let limit = Arc::new(Semaphore::new(concurrency));
     let tracker = TaskTracker::new();
+    // Kept open until every in-flight handler settled its delivery.
     let mut consumer = None;
     let mut failures = 0u32;
     let result = 'outer: loop {
@@ -137,6 +172,8 @@ where
         };
         match next {
             None => {
+                // The consumer closed under us: start a new one, unless the
+                // bus itself is gone (the next `consume` says so).
                 drop(current);
                 failures += 1;
                 tracing::warn!(%queue, "consumer closed; restarting it");
@@ -146,8 +183,13 @@ where
                 }
             }
             Some(Err(e)) => {
+                failures += 1;
                 tracing::warn!(%queue, error = %e, "consume error");
                 consumer = Some(current);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'outer Ok(()),
+                    _ = tokio::time::sleep(HANDLER_BACKOFF.delay(failures)) => {}
+                }
             }
             Some(Ok((envelope, delivery))) => {
                 failures = 0;
@@ -190,8 +232,8 @@ where
 }
 
 /// Settles a delivery; a failure to settle is logged (the broker redelivers
-/// an unsettled message, and every handler is idempotent).
-pub(crate) async fn settle(delivery: Delivery, settlement: Settlement) {
+/// an unsettled message, so handlers must be idempotent).
+pub async fn settle(delivery: Delivery, settlement: Settlement) {
     let queue = delivery.queue.clone();
     let attempt = delivery.attempt;
     let result = match settlement {
@@ -225,9 +267,112 @@ pub(crate) async fn settle(delivery: Delivery, settlement: Settlement) {
 }
 
 /// Dead-letters a message of a kind this queue does not carry.
-pub(crate) fn unexpected(envelope: &Envelope, queue: &str) -> Settlement {
+pub fn unexpected(envelope: &Envelope, queue: &str) -> Settlement {
     Settlement::DeadLetter(format!(
         "unexpected message kind '{}' on {queue}",
         envelope.kind()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_errors_map_to_retry_ack_or_dead_letter() {
+        assert!(matches!(
+            Settlement::from_store_error("x", StoreError::Backend("down".into())),
+            Settlement::Retry(_)
+        ));
+        assert_eq!(
+            Settlement::from_store_error(
+                "x",
+                StoreError::InvalidState {
+                    plan_id: "p".into(),
+                    path: "a".into(),
+                    state: devfleet_store::TaskState::Failed,
+                    operation: "complete it",
+                }
+            ),
+            Settlement::Ack
+        );
+        assert!(matches!(
+            Settlement::from_store_error(
+                "x",
+                StoreError::UnknownTask {
+                    plan_id: "p".into(),
+                    path: "a".into()
+                }
+            ),
+            Settlement::DeadLetter(_)
+        ));
+    }
+
+    #[test]
+    fn step_errors_settle_like_their_cause() {
+        let publish = StepError::Publish(anyhow::anyhow!("no confirm"));
+        assert_eq!(
+            publish.settlement("publishing"),
+            Settlement::Retry("publishing: no confirm".into())
+        );
+        let store: StepError = StoreError::Backend("down".into()).into();
+        assert!(matches!(store.settlement("x"), Settlement::Retry(_)));
+    }
+
+    #[tokio::test]
+    async fn loop_settles_each_envelope_and_stops_on_shutdown() {
+        use devfleet_protocol::{queues, Message, TaskDone};
+        let connections = Connections::in_memory().with_namespace("consume-test");
+        for path in ["a", "b"] {
+            let done = TaskDone {
+                plan_id: "p".into(),
+                path: path.into(),
+                attempt: 1,
+                artifact: String::new(),
+            };
+            connections.publish(queues::TASK_DONE, done).await.unwrap();
+        }
+        let (seen, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let shutdown = CancellationToken::new();
+        let source = Source {
+            connections: connections.clone(),
+            queue: queues::TASK_DONE,
+            options: ConsumeOptions::default(),
+            concurrency: 2,
+        };
+        let running = tokio::spawn(consume(
+            source,
+            Arc::new(seen),
+            shutdown.clone(),
+            |seen: Arc<tokio::sync::mpsc::UnboundedSender<String>>, envelope: Envelope| async move {
+                let Message::TaskDone(done) = envelope.message else {
+                    return unexpected(&envelope, queues::TASK_DONE);
+                };
+                let _ = seen.send(done.path.clone());
+                if done.path == "a" {
+                    Settlement::Ack
+                } else {
+                    Settlement::DeadLetter("b is never done".into())
+                }
+            },
+        ));
+        let within = Duration::from_secs(10);
+        let mut paths = Vec::new();
+        for _ in 0..2 {
+            let path = tokio::time::timeout(within, rx.recv()).await.unwrap();
+            paths.extend(path);
+        }
+        paths.sort();
+        assert_eq!(paths, ["a", "b"]);
+        tokio::time::timeout(within, async {
+            while connections.queue_depth(queues::TASK_DONE).await.unwrap() != 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap();
+        shutdown.cancel();
+        let stopped = tokio::time::timeout(within, running).await.unwrap();
+        assert!(stopped.unwrap().is_ok());
+    }
 }
