@@ -19,12 +19,17 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # Tools the tests use besides the servers: promtool and prometheus (gateway
-# and canary), bubblewrap (QA sandbox), chromium (dashboard), graphviz (DOT).
+# and canary), bubblewrap (QA sandbox), chromium (dashboard), graphviz (DOT),
+# Flask and pytest (the examples' integration stages).
 need=()
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v dot >/dev/null 2>&1 || need+=(graphviz)
+# The QA sandbox sees only /usr: the example apps' integration tests need
+# Flask and pytest in the system Python, not in a user's virtualenv.
+/usr/bin/python3 -c 'import flask' >/dev/null 2>&1 || need+=(python3-flask)
+/usr/bin/python3 -c 'import pytest' >/dev/null 2>&1 || need+=(python3-pytest)
 if [ ${#need[@]} -gt 0 ]; then
   echo "test.sh: installing ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

@@ -3,7 +3,7 @@
 
 use devfleet_protocol::{PlanAnalyzed, PlanStatus};
 use devfleet_runtime::Connections;
-use devfleet_store::{PlanRecord, TaskState};
+use devfleet_store::PlanRecord;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -82,17 +82,45 @@ impl PlanReport {
                     format!("deployment {id}: {status} at {weight} %")
                 })
             });
-        let integration = has_integration.then(|| match plan.status {
-            PlanStatus::Integrating => "running".to_owned(),
-            PlanStatus::Failed if tasks.iter().all(|t| t.state == TaskState::Done) => {
-                format!("failed: {}", plan.message.clone().unwrap_or_default())
-            }
-            PlanStatus::Failed => "not run (tasks failed)".to_owned(),
-            _ if plan.status.is_final() || plan.status == PlanStatus::Deploying => {
-                "passed".to_owned()
-            }
-            _ => "pending".to_owned(),
-        });
+        let integration = if has_integration {
+            let shards: usize = analyzed
+                .as_ref()
+                .map(|a| {
+                    a.plan
+                        .integration
+                        .iter()
+                        .map(|step| step.shard.unwrap_or(1).max(1) as usize)
+                        .sum()
+                })
+                .unwrap_or(0);
+            let results = store
+                .kv_list(&devfleet_scheduler::integration::results_collection(
+                    plan_id,
+                ))
+                .await?;
+            let failed: Vec<String> = results
+                .iter()
+                .filter_map(|(key, json)| {
+                    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+                    (v.get("passed")?.as_bool()? == false).then(|| key.clone())
+                })
+                .collect();
+            Some(if !failed.is_empty() {
+                format!("failed: {}", failed.join(", "))
+            } else if results.is_empty() {
+                if plan.status.is_final() {
+                    "not run".to_owned()
+                } else {
+                    "pending".to_owned()
+                }
+            } else if results.len() >= shards {
+                format!("passed ({} shards)", results.len())
+            } else {
+                format!("running ({}/{shards} shards reported)", results.len())
+            })
+        } else {
+            None
+        };
         Ok(PlanReport {
             tasks: tasks.len(),
             attempts: tasks.iter().map(|t| t.attempt).sum(),
