@@ -1,7 +1,7 @@
 //! The final report of a plan and the live progress bar, shared by
 //! `devfleet up` and `devfleet publish --wait`.
 
-use devfleet_protocol::{PlanAnalyzed, PlanStatus};
+use devfleet_protocol::PlanAnalyzed;
 use devfleet_runtime::Connections;
 use devfleet_store::PlanRecord;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -102,7 +102,7 @@ impl PlanReport {
                 .iter()
                 .filter_map(|(key, json)| {
                     let v: serde_json::Value = serde_json::from_str(json).ok()?;
-                    (v.get("passed")?.as_bool()? == false).then(|| key.clone())
+                    (!v.get("passed")?.as_bool()?).then(|| key.clone())
                 })
                 .collect();
             Some(if !failed.is_empty() {
