@@ -662,13 +662,19 @@ async fn error_storm_opens_the_breaker_pauses_dispatch_and_recovers_after_the_co
         half_open.since_ms >= opened.since_ms + cooldown.as_millis() as i64,
         "half-open only after the cooldown"
     );
-    // While open, nothing was dispatched.
+    // While open, nothing was dispatched. The state read above may already
+    // be Closed (a probe can pass within milliseconds), so the open window
+    // ends at the cooldown's end, before which it cannot have left Open.
+    let open_end = opened
+        .until_ms
+        .unwrap_or(half_open.since_ms)
+        .min(half_open.since_ms);
     let during_open: Vec<(i64, String)> = harness
         .dispatches
         .lock()
         .unwrap()
         .iter()
-        .filter(|(t, _)| *t > opened.since_ms + 100 && *t < half_open.since_ms)
+        .filter(|(t, _)| *t > opened.since_ms + 100 && *t < open_end)
         .cloned()
         .collect();
     assert!(
