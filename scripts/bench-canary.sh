@@ -13,6 +13,6 @@ trap 'exit 130' INT TERM
 scripts/servers.sh start "$tmp/servers"
 # shellcheck disable=SC1091
 . "$tmp/servers/env"
-# The harness lives in the canary test crate (it reuses the tests' HTTP
-# service and process helpers) as an ignored test, so `cargo test` skips it.
-DEVFLEET_CANARY_BENCH_N=${1:-100} cargo test -p devfleet-canary --test canary bench_ -- --ignored --nocapture
+# The harness (benches/deployments.rs) reuses the integration tests' HTTP
+# service and process helpers.
+DEVFLEET_CANARY_BENCH_N=${1:-100} cargo bench -p devfleet-canary --bench deployments

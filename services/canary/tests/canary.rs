@@ -1021,7 +1021,7 @@ async fn prometheus_health_source_promotes_healthy_and_rolls_back_failing() {
 
 // ---------------------------------------------------------------------------
 // Benchmark (prints figures, asserts nothing about speed). Run by hand:
-//   cargo test -p devfleet-canary --test canary bench_ -- --ignored --nocapture
+//   scripts/bench-canary.sh [N]   (benches/deployments.rs calls the function below)
 // DEVFLEET_CANARY_BENCH_N sets the number of deployments (default 100).
 
 /// CPU seconds (user + system) a process has used, from /proc.
@@ -1041,9 +1041,11 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
-#[tokio::test]
-#[ignore = "benchmark: run by hand, prints figures"]
-async fn bench_one_process_drives_many_deployments() {
+/// The canary benchmark (`benches/deployments.rs`, which includes this file
+/// for its helpers; `scripts/bench-canary.sh` runs it). Not a test: it
+/// prints figures and asserts nothing timed.
+#[allow(dead_code)]
+pub async fn bench_one_process_drives_many_deployments() {
     let n: usize = std::env::var("DEVFLEET_CANARY_BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())
