@@ -10,15 +10,12 @@
 //! Succeeded. The direct seam ([`crate::direct_router`]) uses the same
 //! functions.
 
-use crate::stages::PlanStages;
-use crate::{deploy, integration, Shared, TASKS_COMPLETED};
+use crate::lifecycle::Event;
+use crate::{effects, Shared, TASKS_COMPLETED};
 use devfleet_protocol::{queues, Envelope, Message, MetricType, PlanEvent, PlanStatus};
 use devfleet_runtime::consume::{self, Settlement, StepError};
-use devfleet_store::{PlanRecord, TaskState, TaskStore};
+use devfleet_store::PlanRecord;
 use std::sync::Arc;
-
-/// Longest plan status message, in characters.
-pub(crate) const MAX_MESSAGE_CHARS: usize = 2_000;
 
 /// Handles one `task.done` envelope.
 pub(crate) async fn handle_done(shared: Arc<Shared>, envelope: Envelope) -> Settlement {
@@ -108,21 +105,12 @@ pub(crate) async fn fail(
             )
             .await;
         if let Some(plan) = store.plan(plan_id).await? {
-            shared
-                .connections
-                .event(PlanEvent {
-                    plan_id: plan_id.to_owned(),
-                    name: plan.name.clone(),
-                    status: plan.status,
-                    done: plan.done,
-                    failed: plan.failed,
-                    total: plan.total,
-                    message: Some(truncate(format!(
-                        "{path} failed: {error}; {} dependent(s) blocked",
-                        failure.blocked.len()
-                    ))),
-                })
-                .await;
+            let event = Event::TaskFailed {
+                path: path.to_owned(),
+                error: error.to_owned(),
+                blocked: failure.blocked.len(),
+            };
+            effects::advance(shared, plan, event).await?;
         }
     }
     if failure.plan_finished {
@@ -131,68 +119,24 @@ pub(crate) async fn fail(
     Ok(())
 }
 
-/// The message of a plan that failed because some tasks did.
-async fn failed_tasks_message(
-    store: &dyn TaskStore,
-    plan: &PlanRecord,
-) -> Result<String, StepError> {
-    let tasks = store.tasks(&plan.id).await?;
-    let failed: Vec<String> = tasks
-        .iter()
-        .filter(|t| t.state == TaskState::Failed)
-        .map(|t| {
-            format!(
-                "{} ({})",
-                t.path,
-                t.error.as_deref().unwrap_or("no error recorded")
-            )
-        })
-        .collect();
-    Ok(truncate(format!(
-        "{} task(s) failed: {}; {} blocked; {} of {} done",
-        failed.len(),
-        failed.join(", "),
-        plan.blocked,
-        plan.done,
-        plan.total
-    )))
-}
-
-/// Moves on a plan whose every task is final: Failed (naming the failed
-/// tasks) when any failed or is blocked; otherwise into its integration
-/// stage, or its deploy stage, or Succeeded.
+/// Moves on a plan whose every task is final: steps its lifecycle with
+/// [`Event::TasksFinished`] (Failed naming the failed tasks when any failed
+/// or is blocked; otherwise its integration stage, its deploy stage or
+/// Succeeded; see [`crate::lifecycle`]).
 ///
 /// Safe to call any number of times, concurrently too: a plan that already
 /// ended is left alone, and entering a stage is claimed once in the store
 /// ([`crate::stages`]); a repeated call only finishes what an interrupted
 /// one left undone (at worst a best-effort event goes out twice).
 pub(crate) async fn finish_plan(shared: &Shared, plan_id: &str) -> Result<(), StepError> {
-    let store = &shared.connections.store;
-    let Some(plan) = store.plan(plan_id).await? else {
+    let Some(plan) = shared.connections.store.plan(plan_id).await? else {
         return Ok(());
     };
     if plan.status.is_final() {
         return Ok(());
     }
-    if plan.failed > 0 || plan.blocked > 0 {
-        let message = failed_tasks_message(store.as_ref(), &plan).await?;
-        return end_plan(shared, &plan, PlanStatus::Failed, Some(message)).await;
-    }
-    let stages = match PlanStages::of(&plan) {
-        Ok(stages) => stages,
-        Err(message) => {
-            tracing::error!(plan_id, %message, "cannot read the plan's later stages");
-            return end_plan(shared, &plan, PlanStatus::Failed, Some(truncate(message))).await;
-        }
-    };
-    match (&plan.status, &stages.deploy) {
-        // Past integration: only make sure the deploy request went out.
-        (PlanStatus::Deploying, Some(spec)) => deploy::request(shared, &plan, spec).await,
-        (PlanStatus::Deploying, None) => Ok(()),
-        _ if !stages.integration.is_empty() => integration::start(shared, &plan, &stages).await,
-        (_, Some(spec)) => deploy::request(shared, &plan, spec).await,
-        (_, None) => end_plan(shared, &plan, PlanStatus::Succeeded, None).await,
-    }
+    let tasks = effects::finished_tasks(shared, &plan).await?;
+    effects::advance(shared, plan, Event::TasksFinished(tasks)).await
 }
 
 /// Sets a plan's final (or next) status and announces it: log, `plan.event`
@@ -222,9 +166,8 @@ pub(crate) async fn end_plan(
     Ok(())
 }
 
-/// Announces a plan's status: `plan.event` and a `task_progress` metric
-/// (best effort).
-pub(crate) async fn announce(
+/// Announces a plan's status: `plan.event` (best effort).
+pub(crate) async fn announce_status(
     shared: &Shared,
     plan: &PlanRecord,
     status: PlanStatus,
@@ -242,6 +185,17 @@ pub(crate) async fn announce(
             message,
         })
         .await;
+}
+
+/// Announces a plan's status: `plan.event` and a `task_progress` metric
+/// (best effort).
+pub(crate) async fn announce(
+    shared: &Shared,
+    plan: &PlanRecord,
+    status: PlanStatus,
+    message: Option<String>,
+) {
+    announce_status(shared, plan, status, message).await;
     shared
         .metrics
         .emit(
@@ -257,24 +211,4 @@ pub(crate) async fn announce(
             }),
         )
         .await;
-}
-
-/// Cuts a plan message to [`MAX_MESSAGE_CHARS`] characters.
-pub(crate) fn truncate(mut s: String) -> String {
-    if s.chars().count() > MAX_MESSAGE_CHARS {
-        s = s.chars().take(MAX_MESSAGE_CHARS).collect::<String>() + "…";
-    }
-    s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn long_messages_are_cut() {
-        let s = truncate("x".repeat(5_000));
-        assert_eq!(s.chars().count(), MAX_MESSAGE_CHARS + 1);
-        assert_eq!(truncate("short".into()), "short");
-    }
 }
