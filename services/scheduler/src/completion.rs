@@ -3,12 +3,12 @@
 //! `handle_done` consumes `task.done` (published by the router once a task
 //! passed every stage). Completing is idempotent in the store: the step that
 //! makes a task Done also makes Ready each dependent whose last unfinished
-//! dependency it was, and a duplicate delivery changes nothing. When the
-//! last task of a plan becomes final, [`finish_plan`] moves the plan on:
-//! Failed if a task failed; else to its integration stage
-//! ([`crate::integration`]), its deploy stage ([`crate::deploy`]) or
-//! Succeeded. The direct seam ([`crate::direct_router`]) uses the same
-//! functions.
+//! dependency it was, and a duplicate delivery changes nothing.
+//! `handle_dead_lettered` consumes `task.dead_lettered` (the router gave up
+//! on a task). When the last task of a plan becomes final, [`finish_plan`]
+//! steps the plan's lifecycle ([`crate::lifecycle`]): Failed if a task
+//! failed; else its integration stage, its deploy stage or Succeeded. The
+//! direct seam ([`crate::direct_router`]) uses the same functions.
 
 use crate::lifecycle::Event;
 use crate::{effects, Shared, TASKS_COMPLETED};
@@ -27,6 +27,22 @@ pub(crate) async fn handle_done(shared: Arc<Shared>, envelope: Envelope) -> Sett
             }
         }
         _ => consume::unexpected(&envelope, queues::TASK_DONE),
+    }
+}
+
+/// Handles one `task.dead_lettered` envelope: the router gave up on a task
+/// (and already recorded it Failed). Failing it again here changes nothing
+/// in the store, but ends the plan when that was its last unfinished task:
+/// the scheduler alone ends plans.
+pub(crate) async fn handle_dead_lettered(shared: Arc<Shared>, envelope: Envelope) -> Settlement {
+    match envelope.message {
+        Message::TaskDeadLettered(dead) => {
+            match fail(&shared, &dead.plan_id, &dead.path, &dead.reason).await {
+                Ok(()) => Settlement::Ack,
+                Err(e) => e.settlement("ending the plan of a dead-lettered task"),
+            }
+        }
+        _ => consume::unexpected(&envelope, queues::TASK_DEAD_LETTERED),
     }
 }
 

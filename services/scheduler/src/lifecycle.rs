@@ -249,7 +249,10 @@ pub enum Effect {
     /// Publish `deploy.requested`, unless already confirmed.
     RequestDeploy,
     /// End the plan: final status, message, `plan.event` and metric.
-    End { phase: Phase, message: Option<String> },
+    End {
+        phase: Phase,
+        message: Option<String>,
+    },
     /// An `escalation` event and an error metric naming the failed
     /// integration shards.
     EscalateIntegration,
@@ -820,10 +823,7 @@ mod tests {
             "2 task(s) failed: a.py (gave up after 3 failures), b.py (no error recorded); 2 blocked; 3 of 7 done";
         for phase in Phase::ALL.into_iter().filter(|p| !p.is_final()) {
             for (_, stages) in stages() {
-                let t = step(
-                    &plan(phase, stages),
-                    &Event::TasksFinished(tasks.clone()),
-                );
+                let t = step(&plan(phase, stages), &Event::TasksFinished(tasks.clone()));
                 assert_eq!(
                     t.effects,
                     vec![Effect::End {
