@@ -19,6 +19,7 @@
 //! | Integrating | IntegrationTallied(Passed)     | deploy              | Deploying   | ClaimVerdict, Enter, RequestDeploy |
 //! | Integrating | IntegrationTallied(Passed)     | no deploy           | Succeeded   | ClaimVerdict, End |
 //! | Integrating | IntegrationTallied(Failed)     |                     | Failed      | ClaimVerdict, End, EscalateIntegration |
+//! | Integrating | IntegrationTallied(Passed)     | unreadable stages   | Failed      | End (the reason) |
 //! | Deploying   | TasksFinished, IntegrationTallied | deploy           | Deploying   | RequestDeploy (repair) |
 //! | Deploying   | DeployFinished                 |                     | Succeeded / Failed | End |
 //! | Succeeded, Failed | anything                 |                     | unchanged   | — |
