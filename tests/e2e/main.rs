@@ -3,5 +3,8 @@
 //! area, so the slow link happens once.
 
 mod analyzer;
+mod pipeline;
+mod router;
 mod stack;
 mod support;
+mod worker;
