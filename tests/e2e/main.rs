@@ -3,6 +3,7 @@
 //! area, so the slow link happens once.
 
 mod analyzer;
+mod architecture;
 mod pipeline;
 mod router;
 mod stack;
