@@ -12,7 +12,13 @@ use std::collections::BTreeMap;
 fn workspace_graph() -> BTreeMap<String, (String, Vec<String>)> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = std::process::Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
         .current_dir(crate::support::repo())
         .output()
         .expect("running cargo metadata");
@@ -64,7 +70,10 @@ fn services_depend_only_on_shared_crates() {
         }
     };
     let services = graph.keys().filter(|n| kind(n) == "service").count();
-    assert!(services >= 7, "expected the services under services/: {graph:?}");
+    assert!(
+        services >= 7,
+        "expected the services under services/: {graph:?}"
+    );
     let mut wrong = Vec::new();
     for (name, (_, deps)) in &graph {
         for dep in deps {
