@@ -13,8 +13,8 @@ use crate::completion::{announce_status, end_plan};
 use crate::lifecycle::{self, Effect, Event, FailedTask, Phase, Stages, Tasks, Verdict};
 use crate::stages::{Marker, PlanStages};
 use crate::{deploy, integration, Shared};
+use devfleet_contracts::integration::IntegrationTally;
 use devfleet_protocol::{now_ms, PlanStatus};
-use devfleet_qa_worker::IntegrationTally;
 use devfleet_runtime::consume::StepError;
 use devfleet_store::{PlanRecord, TaskState};
 use std::collections::VecDeque;
@@ -27,7 +27,7 @@ fn view(record: &PlanRecord, stages: &Result<PlanStages, String>) -> lifecycle::
         stages: match stages {
             Ok(s) => Stages::Known {
                 steps: s.integration.len(),
-                shards: devfleet_qa_worker::shards(&record.id, &s.integration).len(),
+                shards: devfleet_contracts::integration::shards(&record.id, &s.integration).len(),
                 deploy: s.deploy.as_ref().map(|d| d.stages.clone()),
             },
             Err(reason) => Stages::Unreadable(reason.clone()),

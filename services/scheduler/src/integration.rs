@@ -5,12 +5,12 @@
 //! stage's pieces its edge ([`crate::effects`]) uses:
 //!
 //! * [`publish_shards`]: one `work.integration` message per shard
-//!   (`devfleet_qa_worker::shards`), once (a stage marker).
+//!   (`devfleet_contracts::integration::shards`), once (a stage marker).
 //! * [`handle_result`] consumes `integration.results`: each result is kept
 //!   put-if-absent in the collection `integration.<plan_id>` under
 //!   `<step>#<shard>`, so a redelivered result counts once (the first one
 //!   for a shard wins). Then the plan's lifecycle steps with the tally of
-//!   everything kept ([`tally`], `devfleet_qa_worker::IntegrationTally`).
+//!   everything kept ([`tally`], `devfleet_contracts::integration::IntegrationTally`).
 //! * Every shard passed: Deploying and `deploy.requested` when the plan has
 //!   a `deploy` section ([`crate::deploy`]), else Succeeded. Any shard
 //!   failed (once all reported): Failed, with a message naming each failed
@@ -22,11 +22,11 @@ use crate::effects;
 use crate::lifecycle::{self, Verdict, MAX_MESSAGE_CHARS};
 use crate::stages::{Marker, PlanStages};
 use crate::Shared;
+use devfleet_contracts::integration::{IntegrationTally, TallyState};
 use devfleet_protocol::{
     now_ms, queues, AttemptRecord, Envelope, Escalation, IntegrationResult, IntegrationStep,
     IntegrationWork, Message, MetricType, Stage,
 };
-use devfleet_qa_worker::{IntegrationTally, TallyState};
 use devfleet_runtime::consume::{self, Settlement, StepError};
 use devfleet_store::PlanRecord;
 use std::sync::Arc;
@@ -53,7 +53,7 @@ pub(crate) async fn publish_shards(
     if Marker::IntegrationSent.get(store, plan_id).await?.is_some() {
         return Ok(());
     }
-    let work = devfleet_qa_worker::shards(plan_id, steps);
+    let work = devfleet_contracts::integration::shards(plan_id, steps);
     let published = futures::future::join_all(work.iter().map(|w| {
         shared
             .connections
@@ -97,7 +97,7 @@ async fn record(shared: &Shared, result: IntegrationResult) -> Settlement {
         Ok(stages) => stages,
         Err(message) => return Settlement::DeadLetter(message),
     };
-    let work = devfleet_qa_worker::shards(&plan.id, &stages.integration);
+    let work = devfleet_contracts::integration::shards(&plan.id, &stages.integration);
     let expected = work.iter().any(|w| {
         w.step.name == result.step
             && w.shard_index == result.shard_index
@@ -145,7 +145,7 @@ pub(crate) async fn tally(
     steps: &[IntegrationStep],
 ) -> Result<(IntegrationTally, Verdict), StepError> {
     let store = shared.connections.store.as_ref();
-    let work: Vec<IntegrationWork> = devfleet_qa_worker::shards(plan_id, steps);
+    let work: Vec<IntegrationWork> = devfleet_contracts::integration::shards(plan_id, steps);
     let mut tally = IntegrationTally::new(plan_id, &work);
     for (key, json) in store.kv_list(&results_collection(plan_id)).await? {
         match serde_json::from_str::<IntegrationResult>(&json) {
