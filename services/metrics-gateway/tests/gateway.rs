@@ -601,18 +601,9 @@ async fn create_plan(c: &Connections, name: &str, tasks: Vec<NewTask>) -> String
         .store
         .create_plan(
             PlanRecord {
-                id: id.clone(),
-                name: name.into(),
-                status: PlanStatus::Running,
-                total: 0,
-                done: 0,
-                failed: 0,
-                blocked: 0,
-                created_ms: now,
-                updated_ms: now,
                 detail: json!({ "critical_path": ["app/db.py", "app/models.py", "app/api.py", "app/main.py"] })
                     .to_string(),
-                message: None,
+                ..PlanRecord::new(&id, name, PlanStatus::Running, now)
             },
             tasks,
         )

@@ -210,19 +210,7 @@ mod tests {
                 executor: None,
             })
             .collect();
-        let plan = PlanRecord {
-            id: "p".into(),
-            name: "p".into(),
-            status: devfleet_protocol::PlanStatus::Running,
-            total: n as u32,
-            done: 0,
-            failed: 0,
-            blocked: 0,
-            created_ms: 0,
-            updated_ms: 0,
-            detail: String::new(),
-            message: None,
-        };
+        let plan = PlanRecord::new("p", "p", devfleet_protocol::PlanStatus::Running, 0);
         assert!(c.store.create_plan(plan, tasks).await.unwrap());
         c
     }
