@@ -35,7 +35,7 @@
 //! * Half-open probes are permits from the store counter named in the
 //!   state's `probe_counter` (one per half-open generation).
 
-use devfleet_protocol::{now_ms, BreakerChanged, MetricType, Stage};
+use devfleet_protocol::{metrics::BreakerHealth, now_ms, BreakerChanged, Stage};
 use devfleet_runtime::Connections;
 use devfleet_store::{StoreError, StoreResult, TaskStore};
 use serde::{Deserialize, Serialize};
@@ -512,20 +512,16 @@ impl Breakers {
     pub async fn emit_health(&self, state: &BreakerState) {
         self.connections
             .metrics(self.instance.clone())
-            .emit(
-                MetricType::SystemHealth,
-                serde_json::json!({
-                    "component": "circuit_breaker",
-                    "stage": state.stage.as_str(),
-                    "state": state.state.as_str(),
-                    "open": state.state != Phase::Closed,
-                    "reason": state.reason,
-                    "error_rate": state.error_rate,
-                    "volume": state.volume,
-                    "since_ms": state.since_ms,
-                    "until_ms": state.until_ms,
-                }),
-            )
+            .emit(BreakerHealth {
+                stage: state.stage,
+                state: state.state.as_str().to_owned(),
+                open: state.state != Phase::Closed,
+                reason: state.reason.clone(),
+                error_rate: state.error_rate,
+                volume: state.volume,
+                since_ms: state.since_ms,
+                until_ms: state.until_ms,
+            })
             .await;
     }
 }

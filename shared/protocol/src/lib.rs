@@ -7,11 +7,13 @@
 
 pub mod envelope;
 pub mod messages;
+pub mod metrics;
 pub mod plan;
 pub mod queues;
 
 pub use envelope::{DecodeError, EncodeError, Envelope, MAX_ENVELOPE_BYTES, SCHEMA_VERSION};
 pub use messages::*;
+pub use metrics::{MetricBody, MetricBodyError};
 pub use plan::{
     DeploySpec, ExecutorKind, Handler, HealthSource, IntegrationStep, Plan, PlanError, TaskDef,
     Thresholds,
