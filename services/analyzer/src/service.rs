@@ -9,9 +9,7 @@
 
 use devfleet_bus::ConsumeOptions;
 use devfleet_protocol::metrics::{AnalyzeFailure, AnalyzeTiming};
-use devfleet_protocol::{
-    queues, Message, PlanAnalyzed, PlanRejected, PlanStatus, PlanSubmitted,
-};
+use devfleet_protocol::{queues, Message, PlanAnalyzed, PlanRejected, PlanStatus, PlanSubmitted};
 use devfleet_runtime::{backoff::Backoff, Connections, Metrics};
 use devfleet_store::PlanRecord;
 use std::path::PathBuf;

@@ -8,8 +8,8 @@ use crate::{Config, Router};
 use devfleet_bus::ConsumeOptions;
 use devfleet_protocol::{
     metrics::{TaskDeadLettered, TaskFixing, TaskRetrying},
-    now_ms, queues, Escalation, PlanEvent, PlanStatus, QaResult, QaWork, Stage,
-    TaskBuilt, TaskClass, TaskDone, TaskFailed,
+    now_ms, queues, Escalation, PlanEvent, PlanStatus, QaResult, QaWork, Stage, TaskBuilt,
+    TaskClass, TaskDone, TaskFailed,
 };
 use devfleet_protocol::{Envelope, Message};
 use devfleet_runtime::consume::{self, Settlement, Source};

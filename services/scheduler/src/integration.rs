@@ -22,8 +22,8 @@ use crate::completion::{self, MAX_MESSAGE_CHARS};
 use crate::stages::{Marker, PlanStages};
 use crate::{deploy, Shared};
 use devfleet_protocol::{
-    now_ms, queues, AttemptRecord, Envelope, Escalation, IntegrationResult, IntegrationWork,
-    metrics::IntegrationFailure, Message, PlanStatus, Stage,
+    metrics::IntegrationFailure, now_ms, queues, AttemptRecord, Envelope, Escalation,
+    IntegrationResult, IntegrationWork, Message, PlanStatus, Stage,
 };
 use devfleet_qa_worker::{IntegrationTally, TallyState};
 use devfleet_runtime::consume::{self, Settlement, StepError};

@@ -522,7 +522,10 @@ mod tests {
             data: json!({ "slots": 4, "busy": 2, "gpu": "h100" }),
         };
         let w = m.body::<WorkerStatus>().unwrap();
-        assert_eq!((w.instance.as_str(), w.slots, w.busy, w.waiting), ("", 4, 2, 0));
+        assert_eq!(
+            (w.instance.as_str(), w.slots, w.busy, w.waiting),
+            ("", 4, 2, 0)
+        );
     }
 
     #[test]
@@ -548,7 +551,10 @@ mod tests {
         let DeploymentSample::Progress(p) = DeploymentSample::from_metric(&live).unwrap() else {
             panic!("progress expected");
         };
-        assert_eq!((p.deployment_id.as_str(), p.weight, p.stage), ("d-live", 50, 2));
+        assert_eq!(
+            (p.deployment_id.as_str(), p.weight, p.stage),
+            ("d-live", 50, 2)
+        );
         let anonymous = Metric {
             data: json!({ "weight": 50 }),
             ..live
@@ -559,7 +565,13 @@ mod tests {
     #[test]
     fn timing_reads_any_body_leniently() {
         let t = Timing::deserialize(&json!({"stage": "qa", "duration_ms": 12, "x": 1})).unwrap();
-        assert_eq!(t, Timing { duration_ms: Some(12.0), stage: Some("qa".into()) });
+        assert_eq!(
+            t,
+            Timing {
+                duration_ms: Some(12.0),
+                stage: Some("qa".into())
+            }
+        );
         let t = Timing::deserialize(&json!({"stage": 2, "duration_ms": "slow"})).unwrap();
         assert_eq!(t, Timing::default());
         assert_eq!(Timing::deserialize(&json!({})).unwrap(), Timing::default());

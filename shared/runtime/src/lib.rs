@@ -213,7 +213,9 @@ impl Metrics {
     pub async fn emit<B: MetricBody>(&self, body: B) {
         match Metric::from_body(self.source.clone(), &body) {
             Ok(metric) => self.send(metric).await,
-            Err(e) => tracing::warn!(metric_type = B::METRIC_TYPE.as_str(), error = %e, "cannot encode metric"),
+            Err(e) => {
+                tracing::warn!(metric_type = B::METRIC_TYPE.as_str(), error = %e, "cannot encode metric")
+            }
         }
     }
 
