@@ -100,6 +100,11 @@ impl Metric {
 
 macro_rules! metric_bodies {
     ($($metric_type:ident => [$($body:ident $(($field:literal = $value:literal))?),* $(,)?]),* $(,)?) => {
+        /// Every body this version defines, by struct name, with its type:
+        /// the list the golden-bytes tests check their fixtures against.
+        pub const ALL_BODIES: &[(&str, MetricType)] = &[
+            $($((stringify!($body), MetricType::$metric_type),)*)*
+        ];
         $($(
             impl MetricBody for $body {
                 const METRIC_TYPE: MetricType = MetricType::$metric_type;
