@@ -62,7 +62,7 @@ pub struct IngestState {
 }
 
 impl IngestState {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             frames: BTreeMap::new(),
             events: BTreeMap::new(),

@@ -446,6 +446,78 @@ mod tests {
     }
 
     #[test]
+    fn workers_deployments_and_durations_are_learned_from_typed_bodies() {
+        use devfleet_protocol::metrics::{BuildTiming, DeploymentProgress, DeploymentRefused};
+        let mut state = IngestState::new();
+        let mut ingest = |envelope: Envelope| {
+            let (t, f) = frame_for(&envelope).unwrap();
+            learn(&mut state, t, &envelope, &f);
+        };
+        // A worker sample without an instance is known by its source.
+        let worker = WorkerStatus {
+            slots: 4,
+            busy: 1,
+            waiting: 2,
+            ..WorkerStatus::default()
+        };
+        ingest(Envelope::new(
+            Metric::from_body("dev-worker@a", &worker).unwrap(),
+        ));
+        // A sample that is no WorkerStatus is skipped, not fatal.
+        ingest(Envelope::new(Metric {
+            metric_type: MetricType::WorkerStatus,
+            source: "dev-worker@odd".into(),
+            data: json!({ "slots": "many" }),
+        }));
+        let refused = DeploymentRefused::new("d-1".into(), Some("p".into()), "bad spec".into());
+        ingest(Envelope::new(
+            Metric::from_body("canary", &refused).unwrap(),
+        ));
+        let progress = DeploymentProgress {
+            deployment_id: "d-2".into(),
+            status: "running".into(),
+            stage: 1,
+            stages: 3,
+            weight: 25,
+            ..DeploymentProgress::default()
+        };
+        ingest(Envelope::new(
+            Metric::from_body("canary", &progress).unwrap(),
+        ));
+        let timing = BuildTiming {
+            plan_id: "p".into(),
+            path: "a.py".into(),
+            duration_ms: 1500,
+            cache_hit: false,
+            executor: "builtin".into(),
+            instance: "dev-worker@a".into(),
+        };
+        ingest(Envelope::new(
+            Metric::from_body("dev-worker@a", &timing).unwrap(),
+        ));
+
+        assert_eq!(state.workers.len(), 1);
+        let (_, w) = &state.workers["dev-worker@a"];
+        assert_eq!((w.slots, w.busy, w.waiting), (4, 1, 2));
+        let (_, d1) = &state.deployments["d-1"];
+        assert_eq!(d1.status.as_deref(), Some("refused"));
+        assert_eq!(d1.reason.as_deref(), Some("bad spec"));
+        assert_eq!(d1.weight, None);
+        let (_, d2) = &state.deployments["d-2"];
+        assert_eq!(d2.weight, Some(25.0));
+        assert_eq!(
+            (d2.stage.clone(), d2.stages.clone()),
+            (Some(json!(1)), Some(json!(3)))
+        );
+        assert_eq!(d2.status.as_deref(), Some("running"));
+        assert_eq!(
+            state.durations.keys().collect::<Vec<_>>(),
+            ["performance"],
+            "a build timing has no stage: labelled by its type"
+        );
+    }
+
+    #[test]
     fn stage_labels_are_sanitised() {
         assert_eq!(
             stage_label(Some("analyze"), "metric", MetricType::Performance),

@@ -346,11 +346,11 @@ fn the_envelope_header_layout_is_fixed() {
     assert_eq!((header.plan_id, header.traceparent), (None, None));
 }
 
-fn bodies() -> Vec<(&'static str, Metric, Box<dyn Fn(&Metric) -> bool>)> {
-    fn entry<B: MetricBody + PartialEq + 'static>(
-        name: &'static str,
-        body: B,
-    ) -> (&'static str, Metric, Box<dyn Fn(&Metric) -> bool>) {
+/// A body's name, its sample, and a check that a metric reads back as it.
+type BodyFixture = (&'static str, Metric, Box<dyn Fn(&Metric) -> bool>);
+
+fn bodies() -> Vec<BodyFixture> {
+    fn entry<B: MetricBody + PartialEq + 'static>(name: &'static str, body: B) -> BodyFixture {
         let metric = Metric::from_body("svc@host", &body).unwrap();
         let check = move |m: &Metric| m.body::<B>().is_ok_and(|b| b == body);
         (name, metric, Box::new(check))
