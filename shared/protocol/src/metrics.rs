@@ -14,6 +14,12 @@
 //! (`fixing`, `retrying`), `component` for system health, `stage` for
 //! timings and stage errors, `event` for a refused deployment.
 //!
+//! To add a body: define the struct here (derives as its neighbours, a
+//! `#[serde(tag = ...)]` when its type already has a body of a similar
+//! shape), list it under its type in `metric_bodies!`, add a fixture to
+//! `tests/golden.rs` and bless its golden JSON. To add a field to a body,
+//! see below.
+//!
 //! # Compatibility
 //!
 //! Bodies follow the crate's wire rule (see the crate docs): fields are only
