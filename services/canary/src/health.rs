@@ -202,7 +202,6 @@ impl HealthClient {
     }
 }
 
-
 /// Replaces `{deployment}` and `{interval}` (the check interval, e.g. `30s`).
 pub fn substitute(query: &str, ctx: &QueryContext<'_>) -> String {
     query
