@@ -310,19 +310,7 @@ async fn create_plan(c: &Connections, tasks: &[(&str, &[&str])]) -> String {
     let now = now_ms();
     c.store
         .create_plan(
-            PlanRecord {
-                id: plan_id.clone(),
-                name: "router-test".into(),
-                status: PlanStatus::Running,
-                total: 0,
-                done: 0,
-                failed: 0,
-                blocked: 0,
-                created_ms: now,
-                updated_ms: now,
-                detail: "{}".into(),
-                message: None,
-            },
+            PlanRecord::new(&plan_id, "router-test", PlanStatus::Running, now),
             tasks
                 .iter()
                 .map(|(path, deps)| NewTask {
@@ -552,7 +540,7 @@ async fn always_failing_task_is_tried_three_times_with_growing_delays_then_dead_
     // The router reports the dead letter to the scheduler, which alone
     // ends plans (none runs here, so the plan stays Running).
     let mut reports = c
-        .consume(queues::TASK_DEAD_LETTERED, ConsumeOptions::default())
+        .consume(queues::TASK_FINALLY_FAILED, ConsumeOptions::default())
         .await
         .unwrap();
     let (report, delivery) = within("the dead-letter report", SOON, reports.next_envelope())
@@ -560,7 +548,7 @@ async fn always_failing_task_is_tried_three_times_with_growing_delays_then_dead_
         .unwrap()
         .unwrap();
     delivery.ack().await.unwrap();
-    let Message::TaskDeadLettered(report) = report.message else {
+    let Message::TaskFinallyFailed(report) = report.message else {
         panic!("not a dead-letter report: {report:?}")
     };
     assert_eq!(
@@ -595,7 +583,7 @@ async fn always_failing_task_is_tried_three_times_with_growing_delays_then_dead_
         .unwrap()
         .unwrap();
     delivery.ack().await.unwrap();
-    let Message::TaskDeadLettered(again) = again.message else {
+    let Message::TaskFinallyFailed(again) = again.message else {
         panic!("not a dead-letter report: {again:?}")
     };
     assert_eq!(again, report);

@@ -39,19 +39,7 @@ async fn built_plan(
     let now = now_ms();
     c.store
         .create_plan(
-            PlanRecord {
-                id: plan_id.clone(),
-                name: "qa-test".into(),
-                status: PlanStatus::Running,
-                total: 0,
-                done: 0,
-                failed: 0,
-                blocked: 0,
-                created_ms: now,
-                updated_ms: now,
-                detail: "{}".into(),
-                message: None,
-            },
+            PlanRecord::new(&plan_id, "qa-test", PlanStatus::Running, now),
             files
                 .iter()
                 .map(|(path, _)| NewTask {
@@ -380,7 +368,7 @@ async fn integration_shards_run_in_parallel() {
             timeout_seconds: None,
         },
     ];
-    let work = devfleet_qa_worker::shards(&plan_id, &steps);
+    let work = devfleet_contracts::integration::shards(&plan_id, &steps);
     assert_eq!(work.len(), 4);
     let mut config = Config::new(c.clone());
     config.concurrency = 4;

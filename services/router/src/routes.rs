@@ -7,8 +7,9 @@ use crate::retry;
 use crate::{Config, Router};
 use devfleet_bus::ConsumeOptions;
 use devfleet_protocol::{
-    now_ms, queues, Escalation, MetricType, QaResult, QaWork, Stage, TaskBuilt, TaskClass,
-    TaskDeadLettered, TaskDone, TaskFailed,
+    metrics::{self, TaskFixing, TaskRetrying},
+    now_ms, queues, Escalation, QaResult, QaWork, Stage, TaskBuilt, TaskClass, TaskDone,
+    TaskFailed, TaskFinallyFailed,
 };
 use devfleet_protocol::{Envelope, Message};
 use devfleet_runtime::consume::{self, Settlement, Source};
@@ -261,16 +262,12 @@ async fn qa_failed(router: &Router, task: &TaskRecord, result: &QaResult) -> any
         .await?;
     router
         .metrics
-        .emit(
-            MetricType::TaskProgress,
-            serde_json::json!({
-                "plan_id": result.plan_id,
-                "path": result.path,
-                "status": "fixing",
-                "attempt": result.attempt,
-                "failures": failures,
-            }),
-        )
+        .emit(TaskFixing {
+            plan_id: result.plan_id.clone(),
+            path: result.path.clone(),
+            attempt: result.attempt,
+            failures,
+        })
         .await;
     tracing::info!(failures, "QA failed: fix task queued (priority high)");
     Ok(())
@@ -352,18 +349,14 @@ async fn route_failure(
     let delay = retry::schedule(router, failed, task, failures).await?;
     router
         .metrics
-        .emit(
-            MetricType::TaskProgress,
-            serde_json::json!({
-                "plan_id": failed.plan_id,
-                "path": failed.path,
-                "status": "retrying",
-                "stage": failed.stage.as_str(),
-                "attempt": failed.attempt,
-                "failures": failures,
-                "delay_ms": delay.as_millis() as u64,
-            }),
-        )
+        .emit(TaskRetrying {
+            plan_id: failed.plan_id.clone(),
+            path: failed.path.clone(),
+            stage: failed.stage,
+            attempt: failed.attempt,
+            failures,
+            delay_ms: delay.as_millis() as u64,
+        })
         .await;
     tracing::info!(
         failures,
@@ -379,7 +372,7 @@ fn first_line(s: &str) -> String {
 
 /// Gives up on a task: Failed in the store (dependents Blocked), indexed in
 /// the DLQ with its history, escalated to the planner, and reported to the
-/// scheduler (`task.dead_lettered`), which decides the plan. Idempotent.
+/// scheduler (`task.finally_failed`), which decides the plan. Idempotent.
 async fn dead_letter(
     router: &Router,
     task: &TaskRecord,
@@ -427,16 +420,13 @@ async fn dead_letter(
             .await;
         router
             .metrics
-            .emit(
-                MetricType::Error,
-                serde_json::json!({
-                    "plan_id": task.plan_id,
-                    "path": task.path,
-                    "error": reason,
-                    "dlq_id": entry.id,
-                    "blocked": failure.blocked,
-                }),
-            )
+            .emit(metrics::TaskDeadLettered {
+                plan_id: task.plan_id.clone(),
+                path: task.path.clone(),
+                error: reason.to_string(),
+                dlq_id: entry.id.clone(),
+                blocked: failure.blocked.clone(),
+            })
             .await;
     }
     // The scheduler alone ends plans: it learns of the failure from this
@@ -444,13 +434,13 @@ async fn dead_letter(
     report_dead(router, task, reason).await
 }
 
-/// Reports a dead-lettered task to the scheduler (`task.dead_lettered`).
+/// Reports a dead-lettered task to the scheduler (`task.finally_failed`).
 async fn report_dead(router: &Router, task: &TaskRecord, reason: &str) -> anyhow::Result<()> {
     router
         .connections
         .publish(
-            queues::TASK_DEAD_LETTERED,
-            TaskDeadLettered {
+            queues::TASK_FINALLY_FAILED,
+            TaskFinallyFailed {
                 plan_id: task.plan_id.clone(),
                 path: task.path.clone(),
                 attempt: task.attempt,

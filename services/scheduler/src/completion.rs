@@ -4,7 +4,7 @@
 //! passed every stage). Completing is idempotent in the store: the step that
 //! makes a task Done also makes Ready each dependent whose last unfinished
 //! dependency it was, and a duplicate delivery changes nothing.
-//! `handle_dead_lettered` consumes `task.dead_lettered` (the router gave up
+//! `handle_finally_failed` consumes `task.finally_failed` (the router gave up
 //! on a task). When the last task of a plan becomes final, [`finish_plan`]
 //! steps the plan's lifecycle ([`crate::lifecycle`]): Failed if a task
 //! failed; else its integration stage, its deploy stage or Succeeded. The
@@ -12,7 +12,8 @@
 
 use crate::lifecycle::Event;
 use crate::{effects, Shared, TASKS_COMPLETED};
-use devfleet_protocol::{queues, Envelope, Message, MetricType, PlanEvent, PlanStatus};
+use devfleet_protocol::metrics::{PlanProgress, TaskCompleted, TaskFailure};
+use devfleet_protocol::{queues, Envelope, Message, PlanEvent, PlanStatus};
 use devfleet_runtime::consume::{self, Settlement, StepError};
 use devfleet_store::PlanRecord;
 use std::sync::Arc;
@@ -30,19 +31,19 @@ pub(crate) async fn handle_done(shared: Arc<Shared>, envelope: Envelope) -> Sett
     }
 }
 
-/// Handles one `task.dead_lettered` envelope: the router gave up on a task
+/// Handles one `task.finally_failed` envelope: the router gave up on a task
 /// (and already recorded it Failed). Failing it again here changes nothing
 /// in the store, but ends the plan when that was its last unfinished task:
 /// the scheduler alone ends plans.
-pub(crate) async fn handle_dead_lettered(shared: Arc<Shared>, envelope: Envelope) -> Settlement {
+pub(crate) async fn handle_finally_failed(shared: Arc<Shared>, envelope: Envelope) -> Settlement {
     match envelope.message {
-        Message::TaskDeadLettered(dead) => {
+        Message::TaskFinallyFailed(dead) => {
             match fail(&shared, &dead.plan_id, &dead.path, &dead.reason).await {
                 Ok(()) => Settlement::Ack,
                 Err(e) => e.settlement("ending the plan of a dead-lettered task"),
             }
         }
-        _ => consume::unexpected(&envelope, queues::TASK_DEAD_LETTERED),
+        _ => consume::unexpected(&envelope, queues::TASK_FINALLY_FAILED),
     }
 }
 
@@ -74,17 +75,14 @@ pub(crate) async fn complete(
         );
         shared
             .metrics
-            .emit(
-                MetricType::TaskProgress,
-                serde_json::json!({
-                    "plan_id": plan_id,
-                    "path": path,
-                    "status": PlanStatus::Running.as_str(),
-                    "done": completion.done,
-                    "total": completion.total,
-                    "released": completion.released.len(),
-                }),
-            )
+            .emit(TaskCompleted {
+                plan_id: plan_id.to_owned(),
+                path: path.to_owned(),
+                status: PlanStatus::Running,
+                done: completion.done,
+                total: completion.total,
+                released: completion.released.len() as u64,
+            })
             .await;
     }
     // A completion frees a worker slot and may have released tasks.
@@ -110,15 +108,12 @@ pub(crate) async fn fail(
         tracing::warn!(plan_id, path, %error, blocked = failure.blocked.len(), "task failed");
         shared
             .metrics
-            .emit(
-                MetricType::Error,
-                serde_json::json!({
-                    "plan_id": plan_id,
-                    "path": path,
-                    "error": error,
-                    "blocked": failure.blocked,
-                }),
-            )
+            .emit(TaskFailure {
+                plan_id: plan_id.to_owned(),
+                path: path.to_owned(),
+                error: error.to_string(),
+                blocked: failure.blocked.clone(),
+            })
             .await;
         if let Some(plan) = store.plan(plan_id).await? {
             let event = Event::TaskFailed {
@@ -214,17 +209,14 @@ pub(crate) async fn announce(
     announce_status(shared, plan, status, message).await;
     shared
         .metrics
-        .emit(
-            MetricType::TaskProgress,
-            serde_json::json!({
-                "plan_id": plan.id,
-                "name": plan.name,
-                "status": status.as_str(),
-                "done": plan.done,
-                "failed": plan.failed,
-                "blocked": plan.blocked,
-                "total": plan.total,
-            }),
-        )
+        .emit(PlanProgress {
+            plan_id: plan.id.clone(),
+            name: plan.name.clone(),
+            status,
+            done: plan.done,
+            failed: plan.failed,
+            blocked: plan.blocked,
+            total: plan.total,
+        })
         .await;
 }

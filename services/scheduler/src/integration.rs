@@ -24,8 +24,8 @@ use crate::stages::{Marker, PlanStages};
 use crate::Shared;
 use devfleet_contracts::integration::{IntegrationTally, TallyState};
 use devfleet_protocol::{
-    now_ms, queues, AttemptRecord, Envelope, Escalation, IntegrationResult, IntegrationStep,
-    IntegrationWork, Message, MetricType, Stage,
+    metrics::IntegrationFailure, now_ms, queues, AttemptRecord, Envelope, Escalation,
+    IntegrationResult, IntegrationStep, IntegrationWork, Message, Stage,
 };
 use devfleet_runtime::consume::{self, Settlement, StepError};
 use devfleet_store::PlanRecord;
@@ -200,18 +200,14 @@ pub(crate) async fn escalate(shared: &Shared, plan: &PlanRecord, tally: &Integra
         .await;
     shared
         .metrics
-        .emit(
-            MetricType::Error,
-            serde_json::json!({
-                "plan_id": plan.id,
-                "stage": Stage::Integration.as_str(),
-                "failed_steps": tally
-                    .failures()
-                    .iter()
-                    .map(|r| format!("{}#{}", r.step, r.shard_index))
-                    .collect::<Vec<_>>(),
-            }),
-        )
+        .emit(IntegrationFailure {
+            plan_id: plan.id.clone(),
+            failed_steps: tally
+                .failures()
+                .iter()
+                .map(|r| format!("{}#{}", r.step, r.shard_index))
+                .collect(),
+        })
         .await;
 }
 

@@ -16,7 +16,7 @@
 //!   in an order the store would no longer choose.
 //! * **Completion** ([`completion`]): consumes `task.done` (from the
 //!   router), completes the task (idempotently) and so releases its
-//!   dependents in the same store step; consumes `task.dead_lettered` (the
+//!   dependents in the same store step; consumes `task.finally_failed` (the
 //!   router gave up on a task).
 //! * **The plan lifecycle** ([`lifecycle`], one pure state machine; its
 //!   effects are carried out in `effects`): when the last task of a plan
@@ -218,10 +218,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         completion::handle_done,
     ));
     parts.spawn(consume(
-        source(queues::TASK_DEAD_LETTERED, n),
+        source(queues::TASK_FINALLY_FAILED, n),
         s.clone(),
         stop.clone(),
-        completion::handle_dead_lettered,
+        completion::handle_finally_failed,
     ));
     parts.spawn(consume(
         source(queues::INTEGRATION_RESULTS, n),

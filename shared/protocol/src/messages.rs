@@ -200,12 +200,12 @@ pub struct TaskDone {
 /// the limit, or a failure was not retryable), recorded it Failed in the
 /// store (its dependents Blocked) and indexed it in the dead-letter queue.
 ///
-/// Published by the router on `task.dead_lettered`; consumed by the
+/// Published by the router on `task.finally_failed`; consumed by the
 /// scheduler, which alone ends plans: it acks once the plan has moved on
 /// (ended Failed) when this was its last unfinished task, or at once when
 /// other tasks still run. A repeated report changes nothing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TaskDeadLettered {
+pub struct TaskFinallyFailed {
     pub plan_id: String,
     pub path: String,
     pub attempt: u32,
@@ -400,12 +400,15 @@ impl std::str::FromStr for MetricType {
 ///
 /// Published by every service on the broadcast subject
 /// `devfleet.metrics.<type>`; consumed by the metrics gateway. Best effort.
+/// Build one with [`Metric::from_body`] and read it with [`Metric::body`]
+/// (see [`crate::metrics`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Metric {
     pub metric_type: MetricType,
     /// The service instance that measured it.
     pub source: String,
-    /// Free-form fields; numeric ones are aggregated by the gateway.
+    /// The body, one of the [`crate::metrics`] structs, as the map the
+    /// gateway forwards to clients; numeric fields are aggregated there.
     pub data: serde_json::Value,
 }
 
@@ -422,7 +425,7 @@ pub enum Message {
     QaWork(QaWork),
     QaResult(QaResult),
     TaskDone(TaskDone),
-    TaskDeadLettered(TaskDeadLettered),
+    TaskFinallyFailed(TaskFinallyFailed),
     Escalation(Escalation),
     BreakerChanged(BreakerChanged),
     IntegrationWork(IntegrationWork),
@@ -472,7 +475,7 @@ message_kinds! {
     QaWork => "qa.work",
     QaResult => "qa.result",
     TaskDone => "task.done",
-    TaskDeadLettered => "task.dead_lettered",
+    TaskFinallyFailed => "task.finally_failed",
     Escalation => "escalation",
     BreakerChanged => "breaker.changed",
     IntegrationWork => "integration.work",
@@ -495,7 +498,7 @@ impl Message {
             Message::QaWork(m) => (Some(&m.plan_id), Some(&m.path)),
             Message::QaResult(m) => (Some(&m.plan_id), Some(&m.path)),
             Message::TaskDone(m) => (Some(&m.plan_id), Some(&m.path)),
-            Message::TaskDeadLettered(m) => (Some(&m.plan_id), Some(&m.path)),
+            Message::TaskFinallyFailed(m) => (Some(&m.plan_id), Some(&m.path)),
             Message::Escalation(m) => (Some(&m.plan_id), m.path.as_deref()),
             Message::BreakerChanged(_) => (None, None),
             Message::IntegrationWork(m) => (Some(&m.plan_id), None),
@@ -514,7 +517,7 @@ impl Message {
             Message::QaWork(m) => m.attempt,
             Message::QaResult(m) => m.attempt,
             Message::TaskDone(m) => m.attempt,
-            Message::TaskDeadLettered(m) => m.attempt,
+            Message::TaskFinallyFailed(m) => m.attempt,
             _ => 0,
         }
     }
