@@ -28,6 +28,7 @@ pub mod report;
 pub mod resolve;
 pub mod scanner;
 pub mod service;
+pub mod settings;
 pub mod tree;
 
 pub use analysis::{Analysis, CriticalPath, Edge, FileNode, Stats};
