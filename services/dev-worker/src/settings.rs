@@ -190,6 +190,7 @@ impl ExecutorArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser as _;
 
     #[derive(clap::Parser)]
     struct Cli {

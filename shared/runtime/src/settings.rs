@@ -344,7 +344,7 @@ pub fn seconds(s: &str) -> Result<Duration, String> {
     let value: f64 = number
         .parse()
         .map_err(|_| format!("'{s}' is not a number of seconds"))?;
-    if !value.is_finite() || value < 0.0 || value > 1e10 {
+    if !(0.0..=1e10).contains(&value) {
         return Err(format!("'{s}' must be a non-negative number of seconds"));
     }
     Ok(Duration::from_secs_f64(value))
