@@ -5,3 +5,4 @@
 mod analyzer;
 mod stack;
 mod support;
+mod up_settings;
