@@ -41,10 +41,10 @@ pub struct Settings {
     #[arg(long, env = "DEVFLEET_DEV_LEASE_SECONDS", default_value = "30", value_parser = seconds)]
     pub lease_seconds: Duration,
     /// Longest one executor run may take, in seconds.
-    #[arg(long, env = "DEVFLEET_DEV_EXEC_TIMEOUT_SECONDS", default_value = "600", value_parser = seconds)]
+    #[arg(long, alias = "exec-timeout-secs", env = "DEVFLEET_DEV_EXEC_TIMEOUT_SECONDS", default_value = "600", value_parser = seconds)]
     pub exec_timeout_seconds: Duration,
     /// Seconds running tasks get to finish on shutdown.
-    #[arg(long, env = "DEVFLEET_DEV_SHUTDOWN_GRACE_SECONDS", default_value = "30", value_parser = seconds)]
+    #[arg(long, alias = "shutdown-grace-secs", env = "DEVFLEET_DEV_SHUTDOWN_GRACE_SECONDS", default_value = "30", value_parser = seconds)]
     pub shutdown_grace_seconds: Duration,
     /// Lifetime of the capacity record in the store, in seconds.
     #[arg(long, env = "DEVFLEET_DEV_HEARTBEAT_TTL_SECONDS", default_value = "10", value_parser = seconds)]
@@ -75,7 +75,7 @@ pub struct ExecutorArgs {
     #[arg(long, env = "DEVFLEET_COMMAND")]
     pub command: Option<String>,
     /// Cap on the command's stdout, stderr and output file, in bytes.
-    #[arg(long, env = "DEVFLEET_COMMAND_OUTPUT_CAP_BYTES", default_value_t = DEFAULT_OUTPUT_CAP)]
+    #[arg(long, alias = "command-output-cap", env = "DEVFLEET_COMMAND_OUTPUT_CAP_BYTES", default_value_t = DEFAULT_OUTPUT_CAP)]
     pub command_output_cap_bytes: usize,
     /// Base URL of the OpenAI-compatible API.
     #[arg(long, env = "DEVFLEET_OPENAI_BASE_URL", default_value = DEFAULT_BASE_URL)]

@@ -26,10 +26,10 @@ pub struct Settings {
     )]
     pub origins: Vec<String>,
     /// Seconds between pings to each client.
-    #[arg(long, env = "DEVFLEET_GATEWAY_PING_INTERVAL_SECONDS", default_value = "30", value_parser = seconds)]
+    #[arg(long, alias = "ping-interval", env = "DEVFLEET_GATEWAY_PING_INTERVAL_SECONDS", default_value = "30", value_parser = seconds)]
     pub ping_interval_seconds: Duration,
     /// Seconds without a pong after which a client is dropped.
-    #[arg(long, env = "DEVFLEET_GATEWAY_PONG_TIMEOUT_SECONDS", default_value = "60", value_parser = seconds)]
+    #[arg(long, alias = "pong-timeout", env = "DEVFLEET_GATEWAY_PONG_TIMEOUT_SECONDS", default_value = "60", value_parser = seconds)]
     pub pong_timeout_seconds: Duration,
     /// Frames queued per client before it is dropped as slow.
     #[arg(long, env = "DEVFLEET_GATEWAY_CLIENT_QUEUE", default_value_t = 1024)]
@@ -49,7 +49,7 @@ pub struct Settings {
     )]
     pub max_connections: usize,
     /// Seconds of the aggregation window for stats.
-    #[arg(long, env = "DEVFLEET_GATEWAY_WINDOW_SECONDS", default_value = "60", value_parser = seconds)]
+    #[arg(long, alias = "window", env = "DEVFLEET_GATEWAY_WINDOW_SECONDS", default_value = "60", value_parser = seconds)]
     pub window_seconds: Duration,
     /// Slices of the window (it slides by one slice).
     #[arg(long, env = "DEVFLEET_GATEWAY_WINDOW_BUCKETS", default_value_t = 12)]
@@ -61,7 +61,7 @@ pub struct Settings {
     #[arg(long, env = "DEVFLEET_GATEWAY_MAX_SERIES", default_value_t = 512)]
     pub max_series: usize,
     /// Seconds between reads of the store and bus.
-    #[arg(long, env = "DEVFLEET_GATEWAY_POLL_INTERVAL_SECONDS", default_value = "2", value_parser = seconds)]
+    #[arg(long, alias = "poll-interval", env = "DEVFLEET_GATEWAY_POLL_INTERVAL_SECONDS", default_value = "2", value_parser = seconds)]
     pub poll_interval_seconds: Duration,
     /// Unfinished plans whose tasks are read each poll.
     #[arg(long, env = "DEVFLEET_GATEWAY_TRACKED_PLANS", default_value_t = 20)]
@@ -132,5 +132,30 @@ mod tests {
             ),
             (Duration::from_secs(60), 12, 128, 512)
         );
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: Settings,
+    }
+
+    #[test]
+    fn durations_take_seconds_and_old_flag_spellings_still_parse() {
+        use clap::Parser as _;
+        let cli = Cli::try_parse_from([
+            "metrics-gateway",
+            "--ping-interval",
+            "5",
+            "--poll-interval-seconds",
+            "0.5",
+        ])
+        .unwrap();
+        assert_eq!(cli.settings.ping_interval_seconds, Duration::from_secs(5));
+        assert_eq!(
+            cli.settings.poll_interval_seconds,
+            Duration::from_millis(500)
+        );
+        assert!(Cli::try_parse_from(["metrics-gateway", "--window-seconds", "-1"]).is_err());
     }
 }

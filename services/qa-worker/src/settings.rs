@@ -23,14 +23,19 @@ pub struct Settings {
     #[arg(long, env = "DEVFLEET_QA_CONCURRENCY")]
     pub concurrency: Option<usize>,
     /// Wall timeout of one check, in seconds.
-    #[arg(long, env = "DEVFLEET_QA_CHECK_TIMEOUT_SECONDS", default_value = "60", value_parser = seconds)]
+    #[arg(long, alias = "check-timeout-secs", env = "DEVFLEET_QA_CHECK_TIMEOUT_SECONDS", default_value = "60", value_parser = seconds)]
     pub check_timeout_seconds: Duration,
     /// Wall timeout of one integration shard, in seconds (a step's
     /// `timeout_seconds` wins).
-    #[arg(long, env = "DEVFLEET_QA_INTEGRATION_TIMEOUT_SECONDS", default_value = "600", value_parser = seconds)]
+    #[arg(long, alias = "integration-timeout-secs", env = "DEVFLEET_QA_INTEGRATION_TIMEOUT_SECONDS", default_value = "600", value_parser = seconds)]
     pub integration_timeout_seconds: Duration,
     /// CPU time limit per process, whole seconds.
-    #[arg(long, env = "DEVFLEET_QA_CPU_SECONDS", default_value_t = 60)]
+    #[arg(
+        long,
+        alias = "cpu-secs",
+        env = "DEVFLEET_QA_CPU_SECONDS",
+        default_value_t = 60
+    )]
     pub cpu_seconds: u64,
     /// Address-space limit per process, MiB.
     #[arg(long, env = "DEVFLEET_QA_MEMORY_MB", default_value_t = 2048)]
