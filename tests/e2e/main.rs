@@ -3,6 +3,10 @@
 //! area, so the slow link happens once.
 
 mod analyzer;
+mod architecture;
+mod pipeline;
+mod router;
 mod stack;
 mod support;
 mod up_settings;
+mod worker;

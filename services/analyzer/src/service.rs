@@ -138,7 +138,8 @@ async fn handle(
     .filter(|p| p.is_dir());
     let analysis = {
         let plan = plan.clone();
-        tokio::task::spawn_blocking(move || crate::analyze_plan(&plan, base.as_deref())).await?
+        tokio::task::spawn_blocking(move || devfleet_analysis::analyze_plan(&plan, base.as_deref()))
+            .await?
     };
     match analysis {
         Ok(analysis) => {

@@ -23,12 +23,12 @@ use crate::executor::{ExecError, ExecInput};
 use crate::slots::Slot;
 use crate::{Worker, CACHE_HITS, CACHE_MISSES};
 use devfleet_bus::{BusError, ConsumeOptions, Consumer, Delivery, RetryOutcome};
+use devfleet_contracts::capacity::DISPATCH_OWNER;
 use devfleet_protocol::{
     now_ms, queues, Envelope, Message, MetricType, Stage, TaskBuilt, TaskClass, TaskFailed,
     TaskWork,
 };
 use devfleet_runtime::backoff::Backoff;
-use devfleet_scheduler::capacity::DISPATCH_OWNER;
 use devfleet_store::{ClaimOutcome, StoreError, TaskRecord, TaskState};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
