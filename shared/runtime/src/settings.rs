@@ -315,8 +315,10 @@ pub fn from_env<S: clap::Args>(name: &'static str) -> Result<S, clap::Error> {
 /// definition, caught by each service's `defaults_are_valid` test).
 pub fn defaults<S: clap::Args>() -> S {
     let command = S::augment_args(Command::new("defaults")).mut_args(|a| a.env(None));
-    let matches: ArgMatches = command.get_matches_from(["defaults"]);
-    match S::from_arg_matches(&matches) {
+    let parsed = command
+        .try_get_matches_from(["defaults"])
+        .and_then(|matches: ArgMatches| S::from_arg_matches(&matches));
+    match parsed {
         Ok(s) => s,
         Err(e) => panic!("settings without defaults: {e}"),
     }
