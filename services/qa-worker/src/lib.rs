@@ -31,9 +31,10 @@
 //! * A stale request (the task moved on) is acked without a result.
 
 use devfleet_bus::{BusError, ConsumeOptions, Delivery, RetryOutcome};
+use devfleet_protocol::metrics::{IntegrationTiming, QaCheckTiming, SandboxHealth};
 use devfleet_protocol::{
-    queues, CheckResult, Envelope, IntegrationResult, IntegrationWork, Message, MetricType,
-    QaResult, QaWork, Stage, TaskFailed,
+    queues, CheckResult, Envelope, IntegrationResult, IntegrationWork, Message, QaResult, QaWork,
+    Stage, TaskFailed,
 };
 use devfleet_runtime::{backoff::Backoff, Connections, Metrics};
 use devfleet_store::{StoreError, TaskState};
@@ -229,18 +230,15 @@ async fn report_health(
         let isolation = worker.sandbox.isolation();
         worker
             .metrics
-            .emit(
-                MetricType::SystemHealth,
-                serde_json::json!({
-                    "component": "qa_sandbox",
-                    "isolation": isolation,
-                    "healthy": isolation != "none",
-                    "warning": (isolation == "none").then_some(
-                        "QA checks run without filesystem or network isolation (bubblewrap missing)"
-                    ),
-                    "slots": slots,
+            .emit(SandboxHealth {
+                isolation: isolation.to_owned(),
+                healthy: isolation != "none",
+                warning: (isolation == "none").then(|| {
+                    "QA checks run without filesystem or network isolation (bubblewrap missing)"
+                        .to_owned()
                 }),
-            )
+                slots: slots as u64,
+            })
             .await;
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -580,16 +578,12 @@ async fn check_file(worker: &Worker, work: &QaWork) -> Result<QaResult, CheckErr
             .replace(&host_root, sandbox::SANDBOX_WORKSPACE);
         worker
             .metrics
-            .emit(
-                MetricType::Performance,
-                serde_json::json!({
-                    "stage": "qa",
-                    "check": check.name,
-                    "status": status,
-                    "duration_ms": outcome.duration.as_millis() as u64,
-                    "sandbox": worker.sandbox.isolation(),
-                }),
-            )
+            .emit(QaCheckTiming {
+                check: check.name.clone(),
+                status: status.to_owned(),
+                duration_ms: outcome.duration.as_millis() as u64,
+                sandbox: worker.sandbox.isolation().to_owned(),
+            })
             .await;
         results.push(CheckResult {
             name: check.name.clone(),
@@ -759,17 +753,13 @@ async fn run_shard(
     );
     worker
         .metrics
-        .emit(
-            MetricType::Performance,
-            serde_json::json!({
-                "stage": "integration",
-                "step": work.step.name,
-                "shard": work.shard_index,
-                "passed": outcome.exit == sandbox::Exit::Success,
-                "duration_ms": outcome.duration.as_millis() as u64,
-                "sandbox": worker.sandbox.isolation(),
-            }),
-        )
+        .emit(IntegrationTiming {
+            step: work.step.name.clone(),
+            shard: work.shard_index,
+            passed: outcome.exit == sandbox::Exit::Success,
+            duration_ms: outcome.duration.as_millis() as u64,
+            sandbox: worker.sandbox.isolation().to_owned(),
+        })
         .await;
     Ok(result(
         outcome.exit == sandbox::Exit::Success,
