@@ -17,8 +17,8 @@
 # Environment: DEVFLEET_STACK_DIR (state), DEVFLEET_PROFILE=release|debug
 # (cargo profile, default release), DEVFLEET_BIN_DIR (prebuilt binaries; no
 # build), DEVFLEET_GATEWAY_ADDR (default 127.0.0.1:7070, else a free port),
-# REDIS_PORT/NATS_PORT/RABBIT_PORT (pin server ports), DEVFLEET_STACK_STOP_SECS
-# (grace before SIGKILL, default 40). Every other DEVFLEET_* variable set at
+# REDIS_PORT/NATS_PORT/RABBIT_PORT (pin server ports), DEVFLEET_STACK_STOP_SECONDS
+# (grace before SIGKILL, default 40; DEVFLEET_STACK_STOP_SECS is its old name). Every other DEVFLEET_* variable set at
 # `up` (executor, OpenAI key, namespace, bus...) is handed to every service.
 set -euo pipefail
 
@@ -30,6 +30,7 @@ die() { say "$*"; exit 1; }
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 dir=${DEVFLEET_STACK_DIR:-$root/.devfleet/stack}
+stop_seconds=${DEVFLEET_STACK_STOP_SECONDS:-${DEVFLEET_STACK_STOP_SECS:-40}}
 servers_ctl=$root/scripts/servers.sh
 
 is_service() { local s; for s in "${SERVICES[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
@@ -119,7 +120,7 @@ start_replica() { # service index
     # shellcheck disable=SC1091
     . "$dir/env"
     # The router runs, so the scheduler must not route too.
-    [ "$svc" = scheduler ] && export DEVFLEET_DIRECT_ROUTING=false
+    [ "$svc" = scheduler ] && export DEVFLEET_SCHEDULER_DIRECT_ROUTING=false
     # Relative canary handler commands (./shift.sh) resolve against the checkout.
     cd "$root"
     exec setsid "$bin/$svc" </dev/null >>"$log" 2>&1
@@ -128,14 +129,14 @@ start_replica() { # service index
 }
 
 stop_pids() { # pid... : SIGTERM, wait for the grace, then SIGKILL
-  local p left deadline=$((SECONDS + ${DEVFLEET_STACK_STOP_SECS:-40}))
+  local p left deadline=$((SECONDS + stop_seconds))
   for p in "$@"; do kill -TERM "$p" 2>/dev/null || true; done
   while :; do
     left=()
     for p in "$@"; do alive "$p" && left+=("$p"); done
     [ ${#left[@]} -eq 0 ] && return 0
     if [ $SECONDS -ge $deadline ]; then
-      say "killing ${left[*]} (still running after ${DEVFLEET_STACK_STOP_SECS:-40} s)"
+      say "killing ${left[*]} (still running after $stop_seconds s)"
       kill -KILL "${left[@]}" 2>/dev/null || true
       return 0
     fi

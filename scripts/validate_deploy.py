@@ -14,8 +14,9 @@ deploy/k8s agree with the code and with each other.
 * kustomization.yaml lists every manifest file (and only existing ones);
 * compose: the infrastructure has health checks, services wait for them
   (condition service_healthy), scalable services have no container_name or
-  host ports, the scheduler runs with DEVFLEET_DIRECT_ROUTING=false;
-* every DEVFLEET_* variable set anywhere is one some binary reads, and
+  host ports, the scheduler runs with DEVFLEET_SCHEDULER_DIRECT_ROUTING=false;
+* every DEVFLEET_* variable set anywhere is one some binary reads (and not
+  a deprecated name), and
   every variable a binary reads is documented in docs/OPERATIONS.md.
 
 usage: validate_deploy.py COMPOSE_CONFIG_JSON_OR_YAML   (from `docker-compose config`)
@@ -56,11 +57,29 @@ def known_variables():
     for path in glob.glob("src/**/*.rs", recursive=True) + glob.glob("services/*/src/**/*.rs", recursive=True) + glob.glob(
         "shared/*/src/**/*.rs", recursive=True
     ):
-        text = open(path).read()
+        # Unit tests (a trailing `mod tests`) read nothing in production.
+        text = open(path).read().split("#[cfg(test)]\nmod tests")[0]
         found.update(re.findall(r'env\s*=\s*"([A-Z][A-Z0-9_]+)"', text))
         found.update(re.findall(r'"((?:DEVFLEET|OTEL)_[A-Z0-9_]*[A-Z0-9])"', text))
     found.update({"RUST_LOG", "OPENAI_API_KEY"})
     return found
+
+
+def deprecated_variables():
+    """The old names of renamed variables (devfleet_runtime::settings::RENAMED):
+    still read, with a warning, so deployment files must not use them."""
+    text = open("shared/runtime/src/settings.rs").read()
+    return set(re.findall(r'(?:same|millis)\(\s*"([A-Z][A-Z0-9_]+)"', text))
+
+
+DEPRECATED = set()
+
+
+def check_name(where, name, variables):
+    if name.startswith("DEVFLEET_") and name not in variables:
+        problem(where, f"sets {name}, which no binary reads")
+    elif name in DEPRECATED:
+        problem(where, f"sets {name}, a deprecated name (docs/OPERATIONS.md, Deprecated names)")
 
 
 def work_queues():
@@ -154,8 +173,7 @@ def check_workloads(docs, secrets, bins, variables):
                 if ref and not ref.get("optional"):
                     if ref["key"] not in secrets.get(ref["name"], set()):
                         problem(where, f"{e['name']} reads Secret {ref['name']} key {ref['key']}, which is not defined")
-                if e["name"].startswith("DEVFLEET_") and e["name"] not in variables:
-                    problem(where, f"sets {e['name']}, which no binary reads")
+                check_name(where, e["name"], variables)
             for m in c.get("volumeMounts") or []:
                 if m["name"] not in volumes and m["name"] not in claims:
                     problem(where, f"mounts volume {m['name']}, which is not defined")
@@ -191,12 +209,11 @@ def check_workloads(docs, secrets, bins, variables):
                     problem(where, f"{probe} must GET /healthz")
         if binary == "scheduler":
             env = {e["name"]: e.get("value") for e in c.get("env") or []}
-            if str(env.get("DEVFLEET_DIRECT_ROUTING")).lower() != "false":
-                problem(where, "must set DEVFLEET_DIRECT_ROUTING=false (the router runs)")
+            if str(env.get("DEVFLEET_SCHEDULER_DIRECT_ROUTING")).lower() != "false":
+                problem(where, "must set DEVFLEET_SCHEDULER_DIRECT_ROUTING=false (the router runs)")
     for name, data in configmaps.items():
         for key in data:
-            if key.startswith("DEVFLEET_") and key not in variables:
-                problem(f"ConfigMap {name}", f"sets {key}, which no binary reads")
+            check_name(f"ConfigMap {name}", key, variables)
     services = {d["metadata"]["name"] for _, d in applied if d.get("kind") == "Service"}
     if "metrics-gateway" not in services:
         problem("deploy/k8s", "no Service for metrics-gateway")
@@ -281,8 +298,7 @@ def check_compose(config_path, bins, variables):
                 problem(where, f"must depend on {infra} with condition service_healthy")
         env = svc.get("environment") or {}
         for key in env:
-            if key.startswith("DEVFLEET_") and key not in variables:
-                problem(where, f"sets {key}, which no binary reads")
+            check_name(where, key, variables)
         for key in ("DEVFLEET_AMQP_URL", "DEVFLEET_REDIS_URL", "DEVFLEET_NATS_URL"):
             if not env.get(key):
                 problem(where, f"no {key}")
@@ -293,8 +309,8 @@ def check_compose(config_path, bins, variables):
                 problem(where, "host ports prevent --scale")
         elif not svc.get("ports"):
             problem(where, "the gateway's port must be published")
-    if str((services.get("scheduler") or {}).get("environment", {}).get("DEVFLEET_DIRECT_ROUTING")).lower() != "false":
-        problem("docker-compose.yml: scheduler", "must set DEVFLEET_DIRECT_ROUTING=false (the router runs)")
+    if str((services.get("scheduler") or {}).get("environment", {}).get("DEVFLEET_SCHEDULER_DIRECT_ROUTING")).lower() != "false":
+        problem("docker-compose.yml: scheduler", "must set DEVFLEET_SCHEDULER_DIRECT_ROUTING=false (the router runs)")
 
 
 def check_docs(variables):
@@ -315,6 +331,9 @@ def main():
     if len(bins) < 7:
         problem("services/", f"found only {sorted(bins)}")
     variables = known_variables()
+    DEPRECATED.update(deprecated_variables())
+    if not DEPRECATED:
+        problem("shared/runtime/src/settings.rs", "found no renamed variables (has RENAMED moved?)")
     docs = load_k8s()
     for path, doc in docs:
         check_required(path, doc)

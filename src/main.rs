@@ -5,6 +5,8 @@ use clap::{Parser, Subcommand};
 mod analyze;
 mod canary;
 mod dlq;
+#[cfg(test)]
+mod env_doc;
 mod publish;
 mod report;
 mod status;
@@ -52,6 +54,15 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // Deprecated variable names and empty values are sorted out before
+    // clap reads the environment (and before any other thread exists).
+    if let Err(e) = devfleet_runtime::settings::apply_env_fixes() {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    for warning in devfleet_runtime::settings::take_warnings() {
+        eprintln!("warning: {warning}");
+    }
     let cli = Cli::parse();
     if matches!(cli.command, Command::Up(_)) && std::env::var_os("RUST_LOG").is_none() {
         // The embedded mode shows a progress bar and a report; service logs

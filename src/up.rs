@@ -1,5 +1,7 @@
 //! `devfleet up`: every service in one process over the in-memory bus and
-//! store (or real servers when URLs are given).
+//! store. Each service reads the same `DEVFLEET_*` variables as its binary
+//! (its `Settings`, parsed from the environment alone: `up`'s flags are its
+//! own).
 
 use crate::publish;
 use anyhow::Context as _;
@@ -77,34 +79,48 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Starts every service's `run` on the shared connections; returns the
-/// gateway's address.
+/// A service's settings from the environment; the error names the service
+/// and the variable.
+fn settings<S: clap::Args>(service: &'static str) -> anyhow::Result<S> {
+    devfleet_runtime::settings::from_env(service)
+        .map_err(|e| anyhow::anyhow!("reading the {service} settings from the environment: {e}"))
+}
+
+/// Starts every service's `run` on the shared connections, each configured
+/// from the environment like its binary and checked before any starts;
+/// returns the gateway's address.
 fn spawn_services(
     connections: &Connections,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(JoinSet<anyhow::Result<()>>, std::net::SocketAddr)> {
     let c = || connections.clone();
-    let s = || shutdown.clone();
-    let mut set = JoinSet::new();
-    set.spawn(devfleet_analyzer::service::run(
-        devfleet_analyzer::service::Config::new(c()),
-        s(),
-    ));
-    let mut scheduler = devfleet_scheduler::Config::new(c());
+    let analyzer = settings::<devfleet_analyzer::settings::Settings>("analyzer")?.into_config(c());
+    let mut scheduler =
+        settings::<devfleet_scheduler::settings::Settings>("scheduler")?.into_config(c());
     // The router runs here, so the scheduler's direct seam stays off.
     scheduler.direct_routing = false;
+    let dev_worker = settings::<devfleet_dev_worker::Settings>("dev-worker")?.into_config(c())?;
+    let router = settings::<devfleet_router::settings::Settings>("router")?.into_config(c());
+    let qa_worker =
+        settings::<devfleet_qa_worker::settings::Settings>("qa-worker")?.into_config(c())?;
+    let canary = settings::<devfleet_canary::settings::Settings>("canary")?.into_config(c());
+    let gateway =
+        settings::<devfleet_metrics_gateway::Settings>("metrics-gateway")?.into_config(c());
+    scheduler.validate().context("scheduler settings")?;
+    dev_worker.validate().context("dev-worker settings")?;
+    router.validate().context("router settings")?;
+    qa_worker.validate().context("qa-worker settings")?;
+    canary.validate().context("canary settings")?;
+    gateway.validate().context("metrics-gateway settings")?;
+
+    let s = || shutdown.clone();
+    let mut set = JoinSet::new();
+    set.spawn(devfleet_analyzer::service::run(analyzer, s()));
     set.spawn(devfleet_scheduler::run(scheduler, s()));
-    set.spawn(devfleet_dev_worker::run(
-        devfleet_dev_worker::Config::from_env(c())?,
-        s(),
-    ));
-    set.spawn(devfleet_router::run(devfleet_router::Config::new(c()), s()));
-    set.spawn(devfleet_qa_worker::run(
-        devfleet_qa_worker::Config::new(c()),
-        s(),
-    ));
-    set.spawn(devfleet_canary::run(devfleet_canary::Config::new(c()), s()));
-    let gateway = devfleet_metrics_gateway::Config::from_env(c())?;
+    set.spawn(devfleet_dev_worker::run(dev_worker, s()));
+    set.spawn(devfleet_router::run(router, s()));
+    set.spawn(devfleet_qa_worker::run(qa_worker, s()));
+    set.spawn(devfleet_canary::run(canary, s()));
     let addr = gateway.addr;
     set.spawn(devfleet_metrics_gateway::run(gateway, s()));
     Ok((set, addr))

@@ -6,7 +6,7 @@ The DAG is layered like a real codebase: tasks are spread over packages;
 each task depends on up to --max-deps earlier tasks, mostly recent ones in
 its own package, sometimes a "core" module every package uses, so there
 are long chains (a critical path) and wide layers (parallelism). Estimates
-are 1..5 (simulated time = estimate x DEVFLEET_SIMULATE_UNIT_MS). The
+are 1..5 (simulated time = estimate x DEVFLEET_SIMULATE_UNIT_SECONDS). The
 output depends only on the arguments.
 
 usage: python3 examples/load-500/generate.py [--tasks 500] [--seed 42] [--out plan.yaml]

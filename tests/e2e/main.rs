@@ -8,4 +8,5 @@ mod pipeline;
 mod router;
 mod stack;
 mod support;
+mod up_settings;
 mod worker;

@@ -7,5 +7,6 @@
 //! scanners and resolution rules; this crate only owns the service loop.
 
 pub mod service;
+pub mod settings;
 
 pub use service::{run, Config};

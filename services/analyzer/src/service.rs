@@ -32,14 +32,10 @@ pub struct Config {
 }
 
 impl Config {
-    /// Defaults for a service on `connections`.
+    /// Defaults for a service on `connections` (those of
+    /// [`crate::settings::Settings`], no environment).
     pub fn new(connections: Connections) -> Self {
-        Self {
-            connections,
-            concurrency: 2,
-            workdir: None,
-            max_attempts: 5,
-        }
+        crate::settings::Settings::default().into_config(connections)
     }
 }
 

@@ -36,6 +36,7 @@ mod intake;
 pub mod lease;
 pub mod record;
 pub mod request;
+pub mod settings;
 mod supervisor;
 
 pub use control::{request_rollback, ControlError};
@@ -83,23 +84,10 @@ pub struct Config {
 }
 
 impl Config {
-    /// Defaults for a service on `connections`.
+    /// Defaults for a service on `connections` (those of
+    /// [`settings::Settings`], no environment).
     pub fn new(connections: Connections) -> Self {
-        Self {
-            connections,
-            instance: devfleet_runtime::instance_name("canary"),
-            scan_interval: Duration::from_secs(2),
-            lease_ttl: Duration::from_secs(15),
-            failure_limit: 3,
-            hold_limit: 0,
-            handler_timeout: Duration::from_secs(60),
-            handler_attempts: 3,
-            health_timeout: Duration::from_secs(10),
-            history_limit: 200,
-            retain: Duration::from_secs(7 * 24 * 3600),
-            control_poll: Duration::from_secs(1),
-            max_attempts: 10,
-        }
+        settings::Settings::default().into_config(connections)
     }
 
     /// Checks the settings; errors name the setting.

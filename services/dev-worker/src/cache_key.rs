@@ -1,7 +1,7 @@
 //! The result cache key: what a task's output can depend on, hashed.
 //!
 //! SHA-256 over, each length-prefixed so no two inputs run together: a
-//! format version, the worker's cache salt (`DEVFLEET_CACHE_SALT`), the
+//! format version, the worker's cache salt (`DEVFLEET_DEV_CACHE_SALT`), the
 //! executor identity (which includes every setting that changes output),
 //! the task's path, spec and content, and the artifact hash of each direct
 //! dependency in path order. A fix also includes the diagnostics and the

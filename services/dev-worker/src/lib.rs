@@ -88,54 +88,45 @@ pub struct Config {
 }
 
 impl Config {
-    /// Defaults that work on loopback: builtin executor by default, 2..10
-    /// slots, 30 s leases. Reads no environment; see [`Config::from_env`].
+    /// Defaults that work on loopback (those of [`Settings`]: builtin
+    /// executor by default, 2..10 slots, 30 s leases). Reads no
+    /// environment, not even the OpenAI key.
     pub fn new(connections: Connections) -> Self {
-        Self {
-            connections,
-            instance: unique_instance(),
-            executors: Executors::new(ExecutorKind::Builtin),
-            scale: ScalePolicy::default(),
-            lease: Duration::from_secs(30),
-            exec_timeout: Duration::from_secs(600),
-            shutdown_grace: Duration::from_secs(30),
-            heartbeat_ttl: Duration::from_secs(10),
-            cache: true,
-            cache_salt: String::new(),
-        }
-    }
-
-    /// The configuration the `dev-worker` binary would build from the
-    /// `DEVFLEET_*` variables alone (executor, command, OpenAI settings,
-    /// slots…), for the embedded mode. Errors name the bad variable.
-    pub fn from_env(connections: Connections) -> anyhow::Result<Self> {
-        Settings::from_env()?.into_config(connections)
+        let settings = Settings::default();
+        // The default executors (builtin, simulate) need nothing that
+        // could fail; fall back to builtin alone all the same.
+        let executors = settings
+            .executors
+            .build_with_key(None)
+            .unwrap_or_else(|_| Executors::new(ExecutorKind::Builtin));
+        settings.config(connections, executors)
     }
 
     /// Checks the settings; errors name the flag.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
             self.scale.min >= 1 && self.scale.min <= self.scale.max,
-            "--min-slots (DEVFLEET_MIN_SLOTS) must be at least 1 and at most --max-slots \
-             (DEVFLEET_MAX_SLOTS); got {}..{}",
+            "--min-slots (DEVFLEET_DEV_MIN_SLOTS) must be at least 1 and at most --max-slots \
+             (DEVFLEET_DEV_MAX_SLOTS); got {}..{}",
             self.scale.min,
             self.scale.max
         );
         anyhow::ensure!(
             self.scale.max <= u32::from(u16::MAX),
-            "--max-slots (DEVFLEET_MAX_SLOTS) is too large"
+            "--max-slots (DEVFLEET_DEV_MAX_SLOTS) is too large"
         );
         anyhow::ensure!(
             self.lease >= Duration::from_millis(30),
-            "--lease-ms (DEVFLEET_LEASE_MS) must be at least 30"
+            "--lease-seconds (DEVFLEET_DEV_LEASE_SECONDS) must be at least 0.03"
         );
         anyhow::ensure!(
             !self.exec_timeout.is_zero(),
-            "--exec-timeout-secs (DEVFLEET_EXEC_TIMEOUT_SECS) must be positive"
+            "--exec-timeout-seconds (DEVFLEET_DEV_EXEC_TIMEOUT_SECONDS) must be positive"
         );
         anyhow::ensure!(
             self.heartbeat_ttl >= Duration::from_millis(30) && !self.scale.tick.is_zero(),
-            "--heartbeat-ttl-ms and --scale-tick-ms must be positive"
+            "--heartbeat-ttl-seconds (DEVFLEET_DEV_HEARTBEAT_TTL_SECONDS) must be at least 0.03 \
+             and --scale-tick-seconds (DEVFLEET_DEV_SCALE_TICK_SECONDS) positive"
         );
         anyhow::ensure!(
             !self.instance.is_empty(),

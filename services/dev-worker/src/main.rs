@@ -15,16 +15,13 @@ struct Args {
     settings: Settings,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+fn main() -> anyhow::Result<()> {
+    let args: Args = devfleet_runtime::settings::parse();
     devfleet_runtime::serve(
         "dev-worker",
         &args.connect,
         |connections, shutdown| async move {
-            let config = args.settings.into_config(connections)?;
-            devfleet_dev_worker::run(config, shutdown).await
+            devfleet_dev_worker::run(args.settings.into_config(connections)?, shutdown).await
         },
     )
-    .await
 }

@@ -1,6 +1,8 @@
-//! Flags and environment variables of the dev-worker, shared by the binary
-//! and [`crate::Config::from_env`] (the embedded mode), so both read the
-//! same `DEVFLEET_*` names the same way.
+//! The dev-worker's flags and environment variables: the one place its
+//! settings and their defaults are written (see
+//! `devfleet_runtime::settings` for the naming scheme). The binary parses
+//! them from flags and environment, `devfleet up` from the environment,
+//! and [`crate::Config::new`] takes their defaults.
 
 use crate::executor::command::{CommandExecutor, DEFAULT_OUTPUT_CAP};
 use crate::executor::openai::{ApiKey, OpenAi, OpenAiSettings, DEFAULT_BASE_URL, DEFAULT_MODEL};
@@ -8,8 +10,8 @@ use crate::executor::simulate::{Simulate, SimulateSettings};
 use crate::executor::Executors;
 use crate::{unique_instance, Config, ScalePolicy};
 use anyhow::Context as _;
-use clap::Parser as _;
 use devfleet_protocol::ExecutorKind;
+use devfleet_runtime::settings::seconds;
 use devfleet_runtime::Connections;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,40 +20,40 @@ use std::time::Duration;
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
     /// Name of this worker (lease owner); default `dev-worker@HOST-PID-RANDOM`.
-    #[arg(long, env = "DEVFLEET_WORKER_INSTANCE")]
+    #[arg(long, env = "DEVFLEET_DEV_INSTANCE")]
     pub instance: Option<String>,
     /// Fewest concurrent tasks.
-    #[arg(long, env = "DEVFLEET_MIN_SLOTS", default_value_t = 2)]
+    #[arg(long, env = "DEVFLEET_DEV_MIN_SLOTS", default_value_t = 2)]
     pub min_slots: u32,
     /// Most concurrent tasks (also the prefetch).
-    #[arg(long, env = "DEVFLEET_MAX_SLOTS", default_value_t = 10)]
+    #[arg(long, env = "DEVFLEET_DEV_MAX_SLOTS", default_value_t = 10)]
     pub max_slots: u32,
     /// Ticks of backlog beyond free slots before scaling up.
-    #[arg(long, env = "DEVFLEET_SCALE_UP_TICKS", default_value_t = 2)]
+    #[arg(long, env = "DEVFLEET_DEV_SCALE_UP_TICKS", default_value_t = 2)]
     pub scale_up_ticks: u32,
     /// Idle ticks before scaling down by one slot.
-    #[arg(long, env = "DEVFLEET_SCALE_DOWN_TICKS", default_value_t = 10)]
+    #[arg(long, env = "DEVFLEET_DEV_SCALE_DOWN_TICKS", default_value_t = 10)]
     pub scale_down_ticks: u32,
-    /// Time between autoscaling observations.
-    #[arg(long, env = "DEVFLEET_SCALE_TICK_MS", default_value_t = 1_000)]
-    pub scale_tick_ms: u64,
-    /// Lease on a claimed task (renewed every third of it).
-    #[arg(long, env = "DEVFLEET_LEASE_MS", default_value_t = 30_000)]
-    pub lease_ms: u64,
-    /// Longest one executor run may take.
-    #[arg(long, env = "DEVFLEET_EXEC_TIMEOUT_SECS", default_value_t = 600)]
-    pub exec_timeout_secs: u64,
-    /// Time running tasks get to finish on shutdown.
-    #[arg(long, env = "DEVFLEET_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
-    pub shutdown_grace_secs: u64,
-    /// Lifetime of the capacity record in the store.
-    #[arg(long, env = "DEVFLEET_HEARTBEAT_TTL_MS", default_value_t = 10_000)]
-    pub heartbeat_ttl_ms: u64,
+    /// Seconds between autoscaling observations.
+    #[arg(long, env = "DEVFLEET_DEV_SCALE_TICK_SECONDS", default_value = "1", value_parser = seconds)]
+    pub scale_tick_seconds: Duration,
+    /// Seconds a lease on a claimed task lasts (renewed every third of it).
+    #[arg(long, env = "DEVFLEET_DEV_LEASE_SECONDS", default_value = "30", value_parser = seconds)]
+    pub lease_seconds: Duration,
+    /// Longest one executor run may take, in seconds.
+    #[arg(long, alias = "exec-timeout-secs", env = "DEVFLEET_DEV_EXEC_TIMEOUT_SECONDS", default_value = "600", value_parser = seconds)]
+    pub exec_timeout_seconds: Duration,
+    /// Seconds running tasks get to finish on shutdown.
+    #[arg(long, alias = "shutdown-grace-secs", env = "DEVFLEET_DEV_SHUTDOWN_GRACE_SECONDS", default_value = "30", value_parser = seconds)]
+    pub shutdown_grace_seconds: Duration,
+    /// Lifetime of the capacity record in the store, in seconds.
+    #[arg(long, env = "DEVFLEET_DEV_HEARTBEAT_TTL_SECONDS", default_value = "10", value_parser = seconds)]
+    pub heartbeat_ttl_seconds: Duration,
     /// Use the result cache.
-    #[arg(long, env = "DEVFLEET_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "DEVFLEET_DEV_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
     pub cache: bool,
     /// Mixed into every cache key; change it to stop reusing cached results.
-    #[arg(long, env = "DEVFLEET_CACHE_SALT", default_value = "")]
+    #[arg(long, env = "DEVFLEET_DEV_CACHE_SALT", default_value = "")]
     pub cache_salt: String,
     #[command(flatten)]
     pub executors: ExecutorArgs,
@@ -73,17 +75,17 @@ pub struct ExecutorArgs {
     #[arg(long, env = "DEVFLEET_COMMAND")]
     pub command: Option<String>,
     /// Cap on the command's stdout, stderr and output file, in bytes.
-    #[arg(long, env = "DEVFLEET_COMMAND_OUTPUT_CAP", default_value_t = DEFAULT_OUTPUT_CAP)]
-    pub command_output_cap: usize,
+    #[arg(long, alias = "command-output-cap", env = "DEVFLEET_COMMAND_OUTPUT_CAP_BYTES", default_value_t = DEFAULT_OUTPUT_CAP)]
+    pub command_output_cap_bytes: usize,
     /// Base URL of the OpenAI-compatible API.
     #[arg(long, env = "DEVFLEET_OPENAI_BASE_URL", default_value = DEFAULT_BASE_URL)]
     pub openai_base_url: String,
     /// Model name for the openai executor.
     #[arg(long, env = "DEVFLEET_OPENAI_MODEL", default_value = DEFAULT_MODEL)]
     pub openai_model: String,
-    /// Simulated time per unit of a task's estimate.
-    #[arg(long, env = "DEVFLEET_SIMULATE_UNIT_MS", default_value_t = 100)]
-    pub simulate_unit_ms: u64,
+    /// Simulated seconds per unit of a task's estimate.
+    #[arg(long, env = "DEVFLEET_SIMULATE_UNIT_SECONDS", default_value = "0.1", value_parser = seconds)]
+    pub simulate_unit_seconds: Duration,
     /// Probability that a simulated attempt fails.
     #[arg(long, env = "DEVFLEET_SIMULATE_FAIL_RATE", default_value_t = 0.0)]
     pub simulate_fail_rate: f64,
@@ -95,40 +97,43 @@ pub struct ExecutorArgs {
     pub simulate_seed: u64,
 }
 
-#[derive(clap::Parser)]
-struct FromEnv {
-    #[command(flatten)]
-    settings: Settings,
+impl Default for Settings {
+    /// The clap defaults, no environment.
+    fn default() -> Self {
+        devfleet_runtime::settings::defaults()
+    }
 }
 
 impl Settings {
-    /// The settings from `DEVFLEET_*` variables (defaults for unset ones).
-    pub fn from_env() -> anyhow::Result<Settings> {
-        FromEnv::try_parse_from(["dev-worker"])
-            .map(|p| p.settings)
-            .map_err(|e| anyhow::anyhow!("reading dev-worker settings from the environment: {e}"))
+    /// The service configuration these settings describe, with the
+    /// executors they configure (the OpenAI key from the environment);
+    /// checked by [`Config::validate`] when the service runs. Errors name
+    /// the variable.
+    pub fn into_config(self, connections: Connections) -> anyhow::Result<Config> {
+        let executors = self.executors.build()?;
+        Ok(self.config(connections, executors))
     }
 
-    /// Builds the configuration; errors name the variable.
-    pub fn into_config(self, connections: Connections) -> anyhow::Result<Config> {
-        let mut config = Config::new(connections);
-        config.instance = self.instance.unwrap_or_else(unique_instance);
-        config.scale = ScalePolicy {
-            min: self.min_slots,
-            max: self.max_slots,
-            up_after: self.scale_up_ticks,
-            down_after: self.scale_down_ticks,
-            tick: Duration::from_millis(self.scale_tick_ms),
-        };
-        config.lease = Duration::from_millis(self.lease_ms);
-        config.exec_timeout = Duration::from_secs(self.exec_timeout_secs);
-        config.shutdown_grace = Duration::from_secs(self.shutdown_grace_secs);
-        config.heartbeat_ttl = Duration::from_millis(self.heartbeat_ttl_ms);
-        config.cache = self.cache;
-        config.cache_salt = self.cache_salt;
-        config.executors = self.executors.build()?;
-        config.validate()?;
-        Ok(config)
+    /// The mapping from settings to configuration, given the executors.
+    pub(crate) fn config(self, connections: Connections, executors: Executors) -> Config {
+        Config {
+            connections,
+            instance: self.instance.unwrap_or_else(unique_instance),
+            executors,
+            scale: ScalePolicy {
+                min: self.min_slots,
+                max: self.max_slots,
+                up_after: self.scale_up_ticks,
+                down_after: self.scale_down_ticks,
+                tick: self.scale_tick_seconds,
+            },
+            lease: self.lease_seconds,
+            exec_timeout: self.exec_timeout_seconds,
+            shutdown_grace: self.shutdown_grace_seconds,
+            heartbeat_ttl: self.heartbeat_ttl_seconds,
+            cache: self.cache,
+            cache_salt: self.cache_salt,
+        }
     }
 }
 
@@ -137,6 +142,11 @@ impl ExecutorArgs {
     /// `DEVFLEET_COMMAND` is set; `openai` when a key is set or the base URL
     /// points somewhere other than OpenAI (local servers need no key).
     pub fn build(&self) -> anyhow::Result<Executors> {
+        self.build_with_key(ApiKey::from_env())
+    }
+
+    /// [`ExecutorArgs::build`] with the OpenAI key given rather than read.
+    pub fn build_with_key(&self, api_key: Option<ApiKey>) -> anyhow::Result<Executors> {
         anyhow::ensure!(
             (0.0..=1.0).contains(&self.simulate_fail_rate),
             "DEVFLEET_SIMULATE_FAIL_RATE must lie in 0..=1, got {}",
@@ -145,19 +155,18 @@ impl ExecutorArgs {
         let mut executors = Executors::new(self.default).with(
             ExecutorKind::Simulate,
             Arc::new(Simulate::new(SimulateSettings {
-                unit: Duration::from_millis(self.simulate_unit_ms),
+                unit: self.simulate_unit_seconds,
                 fail_rate: self.simulate_fail_rate,
                 fail_attempts: self.simulate_fail_attempts.clone(),
                 seed: self.simulate_seed,
             })),
         );
         if let Some(line) = self.command.as_deref().filter(|l| !l.trim().is_empty()) {
-            let command = CommandExecutor::from_command_line(line, self.command_output_cap)
+            let command = CommandExecutor::from_command_line(line, self.command_output_cap_bytes)
                 .map_err(anyhow::Error::msg)
                 .context("DEVFLEET_COMMAND")?;
             executors = executors.with(ExecutorKind::Command, Arc::new(command));
         }
-        let api_key = ApiKey::from_env();
         let base_url = self.openai_base_url.trim_end_matches('/');
         if api_key.is_some() || base_url != DEFAULT_BASE_URL {
             let openai = OpenAi::new(OpenAiSettings {
@@ -181,6 +190,7 @@ impl ExecutorArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser as _;
 
     #[derive(clap::Parser)]
     struct Cli {
@@ -226,5 +236,18 @@ mod tests {
         let err = cli.settings.executors.build().err().unwrap().to_string();
         assert!(err.contains("DEVFLEET_SIMULATE_FAIL_RATE"), "{err}");
         assert!(Cli::try_parse_from(["dev-worker", "--executor", "gpt"]).is_err());
+    }
+
+    #[test]
+    fn defaults_are_valid_and_the_documented_ones() {
+        let config = Config::new(Connections::in_memory());
+        config.validate().unwrap();
+        assert_eq!(config.scale, ScalePolicy::default());
+        assert_eq!(config.lease, Duration::from_secs(30));
+        assert_eq!(config.exec_timeout, Duration::from_secs(600));
+        assert_eq!(config.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(config.heartbeat_ttl, Duration::from_secs(10));
+        assert!(config.cache);
+        assert_eq!(config.executors.default_kind(), ExecutorKind::Builtin);
     }
 }

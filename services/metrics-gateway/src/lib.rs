@@ -47,10 +47,12 @@ mod hub;
 mod ingest;
 mod prometheus;
 pub mod protocol;
+pub mod settings;
 mod snapshot;
 pub mod window;
 
 pub use http::Refusal;
+pub use settings::Settings;
 pub use window::WindowConfig;
 
 /// The address used when `DEVFLEET_GATEWAY_ADDR` is not set.
@@ -93,39 +95,12 @@ pub struct Config {
 }
 
 impl Config {
-    /// Defaults that work on loopback: `127.0.0.1:7070`, no token, pings
-    /// every 30 s, drop after 60 s without a pong, a 1024-frame queue per
-    /// client, 64 KiB frames, a 60 s window, a poll every 2 s.
+    /// Defaults that work on loopback (those of [`Settings`], no
+    /// environment): `127.0.0.1:7070`, no token, pings every 30 s, drop
+    /// after 60 s without a pong, a 1024-frame queue per client, 64 KiB
+    /// frames, a 60 s window, a poll every 2 s.
     pub fn new(connections: Connections) -> Self {
-        Self {
-            connections,
-            addr: SocketAddr::from(([127, 0, 0, 1], 7070)),
-            listener: None,
-            token: None,
-            allowed_origins: Vec::new(),
-            ping_interval: Duration::from_secs(30),
-            pong_timeout: Duration::from_secs(60),
-            client_queue: 1024,
-            max_frame_bytes: 64 * 1024,
-            max_connections: 10_000,
-            window: WindowConfig::default(),
-            poll_interval: Duration::from_secs(2),
-            max_tracked_plans: 20,
-            instance: devfleet_runtime::instance_name("metrics-gateway"),
-        }
-    }
-
-    /// [`Config::new`] with the `DEVFLEET_GATEWAY_*` environment applied
-    /// (for `devfleet up`); errors name the variable.
-    pub fn from_env(connections: Connections) -> anyhow::Result<Self> {
-        #[derive(clap::Parser)]
-        struct EnvOnly {
-            #[command(flatten)]
-            gateway: GatewayArgs,
-        }
-        let parsed = <EnvOnly as clap::Parser>::try_parse_from(["metrics-gateway"])
-            .map_err(|e| anyhow::anyhow!("reading the DEVFLEET_GATEWAY_* variables: {e}"))?;
-        parsed.gateway.apply(Self::new(connections))
+        Settings::default().into_config(connections)
     }
 
     /// Serve on an already bound listener instead of binding `addr`.
@@ -141,11 +116,11 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
             !self.ping_interval.is_zero(),
-            "DEVFLEET_GATEWAY_PING_INTERVAL must be more than 0"
+            "DEVFLEET_GATEWAY_PING_INTERVAL_SECONDS must be more than 0"
         );
         anyhow::ensure!(
             self.pong_timeout > self.ping_interval,
-            "DEVFLEET_GATEWAY_PONG_TIMEOUT ({:?}) must be longer than DEVFLEET_GATEWAY_PING_INTERVAL ({:?}), \
+            "DEVFLEET_GATEWAY_PONG_TIMEOUT_SECONDS ({:?}) must be longer than DEVFLEET_GATEWAY_PING_INTERVAL_SECONDS ({:?}), \
              or every client is dropped between two pings",
             self.pong_timeout,
             self.ping_interval
@@ -164,7 +139,7 @@ impl Config {
         );
         anyhow::ensure!(
             !self.window.window.is_zero() && self.window.buckets >= 1,
-            "DEVFLEET_GATEWAY_WINDOW must be more than 0 and DEVFLEET_GATEWAY_WINDOW_BUCKETS at least 1"
+            "DEVFLEET_GATEWAY_WINDOW_SECONDS must be more than 0 and DEVFLEET_GATEWAY_WINDOW_BUCKETS at least 1"
         );
         anyhow::ensure!(
             self.window.reservoir >= 1,
@@ -172,7 +147,7 @@ impl Config {
         );
         anyhow::ensure!(
             !self.poll_interval.is_zero(),
-            "DEVFLEET_GATEWAY_POLL_INTERVAL must be more than 0"
+            "DEVFLEET_GATEWAY_POLL_INTERVAL_SECONDS must be more than 0"
         );
         if let Some(token) = &self.token {
             anyhow::ensure!(
@@ -183,108 +158,6 @@ impl Config {
             );
         }
         Ok(())
-    }
-}
-
-fn parse_seconds(s: &str) -> Result<Duration, String> {
-    let v: f64 = s
-        .trim()
-        .trim_end_matches('s')
-        .parse()
-        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
-    if !v.is_finite() || v <= 0.0 || v > 1e9 {
-        return Err(format!("'{s}' must be a positive number of seconds"));
-    }
-    Ok(Duration::from_secs_f64(v))
-}
-
-/// The gateway's flags and environment variables, for `main` and for
-/// [`Config::from_env`].
-#[derive(Debug, Clone, clap::Args)]
-pub struct GatewayArgs {
-    /// Address to serve HTTP and WebSocket on.
-    #[arg(long = "addr", env = "DEVFLEET_GATEWAY_ADDR", default_value = DEFAULT_ADDR)]
-    pub addr: SocketAddr,
-    /// Token clients must present (Authorization: Bearer, or ?token=).
-    #[arg(long = "token", env = "DEVFLEET_GATEWAY_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// Comma-separated origins allowed to open the WebSocket ("*" for any;
-    /// unset: same origin only).
-    #[arg(
-        long = "origins",
-        env = "DEVFLEET_GATEWAY_ORIGINS",
-        value_delimiter = ','
-    )]
-    pub origins: Vec<String>,
-    /// Seconds between pings to each client.
-    #[arg(long, env = "DEVFLEET_GATEWAY_PING_INTERVAL", default_value = "30", value_parser = parse_seconds)]
-    pub ping_interval: Duration,
-    /// Seconds without a pong after which a client is dropped.
-    #[arg(long, env = "DEVFLEET_GATEWAY_PONG_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
-    pub pong_timeout: Duration,
-    /// Frames queued per client before it is dropped as slow.
-    #[arg(long, env = "DEVFLEET_GATEWAY_CLIENT_QUEUE", default_value_t = 1024)]
-    pub client_queue: usize,
-    /// Largest frame a client may send, in bytes.
-    #[arg(
-        long,
-        env = "DEVFLEET_GATEWAY_MAX_FRAME_BYTES",
-        default_value_t = 65536
-    )]
-    pub max_frame_bytes: usize,
-    /// Most WebSocket connections at once.
-    #[arg(
-        long,
-        env = "DEVFLEET_GATEWAY_MAX_CONNECTIONS",
-        default_value_t = 10_000
-    )]
-    pub max_connections: usize,
-    /// Seconds of the aggregation window for stats.
-    #[arg(long, env = "DEVFLEET_GATEWAY_WINDOW", default_value = "60", value_parser = parse_seconds)]
-    pub window: Duration,
-    /// Slices of the window (it slides by one slice).
-    #[arg(long, env = "DEVFLEET_GATEWAY_WINDOW_BUCKETS", default_value_t = 12)]
-    pub window_buckets: usize,
-    /// Sample values kept per slice and field for percentiles.
-    #[arg(long, env = "DEVFLEET_GATEWAY_RESERVOIR", default_value_t = 128)]
-    pub reservoir: usize,
-    /// Most (metric type, field) series aggregated at once.
-    #[arg(long, env = "DEVFLEET_GATEWAY_MAX_SERIES", default_value_t = 512)]
-    pub max_series: usize,
-    /// Seconds between reads of the store and bus.
-    #[arg(long, env = "DEVFLEET_GATEWAY_POLL_INTERVAL", default_value = "2", value_parser = parse_seconds)]
-    pub poll_interval: Duration,
-    /// Unfinished plans whose tasks are read each poll.
-    #[arg(long, env = "DEVFLEET_GATEWAY_TRACKED_PLANS", default_value_t = 20)]
-    pub tracked_plans: usize,
-}
-
-impl GatewayArgs {
-    /// Applies these settings to `config` and validates the result.
-    pub fn apply(&self, mut config: Config) -> anyhow::Result<Config> {
-        config.addr = self.addr;
-        config.token = self.token.clone().filter(|t| !t.is_empty());
-        config.allowed_origins = self
-            .origins
-            .iter()
-            .map(|o| o.trim().to_owned())
-            .filter(|o| !o.is_empty())
-            .collect();
-        config.ping_interval = self.ping_interval;
-        config.pong_timeout = self.pong_timeout;
-        config.client_queue = self.client_queue;
-        config.max_frame_bytes = self.max_frame_bytes;
-        config.max_connections = self.max_connections;
-        config.window = WindowConfig {
-            window: self.window,
-            buckets: self.window_buckets,
-            reservoir: self.reservoir,
-            max_series: self.max_series,
-        };
-        config.poll_interval = self.poll_interval;
-        config.max_tracked_plans = self.tracked_plans;
-        config.validate()?;
-        Ok(config)
     }
 }
 

@@ -2,7 +2,7 @@
 //! [`devfleet_metrics_gateway::run`].
 
 use clap::Parser;
-use devfleet_metrics_gateway::GatewayArgs;
+use devfleet_metrics_gateway::Settings;
 use devfleet_runtime::ConnectArgs;
 
 /// devfleet metrics-gateway: metrics over WebSocket, Prometheus /metrics and the live dashboard.
@@ -15,21 +15,12 @@ struct Args {
     #[command(flatten)]
     connect: ConnectArgs,
     #[command(flatten)]
-    gateway: GatewayArgs,
+    settings: Settings,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    devfleet_runtime::serve(
-        "metrics-gateway",
-        &args.connect,
-        |connections, shutdown| async move {
-            let config = args
-                .gateway
-                .apply(devfleet_metrics_gateway::Config::new(connections))?;
-            devfleet_metrics_gateway::run(config, shutdown).await
-        },
-    )
-    .await
+fn main() -> anyhow::Result<()> {
+    let args: Args = devfleet_runtime::settings::parse();
+    devfleet_runtime::serve("metrics-gateway", &args.connect, |connections, shutdown| {
+        devfleet_metrics_gateway::run(args.settings.into_config(connections), shutdown)
+    })
 }

@@ -51,6 +51,7 @@ use tracing::Instrument as _;
 pub mod checks;
 pub mod integration;
 pub mod sandbox;
+pub mod settings;
 pub mod workspace;
 
 pub use checks::CheckSpec;
@@ -84,23 +85,10 @@ pub struct Config {
 }
 
 impl Config {
-    /// Defaults that work on loopback; the embedded mode uses them as is.
+    /// Defaults that work on loopback (those of [`settings::Settings`],
+    /// no environment).
     pub fn new(connections: Connections) -> Self {
-        Self {
-            connections,
-            instance: devfleet_runtime::instance_name("qa-worker"),
-            checks: checks::default_checks(),
-            sandbox: SandboxSettings::default(),
-            concurrency: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2)
-                .clamp(2, 8),
-            check_timeout: Duration::from_secs(60),
-            integration_timeout: Duration::from_secs(600),
-            work_dir: std::env::temp_dir(),
-            diagnostics_bytes: 8 * 1024,
-            max_handler_attempts: 20,
-        }
+        settings::Settings::default().config(connections, checks::default_checks())
     }
 
     /// Checks the settings; errors name the flag.
@@ -111,7 +99,8 @@ impl Config {
         );
         anyhow::ensure!(
             !self.check_timeout.is_zero() && !self.integration_timeout.is_zero(),
-            "--check-timeout-secs and --integration-timeout-secs must be positive"
+            "--check-timeout-seconds (DEVFLEET_QA_CHECK_TIMEOUT_SECONDS) and \
+             --integration-timeout-seconds (DEVFLEET_QA_INTEGRATION_TIMEOUT_SECONDS) must be positive"
         );
         for c in &self.checks {
             checks::validate(c)?;

@@ -85,20 +85,24 @@ impl BreakerSettings {
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
             !self.window.is_zero() && !self.bucket.is_zero() && self.bucket <= self.window,
-            "--breaker-window-ms must be positive and at least --breaker-bucket-ms"
+            "DEVFLEET_ROUTER_BREAKER_WINDOW_SECONDS must be positive and at least \
+             DEVFLEET_ROUTER_BREAKER_BUCKET_SECONDS"
         );
         anyhow::ensure!(
             self.threshold > 0.0 && self.threshold < 1.0,
-            "--breaker-threshold must be between 0 and 1 (exclusive)"
+            "DEVFLEET_ROUTER_BREAKER_THRESHOLD must be between 0 and 1 (exclusive)"
         );
         anyhow::ensure!(
             self.min_volume >= 1,
-            "--breaker-min-volume must be at least 1"
+            "DEVFLEET_ROUTER_BREAKER_MIN_VOLUME must be at least 1"
         );
-        anyhow::ensure!(self.probes >= 1, "--breaker-probes must be at least 1");
+        anyhow::ensure!(
+            self.probes >= 1,
+            "DEVFLEET_ROUTER_BREAKER_PROBES must be at least 1"
+        );
         anyhow::ensure!(
             !self.cooldown.is_zero(),
-            "--breaker-cooldown-ms must be positive"
+            "DEVFLEET_ROUTER_BREAKER_COOLDOWN_SECONDS must be positive"
         );
         Ok(())
     }

@@ -42,6 +42,7 @@ mod dlq_indexer;
 pub mod history;
 pub mod retry;
 mod routes;
+pub mod settings;
 
 pub use breaker::BreakerSettings;
 
@@ -76,25 +77,10 @@ pub struct Config {
 }
 
 impl Config {
-    /// Defaults that work on loopback; the embedded mode uses them as is.
+    /// Defaults that work on loopback (those of [`settings::Settings`],
+    /// no environment).
     pub fn new(connections: Connections) -> Self {
-        Self {
-            connections,
-            instance: devfleet_runtime::instance_name("router"),
-            backoff: Backoff {
-                base: Duration::from_secs(1),
-                factor: 2.0,
-                cap: Duration::from_secs(60),
-                jitter: 0.5,
-            },
-            max_failures: 3,
-            retry_lease_grace: Duration::from_secs(30),
-            breaker: BreakerSettings::default(),
-            breaker_tick: Duration::from_millis(250),
-            handler_concurrency: 16,
-            max_handler_attempts: 20,
-            index_bus_dlq: true,
-        }
+        settings::Settings::default().into_config(connections)
     }
 
     /// Checks the settings; errors name the flag.
@@ -105,19 +91,20 @@ impl Config {
         );
         anyhow::ensure!(
             !self.backoff.base.is_zero() && self.backoff.cap >= self.backoff.base,
-            "--retry-base-ms must be positive and --retry-cap-ms at least as large"
+            "--retry-base-seconds (DEVFLEET_ROUTER_RETRY_BASE_SECONDS) must be positive and \
+             --retry-cap-seconds (DEVFLEET_ROUTER_RETRY_CAP_SECONDS) at least as large"
         );
         anyhow::ensure!(
             self.backoff.factor >= 1.0,
-            "--retry-factor (DEVFLEET_RETRY_FACTOR) must be at least 1"
+            "--retry-factor (DEVFLEET_ROUTER_RETRY_FACTOR) must be at least 1"
         );
         anyhow::ensure!(
             (0.0..=1.0).contains(&self.backoff.jitter),
-            "--retry-jitter (DEVFLEET_RETRY_JITTER) must be between 0 and 1"
+            "--retry-jitter (DEVFLEET_ROUTER_RETRY_JITTER) must be between 0 and 1"
         );
         anyhow::ensure!(
             !self.breaker_tick.is_zero(),
-            "--breaker-tick-ms (DEVFLEET_BREAKER_TICK_MS) must be positive"
+            "--breaker-tick-seconds (DEVFLEET_ROUTER_BREAKER_TICK_SECONDS) must be positive"
         );
         self.breaker.validate()
     }

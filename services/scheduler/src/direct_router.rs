@@ -2,7 +2,7 @@
 //! and setups that run no router. Off by default.
 //!
 //! With `Config::direct_routing` (`--direct-routing true`,
-//! `DEVFLEET_DIRECT_ROUTING=true`), the scheduler itself consumes what the
+//! `DEVFLEET_SCHEDULER_DIRECT_ROUTING=true`), the scheduler itself consumes what the
 //! router normally consumes:
 //!
 //! * `task.built` is treated as `task.done`: the task is completed through

@@ -67,6 +67,7 @@ pub mod integration;
 pub mod lifecycle;
 mod plan_trace;
 pub mod reaper;
+pub mod settings;
 pub mod stages;
 
 /// Store counter of tasks this pipeline completed: it grows by
@@ -105,34 +106,25 @@ pub struct Config {
 }
 
 impl Config {
-    /// Defaults that work on loopback; the embedded mode uses them as is.
+    /// Defaults that work on loopback (those of [`settings::Settings`],
+    /// no environment).
     pub fn new(connections: Connections) -> Self {
-        Self {
-            connections,
-            instance: devfleet_runtime::instance_name("scheduler"),
-            direct_routing: false,
-            dispatch_lease: Duration::from_secs(30),
-            dispatch_tick: Duration::from_millis(20),
-            idle_tick: Duration::from_millis(250),
-            reap_interval: Duration::from_secs(1),
-            handler_concurrency: 16,
-            max_handler_attempts: 50,
-        }
+        settings::Settings::default().into_config(connections)
     }
 
     /// Checks the settings; errors name the flag.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
             !self.dispatch_lease.is_zero(),
-            "--dispatch-lease-ms (DEVFLEET_DISPATCH_LEASE_MS) must be positive"
+            "--dispatch-lease-seconds (DEVFLEET_SCHEDULER_DISPATCH_LEASE_SECONDS) must be positive"
         );
         anyhow::ensure!(
             !self.dispatch_tick.is_zero() && !self.idle_tick.is_zero(),
-            "--dispatch-tick-ms (DEVFLEET_DISPATCH_TICK_MS) must be positive"
+            "--dispatch-tick-seconds (DEVFLEET_SCHEDULER_DISPATCH_TICK_SECONDS) must be positive"
         );
         anyhow::ensure!(
             !self.reap_interval.is_zero(),
-            "--reap-interval-ms (DEVFLEET_REAP_INTERVAL_MS) must be positive"
+            "--reap-interval-seconds (DEVFLEET_SCHEDULER_REAP_INTERVAL_SECONDS) must be positive"
         );
         Ok(())
     }

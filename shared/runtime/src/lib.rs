@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod backoff;
 pub mod consume;
+pub mod settings;
 
 /// Which transport carries work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -281,18 +282,30 @@ pub fn instance_name(service: &str) -> String {
     format!("{service}@{host}-{}", std::process::id())
 }
 
-/// The body of every service's `main`: telemetry, connections from the
-/// environment, shutdown on SIGINT/SIGTERM, then the service's `run`.
-pub async fn serve<F, Fut>(service: &str, connect: &ConnectArgs, run: F) -> anyhow::Result<()>
+/// The body of every service's `main`, after [`settings::parse`]: starts
+/// the async runtime, telemetry (then logs any deprecated variable in
+/// use), connections from the settings, shutdown on SIGINT/SIGTERM, then
+/// the service's `run`. Call it from a plain `fn main`, not from inside a
+/// runtime.
+pub fn serve<F, Fut>(service: &str, connect: &ConnectArgs, run: F) -> anyhow::Result<()>
 where
     F: FnOnce(Connections, CancellationToken) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let _telemetry = devfleet_telemetry::init(service)?;
-    let shutdown = shutdown_on_signals();
-    let connections = connect.connect().await?;
-    let result = run(connections.clone(), shutdown).await;
-    connections.bus.close().await;
-    connections.broadcast.close().await;
-    result
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let _telemetry = devfleet_telemetry::init(service)?;
+        for warning in settings::take_warnings() {
+            tracing::warn!("{warning}");
+        }
+        let shutdown = shutdown_on_signals();
+        let connections = connect.connect().await?;
+        let result = run(connections.clone(), shutdown).await;
+        connections.bus.close().await;
+        connections.broadcast.close().await;
+        result
+    })
 }

@@ -1,0 +1,92 @@
+//! `devfleet up` configures its embedded services from the same
+//! `DEVFLEET_*` variables as their binaries: new names, deprecated names
+//! (with a warning) and empty values (unset). Needs no servers: each case
+//! stops at the settings check, before any service starts.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs `devfleet up` with only `vars` among the `DEVFLEET_*` variables;
+/// fails the test if it is still running after 30 s (settings were
+/// accepted and the services started).
+fn up(vars: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_devfleet"));
+    command.arg("up");
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("DEVFLEET_") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .env("DEVFLEET_GATEWAY_ADDR", "127.0.0.1:0")
+        .envs(vars.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().expect("starting devfleet up");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if child.try_wait().expect("waiting for devfleet up").is_some() {
+            return child
+                .wait_with_output()
+                .expect("reading devfleet up's output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child
+                .wait_with_output()
+                .expect("reading devfleet up's output");
+            panic!(
+                "devfleet up accepted settings it should refuse: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn up_reads_the_scheduler_settings_from_the_environment() {
+    let out = up(&[("DEVFLEET_SCHEDULER_DISPATCH_LEASE_SECONDS", "0")]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("DEVFLEET_SCHEDULER_DISPATCH_LEASE_SECONDS") && err.contains("positive"),
+        "{err}"
+    );
+}
+
+#[test]
+fn up_accepts_a_deprecated_name_with_a_warning_naming_the_new_one() {
+    // 0 ms is converted to 0 s, which the scheduler refuses: proof that the
+    // old name reached the scheduler's setting.
+    let out = up(&[("DEVFLEET_DISPATCH_LEASE_MS", "0")]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("warning: DEVFLEET_DISPATCH_LEASE_MS is deprecated; use DEVFLEET_SCHEDULER_DISPATCH_LEASE_SECONDS"),
+        "{err}"
+    );
+    assert!(
+        err.contains("DEVFLEET_SCHEDULER_DISPATCH_LEASE_SECONDS") && err.contains("positive"),
+        "{err}"
+    );
+}
+
+#[test]
+fn up_treats_an_empty_variable_as_unset() {
+    // The empty dev-worker setting is skipped (its default applies); the
+    // router's bad value, read after it, is what stops `up`.
+    let out = up(&[
+        ("DEVFLEET_DEV_MAX_SLOTS", ""),
+        ("DEVFLEET_ROUTER_MAX_FAILURES", "0"),
+    ]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("DEVFLEET_ROUTER_MAX_FAILURES"), "{err}");
+    assert!(!err.contains("invalid value ''"), "{err}");
+}
