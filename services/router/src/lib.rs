@@ -81,12 +81,7 @@ impl Config {
         Self {
             connections,
             instance: devfleet_runtime::instance_name("router"),
-            backoff: Backoff {
-                base: Duration::from_secs(1),
-                factor: 2.0,
-                cap: Duration::from_secs(60),
-                jitter: 0.5,
-            },
+            backoff: Backoff::SLOW,
             max_failures: 3,
             retry_lease_grace: Duration::from_secs(30),
             breaker: BreakerSettings::default(),

@@ -38,9 +38,10 @@ impl Backoff {
         jitter: 0.5,
     };
 
-    /// For retrying calls to remote services (an LLM API, a deployment
-    /// handler), which are slower to recover than a broker or the store.
-    pub const REMOTE: Backoff = Backoff {
+    /// For what recovers slower than a broker or the store: retrying a
+    /// failed task (the router's default), calls to remote services (an
+    /// LLM API, a deployment handler).
+    pub const SLOW: Backoff = Backoff {
         base: Duration::from_secs(1),
         factor: 2.0,
         cap: Duration::from_secs(60),

@@ -609,22 +609,18 @@ impl Input for Envelope {
 }
 
 impl Input for RawDelivery {
-    fn next(
-        consumer: &mut Consumer,
-    ) -> impl Future<Output = Option<BusResult<(Self, Delivery)>>> + Send + '_ {
-        async move {
-            consumer.next().await.map(|r| {
-                r.map(|d| {
-                    let raw = RawDelivery {
-                        payload: d.payload.clone(),
-                        queue: d.queue.clone(),
-                        attempt: d.attempt,
-                        dead_letter: d.dead_letter.clone(),
-                    };
-                    (raw, d)
-                })
+    async fn next(consumer: &mut Consumer) -> Option<BusResult<(Self, Delivery)>> {
+        consumer.next().await.map(|r| {
+            r.map(|d| {
+                let raw = RawDelivery {
+                    payload: d.payload.clone(),
+                    queue: d.queue.clone(),
+                    attempt: d.attempt,
+                    dead_letter: d.dead_letter.clone(),
+                };
+                (raw, d)
             })
-        }
+        })
     }
 
     fn span(&self, delivery: &Delivery) -> tracing::Span {
@@ -739,7 +735,7 @@ pub async fn settle_with(delivery: Delivery, settlement: Settlement, backoff: &B
             delivery.dead_letter(&reason).await
         }
         Settlement::HandBack(reason) => {
-            tracing::info!(%reason, "handing the delivery back unsettled");
+            tracing::debug!(%reason, "handing the delivery back unsettled");
             drop(delivery);
             Ok(())
         }
