@@ -30,22 +30,19 @@
 //!   slot (with its own sandbox uid when running as root).
 //! * A stale request (the task moved on) is acked without a result.
 
-use devfleet_bus::{BusError, ConsumeOptions, Delivery, RetryOutcome};
+use devfleet_bus::ConsumeOptions;
 use devfleet_protocol::{
     queues, CheckResult, Envelope, IntegrationResult, IntegrationWork, Message, MetricType,
     QaResult, QaWork, Stage, TaskFailed,
 };
-use devfleet_runtime::{backoff::Backoff, Connections, Metrics};
+use devfleet_runtime::consume::{self, Consume, Settlement, Slots};
+use devfleet_runtime::{Connections, Metrics};
 use devfleet_store::{StoreError, TaskState};
-use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::Instrument as _;
 
 pub mod checks;
 pub mod integration;
@@ -190,27 +187,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         concurrency = n,
         "qa-worker starting"
     );
-    let limit = Arc::new(Semaphore::new(n));
+    // Both queues share the slots: `n` checks or shards at once in all.
+    let slots = Slots::new(u32::try_from(n).unwrap_or(u32::MAX));
     let mut parts = JoinSet::new();
     let options = ConsumeOptions::default()
-        .prefetch(u16::try_from(n).unwrap_or(u16::MAX))
         .max_attempts(config.max_handler_attempts)
         .ack_wait(config.integration_timeout + Duration::from_secs(60));
-    parts.spawn(consume(
+    // On shutdown running checks are killed and their deliveries handed
+    // back at once, for another worker.
+    let consume = |queue: &str| {
+        Consume::new(config.connections.clone(), queue)
+            .options(options.clone())
+            .slots(slots.clone())
+            .grace(Duration::ZERO)
+    };
+    parts.spawn(consume(queues::WORK_QA).run(
         worker.clone(),
-        queues::WORK_QA,
-        options.clone(),
-        limit.clone(),
         shutdown.clone(),
-        handle_qa,
+        |worker, envelope, _| handle_qa(worker, envelope),
     ));
-    parts.spawn(consume(
+    parts.spawn(consume(queues::WORK_INTEGRATION).run(
         worker.clone(),
-        queues::WORK_INTEGRATION,
-        options,
-        limit,
         shutdown.clone(),
-        handle_integration,
+        |worker, envelope, _| handle_integration(worker, envelope),
     ));
     parts.spawn(report_health(worker.clone(), n, shutdown.clone()));
     let mut result = Ok(());
@@ -260,163 +259,6 @@ async fn report_health(
     }
 }
 
-/// What to do with a delivery once its handler returned.
-enum Settlement {
-    Ack,
-    Retry(String),
-    DeadLetter(String),
-}
-
-const HANDLER_BACKOFF: Backoff = Backoff {
-    base: Duration::from_millis(200),
-    factor: 2.0,
-    cap: Duration::from_secs(30),
-    jitter: 0.5,
-};
-
-async fn consume<H, Fut>(
-    worker: Arc<Worker>,
-    queue: &'static str,
-    options: ConsumeOptions,
-    limit: Arc<Semaphore>,
-    shutdown: CancellationToken,
-    handler: H,
-) -> anyhow::Result<()>
-where
-    H: Fn(Arc<Worker>, Envelope) -> Fut + Send + Sync + Copy + 'static,
-    Fut: Future<Output = Settlement> + Send + 'static,
-{
-    let name = worker.connections.queue(queue);
-    let tracker = TaskTracker::new();
-    let mut failures = 0u32;
-    let result = 'outer: loop {
-        let consumer = tokio::select! {
-            _ = shutdown.cancelled() => break 'outer Ok(()),
-            c = worker.connections.bus.consume(&name, options.clone()) => c,
-        };
-        let mut consumer = match consumer {
-            Ok(c) => c,
-            Err(BusError::Closed) => {
-                break 'outer Err(anyhow::anyhow!("the bus closed while consuming {name}"))
-            }
-            Err(e) => {
-                failures += 1;
-                tracing::warn!(queue = %name, error = %e, "cannot start consumer; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break 'outer Ok(()),
-                    _ = tokio::time::sleep(HANDLER_BACKOFF.delay(failures)) => {}
-                }
-                continue;
-            }
-        };
-        loop {
-            let permit = tokio::select! {
-                _ = shutdown.cancelled() => break 'outer Ok(()),
-                p = limit.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break 'outer Ok(()),
-                },
-            };
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => break 'outer Ok(()),
-                n = consumer.next_envelope() => n,
-            };
-            match next {
-                None => {
-                    failures += 1;
-                    tracing::warn!(queue = %name, "consumer closed; restarting it");
-                    break;
-                }
-                Some(Err(e)) => tracing::warn!(queue = %name, error = %e, "consume error"),
-                Some(Ok((envelope, delivery))) => {
-                    failures = 0;
-                    let worker = worker.clone();
-                    let shutdown = shutdown.clone();
-                    tracker.spawn(async move {
-                        let _permit = permit;
-                        handle_one(worker, envelope, delivery, handler, shutdown).await;
-                    });
-                }
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => break 'outer Ok(()),
-            _ = tokio::time::sleep(HANDLER_BACKOFF.delay(failures)) => {}
-        }
-    };
-    tracker.close();
-    tracker.wait().await;
-    result
-}
-
-async fn handle_one<H, Fut>(
-    worker: Arc<Worker>,
-    envelope: Envelope,
-    delivery: Delivery,
-    handler: H,
-    shutdown: CancellationToken,
-) where
-    H: Fn(Arc<Worker>, Envelope) -> Fut,
-    Fut: Future<Output = Settlement>,
-{
-    let span = tracing::info_span!(
-        "handle",
-        kind = envelope.kind(),
-        plan_id = envelope.plan_id.as_deref().unwrap_or(""),
-        path = envelope.task_id.as_deref().unwrap_or(""),
-        attempt = envelope.attempt,
-        delivery_attempt = delivery.attempt,
-    );
-    devfleet_telemetry::set_parent(&span, envelope.traceparent.as_deref());
-    async move {
-        let settlement = tokio::select! {
-            s = handler(worker, envelope) => s,
-            _ = shutdown.cancelled() => {
-                tracing::info!("shutting down: handing the work back");
-                drop(delivery);
-                return;
-            }
-        };
-        let result = match settlement {
-            Settlement::Ack => delivery.ack().await,
-            Settlement::Retry(reason) => {
-                tracing::warn!(%reason, "handler failed; retrying later");
-                let delay = HANDLER_BACKOFF.delay(delivery.attempt);
-                match delivery.retry(delay, &reason).await {
-                    Ok(RetryOutcome::DeadLettered) => {
-                        tracing::error!(%reason, "gave up; message dead-lettered");
-                        Ok(())
-                    }
-                    Ok(RetryOutcome::Scheduled) => Ok(()),
-                    Err(e) => Err(e),
-                }
-            }
-            Settlement::DeadLetter(reason) => {
-                tracing::error!(%reason, "dead-lettering message");
-                delivery.dead_letter(&reason).await
-            }
-        };
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "settling a delivery failed; it will be redelivered");
-        }
-    }
-    .instrument(span)
-    .await
-}
-
-fn store_settlement(what: &str, e: StoreError) -> Settlement {
-    match e {
-        StoreError::Backend(_) | StoreError::Connect { .. } => {
-            Settlement::Retry(format!("{what}: {e}"))
-        }
-        _ => Settlement::DeadLetter(format!("{what}: {e}")),
-    }
-}
-
-fn publish_settlement(what: &str, e: anyhow::Error) -> Settlement {
-    Settlement::Retry(format!("{what}: {e:#}"))
-}
-
 /// Trims text to `max` bytes keeping the start (where compilers put the
 /// first error) and marking the cut.
 pub fn trim(text: &str, max: usize) -> String {
@@ -432,10 +274,7 @@ pub fn trim(text: &str, max: usize) -> String {
 
 async fn handle_qa(worker: Arc<Worker>, envelope: Envelope) -> Settlement {
     let Message::QaWork(work) = envelope.message else {
-        return Settlement::DeadLetter(format!(
-            "unexpected message kind '{}' on work.qa",
-            envelope.kind()
-        ));
+        return consume::unexpected(&envelope, queues::WORK_QA);
     };
     let store = worker.connections.store.as_ref();
     let task = match store.task(&work.plan_id, &work.path).await {
@@ -446,7 +285,7 @@ async fn handle_qa(worker: Arc<Worker>, envelope: Envelope) -> Settlement {
                 work.path, work.plan_id
             ))
         }
-        Err(e) => return store_settlement("reading the task", e),
+        Err(e) => return Settlement::from_store_error("reading the task", e),
     };
     if task.state != TaskState::Built || task.artifact.as_deref() != Some(work.artifact.as_str()) {
         tracing::info!(
@@ -457,7 +296,9 @@ async fn handle_qa(worker: Arc<Worker>, envelope: Envelope) -> Settlement {
     }
     let result = match check_file(&worker, &work).await {
         Ok(r) => r,
-        Err(CheckError::Store(e)) => return store_settlement("preparing the workspace", e),
+        Err(CheckError::Store(e)) => {
+            return Settlement::from_store_error("preparing the workspace", e)
+        }
         Err(CheckError::Infra(error)) => {
             tracing::warn!(%error, "QA could not run");
             let failed = TaskFailed {
@@ -474,7 +315,7 @@ async fn handle_qa(worker: Arc<Worker>, envelope: Envelope) -> Settlement {
                 .await
             {
                 Ok(()) => Settlement::Ack,
-                Err(e) => publish_settlement("publishing task.failed", e),
+                Err(e) => Settlement::from_publish_error("publishing task.failed", e),
             };
         }
     };
@@ -485,7 +326,7 @@ async fn handle_qa(worker: Arc<Worker>, envelope: Envelope) -> Settlement {
     );
     match worker.connections.publish(queues::QA_RESULTS, result).await {
         Ok(()) => Settlement::Ack,
-        Err(e) => publish_settlement("publishing the QA result", e),
+        Err(e) => Settlement::from_publish_error("publishing the QA result", e),
     }
 }
 
@@ -641,10 +482,7 @@ async fn check_file(worker: &Worker, work: &QaWork) -> Result<QaResult, CheckErr
 
 async fn handle_integration(worker: Arc<Worker>, envelope: Envelope) -> Settlement {
     let Message::IntegrationWork(work) = envelope.message else {
-        return Settlement::DeadLetter(format!(
-            "unexpected message kind '{}' on work.integration",
-            envelope.kind()
-        ));
+        return consume::unexpected(&envelope, queues::WORK_INTEGRATION);
     };
     if work.shard_count == 0 || work.shard_index >= work.shard_count {
         return Settlement::DeadLetter(format!(
@@ -654,7 +492,9 @@ async fn handle_integration(worker: Arc<Worker>, envelope: Envelope) -> Settleme
     }
     let result = match run_shard(&worker, &work).await {
         Ok(r) => r,
-        Err(CheckError::Store(e)) => return store_settlement("preparing the workspace", e),
+        Err(CheckError::Store(e)) => {
+            return Settlement::from_store_error("preparing the workspace", e)
+        }
         Err(CheckError::Infra(error)) => IntegrationResult {
             plan_id: work.plan_id.clone(),
             step: work.step.name.clone(),
@@ -672,7 +512,7 @@ async fn handle_integration(worker: Arc<Worker>, envelope: Envelope) -> Settleme
         .await
     {
         Ok(()) => Settlement::Ack,
-        Err(e) => publish_settlement("publishing the integration result", e),
+        Err(e) => Settlement::from_publish_error("publishing the integration result", e),
     }
 }
 

@@ -528,3 +528,44 @@ async fn a_grace_of_zero_hands_running_work_back_at_once() {
         "redelivered"
     );
 }
+
+#[tokio::test]
+async fn slots_wait_for_a_release_and_follow_resizes() {
+    let slots = Slots::new(1);
+    let first = slots.acquire().await;
+    let waiting = tokio::spawn({
+        let slots = slots.clone();
+        async move { slots.acquire().await }
+    });
+    eventually("a waiter", || slots.snapshot().waiting == 1).await;
+    assert!(!waiting.is_finished());
+    slots.set_capacity(2);
+    let second = tokio::time::timeout(Duration::from_secs(1), waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        slots.snapshot(),
+        SlotCounts {
+            capacity: 2,
+            busy: 2,
+            waiting: 0
+        }
+    );
+    slots.set_capacity(1);
+    drop(first);
+    let third = tokio::spawn({
+        let slots = slots.clone();
+        async move { slots.acquire().await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(
+        !third.is_finished(),
+        "a shrunk pool must not hand out a slot"
+    );
+    drop(second);
+    tokio::time::timeout(Duration::from_secs(1), third)
+        .await
+        .unwrap()
+        .unwrap();
+}
