@@ -3,7 +3,7 @@
 //!
 //! A dev-worker consumes `work.dev` with the runtime's consume loop
 //! (read-ahead = its maximum slot count) and runs at most its current slot
-//! count of tasks at once (resizable [`Slots`](devfleet_runtime::consume::Slots)).
+//! count of tasks at once (resizable [`devfleet_runtime::consume::Slots`]).
 //! For each message it:
 //!
 //! 1. claims the task in the store, taking the lease over from the

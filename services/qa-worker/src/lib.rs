@@ -3,12 +3,12 @@
 //!
 //! # QA (`work.qa` → `qa.results`)
 //!
-//! For each [`QaWork`]: the file's artifact and the artifacts of every task
+//! For each [`QaWork`](devfleet_protocol::QaWork) (`qa`): the file's artifact and the artifacts of every task
 //! it depends on (transitively) are written to a temporary workspace
 //! ([`workspace`]); the checks configured for its extension ([`checks`])
 //! run one after another in the sandbox ([`sandbox`]); the verdict, every
 //! check's status and output, and trimmed diagnostics of the failing ones
-//! are published as a [`QaResult`]. A check whose program is missing is
+//! are published as a [`QaResult`](devfleet_protocol::QaResult). A check whose program is missing is
 //! recorded `skipped` with the reason; a file no check applies to gets one
 //! `skipped` check named `none`. When the checks cannot run at all (an
 //! artifact is missing, the sandbox cannot start) the worker publishes
@@ -17,18 +17,28 @@
 //!
 //! # Integration (`work.integration` → `integration.results`)
 //!
-//! For each [`IntegrationWork`] shard: the whole plan's files are written
+//! For each [`IntegrationWork`](devfleet_protocol::IntegrationWork) shard (`shard`): the whole plan's files are written
 //! to a workspace and the step's command runs there, sandboxed, split per
-//! [`integration`]'s rules; the outcome is an [`IntegrationResult`].
+//! [`integration`]'s rules; the outcome is an
+//! [`IntegrationResult`](devfleet_protocol::IntegrationResult).
 //!
 //! # Guarantees
 //!
 //! * A delivery is acked only after its result is confirmed by the broker;
 //!   on shutdown, running checks are killed and their deliveries handed
 //!   back for another worker.
-//! * Up to `concurrency` checks or shards run at once, each on its own
-//!   slot (with its own sandbox uid when running as root).
-//! * A stale request (the task moved on) is acked without a result.
+//! * Up to `concurrency` checks or shards run at once (both queues' consume
+//!   loops share one set of slots), each on its own slot (with its own
+//!   sandbox uid when running as root).
+//! * A stale request (the task moved on) is acked without a result; store
+//!   and publish errors settle by the runtime's table
+//!   ([`devfleet_runtime::consume`]).
+//!
+//! # Layout
+//!
+//! `config` (settings), `slots` (sandbox slot numbers), `qa` (the QA
+//! handler and its checks), `shard` (the integration shard handler),
+//! [`checks`], [`sandbox`], [`workspace`], [`integration`].
 
 use devfleet_bus::ConsumeOptions;
 use devfleet_protocol::{queues, MetricType};

@@ -48,6 +48,24 @@ impl Backoff {
         jitter: 0.5,
     };
 
+    /// The scheduler's dispatch loop after a failed round: quick to resume
+    /// once the store is back, since dispatch gates all work.
+    pub const DISPATCH: Backoff = Backoff {
+        base: Duration::from_millis(100),
+        factor: 2.0,
+        cap: Duration::from_secs(10),
+        jitter: 0.5,
+    };
+
+    /// The canary's calls to a deployment handler (shift, rollback), which
+    /// a rollback repeats until it succeeds.
+    pub const DEPLOY_CALL: Backoff = Backoff {
+        base: Duration::from_secs(1),
+        factor: 2.0,
+        cap: Duration::from_secs(30),
+        jitter: 0.5,
+    };
+
     /// The un-jittered delay before attempt `attempt + 1`, after `attempt` failures.
     pub fn ceiling(&self, attempt: u32) -> Duration {
         let exp = self
