@@ -37,7 +37,7 @@ done
 
 analyzer=${ANALYZER:-}
 if [[ -z "$analyzer" ]]; then
-    cargo build --release -p devfleet-analyzer --example analyze
+    cargo build --release -p devfleet-analysis --example analyze
     analyzer="$repo/target/release/examples/analyze"
 fi
 analyzer=$(cd "$(dirname "$analyzer")" && pwd)/$(basename "$analyzer")

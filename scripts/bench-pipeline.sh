@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Pipeline benchmark: tasks/s and p50/p99 READY->completed latency through
 # the scheduler and dev-workers over RabbitMQ and Redis started for the run,
-# with the simulate executor at 0 ms (see services/scheduler/examples/bench_pipeline.rs).
+# with the simulate executor at 0 ms (see benches/pipeline.rs).
 #
 # usage: scripts/bench-pipeline.sh [TASKS] [WIDTH] [WORKERS] [SLOTS]   (defaults: 2000 50 2 10)
 set -euo pipefail
@@ -10,9 +10,9 @@ tmp=$(mktemp -d /tmp/devfleet-bench.XXXXXX)
 cleanup() { scripts/servers.sh stop "$tmp/servers" >/dev/null 2>&1 || true; rm -rf "$tmp"; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-cargo build --release -p devfleet-scheduler --example bench_pipeline
+cargo bench --no-run --bench pipeline
 scripts/servers.sh start "$tmp/servers"
 # shellcheck disable=SC1091
 . "$tmp/servers/env"
-RUST_LOG=${RUST_LOG:-warn} cargo run --release -q -p devfleet-scheduler --example bench_pipeline -- \
+RUST_LOG=${RUST_LOG:-warn} cargo bench -q --bench pipeline -- \
   "${1:-2000}" "${2:-50}" "${3:-2}" "${4:-10}"

@@ -10,7 +10,7 @@ usage:
       madge (`npm i madge typescript`; set NODE_PATH to its node_modules).
 
 BIN is the analyzer (default: target/release/examples/analyze, built with
-`cargo build --release -p devfleet-analyzer --example analyze`). Prints the
+`cargo build --release -p devfleet-analysis --example analyze`). Prints the
 agreement and every edge only one side has, grouped by the analyzer's edge
 kind, so each difference can be explained in docs/ANALYZER.md. Exits 0.
 """

@@ -46,6 +46,10 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest >&2
 fi
 
+# Tests that run a service as its own process (tests/e2e) use this build's
+# binaries; build them first so none is stale.
+cargo build --workspace --bins
+
 # Tests whose name says `restart` stop and start a shared server: they run
 # one at a time, after everything else, so they disturb no other test.
 status=0

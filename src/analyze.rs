@@ -7,7 +7,7 @@
 //! a plan's cycles) go to stderr so stdout stays machine-readable.
 
 use anyhow::{bail, Context, Result};
-use devfleet_analyzer::{analyze_dir, analyze_plan, report, Analysis, Format, Options};
+use devfleet_analysis::{analyze_dir, analyze_plan, report, Analysis, Format, Options};
 use devfleet_protocol::Plan;
 use std::io::Write;
 use std::path::{Path, PathBuf};

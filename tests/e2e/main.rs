@@ -3,5 +3,9 @@
 //! area, so the slow link happens once.
 
 mod analyzer;
+mod architecture;
+mod pipeline;
+mod router;
 mod stack;
 mod support;
+mod worker;

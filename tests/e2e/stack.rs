@@ -3,6 +3,7 @@
 //! its own process) building the Flask example, and `devfleet up` running
 //! an example plan in one process.
 
+use crate::support::{fresh_bin_dir, repo, SERVICES};
 use devfleet_testkit::{unique, wait_for, within};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -12,71 +13,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
-/// The services stack.sh runs, one process each.
-const SERVICES: [&str; 7] = [
-    "analyzer",
-    "scheduler",
-    "dev-worker",
-    "qa-worker",
-    "router",
-    "canary",
-    "metrics-gateway",
-];
-
 /// The sandbox's PATH (qa-worker's default `DEVFLEET_QA_PATH`): the pulled
 /// tests run with the same python3 the QA integration step uses.
 const SANDBOX_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn newest_source(dir: &Path) -> std::time::SystemTime {
-    let mut newest = std::time::SystemTime::UNIX_EPOCH;
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return newest;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let time = if path.is_dir() {
-            newest_source(&path)
-        } else if path
-            .extension()
-            .is_some_and(|e| e == "rs" || e == "toml" || e == "html")
-        {
-            entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .unwrap_or(newest)
-        } else {
-            continue;
-        };
-        newest = newest.max(time);
-    }
-    newest
-}
-
-/// The folder of this build's binaries when every service binary there is
-/// newer than the sources (`scripts/test.sh` builds them all with the
-/// tests); `None` makes stack.sh build them.
-fn fresh_bin_dir() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_BIN_EXE_devfleet"))
-        .parent()?
-        .to_path_buf();
-    let sources = ["services", "shared", "src"]
-        .iter()
-        .map(|d| newest_source(&repo().join(d)))
-        .chain([newest_source(&repo().join("Cargo.lock"))])
-        .max()?;
-    SERVICES
-        .iter()
-        .all(|s| {
-            std::fs::metadata(dir.join(s))
-                .and_then(|m| m.modified())
-                .is_ok_and(|built| built >= sources)
-        })
-        .then_some(dir)
-}
 
 fn free_addr() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port");

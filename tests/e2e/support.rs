@@ -2,6 +2,7 @@
 
 use devfleet_runtime::{BusKind, ConnectArgs, Connections};
 use devfleet_testkit::{amqp_url, nats_url, redis_url, unique};
+use std::path::{Path, PathBuf};
 
 /// Connections to the real RabbitMQ (work), NATS (broadcast) and Redis, in
 /// a fresh namespace so parallel tests never see each other's work.
@@ -16,4 +17,86 @@ pub async fn real_connections(bus: BusKind) -> Connections {
     args.connect()
         .await
         .expect("connecting to the test servers")
+}
+
+/// The service binaries, one process each (as `scripts/stack.sh` runs them).
+pub const SERVICES: [&str; 7] = [
+    "analyzer",
+    "scheduler",
+    "dev-worker",
+    "qa-worker",
+    "router",
+    "canary",
+    "metrics-gateway",
+];
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn newest_source(dir: &Path) -> std::time::SystemTime {
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return newest;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let time = if path.is_dir() {
+            newest_source(&path)
+        } else if path
+            .extension()
+            .is_some_and(|e| e == "rs" || e == "toml" || e == "html")
+        {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(newest)
+        } else {
+            continue;
+        };
+        newest = newest.max(time);
+    }
+    newest
+}
+
+/// The folder of this build's binaries when every service binary there is
+/// newer than the sources (`scripts/test.sh` builds them all before the
+/// tests); `None` when one is missing or stale.
+pub fn fresh_bin_dir() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_BIN_EXE_devfleet"))
+        .parent()?
+        .to_path_buf();
+    let sources = ["services", "shared", "src"]
+        .iter()
+        .map(|d| newest_source(&repo().join(d)))
+        .chain([newest_source(&repo().join("Cargo.lock"))])
+        .max()?;
+    SERVICES
+        .iter()
+        .all(|s| {
+            std::fs::metadata(dir.join(s))
+                .and_then(|m| m.modified())
+                .is_ok_and(|built| built >= sources)
+        })
+        .then_some(dir)
+}
+
+/// The path of a service binary of this build (e.g. `dev-worker`), for
+/// tests that run a service as its own process. Runs `cargo build
+/// --workspace --bins` first (what `scripts/test.sh` runs before the tests,
+/// so it is a no-op there), so a test never drives a stale binary.
+pub fn service_binary(name: &str) -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "-q", "--workspace", "--bins"])
+        .current_dir(repo())
+        .status()
+        .expect("running cargo build for the service binaries");
+    assert!(status.success(), "cargo build --workspace --bins failed");
+    let dir = Path::new(env!("CARGO_BIN_EXE_devfleet"))
+        .parent()
+        .expect("the binaries' folder")
+        .to_path_buf();
+    dir.join(name)
 }

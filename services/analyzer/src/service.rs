@@ -111,7 +111,7 @@ async fn handle(
     .filter(|p| p.is_dir());
     let analysis = {
         let plan = plan.clone();
-        tokio::task::spawn_blocking(move || crate::analyze_plan(&plan, base.as_deref()))
+        tokio::task::spawn_blocking(move || devfleet_analysis::analyze_plan(&plan, base.as_deref()))
             .await
             .map_err(|e| StepError::Invalid(format!("the analysis crashed: {e}")))?
     };

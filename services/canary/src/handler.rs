@@ -185,7 +185,7 @@ impl Handlers {
             .await
             .map_err(|e| HandlerError::Request {
                 url: url.to_owned(),
-                reason: chain(&e),
+                reason: error_chain(&e),
             })?;
         let status = response.status();
         if !status.is_success() {
@@ -200,7 +200,9 @@ impl Handlers {
     }
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
+/// An error and its sources, `: `-separated (what went wrong at every
+/// level of an HTTP failure: connect, TLS, DNS).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -14,6 +14,7 @@
 //!   expected to give one number (`{deployment}` and `{interval}` in them
 //!   are replaced first).
 
+use crate::handler::error_chain;
 use crate::record::{Bucket, Counters};
 use devfleet_protocol::HealthSource;
 use std::collections::BTreeMap;
@@ -199,17 +200,6 @@ impl HealthClient {
         })?;
         prom_scalar(&value).map_err(fail)
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Replaces `{deployment}` and `{interval}` (the check interval, e.g. `30s`).

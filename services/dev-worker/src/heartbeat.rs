@@ -8,8 +8,8 @@
 //! clean exit the record is deleted.
 
 use crate::Worker;
+use devfleet_contracts::capacity::{self, WorkerCapacity};
 use devfleet_protocol::now_ms;
-use devfleet_scheduler::capacity::{self, WorkerCapacity};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;

@@ -36,10 +36,10 @@
 //!   slot (unsettled, so the broker redelivers them), gives running tasks
 //!   `shutdown_grace` to finish, then abandons the rest the same way.
 
+use devfleet_contracts::capacity::WorkerCapacity;
 use devfleet_protocol::ExecutorKind;
 use devfleet_runtime::consume::Slots;
 use devfleet_runtime::{Connections, Metrics};
-use devfleet_scheduler::capacity::WorkerCapacity;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

@@ -25,12 +25,12 @@ use crate::cache_key::{cache_key, CacheKeyInput};
 use crate::executor::{ExecError, ExecInput};
 use crate::{Worker, CACHE_HITS, CACHE_MISSES};
 use devfleet_bus::ConsumeOptions;
+use devfleet_contracts::capacity::DISPATCH_OWNER;
 use devfleet_protocol::{
     now_ms, queues, Envelope, Message, MetricType, Stage, TaskBuilt, TaskClass, TaskFailed,
     TaskWork,
 };
 use devfleet_runtime::consume::{self, Consume, Inflight, Settlement};
-use devfleet_scheduler::capacity::DISPATCH_OWNER;
 use devfleet_store::{ClaimOutcome, StoreError, TaskRecord, TaskState};
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -286,6 +286,9 @@ mod tests {
         let hub = Hub::new(2, shutdown.clone());
         let (c, _rx) = hub.register(|_| "w".into());
         shutdown.cancel();
-        c.killed().await;
+        // Bounded so a regression fails here instead of hanging the run.
+        tokio::time::timeout(std::time::Duration::from_secs(10), c.killed())
+            .await
+            .expect("shutdown did not kill the client");
     }
 }

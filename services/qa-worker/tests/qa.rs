@@ -380,7 +380,7 @@ async fn integration_shards_run_in_parallel() {
             timeout_seconds: None,
         },
     ];
-    let work = devfleet_qa_worker::shards(&plan_id, &steps);
+    let work = devfleet_contracts::integration::shards(&plan_id, &steps);
     assert_eq!(work.len(), 4);
     let mut config = Config::new(c.clone());
     config.concurrency = 4;

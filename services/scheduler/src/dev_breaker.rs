@@ -1,6 +1,6 @@
 //! The dispatcher's side of the router's `dev` circuit breaker.
 //!
-//! The router owns the breaker (`devfleet_router::breaker`): it counts
+//! The router owns the breaker (`devfleet_contracts::breaker`): it counts
 //! dev-stage outcomes, opens the breaker when too many fail, and publishes
 //! the state in the store (collection `breaker`, key `dev`). Before each
 //! dispatch round the scheduler reads that state and obeys it:
@@ -8,7 +8,7 @@
 //! * no record, or `closed`: dispatch as the credit allows;
 //! * `open`: dispatch nothing;
 //! * `half_open`: each dispatch takes a probe permit
-//!   ([`devfleet_router::breaker::try_admit`], an `incr` of the state's
+//!   ([`devfleet_contracts::breaker::try_admit`], an `incr` of the state's
 //!   `probe_counter`) and goes out only while the count is within `probes`.
 //!   Permits are taken only for tasks that are Ready (never more than the
 //!   ready set holds), so an idle dispatcher does not use up the probes, and
@@ -22,8 +22,8 @@
 //! closed, with a warning: a corrupt record must not stop the pipeline for
 //! good, and the router repairs the record on its next tick.
 
+use devfleet_contracts::breaker::{self, BreakerState, Phase};
 use devfleet_protocol::{MetricType, Stage};
-use devfleet_router::breaker::{self, BreakerState, Phase};
 use devfleet_runtime::Metrics;
 use devfleet_store::{StoreError, StoreResult, TaskStore};
 

@@ -23,9 +23,9 @@
 //! cycle, so a broker outage strands at most one round of tasks (the free
 //! slots) per backoff period, each for one dispatch lease.
 
-use crate::capacity::{self, Fleet, DISPATCH_OWNER};
 use crate::dev_breaker::DevBreaker;
 use crate::Shared;
+use devfleet_contracts::capacity::{self, Fleet, DISPATCH_OWNER};
 use devfleet_protocol::{now_ms, queues, MetricType, TaskWork};
 use devfleet_runtime::backoff::Backoff;
 use std::collections::VecDeque;
@@ -218,7 +218,7 @@ async fn emit_status(
     fleet: &Fleet,
     depth: u64,
     unreported: usize,
-    breaker: devfleet_router::breaker::Phase,
+    breaker: devfleet_contracts::breaker::Phase,
 ) {
     let ready = match shared.connections.store.ready_len().await {
         Ok(n) => n,

@@ -3,12 +3,12 @@
 //!
 //! * [`start`] (from `completion::finish_plan`): the plan becomes
 //!   Integrating, and one `work.integration` message per shard
-//!   (`devfleet_qa_worker::shards`) is published.
+//!   (`devfleet_contracts::integration::shards`) is published.
 //! * [`handle_result`] consumes `integration.results`: each result is kept
 //!   put-if-absent in the collection `integration.<plan_id>` under
 //!   `<step>#<shard>`, so a redelivered result counts once (the first one
 //!   for a shard wins). The verdict is rebuilt from everything kept
-//!   (`devfleet_qa_worker::IntegrationTally`) after each result.
+//!   (`devfleet_contracts::integration::IntegrationTally`) after each result.
 //! * Every shard passed: Deploying and `deploy.requested` when the plan has
 //!   a `deploy` section ([`crate::deploy`]), else Succeeded. Any shard
 //!   failed (once all reported): Failed, with a message naming each failed
@@ -21,11 +21,11 @@
 use crate::completion::{self, MAX_MESSAGE_CHARS};
 use crate::stages::{Marker, PlanStages};
 use crate::{deploy, Shared};
+use devfleet_contracts::integration::{IntegrationTally, TallyState};
 use devfleet_protocol::{
     now_ms, queues, AttemptRecord, Envelope, Escalation, IntegrationResult, IntegrationWork,
     Message, MetricType, PlanStatus, Stage,
 };
-use devfleet_qa_worker::{IntegrationTally, TallyState};
 use devfleet_runtime::consume::{self, Settlement, StepError};
 use devfleet_store::PlanRecord;
 use std::sync::Arc;
@@ -49,7 +49,7 @@ pub(crate) async fn start(
     stages: &PlanStages,
 ) -> Result<(), StepError> {
     let store = shared.connections.store.as_ref();
-    let work = devfleet_qa_worker::shards(&plan.id, &stages.integration);
+    let work = devfleet_contracts::integration::shards(&plan.id, &stages.integration);
     let won = Marker::Integrating
         .claim(store, &plan.id, &now_ms().to_string())
         .await?;
@@ -128,7 +128,7 @@ async fn record(shared: &Shared, result: IntegrationResult) -> Settlement {
         Ok(stages) => stages,
         Err(message) => return Settlement::DeadLetter(message),
     };
-    let work = devfleet_qa_worker::shards(&plan.id, &stages.integration);
+    let work = devfleet_contracts::integration::shards(&plan.id, &stages.integration);
     let expected = work.iter().any(|w| {
         w.step.name == result.step
             && w.shard_index == result.shard_index

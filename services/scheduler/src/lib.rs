@@ -51,7 +51,6 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub mod capacity;
 pub mod completion;
 mod deploy;
 pub mod dev_breaker;

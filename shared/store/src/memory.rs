@@ -87,6 +87,24 @@ impl MemoryStore {
     }
 }
 
+/// A plan's tasks and record, or the error naming what is missing.
+fn plan_of<'a>(
+    tasks: &'a mut PlanTasks,
+    plans: &'a mut HashMap<String, PlanRecord>,
+    plan_id: &str,
+    path: &str,
+) -> StoreResult<(&'a mut BTreeMap<String, Task>, &'a mut PlanRecord)> {
+    let map = tasks
+        .get_mut(plan_id)
+        .ok_or_else(|| unknown_task(plan_id, path))?;
+    let plan = plans
+        .get_mut(plan_id)
+        .ok_or_else(|| StoreError::UnknownPlan {
+            plan_id: plan_id.to_owned(),
+        })?;
+    Ok((map, plan))
+}
+
 fn unknown_task(plan_id: &str, path: &str) -> StoreError {
     StoreError::UnknownTask {
         plan_id: plan_id.to_owned(),
@@ -482,14 +500,7 @@ impl TaskStore for MemoryStore {
     async fn complete(&self, plan_id: &str, path: &str, artifact: &str) -> StoreResult<Completion> {
         let mut inner = self.lock();
         let (tasks, plans, mut sets) = inner.split();
-        let map = tasks
-            .get_mut(plan_id)
-            .ok_or_else(|| unknown_task(plan_id, path))?;
-        let plan = plans
-            .get_mut(plan_id)
-            .ok_or_else(|| StoreError::UnknownPlan {
-                plan_id: plan_id.to_owned(),
-            })?;
+        let (map, plan) = plan_of(tasks, plans, plan_id, path)?;
         let t = map
             .get_mut(path)
             .ok_or_else(|| unknown_task(plan_id, path))?;
@@ -538,14 +549,7 @@ impl TaskStore for MemoryStore {
     async fn fail(&self, plan_id: &str, path: &str, error: &str) -> StoreResult<Failure> {
         let mut inner = self.lock();
         let (tasks, plans, mut sets) = inner.split();
-        let map = tasks
-            .get_mut(plan_id)
-            .ok_or_else(|| unknown_task(plan_id, path))?;
-        let plan = plans
-            .get_mut(plan_id)
-            .ok_or_else(|| StoreError::UnknownPlan {
-                plan_id: plan_id.to_owned(),
-            })?;
+        let (map, plan) = plan_of(tasks, plans, plan_id, path)?;
         let t = map
             .get_mut(path)
             .ok_or_else(|| unknown_task(plan_id, path))?;
@@ -605,14 +609,7 @@ impl TaskStore for MemoryStore {
     async fn replay(&self, plan_id: &str, path: &str) -> StoreResult<()> {
         let mut inner = self.lock();
         let (tasks, plans, mut sets) = inner.split();
-        let map = tasks
-            .get_mut(plan_id)
-            .ok_or_else(|| unknown_task(plan_id, path))?;
-        let plan = plans
-            .get_mut(plan_id)
-            .ok_or_else(|| StoreError::UnknownPlan {
-                plan_id: plan_id.to_owned(),
-            })?;
+        let (map, plan) = plan_of(tasks, plans, plan_id, path)?;
         let state = state_of(map, path).ok_or_else(|| unknown_task(plan_id, path))?;
         if state != TaskState::Failed {
             return Err(invalid_state(plan_id, path, state, "replay it"));

@@ -7,251 +7,74 @@
 //! reply's first fenced code block, else the whole reply
 //! ([`extract_file`]).
 //!
-//! 429 and 5xx answers (and connection failures) are retried, waiting as
-//! long as `Retry-After` says (capped) or else the shared backoff; 401/403
-//! and other 4xx fail the attempt for good. The API key is sent as a bearer
-//! token marked sensitive, and is never logged, Debug-printed or put in an
-//! error message. Without a key no `Authorization` header is sent (local
-//! OpenAI-compatible servers).
+//! The HTTP side (retries of 429/5xx honouring `Retry-After`, 401/403 and
+//! other 4xx failing for good, the API key never shown) is the shared
+//! `devfleet-llm` client.
 
 use super::{ExecError, ExecInput, Executor};
 use async_trait::async_trait;
+pub use devfleet_llm::{
+    extract_file, ApiKey, ChatSettings as OpenAiSettings, DEFAULT_BASE_URL, DEFAULT_MODEL,
+};
+use devfleet_llm::{ChatClient, ChatMessage, LlmError};
 use devfleet_protocol::TaskClass;
-use devfleet_runtime::backoff::Backoff;
 use sha2::{Digest, Sha256};
-use std::fmt;
-use std::time::Duration;
-
-/// The public OpenAI endpoint, the default base URL.
-pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
-/// The default model.
-pub const DEFAULT_MODEL: &str = "gpt-4o-mini";
-/// Longest `Retry-After` honoured.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
-/// Largest response body read.
-const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 
 /// The system prompt. Part of the executor identity (and so of cache keys).
 pub const SYSTEM_PROMPT: &str = "You are a senior software engineer working on one file of a \
 larger project. Write the complete file that is asked for, consistent with the files it \
 depends on. Reply with the whole file in a single fenced code block and nothing else.";
 
-/// An API key. Its `Debug` and `Display` never show it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ApiKey(String);
-
-impl ApiKey {
-    pub fn new(key: impl Into<String>) -> Self {
-        Self(key.into())
-    }
-
-    /// `DEVFLEET_OPENAI_API_KEY`, else `OPENAI_API_KEY`; empty counts as unset.
-    pub fn from_env() -> Option<Self> {
-        ["DEVFLEET_OPENAI_API_KEY", "OPENAI_API_KEY"]
-            .into_iter()
-            .filter_map(|v| std::env::var(v).ok())
-            .find(|k| !k.trim().is_empty())
-            .map(|k| Self(k.trim().to_owned()))
-    }
-}
-
-impl fmt::Debug for ApiKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ApiKey(<redacted>)")
-    }
-}
-
-impl fmt::Display for ApiKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-/// Where and how to call the API.
-#[derive(Debug, Clone)]
-pub struct OpenAiSettings {
-    pub base_url: String,
-    pub model: String,
-    pub api_key: Option<ApiKey>,
-    /// Requests per attempt, counting the first (429/5xx retries).
-    pub max_requests: u32,
-    /// Wait between retries when the server gives no `Retry-After`.
-    pub backoff: Backoff,
-    pub temperature: f32,
-}
-
-impl Default for OpenAiSettings {
-    fn default() -> Self {
-        Self {
-            base_url: DEFAULT_BASE_URL.to_owned(),
-            model: DEFAULT_MODEL.to_owned(),
-            api_key: None,
-            max_requests: 6,
-            backoff: Backoff {
-                base: Duration::from_secs(1),
-                factor: 2.0,
-                cap: Duration::from_secs(60),
-                jitter: 0.5,
-            },
-            temperature: 0.2,
-        }
-    }
-}
-
 /// See the module docs.
 #[derive(Debug, Clone)]
 pub struct OpenAi {
-    client: reqwest::Client,
-    settings: OpenAiSettings,
+    client: ChatClient,
 }
 
 impl OpenAi {
     /// Builds the HTTP client (rustls).
     pub fn new(settings: OpenAiSettings) -> Result<Self, String> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(15))
-            .user_agent(concat!("devfleet-dev-worker/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-        Ok(Self { client, settings })
+        let agent = concat!("devfleet-dev-worker/", env!("CARGO_PKG_VERSION"));
+        let client = ChatClient::new(settings, agent).map_err(|e| e.message)?;
+        Ok(Self { client })
     }
+}
 
-    fn url(&self) -> String {
-        format!(
-            "{}/chat/completions",
-            self.settings.base_url.trim_end_matches('/')
-        )
-    }
-
-    /// One request; `Ok(Err(delay))` asks for a retry after `delay`.
-    async fn request(
-        &self,
-        body: &serde_json::Value,
-        attempt: u32,
-    ) -> Result<Result<String, Duration>, ExecError> {
-        let mut request = self.client.post(self.url()).json(body);
-        if let Some(key) = &self.settings.api_key {
-            request = request.bearer_auth(&key.0);
+impl From<LlmError> for ExecError {
+    fn from(e: LlmError) -> Self {
+        ExecError {
+            message: e.message,
+            retryable: e.retryable,
         }
-        let response = match request.send().await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e.without_url(), "chat completions request failed");
-                return Ok(Err(self.settings.backoff.delay(attempt)));
-            }
-        };
-        let status = response.status();
-        if status.as_u16() == 429 || status.is_server_error() {
-            let delay = retry_after(response.headers())
-                .unwrap_or_else(|| self.settings.backoff.delay(attempt))
-                .min(MAX_RETRY_AFTER);
-            tracing::warn!(
-                status = status.as_u16(),
-                ?delay,
-                "chat completions busy; retrying"
-            );
-            return Ok(Err(delay));
-        }
-        let bytes = read_body(response).await?;
-        if status.as_u16() == 401 || status.as_u16() == 403 {
-            return Err(ExecError::fatal(format!(
-                "the chat completions API refused the credentials ({status}); check \
-                 DEVFLEET_OPENAI_API_KEY"
-            )));
-        }
-        if !status.is_success() {
-            return Err(ExecError::fatal(format!(
-                "the chat completions API answered {status}: {}",
-                excerpt(&bytes)
-            )));
-        }
-        let reply: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-            ExecError::retryable(format!("the chat completions reply is not JSON: {e}"))
-        })?;
-        let content = reply
-            .pointer("/choices/0/message/content")
-            .and_then(|c| c.as_str())
-            .ok_or_else(|| {
-                ExecError::retryable(format!(
-                    "the chat completions reply has no choices[0].message.content: {}",
-                    excerpt(&bytes)
-                ))
-            })?;
-        Ok(Ok(content.to_owned()))
     }
 }
 
 #[async_trait]
 impl Executor for OpenAi {
     fn identity(&self) -> String {
+        let settings = self.client.settings();
         let prompt = hex::encode(Sha256::digest(SYSTEM_PROMPT.as_bytes()));
         format!(
             "openai/1:{}@{}:t={}:p={}",
-            self.settings.model,
-            self.settings.base_url.trim_end_matches('/'),
-            self.settings.temperature,
+            settings.model,
+            settings.base_url.trim_end_matches('/'),
+            settings.temperature,
             &prompt[..12]
         )
     }
 
     async fn run(&self, input: &ExecInput) -> Result<String, ExecError> {
-        let body = serde_json::json!({
-            "model": self.settings.model,
-            "temperature": self.settings.temperature,
-            "messages": [
-                {"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": user_prompt(input)},
-            ],
-        });
-        let requests = self.settings.max_requests.max(1);
-        for attempt in 1..=requests {
-            match self.request(&body, attempt).await? {
-                Ok(reply) => {
-                    let file = extract_file(&reply);
-                    if file.trim().is_empty() {
-                        return Err(ExecError::retryable("the model replied with an empty file"));
-                    }
-                    return Ok(file);
-                }
-                Err(delay) if attempt < requests => tokio::time::sleep(delay).await,
-                Err(_) => {}
-            }
+        let messages = [
+            ChatMessage::system(SYSTEM_PROMPT),
+            ChatMessage::user(user_prompt(input)),
+        ];
+        let reply = self.client.complete(&messages).await?;
+        let file = extract_file(&reply.content);
+        if file.trim().is_empty() {
+            return Err(ExecError::retryable("the model replied with an empty file"));
         }
-        Err(ExecError::retryable(format!(
-            "the chat completions API stayed busy or unreachable for {requests} requests"
-        )))
+        Ok(file)
     }
-}
-
-/// `Retry-After` in seconds (the HTTP-date form falls back to the backoff).
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
-    let secs: f64 = value.trim().parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
-}
-
-async fn read_body(mut response: reqwest::Response) -> Result<Vec<u8>, ExecError> {
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| {
-        ExecError::retryable(format!("reading the reply failed: {}", e.without_url()))
-    })? {
-        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-            return Err(ExecError::retryable(format!(
-                "the reply is larger than {MAX_RESPONSE_BYTES} bytes"
-            )));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
-fn excerpt(bytes: &[u8]) -> String {
-    let text = String::from_utf8_lossy(bytes);
-    let mut s: String = text.chars().take(500).collect();
-    if text.chars().count() > 500 {
-        s.push('…');
-    }
-    s
 }
 
 /// The user message: what to write, what it builds on, and for a fix what
@@ -315,64 +138,15 @@ fn fence(text: &str) -> String {
     format!("{ticks}\n{text}{newline}{ticks}")
 }
 
-/// The file in a model's reply: the first fenced code block (its info
-/// string dropped), else the whole reply. Ends with a newline.
-pub fn extract_file(reply: &str) -> String {
-    let lines: Vec<&str> = reply.lines().collect();
-    let open = lines.iter().position(|l| l.trim_start().starts_with("```"));
-    let body = match open {
-        Some(start) => {
-            let opener = lines[start].trim_start();
-            let ticks = opener.chars().take_while(|&c| c == '`').count();
-            let closing = "`".repeat(ticks);
-            let rest = &lines[start + 1..];
-            let end = rest
-                .iter()
-                .position(|l| {
-                    let t = l.trim();
-                    t.starts_with(&closing) && t.chars().all(|c| c == '`')
-                })
-                .unwrap_or(rest.len());
-            rest[..end].join("\n")
-        }
-        None => reply.trim().to_owned(),
-    };
-    if body.is_empty() {
-        body
-    } else {
-        body + "\n"
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::executor::test_input;
+    use devfleet_runtime::backoff::Backoff;
     use std::sync::{Arc, Mutex};
+    use std::time::Duration;
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     use tokio::net::TcpListener;
-
-    #[test]
-    fn the_key_never_shows() {
-        let key = ApiKey::new("sk-secret-123");
-        let settings = OpenAiSettings {
-            api_key: Some(key.clone()),
-            ..OpenAiSettings::default()
-        };
-        let shown = format!("{key} {key:?} {settings:?}");
-        assert!(!shown.contains("sk-secret"), "{shown}");
-    }
-
-    #[test]
-    fn extracts_the_first_fenced_block_else_the_whole_reply() {
-        let reply =
-            "Here you go:\n```python\nimport os\nprint(os.getcwd())\n```\nand more\n```\nx\n```";
-        assert_eq!(extract_file(reply), "import os\nprint(os.getcwd())\n");
-        assert_eq!(extract_file("  just code  \n"), "just code\n");
-        assert_eq!(extract_file("```\nunterminated\n"), "unterminated\n");
-        let nested = "````md\n```py\nx\n```\n````";
-        assert_eq!(extract_file(nested), "```py\nx\n```\n");
-    }
 
     #[test]
     fn a_fix_prompt_carries_diagnostics_and_the_previous_attempt() {

@@ -2,7 +2,7 @@
 //! analyzed through the public API, and plans. One file on purpose: every
 //! `tests/*.rs` is its own linked binary.
 
-use devfleet_analyzer::{analyze_dir, analyze_plan, report, Analysis, EdgeKind, Format, Options};
+use devfleet_analysis::{analyze_dir, analyze_plan, report, Analysis, EdgeKind, Format, Options};
 use devfleet_protocol::{Plan, PlanError};
 use proptest::prelude::*;
 use std::path::Path;
@@ -713,28 +713,28 @@ proptest! {
     #[test]
     fn scanners_never_panic_on_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
         let text = String::from_utf8_lossy(&bytes);
-        let _ = devfleet_analyzer::scanner::python::scan(&text);
+        let _ = devfleet_analysis::scanner::python::scan(&text);
         for dialect in [
-            devfleet_analyzer::scanner::js::Dialect::JavaScript,
-            devfleet_analyzer::scanner::js::Dialect::TypeScript,
-            devfleet_analyzer::scanner::js::Dialect::Tsx,
+            devfleet_analysis::scanner::js::Dialect::JavaScript,
+            devfleet_analysis::scanner::js::Dialect::TypeScript,
+            devfleet_analysis::scanner::js::Dialect::Tsx,
         ] {
-            let _ = devfleet_analyzer::scanner::js::scan(&text, dialect);
+            let _ = devfleet_analysis::scanner::js::scan(&text, dialect);
         }
     }
 
     #[test]
     fn scanners_never_panic_on_tricky_sources(src in tricky_source()) {
-        let py = devfleet_analyzer::scanner::python::scan(&src);
+        let py = devfleet_analysis::scanner::python::scan(&src);
         // Whatever was found has a line inside the text.
         let lines = src.lines().count().max(1) as u32 + 1;
         prop_assert!(py.iter().all(|i| i.line >= 1 && i.line <= lines));
         for dialect in [
-            devfleet_analyzer::scanner::js::Dialect::JavaScript,
-            devfleet_analyzer::scanner::js::Dialect::TypeScript,
-            devfleet_analyzer::scanner::js::Dialect::Tsx,
+            devfleet_analysis::scanner::js::Dialect::JavaScript,
+            devfleet_analysis::scanner::js::Dialect::TypeScript,
+            devfleet_analysis::scanner::js::Dialect::Tsx,
         ] {
-            let js = devfleet_analyzer::scanner::js::scan(&src, dialect);
+            let js = devfleet_analysis::scanner::js::scan(&src, dialect);
             prop_assert!(js.iter().all(|i| i.line >= 1 && i.line <= lines));
         }
     }
@@ -745,9 +745,9 @@ proptest! {
         // line, a plain import statement must be seen. Here the prefix is
         // confined to a comment, so it is balanced by construction.
         let py = format!("# {}\nimport target\n", prefix.replace(['\n', '\r'], " "));
-        prop_assert_eq!(devfleet_analyzer::scanner::python::scan(&py).last().map(|i| i.module.clone()), Some("target".to_string()));
+        prop_assert_eq!(devfleet_analysis::scanner::python::scan(&py).last().map(|i| i.module.clone()), Some("target".to_string()));
         let js = format!("// {}\nimport t from './target';\n", prefix.replace(['\n', '\r'], " "));
-        let found = devfleet_analyzer::scanner::js::scan(&js, devfleet_analyzer::scanner::js::Dialect::Tsx);
+        let found = devfleet_analysis::scanner::js::scan(&js, devfleet_analysis::scanner::js::Dialect::Tsx);
         prop_assert_eq!(found.last().map(|i| i.specifier.clone()), Some("./target".to_string()));
     }
 }

@@ -7,10 +7,10 @@
 //! and Redis key prefix), so tests sharing the servers never see each
 //! other's work.
 
+use devfleet_contracts::capacity::{WorkerCapacity, WORKERS};
 use devfleet_dev_worker::{Executors, ScalePolicy};
 use devfleet_protocol::{queues, AnalyzedTask, ExecutorKind, Plan, PlanAnalyzed, PlanStatus};
 use devfleet_runtime::Connections;
-use devfleet_scheduler::capacity::{WorkerCapacity, WORKERS};
 use devfleet_scheduler::TASKS_COMPLETED;
 use devfleet_store::{PlanRecord, TaskState};
 use devfleet_testkit::{amqp_url, redis_url, unique, wait_for, within};
@@ -77,7 +77,7 @@ impl Stack {
 
     /// A `dev-worker` process on the same servers and namespace.
     fn spawn_process(&self, instance: &str, slots: u32) -> tokio::process::Child {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_dev-worker"))
+        tokio::process::Command::new(crate::support::service_binary("dev-worker"))
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("RUST_LOG", "warn")

@@ -9,11 +9,11 @@
 //! prefix.
 
 use devfleet_bus::ConsumeOptions;
+use devfleet_contracts::breaker::{self, Phase};
 use devfleet_protocol::{
     now_ms, queues, Envelope, Escalation, Message, PlanStatus, Stage, TaskBuilt, TaskClass,
     TaskFailed, TaskWork,
 };
-use devfleet_router::breaker::{self, Phase};
 use devfleet_router::dlq::{self, DlqSource, Replayed};
 use devfleet_router::{history, BreakerSettings};
 use devfleet_runtime::{backoff::Backoff, Connections};
@@ -29,7 +29,7 @@ const SOON: Duration = Duration::from_secs(60);
 
 /// The `devfleet dlq` subcommand (the CLI module of the root package),
 /// compiled here so its real code is driven against real servers.
-#[path = "../../../src/dlq.rs"]
+#[path = "../../src/dlq.rs"]
 #[allow(dead_code)] // only some of it is driven here
 mod cli_dlq;
 

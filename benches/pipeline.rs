@@ -3,7 +3,7 @@
 //! `simulate` executor at 0 ms, so what is measured is the pipeline itself
 //! (store transitions, broker round trips, dispatch credit).
 //!
-//! usage: bench_pipeline [TASKS] [WIDTH] [WORKERS] [SLOTS]
+//! usage: cargo bench --bench pipeline -- [TASKS] [WIDTH] [WORKERS] [SLOTS]
 //!   TASKS    tasks in the plan (default 2000)
 //!   WIDTH    independent chains (default 50): task i depends on task i-WIDTH
 //!   WORKERS  in-process dev-workers (default 2)

@@ -18,7 +18,7 @@
 //! `.ts`, where `<T>x` is a type assertion; in `.tsx`, `<T,>` and
 //! `<T extends …>` stay generics.
 
-use super::is_ident_byte;
+use super::{is_ident_byte, number_end};
 use crate::EdgeKind;
 use memchr::{memchr, memchr3};
 
@@ -407,16 +407,7 @@ impl<'a> Lexer<'a> {
     }
 
     fn number(&mut self) {
-        self.i += 1;
-        while let Some(&c) = self.b.get(self.i) {
-            let exponent_sign =
-                (c == b'+' || c == b'-') && matches!(self.b[self.i - 1], b'e' | b'E');
-            if is_ident_byte(c) || c == b'.' || exponent_sign {
-                self.i += 1;
-            } else {
-                break;
-            }
-        }
+        self.i = number_end(self.b, self.i);
     }
 
     /// A quoted string starting at `self.i`. Ends at the closing quote or,

@@ -21,6 +21,22 @@ pub(crate) fn is_ident_byte(b: u8) -> bool {
     IDENT[b as usize]
 }
 
+/// The end of a number literal whose first byte is at `start`: digits,
+/// letters (hex digits, suffixes), `_`, `.` and an exponent's sign, the
+/// same in both languages (the scanners only skip numbers).
+pub(crate) fn number_end(b: &[u8], start: usize) -> usize {
+    let mut i = start + 1;
+    while let Some(&c) = b.get(i) {
+        let exponent_sign = (c == b'+' || c == b'-') && matches!(b[i - 1], b'e' | b'E');
+        if is_ident_byte(c) || c == b'.' || exponent_sign {
+            i += 1;
+        } else {
+            break;
+        }
+    }
+    i
+}
+
 /// [`is_ident_byte`] as a table: one load instead of four comparisons in
 /// the scanners' hottest loop.
 static IDENT: [bool; 256] = {

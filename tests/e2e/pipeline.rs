@@ -15,13 +15,13 @@
 
 use async_trait::async_trait;
 use devfleet_bus::ConsumeOptions;
+use devfleet_contracts::breaker::{self, BreakerState, Phase};
 use devfleet_dev_worker::executor::simulate::{Simulate, SimulateSettings};
 use devfleet_dev_worker::{ExecError, ExecInput, Executor, Executors, ScalePolicy};
 use devfleet_protocol::{
     queues, AnalyzedTask, Envelope, ExecutorKind, IntegrationStep, Message, Plan, PlanAnalyzed,
     PlanStatus,
 };
-use devfleet_router::breaker::{self, BreakerState, Phase};
 use devfleet_runtime::Connections;
 use devfleet_scheduler::TASKS_COMPLETED;
 use devfleet_store::{PlanRecord, TaskState};
@@ -684,7 +684,7 @@ async fn memory_a_worker_drops_messages_for_tasks_held_elsewhere_or_finished() {
     wait_for("the worker to be idle", Duration::from_secs(10), || {
         let store = store.clone();
         async move {
-            let fleet = devfleet_scheduler::capacity::read_fleet(
+            let fleet = devfleet_contracts::capacity::read_fleet(
                 store.as_ref(),
                 devfleet_protocol::now_ms(),
             )

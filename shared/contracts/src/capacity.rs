@@ -9,9 +9,8 @@
 //! dispatched that no worker has taken yet fits in the free slots
 //! ([`credit`]).
 //!
-//! This lives in the scheduler crate only until it moves to
-//! `devfleet-runtime`; the dev-worker writes its record with
-//! [`write_capacity`].
+//! The dev-worker writes its record with [`write_capacity`]; the scheduler
+//! reads the fleet with [`read_fleet`].
 
 use devfleet_store::{StoreResult, TaskStore};
 use serde::{Deserialize, Serialize};
@@ -111,7 +110,7 @@ pub async fn read_fleet(store: &dyn TaskStore, now_ms: i64) -> StoreResult<Fleet
 ///
 /// `outstanding` is the dispatched work no worker has reported yet: the
 /// `work.dev` queue depth plus this scheduler's own dispatches newer than
-/// the newest worker record (see `dispatch::Ledger`). Without any live worker one
+/// the newest worker record (the scheduler's `dispatch::Ledger`). Without any live worker one
 /// task may be outstanding, so a fresh stack starts (the first worker to
 /// come up finds it waiting).
 pub fn credit(fleet: &Fleet, outstanding: u64) -> u64 {
