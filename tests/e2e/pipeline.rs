@@ -607,19 +607,7 @@ async fn memory_a_worker_drops_messages_for_tasks_held_elsewhere_or_finished() {
     );
     let store = stack.connections.store.clone();
     let tasks = devfleet_scheduler::intake::new_tasks(&plan);
-    let record = PlanRecord {
-        id: plan.plan_id.clone(),
-        name: "test".into(),
-        status: PlanStatus::Running,
-        total: 2,
-        done: 0,
-        failed: 0,
-        blocked: 0,
-        created_ms: 0,
-        updated_ms: 0,
-        detail: String::new(),
-        message: None,
-    };
+    let record = PlanRecord::new(&plan.plan_id, "test", PlanStatus::Running, 0);
     assert!(store.create_plan(record, tasks).await.unwrap());
     let now = devfleet_protocol::now_ms();
     // Another worker holds one task; the other is already finished.

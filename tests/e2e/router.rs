@@ -310,19 +310,7 @@ async fn create_plan(c: &Connections, tasks: &[(&str, &[&str])]) -> String {
     let now = now_ms();
     c.store
         .create_plan(
-            PlanRecord {
-                id: plan_id.clone(),
-                name: "router-test".into(),
-                status: PlanStatus::Running,
-                total: 0,
-                done: 0,
-                failed: 0,
-                blocked: 0,
-                created_ms: now,
-                updated_ms: now,
-                detail: "{}".into(),
-                message: None,
-            },
+            PlanRecord::new(&plan_id, "router-test", PlanStatus::Running, now),
             tasks
                 .iter()
                 .map(|(path, deps)| NewTask {

@@ -8,8 +8,9 @@
 //! analysing the same plan again gives the same answer.
 
 use devfleet_bus::ConsumeOptions;
+use devfleet_protocol::metrics::{AnalyzeFailure, AnalyzeTiming};
 use devfleet_protocol::{
-    queues, Envelope, Message, MetricType, PlanAnalyzed, PlanRejected, PlanStatus, PlanSubmitted,
+    queues, Envelope, Message, PlanAnalyzed, PlanRejected, PlanStatus, PlanSubmitted,
 };
 use devfleet_runtime::consume::{self, Consume, Inflight, Settlement, StepError};
 use devfleet_runtime::{Connections, Metrics};
@@ -141,15 +142,11 @@ async fn handle(
                 "plan analyzed"
             );
             metrics
-                .emit(
-                    MetricType::Performance,
-                    serde_json::json!({
-                        "stage": "analyze",
-                        "plan_id": plan_id,
-                        "tasks": count,
-                        "duration_ms": started.elapsed().as_millis() as u64,
-                    }),
-                )
+                .emit(AnalyzeTiming {
+                    plan_id: plan_id.clone(),
+                    tasks: count as u64,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                })
                 .await;
         }
         Err(error) => {
@@ -183,10 +180,10 @@ async fn handle(
                 })
                 .await;
             metrics
-                .emit(
-                    MetricType::Error,
-                    serde_json::json!({ "stage": "analyze", "plan_id": plan_id, "error": error }),
-                )
+                .emit(AnalyzeFailure {
+                    plan_id: plan_id.clone(),
+                    error: error.clone(),
+                })
                 .await;
         }
     }

@@ -20,7 +20,8 @@ use crate::health::QueryContext;
 use crate::lease::Lease;
 use crate::record::{self, Classification, DeploymentRecord, HealthCheck, Status, ACTIVE, CONTROL};
 use crate::supervisor::Ctx;
-use devfleet_protocol::{Escalation, Handler, HealthSource, MetricType, PlanEvent, PlanStatus};
+use devfleet_protocol::metrics::DeploymentProgress;
+use devfleet_protocol::{Escalation, Handler, HealthSource, PlanEvent, PlanStatus};
 use devfleet_runtime::backoff::Backoff;
 use std::sync::Arc;
 use std::time::Duration;
@@ -603,10 +604,12 @@ impl Driver {
     async fn emit(&self, event: &str, reason: Option<&str>) {
         self.ctx
             .metrics
-            .emit(
-                MetricType::Deployment,
-                metric_data(&self.record, event, reason, &self.ctx.config.instance),
-            )
+            .emit(metric_data(
+                &self.record,
+                event,
+                reason,
+                &self.ctx.config.instance,
+            ))
             .await;
     }
 }
@@ -617,25 +620,25 @@ pub(crate) fn metric_data(
     event: &str,
     reason: Option<&str>,
     instance: &str,
-) -> serde_json::Value {
+) -> DeploymentProgress {
     let last = record.last_check.as_ref();
-    serde_json::json!({
-        "deployment_id": record.id,
-        "plan_id": record.plan_id,
-        "event": event,
-        "status": record.status.as_str(),
-        "stage": record.stage,
-        "stages": record.spec.stages.len(),
-        "weight": record.weight,
-        "target_weight": record.target_weight(),
-        "stage_elapsed_s": record.stage_elapsed_ms as f64 / 1000.0,
-        "classification": last.map(|c| c.classification.as_str()),
-        "error_rate": last.and_then(|c| c.error_rate),
-        "error_rate_pct": last.and_then(|c| c.error_rate).map(pct),
-        "latency_p95_ms": last.and_then(|c| c.latency_p95_ms),
-        "requests": last.and_then(|c| c.requests),
-        "checks": record.checks,
-        "reason": reason.or(record.reason.as_deref()),
-        "instance": instance,
-    })
+    DeploymentProgress {
+        deployment_id: record.id.clone(),
+        plan_id: record.plan_id.clone(),
+        event: event.to_owned(),
+        status: record.status.as_str().to_owned(),
+        stage: record.stage as u64,
+        stages: record.spec.stages.len() as u64,
+        weight: record.weight.into(),
+        target_weight: record.target_weight().into(),
+        stage_elapsed_s: record.stage_elapsed_ms as f64 / 1000.0,
+        classification: last.map(|c| c.classification.as_str().to_owned()),
+        error_rate: last.and_then(|c| c.error_rate),
+        error_rate_pct: last.and_then(|c| c.error_rate).map(pct),
+        latency_p95_ms: last.and_then(|c| c.latency_p95_ms),
+        requests: last.and_then(|c| c.requests),
+        checks: record.checks,
+        reason: reason.or(record.reason.as_deref()).map(str::to_owned),
+        instance: instance.to_owned(),
+    }
 }

@@ -13,7 +13,7 @@
 use crate::record::{self, DeploymentRecord, ACTIVE, RECORDS};
 use crate::supervisor::Ctx;
 use devfleet_bus::ConsumeOptions;
-use devfleet_protocol::{queues, DeployRequested, Envelope, Message, MetricType};
+use devfleet_protocol::{metrics::DeploymentRefused, queues, DeployRequested, Envelope, Message};
 use devfleet_runtime::consume::{self, Consume, Inflight, Settlement};
 use std::sync::Arc;
 use tokio::sync::Notify;
@@ -137,25 +137,22 @@ async fn accept(ctx: &Ctx, request_id: &str, request: DeployRequested) -> anyhow
 async fn refuse(ctx: &Ctx, request: &DeployRequested, reason: String) -> Outcome {
     tracing::warn!(%reason, "deployment refused");
     ctx.metrics
-        .emit(
-            MetricType::Deployment,
-            serde_json::json!({
-                "deployment_id": request.deployment_id,
-                "plan_id": request.plan_id,
-                "event": "refused",
-                "status": "refused",
-                "reason": reason,
-            }),
-        )
+        .emit(DeploymentRefused::new(
+            request.deployment_id.clone(),
+            request.plan_id.clone(),
+            reason.clone(),
+        ))
         .await;
     Outcome::Refused(reason)
 }
 
 async fn emit(ctx: &Ctx, record: &DeploymentRecord, event: &str, reason: Option<&str>) {
     ctx.metrics
-        .emit(
-            MetricType::Deployment,
-            crate::driver::metric_data(record, event, reason, &ctx.config.instance),
-        )
+        .emit(crate::driver::metric_data(
+            record,
+            event,
+            reason,
+            &ctx.config.instance,
+        ))
         .await;
 }

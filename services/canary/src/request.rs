@@ -160,8 +160,9 @@ pub fn parse_start_file(text: &str) -> Result<StartFile, RequestError> {
     } else {
         let id = take_string(&mut map, "id")?;
         let plan_id = take_string(&mut map, "plan_id")?;
-        let spec: DeploySpec = serde_yaml::from_value(serde_yaml::Value::Mapping(map))
-            .map_err(|e| RequestError::Syntax(e.to_string()))?;
+        let spec: DeploySpec =
+            devfleet_protocol::plan::from_yaml_value_strict(serde_yaml::Value::Mapping(map))
+                .map_err(|e| RequestError::Syntax(e.to_string()))?;
         StartFile {
             id,
             name: None,

@@ -16,7 +16,7 @@
 //! backlog and scales on it; the dispatcher's credit then spreads the work.
 
 use crate::Worker;
-use devfleet_protocol::{queues, MetricType};
+use devfleet_protocol::{metrics::WorkerStatus, queues};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -135,16 +135,13 @@ pub(crate) async fn run(worker: Arc<Worker>, stop: CancellationToken) {
         }
         worker
             .metrics
-            .emit(
-                MetricType::WorkerStatus,
-                serde_json::json!({
-                    "instance": worker.instance,
-                    "slots": target,
-                    "busy": busy,
-                    "waiting": waiting,
-                    "backlog": backlog,
-                }),
-            )
+            .emit(WorkerStatus {
+                instance: worker.instance.clone(),
+                slots: target.into(),
+                busy: busy.into(),
+                waiting: waiting.into(),
+                backlog,
+            })
             .await;
     }
 }

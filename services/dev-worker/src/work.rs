@@ -26,9 +26,9 @@ use crate::executor::{ExecError, ExecInput};
 use crate::{Worker, CACHE_HITS, CACHE_MISSES};
 use devfleet_bus::ConsumeOptions;
 use devfleet_contracts::capacity::DISPATCH_OWNER;
+use devfleet_protocol::metrics::{BuildFailure, BuildTiming};
 use devfleet_protocol::{
-    now_ms, queues, Envelope, Message, MetricType, Stage, TaskBuilt, TaskClass, TaskFailed,
-    TaskWork,
+    now_ms, queues, Envelope, Message, Stage, TaskBuilt, TaskClass, TaskFailed, TaskWork,
 };
 use devfleet_runtime::consume::{self, Consume, Inflight, Settlement};
 use devfleet_store::{ClaimOutcome, StoreError, TaskRecord, TaskState};
@@ -218,17 +218,14 @@ async fn run_claimed(worker: &Worker, record: TaskRecord) -> Settlement {
             tracing::info!(cache_hit = built.cache_hit, duration_ms, "task built");
             worker
                 .metrics
-                .emit(
-                    MetricType::Performance,
-                    serde_json::json!({
-                        "plan_id": plan_id,
-                        "path": path,
-                        "duration_ms": duration_ms,
-                        "cache_hit": built.cache_hit,
-                        "executor": built.executor,
-                        "instance": worker.instance,
-                    }),
-                )
+                .emit(BuildTiming {
+                    plan_id: plan_id.clone(),
+                    path: path.clone(),
+                    duration_ms,
+                    cache_hit: built.cache_hit,
+                    executor: built.executor,
+                    instance: worker.instance.clone(),
+                })
                 .await;
             Settlement::Ack
         }
@@ -251,17 +248,13 @@ async fn run_claimed(worker: &Worker, record: TaskRecord) -> Settlement {
             }
             worker
                 .metrics
-                .emit(
-                    MetricType::Error,
-                    serde_json::json!({
-                        "plan_id": plan_id,
-                        "path": path,
-                        "stage": Stage::Dev.as_str(),
-                        "error": error.message,
-                        "retryable": error.retryable,
-                        "instance": worker.instance,
-                    }),
-                )
+                .emit(BuildFailure {
+                    plan_id: plan_id.clone(),
+                    path: path.clone(),
+                    error: error.message,
+                    retryable: error.retryable,
+                    instance: worker.instance.clone(),
+                })
                 .await;
             Settlement::Ack
         }

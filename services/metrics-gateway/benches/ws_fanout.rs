@@ -125,7 +125,7 @@ async fn bench(clients: usize, phase: Duration, rates: &[u64]) -> anyhow::Result
             while owed >= 1.0 {
                 let sent_us = shared.epoch.elapsed().as_micros() as u64;
                 metrics
-                    .emit(
+                    .emit_value(
                         MetricType::Performance,
                         serde_json::json!({ "stage": "bench", "seq": seq, "sent_us": sent_us }),
                     )

@@ -7,10 +7,10 @@
 use crate::exposition::{Histogram, LATENCY_BUCKETS};
 use crate::http::Refusal;
 use crate::hub::Hub;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Canary, Snapshot};
 use crate::window::Windows;
 use crate::Config;
-use devfleet_protocol::MetricType;
+use devfleet_protocol::{metrics::WorkerStatus, MetricType};
 use devfleet_runtime::Connections;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,14 +54,15 @@ pub struct IngestState {
     pub events: BTreeMap<&'static str, u64>,
     /// Latency histograms per stage, from samples with `duration_ms`.
     pub durations: BTreeMap<String, Histogram>,
-    /// Latest `worker_status` sample per instance: (at_ms, data).
-    pub workers: HashMap<String, (i64, serde_json::Value)>,
-    /// Latest `deployment` sample per deployment id: (at_ms, data).
-    pub deployments: HashMap<String, (i64, serde_json::Value)>,
+    /// Latest `worker_status` sample per instance: (at_ms, body).
+    pub workers: HashMap<String, (i64, WorkerStatus)>,
+    /// Latest `deployment` sample or `deploy.requested` event per
+    /// deployment id: (at_ms, what it said).
+    pub deployments: HashMap<String, (i64, Canary)>,
 }
 
 impl IngestState {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             frames: BTreeMap::new(),
             events: BTreeMap::new(),
@@ -85,12 +86,7 @@ impl IngestState {
     }
 
     /// Remembers the latest sample of a worker or deployment, bounded.
-    pub fn remember(
-        map: &mut HashMap<String, (i64, serde_json::Value)>,
-        key: &str,
-        at_ms: i64,
-        data: &serde_json::Value,
-    ) {
+    pub fn remember<T>(map: &mut HashMap<String, (i64, T)>, key: &str, at_ms: i64, value: T) {
         if !map.contains_key(key) && map.len() >= MAX_LIVE_ENTRIES {
             // Evict the stalest entry: O(n) but only on a full map.
             if let Some(oldest) = map
@@ -101,7 +97,7 @@ impl IngestState {
                 map.remove(&oldest);
             }
         }
-        map.insert(key.to_owned(), (at_ms, data.clone()));
+        map.insert(key.to_owned(), (at_ms, value));
     }
 
     /// Forgets samples older than `max_age`.

@@ -17,8 +17,11 @@
 
 use crate::gateway::{Gateway, IngestState};
 use crate::protocol::{self, MetricFrame};
+use crate::snapshot::Canary;
 use axum::extract::ws::Utf8Bytes;
+use devfleet_protocol::metrics::{DeploymentSample, Timing, WorkerStatus};
 use devfleet_protocol::{Envelope, Message, MetricType};
+use serde::Deserialize as _;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -107,30 +110,53 @@ fn ingest_span(envelope: &Envelope) -> tracing::Span {
 }
 
 /// Updates histograms and the latest-known workers and deployments.
+///
+/// Durations come from the [`Timing`] fields any frame may carry; workers
+/// and deployments from the typed bodies. A body that does not decode as
+/// its type's struct (an older or newer emitter, a hand-made sample) was
+/// still forwarded and aggregated; only this bookkeeping skips it.
 fn learn(
     state: &mut IngestState,
     metric_type: MetricType,
     envelope: &Envelope,
     frame: &MetricFrame,
 ) {
-    let data = &frame.data;
-    if let Some(ms) = data.get("duration_ms").and_then(Value::as_f64) {
-        let stage = stage_label(data, envelope.kind(), metric_type);
+    let timing = Timing::deserialize(&frame.data).unwrap_or_default();
+    if let Some(ms) = timing.duration_ms {
+        let stage = stage_label(timing.stage.as_deref(), envelope.kind(), metric_type);
         state.observe_duration(&stage, ms / 1000.0);
     }
-    match metric_type {
-        MetricType::WorkerStatus => {
-            let instance = data
-                .get("instance")
-                .and_then(Value::as_str)
-                .unwrap_or(&frame.source)
-                .to_owned();
-            IngestState::remember(&mut state.workers, &instance, frame.timestamp, data);
-        }
-        MetricType::Deployment => {
-            if let Some(id) = data.get("deployment_id").and_then(Value::as_str) {
-                IngestState::remember(&mut state.deployments, id, frame.timestamp, data);
+    let ts = frame.timestamp;
+    match &envelope.message {
+        Message::Metric(metric) if metric.metric_type == MetricType::WorkerStatus => {
+            match metric.body::<WorkerStatus>() {
+                Ok(mut worker) => {
+                    if worker.instance.is_empty() {
+                        worker.instance = frame.source.clone();
+                    }
+                    let instance = worker.instance.clone();
+                    IngestState::remember(&mut state.workers, &instance, ts, worker);
+                }
+                Err(error) => tracing::debug!(%error, "worker_status sample not understood"),
             }
+        }
+        Message::Metric(metric) if metric.metric_type == MetricType::Deployment => {
+            match DeploymentSample::from_metric(metric) {
+                Ok(sample) => {
+                    let canary = Canary::from_sample(&sample);
+                    IngestState::remember(
+                        &mut state.deployments,
+                        sample.deployment_id(),
+                        ts,
+                        canary,
+                    );
+                }
+                Err(error) => tracing::debug!(%error, "deployment sample not understood"),
+            }
+        }
+        Message::DeployRequested(request) => {
+            let canary = Canary::from_request(request);
+            IngestState::remember(&mut state.deployments, &request.deployment_id, ts, canary);
         }
         _ => {}
     }
@@ -138,8 +164,8 @@ fn learn(
 
 /// The `stage` label of a duration: the sample's own `stage` when it is a
 /// short identifier, else derived from the event kind or metric type.
-fn stage_label(data: &Value, kind: &str, metric_type: MetricType) -> String {
-    if let Some(stage) = data.get("stage").and_then(Value::as_str) {
+fn stage_label(stage: Option<&str>, kind: &str, metric_type: MetricType) -> String {
+    if let Some(stage) = stage {
         if !stage.is_empty()
             && stage.len() <= 32
             && stage
@@ -420,25 +446,89 @@ mod tests {
     }
 
     #[test]
+    fn workers_deployments_and_durations_are_learned_from_typed_bodies() {
+        use devfleet_protocol::metrics::{BuildTiming, DeploymentProgress, DeploymentRefused};
+        let mut state = IngestState::new();
+        let mut ingest = |envelope: Envelope| {
+            let (t, f) = frame_for(&envelope).unwrap();
+            learn(&mut state, t, &envelope, &f);
+        };
+        // A worker sample without an instance is known by its source.
+        let worker = WorkerStatus {
+            slots: 4,
+            busy: 1,
+            waiting: 2,
+            ..WorkerStatus::default()
+        };
+        ingest(Envelope::new(
+            Metric::from_body("dev-worker@a", &worker).unwrap(),
+        ));
+        // A sample that is no WorkerStatus is skipped, not fatal.
+        ingest(Envelope::new(Metric {
+            metric_type: MetricType::WorkerStatus,
+            source: "dev-worker@odd".into(),
+            data: json!({ "slots": "many" }),
+        }));
+        let refused = DeploymentRefused::new("d-1".into(), Some("p".into()), "bad spec".into());
+        ingest(Envelope::new(
+            Metric::from_body("canary", &refused).unwrap(),
+        ));
+        let progress = DeploymentProgress {
+            deployment_id: "d-2".into(),
+            status: "running".into(),
+            stage: 1,
+            stages: 3,
+            weight: 25,
+            ..DeploymentProgress::default()
+        };
+        ingest(Envelope::new(
+            Metric::from_body("canary", &progress).unwrap(),
+        ));
+        let timing = BuildTiming {
+            plan_id: "p".into(),
+            path: "a.py".into(),
+            duration_ms: 1500,
+            cache_hit: false,
+            executor: "builtin".into(),
+            instance: "dev-worker@a".into(),
+        };
+        ingest(Envelope::new(
+            Metric::from_body("dev-worker@a", &timing).unwrap(),
+        ));
+
+        assert_eq!(state.workers.len(), 1);
+        let (_, w) = &state.workers["dev-worker@a"];
+        assert_eq!((w.slots, w.busy, w.waiting), (4, 1, 2));
+        let (_, d1) = &state.deployments["d-1"];
+        assert_eq!(d1.status.as_deref(), Some("refused"));
+        assert_eq!(d1.reason.as_deref(), Some("bad spec"));
+        assert_eq!(d1.weight, None);
+        let (_, d2) = &state.deployments["d-2"];
+        assert_eq!(d2.weight, Some(25.0));
+        assert_eq!(
+            (d2.stage.clone(), d2.stages.clone()),
+            (Some(json!(1)), Some(json!(3)))
+        );
+        assert_eq!(d2.status.as_deref(), Some("running"));
+        assert_eq!(
+            state.durations.keys().collect::<Vec<_>>(),
+            ["performance"],
+            "a build timing has no stage: labelled by its type"
+        );
+    }
+
+    #[test]
     fn stage_labels_are_sanitised() {
         assert_eq!(
-            stage_label(
-                &json!({"stage": "analyze"}),
-                "metric",
-                MetricType::Performance
-            ),
+            stage_label(Some("analyze"), "metric", MetricType::Performance),
             "analyze"
         );
         assert_eq!(
-            stage_label(
-                &json!({"stage": "bad label\n"}),
-                "task.built",
-                MetricType::TaskProgress
-            ),
+            stage_label(Some("bad label\n"), "task.built", MetricType::TaskProgress),
             "dev"
         );
         assert_eq!(
-            stage_label(&json!({}), "metric", MetricType::Performance),
+            stage_label(None, "metric", MetricType::Performance),
             "performance"
         );
     }

@@ -23,7 +23,8 @@
 use crate::gateway::Gateway;
 use crate::protocol::{self, MetricFrame};
 use axum::extract::ws::Utf8Bytes;
-use devfleet_protocol::{queues, MetricType};
+use devfleet_protocol::metrics::DeploymentSample;
+use devfleet_protocol::{queues, DeployRequested, MetricType};
 use devfleet_store::{TaskRecord, TaskState};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -119,7 +120,7 @@ pub struct Breaker {
     pub detail: Value,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Canary {
     pub id: String,
     /// Traffic on the new version, percent.
@@ -132,6 +133,51 @@ pub struct Canary {
     pub plan_id: Option<String>,
     pub reason: Option<String>,
     pub updated_ms: Option<i64>,
+}
+
+impl Canary {
+    /// What a `deployment` sample says about its deployment. An empty
+    /// status and zero stages (defaults of an older or partial emitter)
+    /// read as unknown.
+    pub fn from_sample(sample: &DeploymentSample) -> Canary {
+        let known = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        match sample {
+            DeploymentSample::Progress(p) => Canary {
+                id: p.deployment_id.clone(),
+                weight: Some(f64::from(p.weight)),
+                stage: Some(json!(p.stage)),
+                stages: (p.stages > 0).then(|| json!(p.stages)),
+                status: known(&p.status),
+                plan_id: p.plan_id.clone(),
+                reason: p.reason.clone(),
+                updated_ms: None,
+            },
+            DeploymentSample::Refused(r) => Canary {
+                id: r.deployment_id.clone(),
+                weight: None,
+                stage: None,
+                stages: None,
+                status: known(&r.status),
+                plan_id: r.plan_id.clone(),
+                reason: Some(r.reason.clone()),
+                updated_ms: None,
+            },
+        }
+    }
+
+    /// A deployment as requested, before the canary reports on it.
+    pub fn from_request(request: &DeployRequested) -> Canary {
+        Canary {
+            id: request.deployment_id.clone(),
+            weight: None,
+            stage: None,
+            stages: Some(json!(request.spec.stages)),
+            status: Some("requested".into()),
+            plan_id: request.plan_id.clone(),
+            reason: None,
+            updated_ms: None,
+        }
+    }
 }
 
 /// The operator-facing part of a dead-letter index entry (payloads and
@@ -409,11 +455,11 @@ fn workers_from_samples(gateway: &Gateway) -> Workers {
         source: "metrics".into(),
         ..Workers::default()
     };
-    for (_, data) in state.workers.values() {
+    for (_, sample) in state.workers.values() {
         w.workers += 1;
-        w.slots += data.get("slots").and_then(Value::as_u64).unwrap_or(0);
-        w.busy += data.get("busy").and_then(Value::as_u64).unwrap_or(0);
-        w.waiting += data.get("waiting").and_then(Value::as_u64).unwrap_or(0);
+        w.slots += sample.slots;
+        w.busy += sample.busy;
+        w.waiting += sample.waiting;
     }
     w
 }
@@ -475,9 +521,9 @@ fn canaries_from(records: &[(String, String)], gateway: &Gateway) -> Vec<Canary>
     let state = gateway.ingest_state();
     let mut live: Vec<_> = state.deployments.iter().collect();
     live.sort_by_key(|(_, (t, _))| std::cmp::Reverse(*t));
-    for (id, (at_ms, data)) in live {
+    for (id, (at_ms, live)) in live {
         if !out.iter().any(|c| &c.id == id) {
-            let mut c = canary(id, data);
+            let mut c = live.clone();
             c.updated_ms = c.updated_ms.or(Some(*at_ms));
             out.push(c);
         }

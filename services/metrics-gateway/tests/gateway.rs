@@ -70,10 +70,10 @@ impl Gateway {
             .unwrap();
     }
 
-    async fn emit(&self, metric_type: MetricType, data: Value) {
+    async fn emit_value(&self, metric_type: MetricType, data: Value) {
         self.connections
             .metrics("test")
-            .emit(metric_type, data)
+            .emit_value(metric_type, data)
             .await;
     }
 
@@ -223,10 +223,13 @@ async fn welcome_then_only_subscribed_metric_types_arrive() {
 
     let ack = subscribe(&mut ws, "subscribe", &["error", "performance"]).await;
     assert_eq!(ack["metrics"], json!(["performance", "error"]));
-    gw.emit(MetricType::QueueStatus, json!({ "n": 0 })).await;
-    gw.emit(MetricType::Error, json!({ "n": 1 })).await;
-    gw.emit(MetricType::WorkerStatus, json!({ "n": 2 })).await;
-    gw.emit(MetricType::Performance, json!({ "n": 3 })).await;
+    gw.emit_value(MetricType::QueueStatus, json!({ "n": 0 }))
+        .await;
+    gw.emit_value(MetricType::Error, json!({ "n": 1 })).await;
+    gw.emit_value(MetricType::WorkerStatus, json!({ "n": 2 }))
+        .await;
+    gw.emit_value(MetricType::Performance, json!({ "n": 3 }))
+        .await;
     let first = next_json(&mut ws).await;
     assert_eq!(first["type"], "metric");
     assert_eq!(first["metric_type"], "error");
@@ -242,8 +245,9 @@ async fn welcome_then_only_subscribed_metric_types_arrive() {
     // Unsubscribing stops a type; the others keep coming.
     let ack = subscribe(&mut ws, "unsubscribe", &["error"]).await;
     assert_eq!(ack["metrics"], json!(["performance"]));
-    gw.emit(MetricType::Error, json!({ "n": 4 })).await;
-    gw.emit(MetricType::Performance, json!({ "n": 5 })).await;
+    gw.emit_value(MetricType::Error, json!({ "n": 4 })).await;
+    gw.emit_value(MetricType::Performance, json!({ "n": 5 }))
+        .await;
     let next = next_json(&mut ws).await;
     assert_eq!(
         (next["metric_type"].as_str(), &next["data"]["n"]),
@@ -370,7 +374,7 @@ async fn slow_client_is_dropped_while_fast_clients_keep_receiving() {
     let slow_dropped = r#"devfleet_gateway_disconnects_total{reason="slow_client"}"#;
     for _batch in 0..2000 {
         for _ in 0..16 {
-            gw.emit(MetricType::Performance, json!({ "seq": seq, "pad": pad }))
+            gw.emit_value(MetricType::Performance, json!({ "seq": seq, "pad": pad }))
                 .await;
             seq += 1;
         }
@@ -476,13 +480,13 @@ async fn stats_report_windowed_avg_and_percentiles_of_known_samples() {
     let (mut ws, _) = gw.ws().await;
     subscribe(&mut ws, "subscribe", &["performance"]).await;
     for v in 1..=100 {
-        gw.emit(
+        gw.emit_value(
             MetricType::Performance,
             json!({ "duration_ms": v, "stage": "dev" }),
         )
         .await;
     }
-    gw.emit(MetricType::Error, json!({ "n": 1 })).await;
+    gw.emit_value(MetricType::Error, json!({ "n": 1 })).await;
     // Frames arrive after they were recorded: 100 frames means 100 samples.
     for _ in 0..100 {
         assert_eq!(next_json(&mut ws).await["type"], "metric");
@@ -538,7 +542,7 @@ async fn undecodable_broadcasts_are_counted_not_fatal() {
     bus.broadcast("devfleet.events.task.built", &[0xc1])
         .await
         .unwrap();
-    gw.emit(MetricType::Performance, json!({ "after": true }))
+    gw.emit_value(MetricType::Performance, json!({ "after": true }))
         .await;
     assert_eq!(next_json(&mut ws).await["data"]["after"], true);
     assert_eq!(
@@ -601,18 +605,9 @@ async fn create_plan(c: &Connections, name: &str, tasks: Vec<NewTask>) -> String
         .store
         .create_plan(
             PlanRecord {
-                id: id.clone(),
-                name: name.into(),
-                status: PlanStatus::Running,
-                total: 0,
-                done: 0,
-                failed: 0,
-                blocked: 0,
-                created_ms: now,
-                updated_ms: now,
                 detail: json!({ "critical_path": ["app/db.py", "app/models.py", "app/api.py", "app/main.py"] })
                     .to_string(),
-                message: None,
+                ..PlanRecord::new(&id, name, PlanStatus::Running, now)
             },
             tasks,
         )
@@ -765,19 +760,19 @@ async fn metrics_endpoint_passes_promtool_check() {
     )
     .await;
     claim(&gw.connections, "a.py").await;
-    gw.emit(
+    gw.emit_value(
         MetricType::Performance,
         json!({ "stage": "analyze", "duration_ms": 42 }),
     )
     .await;
-    gw.emit(
+    gw.emit_value(
         MetricType::Error,
         json!({ "stage": "dev", "error": "x\"y\nz" }),
     )
     .await;
     gw.connections
         .metrics("canary")
-        .emit(
+        .emit_value(
             MetricType::Deployment,
             json!({ "deployment_id": "d-live", "weight": 50, "stage": 2 }),
         )
@@ -854,7 +849,7 @@ async fn samples_over_nats_broadcast_reach_clients() {
     let source = unique("nats-test");
     gw.connections
         .metrics(&source)
-        .emit(MetricType::SystemHealth, json!({ "cpu": 0.5 }))
+        .emit_value(MetricType::SystemHealth, json!({ "cpu": 0.5 }))
         .await;
     gw.connections
         .broadcast
@@ -994,7 +989,7 @@ async fn dashboard_shows_a_running_plan_changing_state_in_chromium() {
         ],
     )
     .await;
-    gw.emit(
+    gw.emit_value(
         MetricType::Error,
         json!({ "stage": "qa", "error": "pytest failed" }),
     )

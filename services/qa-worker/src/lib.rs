@@ -41,7 +41,8 @@
 //! [`checks`], [`sandbox`], [`workspace`], [`integration`].
 
 use devfleet_bus::ConsumeOptions;
-use devfleet_protocol::{queues, MetricType};
+use devfleet_protocol::metrics::SandboxHealth;
+use devfleet_protocol::queues;
 use devfleet_runtime::consume::{Consume, Slots};
 use devfleet_runtime::{Connections, Metrics};
 use std::path::PathBuf;
@@ -160,18 +161,15 @@ async fn report_health(
         let isolation = worker.sandbox.isolation();
         worker
             .metrics
-            .emit(
-                MetricType::SystemHealth,
-                serde_json::json!({
-                    "component": "qa_sandbox",
-                    "isolation": isolation,
-                    "healthy": isolation != "none",
-                    "warning": (isolation == "none").then_some(
-                        "QA checks run without filesystem or network isolation (bubblewrap missing)"
-                    ),
-                    "slots": slots,
+            .emit(SandboxHealth {
+                isolation: isolation.to_owned(),
+                healthy: isolation != "none",
+                warning: (isolation == "none").then(|| {
+                    "QA checks run without filesystem or network isolation (bubblewrap missing)"
+                        .to_owned()
                 }),
-            )
+                slots: slots as u64,
+            })
             .await;
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),

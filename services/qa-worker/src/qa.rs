@@ -5,8 +5,9 @@ use crate::checks;
 use crate::sandbox;
 use crate::workspace::{self, MaterialiseError, Workspace};
 use crate::Worker;
+use devfleet_protocol::metrics::QaCheckTiming;
 use devfleet_protocol::{
-    queues, CheckResult, Envelope, Message, MetricType, QaResult, QaWork, Stage, TaskFailed,
+    queues, CheckResult, Envelope, Message, QaResult, QaWork, Stage, TaskFailed,
 };
 use devfleet_runtime::consume::{self, Settlement};
 use devfleet_store::{StoreError, TaskState};
@@ -186,16 +187,12 @@ async fn check_file(worker: &Worker, work: &QaWork) -> Result<QaResult, CheckErr
             .replace(&host_root, sandbox::SANDBOX_WORKSPACE);
         worker
             .metrics
-            .emit(
-                MetricType::Performance,
-                serde_json::json!({
-                    "stage": "qa",
-                    "check": check.name,
-                    "status": status,
-                    "duration_ms": outcome.duration.as_millis() as u64,
-                    "sandbox": worker.sandbox.isolation(),
-                }),
-            )
+            .emit(QaCheckTiming {
+                check: check.name.clone(),
+                status: status.to_owned(),
+                duration_ms: outcome.duration.as_millis() as u64,
+                sandbox: worker.sandbox.isolation().to_owned(),
+            })
             .await;
         results.push(CheckResult {
             name: check.name.clone(),

@@ -7,9 +7,8 @@ use crate::qa::{trim, CheckError};
 use crate::sandbox;
 use crate::workspace::{self, MaterialiseError, Workspace};
 use crate::Worker;
-use devfleet_protocol::{
-    queues, Envelope, IntegrationResult, IntegrationWork, Message, MetricType,
-};
+use devfleet_protocol::metrics::IntegrationTiming;
+use devfleet_protocol::{queues, Envelope, IntegrationResult, IntegrationWork, Message};
 use devfleet_runtime::consume::{self, Settlement};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -144,17 +143,13 @@ async fn run_shard(
     );
     worker
         .metrics
-        .emit(
-            MetricType::Performance,
-            serde_json::json!({
-                "stage": "integration",
-                "step": work.step.name,
-                "shard": work.shard_index,
-                "passed": outcome.exit == sandbox::Exit::Success,
-                "duration_ms": outcome.duration.as_millis() as u64,
-                "sandbox": worker.sandbox.isolation(),
-            }),
-        )
+        .emit(IntegrationTiming {
+            step: work.step.name.clone(),
+            shard: work.shard_index,
+            passed: outcome.exit == sandbox::Exit::Success,
+            duration_ms: outcome.duration.as_millis() as u64,
+            sandbox: worker.sandbox.isolation().to_owned(),
+        })
         .await;
     Ok(result(
         outcome.exit == sandbox::Exit::Success,

@@ -39,19 +39,7 @@ async fn built_plan(
     let now = now_ms();
     c.store
         .create_plan(
-            PlanRecord {
-                id: plan_id.clone(),
-                name: "qa-test".into(),
-                status: PlanStatus::Running,
-                total: 0,
-                done: 0,
-                failed: 0,
-                blocked: 0,
-                created_ms: now,
-                updated_ms: now,
-                detail: "{}".into(),
-                message: None,
-            },
+            PlanRecord::new(&plan_id, "qa-test", PlanStatus::Running, now),
             files
                 .iter()
                 .map(|(path, _)| NewTask {

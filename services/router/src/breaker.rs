@@ -39,7 +39,7 @@ use devfleet_contracts::breaker::{admit_state, current, published, transition_ke
 pub use devfleet_contracts::breaker::{
     try_admit, BreakerState, Phase, BREAKER, STAGES, TRANSITIONS,
 };
-use devfleet_protocol::{now_ms, BreakerChanged, MetricType, Stage};
+use devfleet_protocol::{metrics::BreakerHealth, now_ms, BreakerChanged, Stage};
 use devfleet_runtime::Connections;
 use devfleet_store::{StoreError, StoreResult, TaskStore};
 use serde::{Deserialize, Serialize};
@@ -386,20 +386,16 @@ impl Breakers {
     pub async fn emit_health(&self, state: &BreakerState) {
         self.connections
             .metrics(self.instance.clone())
-            .emit(
-                MetricType::SystemHealth,
-                serde_json::json!({
-                    "component": "circuit_breaker",
-                    "stage": state.stage.as_str(),
-                    "state": state.state.as_str(),
-                    "open": state.state != Phase::Closed,
-                    "reason": state.reason,
-                    "error_rate": state.error_rate,
-                    "volume": state.volume,
-                    "since_ms": state.since_ms,
-                    "until_ms": state.until_ms,
-                }),
-            )
+            .emit(BreakerHealth {
+                stage: state.stage,
+                state: state.state.as_str().to_owned(),
+                open: state.state != Phase::Closed,
+                reason: state.reason.clone(),
+                error_rate: state.error_rate,
+                volume: state.volume,
+                since_ms: state.since_ms,
+                until_ms: state.until_ms,
+            })
             .await;
     }
 }

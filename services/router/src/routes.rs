@@ -7,8 +7,9 @@ use crate::retry;
 use crate::{Config, Router};
 use devfleet_bus::ConsumeOptions;
 use devfleet_protocol::{
-    now_ms, queues, Escalation, MetricType, PlanEvent, PlanStatus, QaResult, QaWork, Stage,
-    TaskBuilt, TaskClass, TaskDone, TaskFailed,
+    metrics::{TaskDeadLettered, TaskFixing, TaskRetrying},
+    now_ms, queues, Escalation, PlanEvent, PlanStatus, QaResult, QaWork, Stage, TaskBuilt,
+    TaskClass, TaskDone, TaskFailed,
 };
 use devfleet_protocol::{Envelope, Message};
 use devfleet_runtime::consume::{self, Settlement, Source, StepError};
@@ -254,16 +255,12 @@ async fn qa_failed(router: &Router, task: &TaskRecord, result: &QaResult) -> Res
         .await?;
     router
         .metrics
-        .emit(
-            MetricType::TaskProgress,
-            serde_json::json!({
-                "plan_id": result.plan_id,
-                "path": result.path,
-                "status": "fixing",
-                "attempt": result.attempt,
-                "failures": failures,
-            }),
-        )
+        .emit(TaskFixing {
+            plan_id: result.plan_id.clone(),
+            path: result.path.clone(),
+            attempt: result.attempt,
+            failures,
+        })
         .await;
     tracing::info!(failures, "QA failed: fix task queued (priority high)");
     Ok(())
@@ -342,18 +339,14 @@ async fn route_failure(
     let delay = retry::schedule(router, failed, task, failures).await?;
     router
         .metrics
-        .emit(
-            MetricType::TaskProgress,
-            serde_json::json!({
-                "plan_id": failed.plan_id,
-                "path": failed.path,
-                "status": "retrying",
-                "stage": failed.stage.as_str(),
-                "attempt": failed.attempt,
-                "failures": failures,
-                "delay_ms": delay.as_millis() as u64,
-            }),
-        )
+        .emit(TaskRetrying {
+            plan_id: failed.plan_id.clone(),
+            path: failed.path.clone(),
+            stage: failed.stage,
+            attempt: failed.attempt,
+            failures,
+            delay_ms: delay.as_millis() as u64,
+        })
         .await;
     tracing::info!(
         failures,
@@ -416,16 +409,13 @@ async fn dead_letter(
             .await;
         router
             .metrics
-            .emit(
-                MetricType::Error,
-                serde_json::json!({
-                    "plan_id": task.plan_id,
-                    "path": task.path,
-                    "error": reason,
-                    "dlq_id": entry.id,
-                    "blocked": failure.blocked,
-                }),
-            )
+            .emit(TaskDeadLettered {
+                plan_id: task.plan_id.clone(),
+                path: task.path.clone(),
+                error: reason.to_string(),
+                dlq_id: entry.id.clone(),
+                blocked: failure.blocked.clone(),
+            })
             .await;
     }
     if failure.plan_finished {

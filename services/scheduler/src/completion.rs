@@ -12,7 +12,8 @@
 
 use crate::stages::PlanStages;
 use crate::{deploy, integration, Shared, TASKS_COMPLETED};
-use devfleet_protocol::{queues, Envelope, Message, MetricType, PlanEvent, PlanStatus};
+use devfleet_protocol::metrics::{PlanProgress, TaskCompleted, TaskFailure};
+use devfleet_protocol::{queues, Envelope, Message, PlanEvent, PlanStatus};
 use devfleet_runtime::consume::{self, Settlement, StepError};
 use devfleet_store::{PlanRecord, TaskState, TaskStore};
 use std::sync::Arc;
@@ -61,17 +62,14 @@ pub(crate) async fn complete(
         );
         shared
             .metrics
-            .emit(
-                MetricType::TaskProgress,
-                serde_json::json!({
-                    "plan_id": plan_id,
-                    "path": path,
-                    "status": PlanStatus::Running.as_str(),
-                    "done": completion.done,
-                    "total": completion.total,
-                    "released": completion.released.len(),
-                }),
-            )
+            .emit(TaskCompleted {
+                plan_id: plan_id.to_owned(),
+                path: path.to_owned(),
+                status: PlanStatus::Running,
+                done: completion.done,
+                total: completion.total,
+                released: completion.released.len() as u64,
+            })
             .await;
     }
     // A completion frees a worker slot and may have released tasks.
@@ -97,15 +95,12 @@ pub(crate) async fn fail(
         tracing::warn!(plan_id, path, %error, blocked = failure.blocked.len(), "task failed");
         shared
             .metrics
-            .emit(
-                MetricType::Error,
-                serde_json::json!({
-                    "plan_id": plan_id,
-                    "path": path,
-                    "error": error,
-                    "blocked": failure.blocked,
-                }),
-            )
+            .emit(TaskFailure {
+                plan_id: plan_id.to_owned(),
+                path: path.to_owned(),
+                error: error.to_string(),
+                blocked: failure.blocked.clone(),
+            })
             .await;
         if let Some(plan) = store.plan(plan_id).await? {
             shared
@@ -244,18 +239,15 @@ pub(crate) async fn announce(
         .await;
     shared
         .metrics
-        .emit(
-            MetricType::TaskProgress,
-            serde_json::json!({
-                "plan_id": plan.id,
-                "name": plan.name,
-                "status": status.as_str(),
-                "done": plan.done,
-                "failed": plan.failed,
-                "blocked": plan.blocked,
-                "total": plan.total,
-            }),
-        )
+        .emit(PlanProgress {
+            plan_id: plan.id.clone(),
+            name: plan.name.clone(),
+            status,
+            done: plan.done,
+            failed: plan.failed,
+            blocked: plan.blocked,
+            total: plan.total,
+        })
         .await;
 }
 

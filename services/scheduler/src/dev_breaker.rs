@@ -23,7 +23,7 @@
 //! good, and the router repairs the record on its next tick.
 
 use devfleet_contracts::breaker::{self, BreakerState, Phase};
-use devfleet_protocol::{MetricType, Stage};
+use devfleet_protocol::{metrics::DispatchHealth, Stage};
 use devfleet_runtime::Metrics;
 use devfleet_store::{StoreError, StoreResult, TaskStore};
 
@@ -157,20 +157,16 @@ impl DevBreaker {
             }
         };
         metrics
-            .emit(
-                MetricType::SystemHealth,
-                serde_json::json!({
-                    "component": "dispatch",
-                    "stage": Stage::Dev.as_str(),
-                    "breaker": state.state.as_str(),
-                    "dispatch": dispatch,
-                    "healthy": state.state == Phase::Closed,
-                    "generation": state.generation,
-                    "reason": state.reason,
-                    "probes": state.probes,
-                    "until_ms": state.until_ms,
-                }),
-            )
+            .emit(DispatchHealth {
+                stage: Stage::Dev,
+                breaker: state.state.as_str().to_owned(),
+                dispatch: dispatch.to_owned(),
+                healthy: state.state == Phase::Closed,
+                generation: state.generation,
+                reason: state.reason.clone(),
+                probes: state.probes,
+                until_ms: state.until_ms,
+            })
             .await;
     }
 }
@@ -210,19 +206,7 @@ mod tests {
                 executor: None,
             })
             .collect();
-        let plan = PlanRecord {
-            id: "p".into(),
-            name: "p".into(),
-            status: devfleet_protocol::PlanStatus::Running,
-            total: n as u32,
-            done: 0,
-            failed: 0,
-            blocked: 0,
-            created_ms: 0,
-            updated_ms: 0,
-            detail: String::new(),
-            message: None,
-        };
+        let plan = PlanRecord::new("p", "p", devfleet_protocol::PlanStatus::Running, 0);
         assert!(c.store.create_plan(plan, tasks).await.unwrap());
         c
     }

@@ -26,7 +26,7 @@
 use crate::dev_breaker::DevBreaker;
 use crate::Shared;
 use devfleet_contracts::capacity::{self, Fleet, DISPATCH_OWNER};
-use devfleet_protocol::{now_ms, queues, MetricType, TaskWork};
+use devfleet_protocol::{metrics::QueueStatus, now_ms, queues, TaskWork};
 use devfleet_runtime::backoff::Backoff;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -229,20 +229,17 @@ async fn emit_status(
     };
     shared
         .metrics
-        .emit(
-            MetricType::QueueStatus,
-            serde_json::json!({
-                "ready_len": ready,
-                "work_dev_depth": depth,
-                "dispatched_unreported": unreported,
-                "workers": fleet.workers,
-                "slots": fleet.slots,
-                "busy": fleet.busy,
-                "waiting": fleet.waiting,
-                "free_slots": fleet.free,
-                "dev_breaker": breaker.as_str(),
-            }),
-        )
+        .emit(QueueStatus {
+            ready_len: ready,
+            work_dev_depth: depth,
+            dispatched_unreported: unreported as u64,
+            workers: fleet.workers.into(),
+            slots: fleet.slots.into(),
+            busy: fleet.busy.into(),
+            waiting: fleet.waiting.into(),
+            free_slots: fleet.free.into(),
+            dev_breaker: breaker.as_str().to_owned(),
+        })
         .await;
 }
 

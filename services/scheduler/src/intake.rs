@@ -6,7 +6,7 @@
 
 use crate::Shared;
 use devfleet_protocol::{
-    now_ms, queues, Envelope, Message, MetricType, PlanAnalyzed, PlanEvent, PlanStatus,
+    metrics::PlanProgress, now_ms, queues, Envelope, Message, PlanAnalyzed, PlanEvent, PlanStatus,
 };
 use devfleet_runtime::consume::{self, Settlement};
 use devfleet_store::{NewTask, PlanRecord};
@@ -125,18 +125,15 @@ async fn create(shared: &Shared, plan: PlanAnalyzed) -> Settlement {
         .await;
     shared
         .metrics
-        .emit(
-            MetricType::TaskProgress,
-            serde_json::json!({
-                "plan_id": plan.plan_id,
-                "name": plan.plan.name,
-                "status": PlanStatus::Running.as_str(),
-                "done": 0,
-                "failed": 0,
-                "blocked": 0,
-                "total": total,
-            }),
-        )
+        .emit(PlanProgress {
+            plan_id: plan.plan_id.clone(),
+            name: plan.plan.name.clone(),
+            status: PlanStatus::Running,
+            done: 0,
+            failed: 0,
+            blocked: 0,
+            total,
+        })
         .await;
     Settlement::Ack
 }

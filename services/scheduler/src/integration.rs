@@ -23,8 +23,8 @@ use crate::stages::{Marker, PlanStages};
 use crate::{deploy, Shared};
 use devfleet_contracts::integration::{IntegrationTally, TallyState};
 use devfleet_protocol::{
-    now_ms, queues, AttemptRecord, Envelope, Escalation, IntegrationResult, IntegrationWork,
-    Message, MetricType, PlanStatus, Stage,
+    metrics::IntegrationFailure, now_ms, queues, AttemptRecord, Envelope, Escalation,
+    IntegrationResult, IntegrationWork, Message, PlanStatus, Stage,
 };
 use devfleet_runtime::consume::{self, Settlement, StepError};
 use devfleet_store::PlanRecord;
@@ -269,18 +269,14 @@ async fn failed(
             .await;
         shared
             .metrics
-            .emit(
-                MetricType::Error,
-                serde_json::json!({
-                    "plan_id": plan.id,
-                    "stage": Stage::Integration.as_str(),
-                    "failed_steps": tally
-                        .failures()
-                        .iter()
-                        .map(|r| format!("{}#{}", r.step, r.shard_index))
-                        .collect::<Vec<_>>(),
-                }),
-            )
+            .emit(IntegrationFailure {
+                plan_id: plan.id.clone(),
+                failed_steps: tally
+                    .failures()
+                    .iter()
+                    .map(|r| format!("{}#{}", r.step, r.shard_index))
+                    .collect(),
+            })
             .await;
     }
     Ok(())

@@ -125,17 +125,8 @@ mod tests {
 
     fn record(detail: String) -> PlanRecord {
         PlanRecord {
-            id: "p1".into(),
-            name: "n".into(),
-            status: PlanStatus::Running,
-            total: 0,
-            done: 0,
-            failed: 0,
-            blocked: 0,
-            created_ms: 0,
-            updated_ms: 0,
             detail,
-            message: None,
+            ..PlanRecord::new("p1", "n", PlanStatus::Running, 0)
         }
     }
 

@@ -380,12 +380,15 @@ impl std::str::FromStr for MetricType {
 ///
 /// Published by every service on the broadcast subject
 /// `devfleet.metrics.<type>`; consumed by the metrics gateway. Best effort.
+/// Build one with [`Metric::from_body`] and read it with [`Metric::body`]
+/// (see [`crate::metrics`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Metric {
     pub metric_type: MetricType,
     /// The service instance that measured it.
     pub source: String,
-    /// Free-form fields; numeric ones are aggregated by the gateway.
+    /// The body, one of the [`crate::metrics`] structs, as the map the
+    /// gateway forwards to clients; numeric fields are aggregated there.
     pub data: serde_json::Value,
 }
 

@@ -1,7 +1,13 @@
 //! The plan format: the files a project needs, each with a spec.
 //!
 //! A plan is YAML or JSON (JSON is parsed as YAML, its superset). Unknown
-//! fields are errors, so a typo never silently changes behaviour.
+//! fields are errors when a plan is read from a file ([`Plan::parse`],
+//! [`from_yaml_value_strict`]), so a typo never silently changes behaviour.
+//! The same types travel inside messages, where unknown fields are ignored
+//! instead (the crate's compatibility rule): the strictness is in the
+//! parsing functions, not in the types. The untagged [`Handler`] and
+//! [`HealthSource`] are the exception: their exact fields tell the shapes
+//! apart, so a field added to one is a new shape (a breaking change).
 //! [`Plan::parse`] checks everything that can be checked without the import
 //! graph; cycles and parsed imports are the analyzer's job.
 
@@ -17,7 +23,6 @@ pub const MAX_PATH_BYTES: usize = 1024;
 
 /// A plan as the user wrote it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Plan {
     /// For people; the plan id is generated at submission.
     pub name: String,
@@ -38,7 +43,6 @@ pub struct Plan {
 
 /// One file of a plan.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TaskDef {
     /// Relative `/`-separated path; no `..`, no absolute paths.
     pub path: String,
@@ -100,7 +104,6 @@ impl std::str::FromStr for ExecutorKind {
 
 /// One integration command, run after every file passed QA.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct IntegrationStep {
     pub name: String,
     /// Command line, split like a shell would but never run through one.
@@ -114,7 +117,6 @@ pub struct IntegrationStep {
 
 /// Canary rollout settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct DeploySpec {
     #[serde(default = "default_stages")]
     pub stages: Vec<u8>,
@@ -166,7 +168,6 @@ pub enum HealthSource {
 
 /// Health classification thresholds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Thresholds {
     #[serde(default = "default_degraded")]
     pub degraded_error_rate: f64,
@@ -193,6 +194,33 @@ impl Default for Thresholds {
             rollback_error_rate: default_rollback(),
             max_latency_ms: default_latency(),
         }
+    }
+}
+
+/// Reads a YAML value (e.g. a deploy spec from a file) refusing unknown
+/// fields at any depth, as [`Plan::parse`] does for a whole plan.
+pub fn from_yaml_value_strict<T: serde::de::DeserializeOwned>(
+    value: serde_yaml::Value,
+) -> Result<T, PlanError> {
+    strict(value)
+}
+
+/// Deserializes, then refuses the first field the types do not know,
+/// naming its path (e.g. `tasks.0.colour`).
+fn strict<'de, T, D>(de: D) -> Result<T, PlanError>
+where
+    T: Deserialize<'de>,
+    D: serde::Deserializer<'de>,
+{
+    let mut unknown = Vec::new();
+    // `?` marks an `Option` in the path: say `deploy.colour`, not `deploy.?.colour`.
+    let value: T = serde_ignored::deserialize(de, |path| {
+        unknown.push(path.to_string().replace(".?", "").replace("?.", ""))
+    })
+    .map_err(|e| PlanError::Syntax(e.to_string()))?;
+    match unknown.first() {
+        Some(path) => Err(PlanError::Syntax(format!("unknown field `{path}`"))),
+        None => Ok(value),
     }
 }
 
@@ -234,8 +262,7 @@ pub enum PlanError {
 impl Plan {
     /// Parses a YAML or JSON plan and checks it with [`Plan::validate`].
     pub fn parse(text: &str) -> Result<Plan, PlanError> {
-        let plan: Plan =
-            serde_yaml::from_str(text).map_err(|e| PlanError::Syntax(e.to_string()))?;
+        let plan: Plan = strict(serde_yaml::Deserializer::from_str(text))?;
         plan.validate()?;
         Ok(plan)
     }
@@ -431,6 +458,64 @@ deploy:
         let err = Plan::parse("name: x\ntasks:\n  - path: a.py\n    spec: s\n    colour: red\n")
             .unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_at_every_depth_of_a_file() {
+        // The types accept unknown fields (messages from newer versions);
+        // reading a file must still refuse them wherever they are.
+        for (typo, path) in [
+            (
+                "name: x
+colour: red
+",
+                "colour",
+            ),
+            (
+                "integration:
+  - { name: u, run: r, colour: red }
+",
+                "integration.0.colour",
+            ),
+            (
+                "deploy:
+  colour: red
+  shift: { command: s }
+  health: { url: u }
+",
+                "deploy.colour",
+            ),
+            (
+                "deploy:
+  shift: { command: s }
+  health: { url: u }
+  thresholds: { colour: red }
+",
+                "deploy.thresholds.colour",
+            ),
+        ] {
+            let text = format!(
+                "{}tasks:\n  - {{ path: a.py, spec: s }}\n{typo}",
+                if typo.starts_with("name") {
+                    ""
+                } else {
+                    "name: x\n"
+                }
+            );
+            let err = Plan::parse(&text).unwrap_err();
+            assert!(err.to_string().contains(path), "{typo}: {err}");
+        }
+        let spec: serde_yaml::Value =
+            serde_yaml::from_str("shift: { command: s }\nhealth: { url: u }\nstage_secs: 3\n")
+                .unwrap();
+        let err = from_yaml_value_strict::<DeploySpec>(spec).unwrap_err();
+        assert!(err.to_string().contains("stage_secs"), "{err}");
+        // A handler's shape stays closed: an extra field is no known shape.
+        let err = Plan::parse(
+            "name: x\ntasks:\n  - { path: a.py, spec: s }\ndeploy:\n  shift: { command: s, colour: red }\n  health: { url: u }\n",
+        )
+        .unwrap_err();
+        assert!(matches!(err, PlanError::Syntax(_)), "{err}");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use anyhow::Context as _;
 use devfleet_bus::{Bus, SharedBus};
-use devfleet_protocol::{queues, Envelope, Message, Metric, MetricType};
+use devfleet_protocol::{queues, Envelope, Message, Metric, MetricBody, MetricType};
 use devfleet_store::SharedStore;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -209,19 +209,32 @@ impl Metrics {
         &self.source
     }
 
-    /// Sends one sample.
-    pub async fn emit(&self, metric_type: MetricType, data: serde_json::Value) {
-        let envelope = Envelope::new(Metric {
+    /// Sends one sample; its type follows from the body.
+    pub async fn emit<B: MetricBody>(&self, body: B) {
+        match Metric::from_body(self.source.clone(), &body) {
+            Ok(metric) => self.send(metric).await,
+            Err(e) => {
+                tracing::warn!(metric_type = B::METRIC_TYPE.as_str(), error = %e, "cannot encode metric")
+            }
+        }
+    }
+
+    /// Sends a body this build has no struct for, as it is: for tests of
+    /// readers (unknown and older bodies) and for forwarding. Services emit
+    /// typed bodies with [`Metrics::emit`].
+    pub async fn emit_value(&self, metric_type: MetricType, data: serde_json::Value) {
+        self.send(Metric {
             metric_type,
             source: self.source.clone(),
             data,
-        });
-        broadcast_envelope(
-            self.bus.as_ref(),
-            &queues::metric_subject(metric_type),
-            &envelope,
-        )
+        })
         .await;
+    }
+
+    async fn send(&self, metric: Metric) {
+        let subject = queues::metric_subject(metric.metric_type);
+        let envelope = Envelope::new(metric);
+        broadcast_envelope(self.bus.as_ref(), &subject, &envelope).await;
     }
 }
 

@@ -183,6 +183,31 @@ pub struct PlanRecord {
     pub message: Option<String>,
 }
 
+impl PlanRecord {
+    /// A plan record about to be created: no counts yet (the store sets
+    /// `total` from the tasks it is given), no detail, no message.
+    pub fn new(
+        id: impl Into<String>,
+        name: impl Into<String>,
+        status: PlanStatus,
+        now_ms: i64,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            name: name.into(),
+            status,
+            total: 0,
+            done: 0,
+            failed: 0,
+            blocked: 0,
+            created_ms: now_ms,
+            updated_ms: now_ms,
+            detail: "{}".into(),
+            message: None,
+        }
+    }
+}
+
 /// What [`TaskStore::claim`] found.
 #[derive(Debug, Clone, PartialEq)]
 // Boxing the record would cost an allocation per claim and change every

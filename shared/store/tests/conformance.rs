@@ -40,17 +40,8 @@ async fn connect_redis(prefix: &str) -> RedisStore {
 
 fn plan(id: &str, created_ms: i64) -> PlanRecord {
     PlanRecord {
-        id: id.to_owned(),
-        name: format!("name of {id}"),
-        status: PlanStatus::Running,
-        total: 0,
-        done: 0,
-        failed: 0,
-        blocked: 0,
-        created_ms,
-        updated_ms: created_ms,
         detail: "{\"opaque\":true}".into(),
-        message: None,
+        ..PlanRecord::new(id, format!("name of {id}"), PlanStatus::Running, created_ms)
     }
 }
 
