@@ -886,6 +886,46 @@ async fn healthy_20_task_plan_completes_through_the_router_and_qa() {
     stack.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_the_router_dead_letters_ends_its_plan_failed_by_the_scheduler() {
+    let mut stack = Stack::new(Backend::Real).await;
+    let (_, executors) = builtin_recorder();
+    stack.routed_pipeline();
+    stack.worker(executors, 1, 2);
+    // The builtin executor fails a task without content as not retryable:
+    // the router dead-letters it at once and blocks its dependent. No
+    // completion follows, so only the router's report can end the plan.
+    let mut broken = t("broken.py", &[] as &[&str]);
+    broken.content = None;
+    let plan = analyzed(
+        vec![broken, t("after_broken.py", &["broken.py"])],
+        ExecutorKind::Builtin,
+    );
+    stack.submit(&plan).await;
+    let record = stack
+        .finished(&plan.plan_id, Duration::from_secs(120))
+        .await;
+    assert_eq!(record.status, PlanStatus::Failed, "{record:?}");
+    let task = stack
+        .connections
+        .store
+        .task(&plan.plan_id, "broken.py")
+        .await
+        .unwrap()
+        .unwrap();
+    let reason = task.error.unwrap_or_default();
+    assert!(
+        reason.contains("not retryable") && reason.contains("no content"),
+        "{reason}"
+    );
+    // The one wording of a plan failed by its tasks, wherever it failed.
+    assert_eq!(
+        record.message.as_deref(),
+        Some(format!("1 task(s) failed: broken.py ({reason}); 1 blocked; 0 of 2 done").as_str())
+    );
+    stack.stop().await;
+}
+
 /// Writes the `dev` breaker record the router publishes.
 async fn set_dev_breaker(stack: &Stack, phase: Phase, generation: u64, probes: u32) -> String {
     let mut state = BreakerState::initial(devfleet_protocol::Stage::Dev);

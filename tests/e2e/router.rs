@@ -537,12 +537,64 @@ async fn always_failing_task_is_tried_three_times_with_growing_delays_then_dead_
         "{}",
         entry.reason
     );
-    // The last task failing ends the plan.
-    wait_for("the plan to end Failed", SOON, || async {
-        let plan = c.store.plan(&plan_id).await.unwrap()?;
-        (plan.status == PlanStatus::Failed).then_some(())
-    })
-    .await;
+    // The router reports the dead letter to the scheduler, which alone
+    // ends plans (none runs here, so the plan stays Running).
+    let mut reports = c
+        .consume(queues::TASK_FINALLY_FAILED, ConsumeOptions::default())
+        .await
+        .unwrap();
+    let (report, delivery) = within("the dead-letter report", SOON, reports.next_envelope())
+        .await
+        .unwrap()
+        .unwrap();
+    delivery.ack().await.unwrap();
+    let Message::TaskFinallyFailed(report) = report.message else {
+        panic!("not a dead-letter report: {report:?}")
+    };
+    assert_eq!(
+        (
+            report.plan_id.as_str(),
+            report.path.as_str(),
+            report.attempt
+        ),
+        (plan_id.as_str(), "lib/flaky.py", 3)
+    );
+    assert_eq!(report.reason, entry.reason);
+    assert_eq!(report.dlq_id.as_deref(), Some(entry.id.as_str()));
+    let plan = c.store.plan(&plan_id).await.unwrap().unwrap();
+    assert_eq!(plan.status, PlanStatus::Running, "the router ends no plan");
+    // A redelivered failure of the dead attempt reports it again, in case
+    // the first report was lost (the scheduler ignores a repeat).
+    c.publish(
+        queues::TASK_FAILED,
+        TaskFailed {
+            plan_id: plan_id.clone(),
+            path: "lib/flaky.py".into(),
+            attempt: 3,
+            stage: Stage::Dev,
+            error: "agent crashed on attempt 3".into(),
+            retryable: true,
+        },
+    )
+    .await
+    .unwrap();
+    let (again, delivery) = within("the repeated report", SOON, reports.next_envelope())
+        .await
+        .unwrap()
+        .unwrap();
+    delivery.ack().await.unwrap();
+    let Message::TaskFinallyFailed(again) = again.message else {
+        panic!("not a dead-letter report: {again:?}")
+    };
+    assert_eq!(again, report);
+    assert_eq!(
+        history::read(c.store.as_ref(), &plan_id, "lib/flaky.py")
+            .await
+            .unwrap()
+            .len(),
+        3,
+        "a repeat adds no history"
+    );
 
     let escalation: Escalation = within("the escalation event", SOON, async {
         loop {

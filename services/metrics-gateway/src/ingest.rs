@@ -307,6 +307,16 @@ fn event_data(message: &Message) -> (MetricType, Value) {
             TaskProgress,
             json!({ "plan_id": m.plan_id, "path": m.path, "attempt": m.attempt }),
         ),
+        Message::TaskFinallyFailed(m) => (
+            Error,
+            json!({
+                "plan_id": m.plan_id,
+                "path": m.path,
+                "attempt": m.attempt,
+                "reason": truncate(&m.reason),
+                "dlq_id": m.dlq_id,
+            }),
+        ),
         Message::Escalation(m) => (
             Error,
             json!({

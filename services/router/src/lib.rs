@@ -9,7 +9,7 @@
 //! | `qa.results` | passed | `task.done` |
 //! | `qa.results` | failed, failures < max | fix task: `store.requeue(.., Fix, diagnostics)` (fixes go first) |
 //! | `task.failed` | retryable, failures < max | a retry after an exponential backoff with jitter ([`retry`]) |
-//! | any failure | failures reach max, or not retryable | dead letter: task Failed (dependents Blocked), [`dlq`] entry with the full history, `escalation` event |
+//! | any failure | failures reach max, or not retryable | dead letter: task Failed (dependents Blocked), [`dlq`] entry with the full history, `escalation` event, and `task.finally_failed` ([`TaskFinallyFailed`](devfleet_protocol::TaskFinallyFailed)) to the scheduler, which alone ends plans |
 //! | `devfleet.dlq` | a bus dead letter of this namespace | indexed in [`dlq`] |
 //!
 //! Failures are counted per task across retries and the fix loop

@@ -7,9 +7,9 @@ use crate::retry;
 use crate::{Config, Router};
 use devfleet_bus::ConsumeOptions;
 use devfleet_protocol::{
-    metrics::{TaskDeadLettered, TaskFixing, TaskRetrying},
-    now_ms, queues, Escalation, PlanEvent, PlanStatus, QaResult, QaWork, Stage, TaskBuilt,
-    TaskClass, TaskDone, TaskFailed,
+    metrics::{self, TaskFixing, TaskRetrying},
+    now_ms, queues, Escalation, QaResult, QaWork, Stage, TaskBuilt, TaskClass, TaskDone,
+    TaskFailed, TaskFinallyFailed,
 };
 use devfleet_protocol::{Envelope, Message};
 use devfleet_runtime::consume::{self, Settlement, Source, StepError};
@@ -170,6 +170,9 @@ pub(crate) async fn handle_qa_result(router: Arc<Router>, envelope: Envelope) ->
         || task.attempt != result.attempt
         || task.artifact.as_deref() != Some(result.artifact.as_str())
     {
+        if let Some(settlement) = report_again_if_dead(&router, &task, result.attempt).await {
+            return settlement;
+        }
         tracing::info!(
             state = task.state.as_str(),
             "stale QA result: the task moved on"
@@ -285,6 +288,9 @@ pub(crate) async fn handle_failed(router: Arc<Router>, envelope: Envelope) -> Se
         Err(s) => return s,
     };
     if task.state.is_final() || task.attempt != failed.attempt {
+        if let Some(settlement) = report_again_if_dead(&router, &task, failed.attempt).await {
+            return settlement;
+        }
         tracing::info!(
             state = task.state.as_str(),
             current_attempt = task.attempt,
@@ -361,7 +367,8 @@ fn first_line(s: &str) -> String {
 }
 
 /// Gives up on a task: Failed in the store (dependents Blocked), indexed in
-/// the DLQ with its history, escalated to the planner. Idempotent.
+/// the DLQ with its history, escalated to the planner, and reported to the
+/// scheduler (`task.finally_failed`), which decides the plan. Idempotent.
 async fn dead_letter(
     router: &Router,
     task: &TaskRecord,
@@ -409,7 +416,7 @@ async fn dead_letter(
             .await;
         router
             .metrics
-            .emit(TaskDeadLettered {
+            .emit(metrics::TaskDeadLettered {
                 plan_id: task.plan_id.clone(),
                 path: task.path.clone(),
                 error: reason.to_string(),
@@ -418,56 +425,46 @@ async fn dead_letter(
             })
             .await;
     }
-    if failure.plan_finished {
-        finish_failed_plan(router, &task.plan_id).await?;
-    }
-    Ok(())
+    // The scheduler alone ends plans: it learns of the failure from this
+    // report (sent again by a redelivery, which it ignores as a repeat).
+    report_dead(router, task, reason).await
 }
 
-/// Ends a plan whose last task just failed (the scheduler ends plans whose
-/// last task completes). A plan already final is left alone.
-async fn finish_failed_plan(router: &Router, plan_id: &str) -> Result<(), StepError> {
-    let store = router.connections.store.as_ref();
-    let Some(plan) = store.plan(plan_id).await? else {
-        return Ok(());
-    };
-    if plan.status.is_final() {
-        return Ok(());
-    }
-    let failed: Vec<String> = store
-        .tasks(plan_id)
-        .await?
-        .into_iter()
-        .filter(|t| t.state == TaskState::Failed)
-        .map(|t| t.path)
-        .collect();
-    let message = history::trim_text(
-        &format!(
-            "{} task(s) failed: {}; {} blocked; {} of {} done; see `devfleet dlq list`",
-            failed.len(),
-            failed.join(", "),
-            plan.blocked,
-            plan.done,
-            plan.total
-        ),
-        2_000,
-    );
-    store
-        .set_plan_status(plan_id, PlanStatus::Failed, Some(message.clone()))
-        .await?;
+/// Reports a dead-lettered task to the scheduler (`task.finally_failed`).
+async fn report_dead(router: &Router, task: &TaskRecord, reason: &str) -> Result<(), StepError> {
     router
         .connections
-        .event(PlanEvent {
-            plan_id: plan_id.to_owned(),
-            name: plan.name,
-            status: PlanStatus::Failed,
-            done: plan.done,
-            failed: plan.failed,
-            total: plan.total,
-            message: Some(message),
-        })
-        .await;
-    Ok(())
+        .publish(
+            queues::TASK_FINALLY_FAILED,
+            TaskFinallyFailed {
+                plan_id: task.plan_id.clone(),
+                path: task.path.clone(),
+                attempt: task.attempt,
+                reason: reason.to_owned(),
+                dlq_id: Some(dlq::task_entry_id(&task.plan_id, &task.path, task.attempt)),
+            },
+        )
+        .await
+        .map_err(StepError::Publish)
+}
+
+/// For a message about an attempt that was dead-lettered already: reports
+/// the failure again, in case the delivery that dead-lettered it stopped
+/// before its report went out. `None` when the task is not dead at that
+/// attempt (the message is simply stale).
+async fn report_again_if_dead(
+    router: &Router,
+    task: &TaskRecord,
+    attempt: u32,
+) -> Option<Settlement> {
+    if task.state != TaskState::Failed || task.attempt != attempt {
+        return None;
+    }
+    let reason = task.error.as_deref().unwrap_or("dead-lettered");
+    Some(match report_dead(router, task, reason).await {
+        Ok(()) => Settlement::Ack,
+        Err(e) => e.settlement("reporting the dead-lettered task"),
+    })
 }
 
 /// The periodic part: breaker timers, parked QA work, health reports.

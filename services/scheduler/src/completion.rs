@@ -3,23 +3,20 @@
 //! `handle_done` consumes `task.done` (published by the router once a task
 //! passed every stage). Completing is idempotent in the store: the step that
 //! makes a task Done also makes Ready each dependent whose last unfinished
-//! dependency it was, and a duplicate delivery changes nothing. When the
-//! last task of a plan becomes final, [`finish_plan`] moves the plan on:
-//! Failed if a task failed; else to its integration stage
-//! ([`crate::integration`]), its deploy stage ([`crate::deploy`]) or
-//! Succeeded. The direct seam ([`crate::direct_router`]) uses the same
-//! functions.
+//! dependency it was, and a duplicate delivery changes nothing.
+//! `handle_finally_failed` consumes `task.finally_failed` (the router gave up
+//! on a task). When the last task of a plan becomes final, [`finish_plan`]
+//! steps the plan's lifecycle ([`crate::lifecycle`]): Failed if a task
+//! failed; else its integration stage, its deploy stage or Succeeded. The
+//! direct seam ([`crate::direct_router`]) uses the same functions.
 
-use crate::stages::PlanStages;
-use crate::{deploy, integration, Shared, TASKS_COMPLETED};
+use crate::lifecycle::Event;
+use crate::{effects, Shared, TASKS_COMPLETED};
 use devfleet_protocol::metrics::{PlanProgress, TaskCompleted, TaskFailure};
 use devfleet_protocol::{queues, Envelope, Message, PlanEvent, PlanStatus};
 use devfleet_runtime::consume::{self, Settlement, StepError};
-use devfleet_store::{PlanRecord, TaskState, TaskStore};
+use devfleet_store::PlanRecord;
 use std::sync::Arc;
-
-/// Longest plan status message, in characters.
-pub(crate) const MAX_MESSAGE_CHARS: usize = 2_000;
 
 /// Handles one `task.done` envelope.
 pub(crate) async fn handle_done(shared: Arc<Shared>, envelope: Envelope) -> Settlement {
@@ -31,6 +28,22 @@ pub(crate) async fn handle_done(shared: Arc<Shared>, envelope: Envelope) -> Sett
             }
         }
         _ => consume::unexpected(&envelope, queues::TASK_DONE),
+    }
+}
+
+/// Handles one `task.finally_failed` envelope: the router gave up on a task
+/// (and already recorded it Failed). Failing it again here changes nothing
+/// in the store, but ends the plan when that was its last unfinished task:
+/// the scheduler alone ends plans.
+pub(crate) async fn handle_finally_failed(shared: Arc<Shared>, envelope: Envelope) -> Settlement {
+    match envelope.message {
+        Message::TaskFinallyFailed(dead) => {
+            match fail(&shared, &dead.plan_id, &dead.path, &dead.reason).await {
+                Ok(()) => Settlement::Ack,
+                Err(e) => e.settlement("ending the plan of a dead-lettered task"),
+            }
+        }
+        _ => consume::unexpected(&envelope, queues::TASK_FINALLY_FAILED),
     }
 }
 
@@ -103,21 +116,12 @@ pub(crate) async fn fail(
             })
             .await;
         if let Some(plan) = store.plan(plan_id).await? {
-            shared
-                .connections
-                .event(PlanEvent {
-                    plan_id: plan_id.to_owned(),
-                    name: plan.name.clone(),
-                    status: plan.status,
-                    done: plan.done,
-                    failed: plan.failed,
-                    total: plan.total,
-                    message: Some(truncate(format!(
-                        "{path} failed: {error}; {} dependent(s) blocked",
-                        failure.blocked.len()
-                    ))),
-                })
-                .await;
+            let event = Event::TaskFailed {
+                path: path.to_owned(),
+                error: error.to_owned(),
+                blocked: failure.blocked.len(),
+            };
+            effects::advance(shared, plan, event).await?;
         }
     }
     if failure.plan_finished {
@@ -126,68 +130,24 @@ pub(crate) async fn fail(
     Ok(())
 }
 
-/// The message of a plan that failed because some tasks did.
-async fn failed_tasks_message(
-    store: &dyn TaskStore,
-    plan: &PlanRecord,
-) -> Result<String, StepError> {
-    let tasks = store.tasks(&plan.id).await?;
-    let failed: Vec<String> = tasks
-        .iter()
-        .filter(|t| t.state == TaskState::Failed)
-        .map(|t| {
-            format!(
-                "{} ({})",
-                t.path,
-                t.error.as_deref().unwrap_or("no error recorded")
-            )
-        })
-        .collect();
-    Ok(truncate(format!(
-        "{} task(s) failed: {}; {} blocked; {} of {} done",
-        failed.len(),
-        failed.join(", "),
-        plan.blocked,
-        plan.done,
-        plan.total
-    )))
-}
-
-/// Moves on a plan whose every task is final: Failed (naming the failed
-/// tasks) when any failed or is blocked; otherwise into its integration
-/// stage, or its deploy stage, or Succeeded.
+/// Moves on a plan whose every task is final: steps its lifecycle with
+/// [`Event::TasksFinished`] (Failed naming the failed tasks when any failed
+/// or is blocked; otherwise its integration stage, its deploy stage or
+/// Succeeded; see [`crate::lifecycle`]).
 ///
 /// Safe to call any number of times, concurrently too: a plan that already
 /// ended is left alone, and entering a stage is claimed once in the store
 /// ([`crate::stages`]); a repeated call only finishes what an interrupted
 /// one left undone (at worst a best-effort event goes out twice).
 pub(crate) async fn finish_plan(shared: &Shared, plan_id: &str) -> Result<(), StepError> {
-    let store = &shared.connections.store;
-    let Some(plan) = store.plan(plan_id).await? else {
+    let Some(plan) = shared.connections.store.plan(plan_id).await? else {
         return Ok(());
     };
     if plan.status.is_final() {
         return Ok(());
     }
-    if plan.failed > 0 || plan.blocked > 0 {
-        let message = failed_tasks_message(store.as_ref(), &plan).await?;
-        return end_plan(shared, &plan, PlanStatus::Failed, Some(message)).await;
-    }
-    let stages = match PlanStages::of(&plan) {
-        Ok(stages) => stages,
-        Err(message) => {
-            tracing::error!(plan_id, %message, "cannot read the plan's later stages");
-            return end_plan(shared, &plan, PlanStatus::Failed, Some(truncate(message))).await;
-        }
-    };
-    match (&plan.status, &stages.deploy) {
-        // Past integration: only make sure the deploy request went out.
-        (PlanStatus::Deploying, Some(spec)) => deploy::request(shared, &plan, spec).await,
-        (PlanStatus::Deploying, None) => Ok(()),
-        _ if !stages.integration.is_empty() => integration::start(shared, &plan, &stages).await,
-        (_, Some(spec)) => deploy::request(shared, &plan, spec).await,
-        (_, None) => end_plan(shared, &plan, PlanStatus::Succeeded, None).await,
-    }
+    let tasks = effects::finished_tasks(shared, &plan).await?;
+    effects::advance(shared, plan, Event::TasksFinished(tasks)).await
 }
 
 /// Sets a plan's final (or next) status and announces it: log, `plan.event`
@@ -217,9 +177,8 @@ pub(crate) async fn end_plan(
     Ok(())
 }
 
-/// Announces a plan's status: `plan.event` and a `task_progress` metric
-/// (best effort).
-pub(crate) async fn announce(
+/// Announces a plan's status: `plan.event` (best effort).
+pub(crate) async fn announce_status(
     shared: &Shared,
     plan: &PlanRecord,
     status: PlanStatus,
@@ -237,6 +196,17 @@ pub(crate) async fn announce(
             message,
         })
         .await;
+}
+
+/// Announces a plan's status: `plan.event` and a `task_progress` metric
+/// (best effort).
+pub(crate) async fn announce(
+    shared: &Shared,
+    plan: &PlanRecord,
+    status: PlanStatus,
+    message: Option<String>,
+) {
+    announce_status(shared, plan, status, message).await;
     shared
         .metrics
         .emit(PlanProgress {
@@ -249,24 +219,4 @@ pub(crate) async fn announce(
             total: plan.total,
         })
         .await;
-}
-
-/// Cuts a plan message to [`MAX_MESSAGE_CHARS`] characters.
-pub(crate) fn truncate(mut s: String) -> String {
-    if s.chars().count() > MAX_MESSAGE_CHARS {
-        s = s.chars().take(MAX_MESSAGE_CHARS).collect::<String>() + "…";
-    }
-    s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn long_messages_are_cut() {
-        let s = truncate("x".repeat(5_000));
-        assert_eq!(s.chars().count(), MAX_MESSAGE_CHARS + 1);
-        assert_eq!(truncate("short".into()), "short");
-    }
 }

@@ -1,30 +1,31 @@
 //! The integration stage: once every task of a plan is Done, the plan's
 //! `integration` steps run on qa-workers, and their results decide the plan.
 //!
-//! * [`start`] (from `completion::finish_plan`): the plan becomes
-//!   Integrating, and one `work.integration` message per shard
-//!   (`devfleet_contracts::integration::shards`) is published.
+//! The lifecycle ([`crate::lifecycle`]) decides; this module holds the
+//! stage's pieces its edge ([`crate::effects`]) uses:
+//!
+//! * [`publish_shards`]: one `work.integration` message per shard
+//!   (`devfleet_contracts::integration::shards`), once (a stage marker).
 //! * [`handle_result`] consumes `integration.results`: each result is kept
 //!   put-if-absent in the collection `integration.<plan_id>` under
 //!   `<step>#<shard>`, so a redelivered result counts once (the first one
-//!   for a shard wins). The verdict is rebuilt from everything kept
-//!   (`devfleet_contracts::integration::IntegrationTally`) after each result.
+//!   for a shard wins). Then the plan's lifecycle steps with the tally of
+//!   everything kept ([`tally`], `devfleet_contracts::integration::IntegrationTally`).
 //! * Every shard passed: Deploying and `deploy.requested` when the plan has
 //!   a `deploy` section ([`crate::deploy`]), else Succeeded. Any shard
 //!   failed (once all reported): Failed, with a message naming each failed
-//!   step and the end of its output, and an `escalation` event. There is
-//!   no fix loop for integration: the plan's author or the planner decides.
-//!
-//! Every transition is claimed with a stage marker ([`crate::stages`]), so
-//! repeated or concurrent calls make it once.
+//!   step and the end of its output, and an `escalation` event
+//!   ([`escalate`]). There is no fix loop for integration yet: the plan's
+//!   author or the planner decides.
 
-use crate::completion::{self, MAX_MESSAGE_CHARS};
+use crate::effects;
+use crate::lifecycle::{self, Verdict, MAX_MESSAGE_CHARS};
 use crate::stages::{Marker, PlanStages};
-use crate::{deploy, Shared};
+use crate::Shared;
 use devfleet_contracts::integration::{IntegrationTally, TallyState};
 use devfleet_protocol::{
     metrics::IntegrationFailure, now_ms, queues, AttemptRecord, Envelope, Escalation,
-    IntegrationResult, IntegrationWork, Message, PlanStatus, Stage,
+    IntegrationResult, IntegrationStep, IntegrationWork, Message, Stage,
 };
 use devfleet_runtime::consume::{self, Settlement, StepError};
 use devfleet_store::PlanRecord;
@@ -40,54 +41,19 @@ pub fn result_key(step: &str, shard_index: u32) -> String {
     format!("{step}#{shard_index}")
 }
 
-/// Enters the integration stage of a plan whose tasks are all Done (or
-/// finishes entering it, after an interrupted call): status Integrating,
-/// every shard published, and the verdict taken if the results are in.
-pub(crate) async fn start(
+/// Publishes every shard of a plan's integration steps, unless an earlier
+/// call had them all confirmed. Republishing after an interrupted call may
+/// run a shard twice; its first result is the one that counts.
+pub(crate) async fn publish_shards(
     shared: &Shared,
-    plan: &PlanRecord,
-    stages: &PlanStages,
+    plan_id: &str,
+    steps: &[IntegrationStep],
 ) -> Result<(), StepError> {
     let store = shared.connections.store.as_ref();
-    let work = devfleet_contracts::integration::shards(&plan.id, &stages.integration);
-    let won = Marker::Integrating
-        .claim(store, &plan.id, &now_ms().to_string())
-        .await?;
-    let message = format!(
-        "integration: {} shard(s) of {} step(s)",
-        work.len(),
-        stages.integration.len()
-    );
-    if won {
-        completion::end_plan(shared, plan, PlanStatus::Integrating, Some(message)).await?;
-    } else if plan.status == PlanStatus::Running {
-        // An earlier call claimed the stage and stopped before the status.
-        store
-            .set_plan_status(&plan.id, PlanStatus::Integrating, Some(message))
-            .await?;
-    }
-    if Marker::IntegrationSent
-        .get(store, &plan.id)
-        .await?
-        .is_none()
-    {
-        // Republishing after an interrupted call may run a shard twice; its
-        // first result is the one that counts.
-        publish_shards(shared, &work).await?;
-        Marker::IntegrationSent
-            .set(store, &plan.id, &work.len().to_string())
-            .await?;
-    }
-    let Some(plan) = store.plan(&plan.id).await? else {
+    if Marker::IntegrationSent.get(store, plan_id).await?.is_some() {
         return Ok(());
-    };
-    if plan.status == PlanStatus::Integrating {
-        evaluate(shared, &plan, stages, &work).await?;
     }
-    Ok(())
-}
-
-async fn publish_shards(shared: &Shared, work: &[IntegrationWork]) -> Result<(), StepError> {
+    let work = devfleet_contracts::integration::shards(plan_id, steps);
     let published = futures::future::join_all(work.iter().map(|w| {
         shared
             .connections
@@ -97,6 +63,9 @@ async fn publish_shards(shared: &Shared, work: &[IntegrationWork]) -> Result<(),
     for p in published {
         p.map_err(StepError::Publish)?;
     }
+    Marker::IntegrationSent
+        .set(store, plan_id, &work.len().to_string())
+        .await?;
     Ok(())
 }
 
@@ -161,156 +130,85 @@ async fn record(shared: &Shared, result: IntegrationResult) -> Settlement {
         }
         Err(e) => return Settlement::from_store_error("recording the integration result", e),
     }
-    let outcome = match (plan.status, &stages.deploy) {
-        (PlanStatus::Integrating, _) => evaluate(shared, &plan, &stages, &work).await,
-        // Passed already: make sure the deploy request went out (a
-        // redelivery of the result that decided it, after an interruption).
-        (PlanStatus::Deploying, Some(spec)) => deploy::request(shared, &plan, spec).await,
-        // Before the stage was entered `start` takes the verdict; after the
-        // plan ended the result is late.
-        (status, _) => {
-            tracing::debug!(status = status.as_str(), "nothing to decide now");
-            Ok(())
-        }
-    };
+    let outcome = effects::advance_with_tally(shared, plan).await;
     match outcome {
         Ok(()) => Settlement::Ack,
         Err(e) => e.settlement("deciding the integration verdict"),
     }
 }
 
-/// Rebuilds the plan's tally from every recorded result and, when every
-/// shard reported, decides the plan.
-async fn evaluate(
+/// Rebuilds a plan's tally from every recorded result, and the verdict so
+/// far.
+pub(crate) async fn tally(
     shared: &Shared,
-    plan: &PlanRecord,
-    stages: &PlanStages,
-    work: &[IntegrationWork],
-) -> Result<(), StepError> {
+    plan_id: &str,
+    steps: &[IntegrationStep],
+) -> Result<(IntegrationTally, Verdict), StepError> {
     let store = shared.connections.store.as_ref();
-    let mut tally = IntegrationTally::new(&plan.id, work);
-    for (key, json) in store.kv_list(&results_collection(&plan.id)).await? {
+    let work: Vec<IntegrationWork> = devfleet_contracts::integration::shards(plan_id, steps);
+    let mut tally = IntegrationTally::new(plan_id, &work);
+    for (key, json) in store.kv_list(&results_collection(plan_id)).await? {
         match serde_json::from_str::<IntegrationResult>(&json) {
             Ok(result) => {
                 tally.record(result);
             }
             Err(e) => {
-                tracing::warn!(plan_id = %plan.id, %key, error = %e, "a recorded integration result is unreadable; ignored")
+                tracing::warn!(plan_id, %key, error = %e, "a recorded integration result is unreadable; ignored")
             }
         }
     }
-    match tally.state() {
-        TallyState::Pending { missing } => {
-            tracing::debug!(plan_id = %plan.id, missing, "integration: waiting for shards");
-            Ok(())
-        }
-        TallyState::Failed => failed(shared, plan, &tally).await,
-        TallyState::Passed => passed(shared, plan, stages, work.len()).await,
-    }
+    let verdict = match tally.state() {
+        TallyState::Pending { missing } => Verdict::Pending { missing },
+        TallyState::Passed => Verdict::Passed,
+        TallyState::Failed => Verdict::Failed {
+            summary: tally.failure_summary(MAX_MESSAGE_CHARS),
+        },
+    };
+    Ok((tally, verdict))
 }
 
-/// Claims the verdict. True when this caller should act on it: it made
-/// the claim, or the caller that did stopped before moving the plan on (the
-/// plan is still Integrating; repeating the status write is harmless).
-async fn claim_verdict(
-    shared: &Shared,
-    plan: &PlanRecord,
-    verdict: &str,
-) -> Result<bool, StepError> {
-    let store = shared.connections.store.as_ref();
-    if Marker::Concluded.claim(store, &plan.id, verdict).await? {
-        return Ok(true);
-    }
-    Ok(store
-        .plan(&plan.id)
-        .await?
-        .is_some_and(|p| p.status == PlanStatus::Integrating))
-}
-
-async fn failed(
-    shared: &Shared,
-    plan: &PlanRecord,
-    tally: &IntegrationTally,
-) -> Result<(), StepError> {
-    if !claim_verdict(shared, plan, "failed").await? {
-        return Ok(());
-    }
+/// Escalates a failed integration: an `escalation` event with one history
+/// record per failed shard, and an error metric naming them (best effort).
+pub(crate) async fn escalate(shared: &Shared, plan: &PlanRecord, tally: &IntegrationTally) {
     let summary = tally.failure_summary(MAX_MESSAGE_CHARS);
-    let summary = summary.trim_end().to_owned();
-    tracing::warn!(plan_id = %plan.id, failed_shards = tally.failures().len(), "integration failed");
-    completion::end_plan(shared, plan, PlanStatus::Failed, Some(summary.clone())).await?;
-    {
-        let at_ms = now_ms();
-        let history = tally
-            .failures()
-            .into_iter()
-            .map(|r| AttemptRecord {
-                attempt: 1,
-                stage: Stage::Integration,
-                error: completion::truncate(format!(
-                    "integration step '{}' shard {}/{} failed after {} ms:\n{}",
-                    r.step,
-                    r.shard_index + 1,
-                    r.shard_count,
-                    r.duration_ms,
-                    r.output
-                )),
-                at_ms,
-            })
-            .collect();
-        shared
-            .connections
-            .event(Escalation {
-                plan_id: plan.id.clone(),
-                path: None,
-                reason: summary,
-                history,
-            })
-            .await;
-        shared
-            .metrics
-            .emit(IntegrationFailure {
-                plan_id: plan.id.clone(),
-                failed_steps: tally
-                    .failures()
-                    .iter()
-                    .map(|r| format!("{}#{}", r.step, r.shard_index))
-                    .collect(),
-            })
-            .await;
-    }
-    Ok(())
-}
-
-async fn passed(
-    shared: &Shared,
-    plan: &PlanRecord,
-    stages: &PlanStages,
-    shards: usize,
-) -> Result<(), StepError> {
-    let act = claim_verdict(shared, plan, "passed").await?;
-    if act {
-        tracing::info!(plan_id = %plan.id, shards, "integration passed");
-    }
-    match &stages.deploy {
-        // The deploy request is idempotent on its own markers, and must go
-        // out even if the caller that claimed the verdict stopped after
-        // moving the plan to Deploying.
-        Some(spec) => deploy::request(shared, plan, spec).await,
-        None if act => {
-            completion::end_plan(
-                shared,
-                plan,
-                PlanStatus::Succeeded,
-                Some(format!(
-                    "integration passed: {shards} shard(s) of {} step(s)",
-                    stages.integration.len()
-                )),
-            )
-            .await
-        }
-        None => Ok(()),
-    }
+    let at_ms = now_ms();
+    let history = tally
+        .failures()
+        .into_iter()
+        .map(|r| AttemptRecord {
+            attempt: 1,
+            stage: Stage::Integration,
+            error: lifecycle::truncate(format!(
+                "integration step '{}' shard {}/{} failed after {} ms:\n{}",
+                r.step,
+                r.shard_index + 1,
+                r.shard_count,
+                r.duration_ms,
+                r.output
+            )),
+            at_ms,
+        })
+        .collect();
+    shared
+        .connections
+        .event(Escalation {
+            plan_id: plan.id.clone(),
+            path: None,
+            reason: summary.trim_end().to_owned(),
+            history,
+        })
+        .await;
+    shared
+        .metrics
+        .emit(IntegrationFailure {
+            plan_id: plan.id.clone(),
+            failed_steps: tally
+                .failures()
+                .iter()
+                .map(|r| format!("{}#{}", r.step, r.shard_index))
+                .collect(),
+        })
+        .await;
 }
 
 #[cfg(test)]
@@ -318,7 +216,7 @@ mod tests {
     use super::*;
     use crate::{completion, intake};
     use devfleet_bus::ConsumeOptions;
-    use devfleet_protocol::{AnalyzedTask, Plan, PlanAnalyzed};
+    use devfleet_protocol::{AnalyzedTask, Plan, PlanAnalyzed, PlanStatus};
     use devfleet_runtime::Connections;
     use std::time::Duration;
 

@@ -16,11 +16,16 @@
 //!   in an order the store would no longer choose.
 //! * **Completion** ([`completion`]): consumes `task.done` (from the
 //!   router), completes the task (idempotently) and so releases its
-//!   dependents in the same store step. When the last task of a plan is
-//!   final the plan fails (some task failed), or moves to its integration
-//!   stage ([`integration`]: `work.integration` out, `integration.results`
-//!   in), then to its deploy stage (`deploy`: `deploy.requested`, after
-//!   which the canary decides the outcome), or succeeds.
+//!   dependents in the same store step; consumes `task.finally_failed` (the
+//!   router gave up on a task).
+//! * **The plan lifecycle** ([`lifecycle`], one pure state machine; its
+//!   effects are carried out in `effects`): when the last task of a plan
+//!   is final the plan fails (some task failed), or moves to its
+//!   integration stage ([`integration`]: `work.integration` out,
+//!   `integration.results` in), then to its deploy stage (`deploy`:
+//!   `deploy.requested`, after which the canary decides the outcome), or
+//!   succeeds. Only the scheduler ends plans (the canary settles a
+//!   Deploying one).
 //! * **Leases** ([`reaper`]): returns tasks whose lease expired (a worker
 //!   died, or a dispatched message was never taken) to Ready.
 //! * **The direct seam** ([`direct_router`], off by default): for tests and
@@ -56,8 +61,10 @@ mod deploy;
 pub mod dev_breaker;
 pub mod direct_router;
 pub mod dispatch;
+mod effects;
 pub mod intake;
 pub mod integration;
+pub mod lifecycle;
 mod plan_trace;
 pub mod reaper;
 pub mod stages;
@@ -209,6 +216,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         s.clone(),
         stop.clone(),
         completion::handle_done,
+    ));
+    parts.spawn(consume(
+        source(queues::TASK_FINALLY_FAILED, n),
+        s.clone(),
+        stop.clone(),
+        completion::handle_finally_failed,
     ));
     parts.spawn(consume(
         source(queues::INTEGRATION_RESULTS, n),

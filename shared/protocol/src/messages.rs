@@ -196,6 +196,26 @@ pub struct TaskDone {
     pub artifact: String,
 }
 
+/// A task failed for good: the router gave up on it (its failures reached
+/// the limit, or a failure was not retryable), recorded it Failed in the
+/// store (its dependents Blocked) and indexed it in the dead-letter queue.
+///
+/// Published by the router on `task.finally_failed`; consumed by the
+/// scheduler, which alone ends plans: it acks once the plan has moved on
+/// (ended Failed) when this was its last unfinished task, or at once when
+/// other tasks still run. A repeated report changes nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskFinallyFailed {
+    pub plan_id: String,
+    pub path: String,
+    pub attempt: u32,
+    /// Why the router gave up; the error recorded with the task.
+    pub reason: String,
+    /// The dead-letter entry (`devfleet dlq list`), when there is one.
+    #[serde(default)]
+    pub dlq_id: Option<String>,
+}
+
 /// One attempt in a task's history, carried into the DLQ and escalations.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AttemptRecord {
@@ -405,6 +425,7 @@ pub enum Message {
     QaWork(QaWork),
     QaResult(QaResult),
     TaskDone(TaskDone),
+    TaskFinallyFailed(TaskFinallyFailed),
     Escalation(Escalation),
     BreakerChanged(BreakerChanged),
     IntegrationWork(IntegrationWork),
@@ -454,6 +475,7 @@ message_kinds! {
     QaWork => "qa.work",
     QaResult => "qa.result",
     TaskDone => "task.done",
+    TaskFinallyFailed => "task.finally_failed",
     Escalation => "escalation",
     BreakerChanged => "breaker.changed",
     IntegrationWork => "integration.work",
@@ -476,6 +498,7 @@ impl Message {
             Message::QaWork(m) => (Some(&m.plan_id), Some(&m.path)),
             Message::QaResult(m) => (Some(&m.plan_id), Some(&m.path)),
             Message::TaskDone(m) => (Some(&m.plan_id), Some(&m.path)),
+            Message::TaskFinallyFailed(m) => (Some(&m.plan_id), Some(&m.path)),
             Message::Escalation(m) => (Some(&m.plan_id), m.path.as_deref()),
             Message::BreakerChanged(_) => (None, None),
             Message::IntegrationWork(m) => (Some(&m.plan_id), None),
@@ -494,6 +517,7 @@ impl Message {
             Message::QaWork(m) => m.attempt,
             Message::QaResult(m) => m.attempt,
             Message::TaskDone(m) => m.attempt,
+            Message::TaskFinallyFailed(m) => m.attempt,
             _ => 0,
         }
     }

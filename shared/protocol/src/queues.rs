@@ -19,6 +19,8 @@ pub const WORK_QA: &str = "work.qa";
 pub const QA_RESULTS: &str = "qa.results";
 /// router → scheduler. Body: [`crate::TaskDone`].
 pub const TASK_DONE: &str = "task.done";
+/// router → scheduler: a task failed for good. Body: [`crate::TaskFinallyFailed`].
+pub const TASK_FINALLY_FAILED: &str = "task.finally_failed";
 /// scheduler → qa-worker. Body: [`crate::IntegrationWork`].
 pub const WORK_INTEGRATION: &str = "work.integration";
 /// qa-worker → scheduler. Body: [`crate::IntegrationResult`].
@@ -36,6 +38,7 @@ pub const ALL_WORK_QUEUES: &[&str] = &[
     WORK_QA,
     QA_RESULTS,
     TASK_DONE,
+    TASK_FINALLY_FAILED,
     WORK_INTEGRATION,
     INTEGRATION_RESULTS,
     DEPLOY_REQUESTED,

@@ -215,6 +215,13 @@ fn messages() -> Vec<Message> {
             attempt: 1,
             artifact: "ab12".into(),
         }),
+        Message::TaskFinallyFailed(TaskFinallyFailed {
+            plan_id: "p-1".into(),
+            path: "a.py".into(),
+            attempt: 3,
+            reason: "gave up after 3 failures; the last (dev attempt 3): boom".into(),
+            dlq_id: Some("task-p-1-a.py-3".into()),
+        }),
         Message::Escalation(Escalation {
             plan_id: "p-1".into(),
             path: Some("a.py".into()),
@@ -627,6 +634,7 @@ fn body_value(message: &Message) -> Value {
         Message::QaWork(m) => serde_json::to_value(m),
         Message::QaResult(m) => serde_json::to_value(m),
         Message::TaskDone(m) => serde_json::to_value(m),
+        Message::TaskFinallyFailed(m) => serde_json::to_value(m),
         Message::Escalation(m) => serde_json::to_value(m),
         Message::BreakerChanged(m) => serde_json::to_value(m),
         Message::IntegrationWork(m) => serde_json::to_value(m),
@@ -711,6 +719,7 @@ fn an_older_writer_without_defaulted_fields_still_decodes() {
         ("plan.event", &["message"]),
         ("escalation", &["path"]),
         ("deploy.requested", &["plan_id"]),
+        ("task.finally_failed", &["dlq_id"]),
     ];
     for message in messages() {
         let kind = message.kind();
@@ -744,6 +753,7 @@ fn an_older_writer_without_defaulted_fields_still_decodes() {
             Message::PlanEvent(m) => assert_eq!(m.message, None),
             Message::Escalation(m) => assert_eq!(m.path, None),
             Message::DeployRequested(m) => assert_eq!(m.plan_id, None),
+            Message::TaskFinallyFailed(m) => assert_eq!(m.dlq_id, None),
             Message::PlanSubmitted(m) => {
                 assert_eq!((m.plan.base, m.plan.deploy), (None, None));
                 assert!(m.plan.integration.is_empty());
