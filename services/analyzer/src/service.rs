@@ -9,10 +9,14 @@
 
 use devfleet_bus::ConsumeOptions;
 use devfleet_protocol::metrics::{AnalyzeFailure, AnalyzeTiming};
-use devfleet_protocol::{queues, Message, PlanAnalyzed, PlanRejected, PlanStatus, PlanSubmitted};
-use devfleet_runtime::{backoff::Backoff, Connections, Metrics};
+use devfleet_protocol::{
+    queues, Envelope, Message, PlanAnalyzed, PlanRejected, PlanStatus, PlanSubmitted,
+};
+use devfleet_runtime::consume::{self, Consume, Inflight, Settlement, StepError};
+use devfleet_runtime::{Connections, Metrics};
 use devfleet_store::PlanRecord;
 use std::path::PathBuf;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -40,93 +44,60 @@ impl Config {
 }
 
 /// Runs the analyzer until `shutdown` is cancelled. In-flight plans finish
-/// before it returns; unsettled deliveries are redelivered to a replica.
+/// and settle before it returns (the consumer closes only then); a
+/// delivery still unsettled when the process dies is redelivered to a
+/// replica.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = config
         .connections
         .metrics(devfleet_runtime::instance_name("analyzer"));
-    let mut consumer = config
-        .connections
-        .consume(
-            queues::PLANS_SUBMITTED,
-            ConsumeOptions::default()
-                .prefetch(config.concurrency)
-                .max_attempts(config.max_attempts),
-        )
-        .await?;
-    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(
-        config.concurrency.max(1) as usize
-    ));
-    let mut inflight = tokio::task::JoinSet::new();
     tracing::info!(
         "analyzer consuming {}",
         config.connections.queue(queues::PLANS_SUBMITTED)
     );
-    loop {
-        let next = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            next = consumer.next_envelope() => next,
-        };
-        let (envelope, delivery) = match next {
-            None => break,
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "analyzer consumer error");
-                continue;
-            }
-            Some(Ok(pair)) => pair,
-        };
-        let Message::PlanSubmitted(submitted) = envelope.message else {
-            let reason = format!(
-                "unexpected '{}' message on {}",
-                envelope.message.kind(),
-                queues::PLANS_SUBMITTED
-            );
-            if let Err(e) = delivery.dead_letter(&reason).await {
-                tracing::warn!(error = %e, "dead-lettering failed");
-            }
-            continue;
-        };
-        let permit = limit.clone().acquire_owned().await?;
-        let span = tracing::info_span!("analyze_plan", plan_id = %submitted.plan_id, name = %submitted.plan.name);
-        devfleet_telemetry::set_parent(&span, envelope.traceparent.as_deref());
-        let config = config.clone();
-        let metrics = metrics.clone();
-        inflight.spawn(
-            async move {
-                let attempt = delivery.attempt;
-                let outcome = handle(&config, &metrics, submitted).await;
-                let settled = match outcome {
-                    Ok(()) => delivery.ack().await.map(|_| ()),
-                    Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "plan could not be handled; retrying");
-                        delivery
-                            .retry(Backoff::default().delay(attempt), &format!("{e:#}"))
-                            .await
-                            .map(|_| ())
-                    }
-                };
-                if let Err(e) = settled {
-                    tracing::warn!(error = %e, "settling plans.submitted delivery failed; it will be redelivered");
-                }
-                drop(permit);
-            }
-            .instrument(span),
-        );
-        while inflight.try_join_next().is_some() {}
+    let analyzer = Arc::new(Analyzer {
+        config: config.clone(),
+        metrics,
+    });
+    Consume::new(config.connections.clone(), queues::PLANS_SUBMITTED)
+        .options(ConsumeOptions::default().max_attempts(config.max_attempts))
+        .concurrency(usize::from(config.concurrency))
+        .run(analyzer, shutdown, handle_envelope)
+        .await
+}
+
+/// What the handlers share.
+struct Analyzer {
+    config: Config,
+    metrics: Metrics,
+}
+
+async fn handle_envelope(
+    analyzer: Arc<Analyzer>,
+    envelope: Envelope,
+    _inflight: Inflight,
+) -> Settlement {
+    let Message::PlanSubmitted(submitted) = envelope.message else {
+        return consume::unexpected(&envelope, queues::PLANS_SUBMITTED);
+    };
+    let span = tracing::info_span!("analyze_plan", plan_id = %submitted.plan_id, name = %submitted.plan.name);
+    match handle(&analyzer.config, &analyzer.metrics, submitted)
+        .instrument(span)
+        .await
+    {
+        Ok(()) => Settlement::Ack,
+        Err(e) => e.settlement("handling the plan"),
     }
-    drop(consumer);
-    while inflight.join_next().await.is_some() {}
-    Ok(())
 }
 
 /// Analyses one plan and publishes the outcome. An error means the outcome
-/// could not be made durable (the delivery is retried); a bad plan is not
-/// an error here.
+/// could not be made durable (settled by the runtime's table: a publish or
+/// store outage is retried); a bad plan is not an error here.
 async fn handle(
     config: &Config,
     metrics: &Metrics,
     submitted: PlanSubmitted,
-) -> anyhow::Result<()> {
+) -> Result<(), StepError> {
     let PlanSubmitted { plan_id, plan } = submitted;
     let started = std::time::Instant::now();
     let base = match (&plan.base, &config.workdir) {
@@ -138,7 +109,8 @@ async fn handle(
     let analysis = {
         let plan = plan.clone();
         tokio::task::spawn_blocking(move || devfleet_analysis::analyze_plan(&plan, base.as_deref()))
-            .await?
+            .await
+            .map_err(|e| StepError::Invalid(format!("the analysis crashed: {e}")))?
     };
     match analysis {
         Ok(analysis) => {
@@ -158,7 +130,8 @@ async fn handle(
                         critical_path,
                     },
                 )
-                .await?;
+                .await
+                .map_err(StepError::Publish)?;
             tracing::info!(
                 tasks = count,
                 elapsed_ms = started.elapsed().as_millis() as u64,

@@ -512,12 +512,7 @@ impl Driver {
         weight: u8,
         attempts: u32,
     ) -> Step<Result<String, HandlerError>> {
-        let backoff = Backoff {
-            base: Duration::from_secs(1),
-            factor: 2.0,
-            cap: Duration::from_secs(30),
-            jitter: 0.5,
-        };
+        let backoff = Backoff::DEPLOY_CALL;
         let mut attempt = 0u32;
         loop {
             attempt += 1;

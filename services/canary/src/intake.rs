@@ -13,8 +13,8 @@
 use crate::record::{self, DeploymentRecord, ACTIVE, RECORDS};
 use crate::supervisor::Ctx;
 use devfleet_bus::ConsumeOptions;
-use devfleet_protocol::{metrics::DeploymentRefused, queues, DeployRequested, Message};
-use devfleet_runtime::backoff::Backoff;
+use devfleet_protocol::{metrics::DeploymentRefused, queues, DeployRequested, Envelope, Message};
+use devfleet_runtime::consume::{self, Consume, Inflight, Settlement};
 use std::sync::Arc;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -28,80 +28,60 @@ enum Outcome {
     Refused(String),
 }
 
+/// What the handler needs: the service and the driver's wake-up.
+struct Intake {
+    ctx: Arc<Ctx>,
+    wake: Arc<Notify>,
+}
+
+/// Consumes `deploy.requested` one request at a time until `shutdown`
+/// (the request in hand is finished first).
 pub(crate) async fn run(
     ctx: Arc<Ctx>,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let connections = &ctx.config.connections;
-    let mut consumer = connections
-        .consume(
-            queues::DEPLOY_REQUESTED,
-            ConsumeOptions::default()
-                .prefetch(4)
-                .max_attempts(ctx.config.max_attempts),
-        )
-        .await?;
+    let connections = ctx.config.connections.clone();
     tracing::info!(
         "canary consuming {}",
         connections.queue(queues::DEPLOY_REQUESTED)
     );
-    loop {
-        let next = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            next = consumer.next_envelope() => next,
-        };
-        let (envelope, delivery) = match next {
-            None => break,
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "deploy.requested consumer error");
-                continue;
+    let options = ConsumeOptions::default().max_attempts(ctx.config.max_attempts);
+    Consume::new(connections, queues::DEPLOY_REQUESTED)
+        .options(options)
+        .concurrency(1)
+        .read_ahead(4)
+        .run(Arc::new(Intake { ctx, wake }), shutdown, handle)
+        .await
+}
+
+async fn handle(intake: Arc<Intake>, envelope: Envelope, inflight: Inflight) -> Settlement {
+    let Message::DeployRequested(request) = envelope.message else {
+        return consume::unexpected(&envelope, queues::DEPLOY_REQUESTED);
+    };
+    let span = tracing::info_span!(
+        "deploy_requested",
+        deployment = %request.deployment_id,
+        plan_id = request.plan_id.as_deref().unwrap_or(""),
+    );
+    async {
+        match accept(&intake.ctx, &envelope.id, request).await {
+            Ok(Outcome::Accepted) => {
+                // The record is durable: ack, then wake the driver.
+                inflight.settle_now(Settlement::Ack).await;
+                intake.wake.notify_one();
+                Settlement::Ack
             }
-            Some(Ok(pair)) => pair,
-        };
-        let Message::DeployRequested(request) = envelope.message else {
-            let reason = format!(
-                "unexpected '{}' message on {}",
-                envelope.message.kind(),
-                queues::DEPLOY_REQUESTED
-            );
-            if let Err(e) = delivery.dead_letter(&reason).await {
-                tracing::warn!(error = %e, "dead-lettering failed");
+            Ok(Outcome::Duplicate) => Settlement::Ack,
+            Ok(Outcome::Refused(reason)) => Settlement::DeadLetter(reason),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "deployment could not be recorded; retrying");
+                Settlement::Retry(format!("{e:#}"))
             }
-            continue;
-        };
-        let span = tracing::info_span!(
-            "deploy_requested",
-            deployment = %request.deployment_id,
-            plan_id = request.plan_id.as_deref().unwrap_or(""),
-        );
-        devfleet_telemetry::set_parent(&span, envelope.traceparent.as_deref());
-        let attempt = delivery.attempt;
-        let settled = async {
-            match accept(&ctx, &envelope.id, request).await {
-                Ok(Outcome::Accepted) => {
-                    let r = delivery.ack().await;
-                    wake.notify_one();
-                    r.map(|_| ())
-                }
-                Ok(Outcome::Duplicate) => delivery.ack().await.map(|_| ()),
-                Ok(Outcome::Refused(reason)) => delivery.dead_letter(&reason).await,
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "deployment could not be recorded; retrying");
-                    delivery
-                        .retry(Backoff::default().delay(attempt), &format!("{e:#}"))
-                        .await
-                        .map(|_| ())
-                }
-            }
-        }
-        .instrument(span)
-        .await;
-        if let Err(e) = settled {
-            tracing::warn!(error = %e, "settling a deploy.requested delivery failed; it will be redelivered");
         }
     }
-    Ok(())
+    .instrument(span)
+    .await
 }
 
 /// Records one request. An error means nothing durable could be decided

@@ -17,7 +17,6 @@
 
 use crate::Worker;
 use devfleet_protocol::{metrics::WorkerStatus, queues};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -119,8 +118,8 @@ pub(crate) async fn run(worker: Arc<Worker>, stop: CancellationToken) {
                 0
             }
         };
-        let waiting = worker.waiting.load(Ordering::Relaxed);
-        let (slots, busy) = worker.slots.snapshot();
+        let counts = worker.slots.snapshot();
+        let (slots, busy, waiting) = (counts.capacity, counts.busy, counts.waiting);
         let backlog = depth + ready + u64::from(waiting);
         let target = scaler.observe(
             &policy,
@@ -133,7 +132,6 @@ pub(crate) async fn run(worker: Arc<Worker>, stop: CancellationToken) {
         if target != slots {
             tracing::info!(from = slots, to = target, busy, backlog, "scaling slots");
             worker.slots.set_capacity(target);
-            worker.capacity_changed.notify_one();
         }
         worker
             .metrics

@@ -1,9 +1,10 @@
 //! The dev-worker service: writes files with an executor behind a result
 //! cache.
 //!
-//! A dev-worker consumes `work.dev` (prefetch = its maximum slot count) and
-//! runs at most its current slot count of tasks at once ([`slots`]). For
-//! each message it:
+//! A dev-worker consumes `work.dev` with the runtime's consume loop
+//! (read-ahead = its maximum slot count) and runs at most its current slot
+//! count of tasks at once (resizable [`devfleet_runtime::consume::Slots`]).
+//! For each message it:
 //!
 //! 1. claims the task in the store, taking the lease over from the
 //!    dispatcher (`claim` with handoff). A task held by another live worker,
@@ -37,21 +38,20 @@
 
 use devfleet_contracts::capacity::WorkerCapacity;
 use devfleet_protocol::ExecutorKind;
+use devfleet_runtime::consume::Slots;
 use devfleet_runtime::{Connections, Metrics};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 pub mod autoscale;
 pub mod cache_key;
 pub mod executor;
 mod heartbeat;
 pub mod settings;
-pub mod slots;
 mod work;
 
 pub use autoscale::ScalePolicy;
@@ -153,13 +153,13 @@ pub(crate) struct Worker {
     pub instance: String,
     pub executors: Executors,
     pub metrics: Metrics,
-    pub slots: Arc<slots::SlotPool>,
-    /// Deliveries held, waiting for a slot.
-    pub waiting: AtomicU32,
+    /// Task slots (busy, and deliveries held waiting for one); the
+    /// autoscaler resizes them, the consume loop runs tasks in them.
+    pub slots: Arc<Slots>,
     /// Shutting down: advertise no free slot.
     pub draining: AtomicBool,
     /// Slots, busy or waiting changed: refresh the heartbeat.
-    pub capacity_changed: Notify,
+    pub capacity_changed: Arc<Notify>,
     /// Tasks running in this process, to drop a duplicate delivery at once.
     running: Mutex<HashSet<(String, String)>>,
     pub scale: ScalePolicy,
@@ -172,15 +172,15 @@ pub(crate) struct Worker {
 
 impl Worker {
     fn new(config: &Config) -> Self {
+        let capacity_changed = Arc::new(Notify::new());
         Self {
             connections: config.connections.clone(),
             instance: config.instance.clone(),
             executors: config.executors.clone(),
             metrics: config.connections.metrics(config.instance.clone()),
-            slots: slots::SlotPool::new(config.scale.min),
-            waiting: AtomicU32::new(0),
+            slots: Slots::observed(config.scale.min, capacity_changed.clone()),
             draining: AtomicBool::new(false),
-            capacity_changed: Notify::new(),
+            capacity_changed,
             running: Mutex::new(HashSet::new()),
             scale: config.scale,
             lease: config.lease,
@@ -193,17 +193,18 @@ impl Worker {
 
     /// The capacity record as of now.
     pub(crate) fn capacity_now(&self, now_ms: i64) -> WorkerCapacity {
-        let (slots, busy) = self.slots.snapshot();
+        let counts = self.slots.snapshot();
+        let busy = counts.busy;
         let slots = if self.draining.load(Ordering::Relaxed) {
             busy
         } else {
-            slots
+            counts.capacity
         };
         let ttl = i64::try_from(self.heartbeat_ttl.as_millis()).unwrap_or(i64::MAX);
         WorkerCapacity {
             slots,
             busy,
-            waiting: self.waiting.load(Ordering::Relaxed),
+            waiting: counts.waiting,
             at_ms: now_ms,
             expires_ms: now_ms.saturating_add(ttl),
         }
@@ -241,38 +242,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let background = CancellationToken::new();
     let heartbeat = tokio::spawn(heartbeat::run(worker.clone(), background.clone()));
     let scaler = tokio::spawn(autoscale::run(worker.clone(), background.clone()));
-    let stop_waiting = CancellationToken::new();
-    let hard_stop = CancellationToken::new();
-    let tracker = TaskTracker::new();
-
-    let (consumer, result) = work::intake(
-        worker.clone(),
-        &tracker,
-        &shutdown,
-        &stop_waiting,
-        &hard_stop,
-    )
-    .await;
-
-    // Drain: advertise no free slot, hand back what waits, let running
-    // tasks finish within the grace period, then abandon the rest.
+    // Drain: from the shutdown request on, advertise no free slot. The
+    // consume loop hands back what waits for a slot, lets running tasks
+    // finish within the grace period, then abandons the rest.
+    let drain = tokio::spawn({
+        let worker = worker.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            worker.draining.store(true, Ordering::Relaxed);
+            worker.capacity_changed.notify_one();
+        }
+    });
+    let result = work::consume(worker.clone(), shutdown, config.shutdown_grace).await;
+    drain.abort();
     worker.draining.store(true, Ordering::Relaxed);
-    worker.capacity_changed.notify_one();
-    stop_waiting.cancel();
-    tracker.close();
-    if tokio::time::timeout(config.shutdown_grace, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            running = tracker.len(),
-            "shutdown grace ran out; handing back unfinished tasks"
-        );
-        hard_stop.cancel();
-        tracker.wait().await;
-    }
-    // Closing the consumer returns every unsettled delivery to the broker.
-    drop(consumer);
     background.cancel();
     let _ = heartbeat.await;
     let _ = scaler.await;

@@ -1,9 +1,12 @@
 //! One task from `work.dev`: claim, build, record, publish, settle.
 //!
-//! [`intake`] reads deliveries and gives each a task that waits for a slot
-//! and then runs [`handle`]. The store decides who runs a task: a worker
-//! only builds what its `claim` returned as `Claimed`, and acks (drops) a
-//! message for a task someone else holds or that is no longer claimable.
+//! [`consume`] runs the runtime's consume loop on `work.dev`: it reads
+//! ahead up to the maximum slot count, and each delivery waits for one of
+//! the worker's slots and then runs [`handle`]. The store decides who runs
+//! a task: a worker only builds what its `claim` returned as `Claimed`, and
+//! acks (drops) a message for a task someone else holds or that is no
+//! longer claimable. Store errors settle by the runtime's table
+//! ([`devfleet_runtime::consume`]).
 //!
 //! | what happened                          | delivery                           |
 //! |----------------------------------------|------------------------------------|
@@ -20,22 +23,20 @@
 
 use crate::cache_key::{cache_key, CacheKeyInput};
 use crate::executor::{ExecError, ExecInput};
-use crate::slots::Slot;
 use crate::{Worker, CACHE_HITS, CACHE_MISSES};
-use devfleet_bus::{BusError, ConsumeOptions, Consumer, Delivery, RetryOutcome};
+use devfleet_bus::ConsumeOptions;
 use devfleet_contracts::capacity::DISPATCH_OWNER;
 use devfleet_protocol::metrics::{BuildFailure, BuildTiming};
 use devfleet_protocol::{
     now_ms, queues, Envelope, Message, Stage, TaskBuilt, TaskClass, TaskFailed, TaskWork,
 };
-use devfleet_runtime::backoff::Backoff;
+use devfleet_runtime::consume::{self, Consume, Inflight, Settlement};
 use devfleet_store::{ClaimOutcome, StoreError, TaskRecord, TaskState};
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::{AbortOnDropHandle, TaskTracker};
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument as _;
 
 /// Deliveries of one message (transient failures) before it is
@@ -43,212 +44,70 @@ use tracing::Instrument as _;
 /// the scheduler dispatches it again.
 const MAX_DELIVERIES: u32 = 20;
 
-const RETRY_BACKOFF: Backoff = Backoff {
-    base: Duration::from_millis(200),
-    factor: 2.0,
-    cap: Duration::from_secs(30),
-    jitter: 0.5,
-};
-
-/// Consumes `work.dev` until `shutdown`; every delivery becomes a task in
-/// `tracker` that waits for a slot (or for `stop_waiting`) and runs.
-/// Returns the consumer, still open, so the caller closes it only after the
-/// tracked tasks settled their deliveries.
-pub(crate) async fn intake(
+/// Consumes `work.dev` until `shutdown`, then hands back the deliveries
+/// waiting for a slot, gives running tasks `grace` to finish and hands
+/// back the rest unsettled. Errors only if the bus is closed under it.
+pub(crate) async fn consume(
     worker: Arc<Worker>,
-    tracker: &TaskTracker,
-    shutdown: &CancellationToken,
-    stop_waiting: &CancellationToken,
-    hard_stop: &CancellationToken,
-) -> (Option<Consumer>, anyhow::Result<()>) {
-    let queue = worker.connections.queue(queues::WORK_DEV);
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> anyhow::Result<()> {
     let options = ConsumeOptions::default()
-        .prefetch(u16::try_from(worker.scale.max).unwrap_or(u16::MAX))
         .max_attempts(MAX_DELIVERIES)
         .ack_wait(worker.exec_timeout + worker.lease);
-    let mut consumer: Option<Consumer> = None;
-    let mut failures = 0u32;
-    loop {
-        let current = match consumer.as_mut() {
-            Some(c) => c,
-            None => {
-                let started = tokio::select! {
-                    _ = shutdown.cancelled() => return (None, Ok(())),
-                    c = worker.connections.bus.consume(&queue, options.clone()) => c,
-                };
-                match started {
-                    Ok(c) => consumer.insert(c),
-                    Err(BusError::Closed) => {
-                        return (
-                            None,
-                            Err(anyhow::anyhow!("the bus closed while consuming {queue}")),
-                        )
-                    }
-                    Err(e) => {
-                        failures += 1;
-                        tracing::warn!(%queue, error = %e, "cannot start consumer; retrying");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return (None, Ok(())),
-                            _ = tokio::time::sleep(RETRY_BACKOFF.delay(failures)) => {}
-                        }
-                        continue;
-                    }
-                }
-            }
-        };
-        let next = tokio::select! {
-            _ = shutdown.cancelled() => None,
-            n = current.next_envelope() => Some(n),
-        };
-        let Some(next) = next else {
-            return (consumer, Ok(()));
-        };
-        match next {
-            None => {
-                consumer = None;
-                failures += 1;
-                tracing::warn!(%queue, "consumer closed; restarting it");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return (None, Ok(())),
-                    _ = tokio::time::sleep(RETRY_BACKOFF.delay(failures)) => {}
-                }
-            }
-            Some(Err(e)) => {
-                failures += 1;
-                tracing::warn!(%queue, error = %e, "consume error");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return (consumer, Ok(())),
-                    _ = tokio::time::sleep(RETRY_BACKOFF.delay(failures)) => {}
-                }
-            }
-            Some(Ok((envelope, delivery))) => {
-                failures = 0;
-                worker.waiting.fetch_add(1, Ordering::Relaxed);
-                worker.capacity_changed.notify_one();
-                let worker = worker.clone();
-                let stop_waiting = stop_waiting.clone();
-                let hard_stop = hard_stop.clone();
-                tracker.spawn(async move {
-                    let slot = tokio::select! {
-                        s = worker.slots.acquire() => Some(s),
-                        _ = stop_waiting.cancelled() => None,
-                    };
-                    worker.waiting.fetch_sub(1, Ordering::Relaxed);
-                    worker.capacity_changed.notify_one();
-                    match slot {
-                        Some(slot) => handle(&worker, envelope, delivery, slot, &hard_stop).await,
-                        // Shutting down: hand it back unsettled.
-                        None => drop(delivery),
-                    }
-                });
-            }
-        }
+    Consume::new(worker.connections.clone(), queues::WORK_DEV)
+        .options(options)
+        .slots(worker.slots.clone())
+        .read_ahead(worker.scale.max)
+        .grace(grace)
+        .run(worker, shutdown, handle)
+        .await
+}
+
+/// Marks a task running here until dropped (also when the shutdown grace
+/// runs out and the handler is dropped).
+struct Running<'a> {
+    worker: &'a Worker,
+    plan_id: &'a str,
+    path: &'a str,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.worker.stop_running(self.plan_id, self.path);
     }
 }
 
-/// What to do with the delivery.
-#[derive(Debug)]
-enum Settle {
-    Ack,
-    Retry(String),
-    DeadLetter(String),
-    /// Leave it unsettled: the broker redelivers it when the consumer closes.
-    HandBack,
-}
-
-/// Handles one delivery holding `slot`; settles it.
-async fn handle(
-    worker: &Arc<Worker>,
-    envelope: Envelope,
-    delivery: Delivery,
-    slot: Slot,
-    hard_stop: &CancellationToken,
-) {
+/// Handles one delivery, run in a slot by the consume loop.
+async fn handle(worker: Arc<Worker>, envelope: Envelope, inflight: Inflight) -> Settlement {
     let Message::TaskWork(work) = envelope.message else {
-        let reason = format!(
-            "unexpected message kind '{}' on {}",
-            envelope.kind(),
-            queues::WORK_DEV
-        );
-        settle(delivery, Settle::DeadLetter(reason)).await;
-        return;
+        return consume::unexpected(&envelope, queues::WORK_DEV);
     };
     let span = tracing::info_span!(
         "dev_task",
         plan_id = %work.plan_id,
         path = %work.path,
         attempt = work.attempt,
-        delivery_attempt = delivery.attempt,
+        delivery_attempt = inflight.attempt(),
         instance = %worker.instance,
     );
-    devfleet_telemetry::set_parent(&span, envelope.traceparent.as_deref());
     async {
-        let outcome = if worker.start_running(&work.plan_id, &work.path) {
-            let outcome = process(worker, &work, delivery.attempt, hard_stop).await;
-            worker.stop_running(&work.plan_id, &work.path);
-            outcome
-        } else {
+        if !worker.start_running(&work.plan_id, &work.path) {
             tracing::debug!("already running here; dropping the duplicate");
-            Settle::Ack
+            return Settlement::Ack;
+        }
+        let _running = Running {
+            worker: &worker,
+            plan_id: &work.plan_id,
+            path: &work.path,
         };
-        settle(delivery, outcome).await;
+        process(&worker, &work, inflight.attempt()).await
     }
     .instrument(span)
-    .await;
-    drop(slot);
-    worker.capacity_changed.notify_one();
+    .await
 }
 
-async fn settle(delivery: Delivery, settle: Settle) {
-    let attempt = delivery.attempt;
-    let result = match settle {
-        Settle::Ack => delivery.ack().await,
-        Settle::Retry(reason) => {
-            tracing::warn!(%reason, attempt, "retrying the message later");
-            match delivery.retry(RETRY_BACKOFF.delay(attempt), &reason).await {
-                Ok(RetryOutcome::DeadLettered) => {
-                    tracing::error!(%reason, "gave up on the message; dead-lettered (the lease expiry brings the task back)");
-                    Ok(())
-                }
-                Ok(RetryOutcome::Scheduled) => Ok(()),
-                Err(e) => Err(e),
-            }
-        }
-        Settle::DeadLetter(reason) => {
-            tracing::error!(%reason, "dead-lettering the message");
-            delivery.dead_letter(&reason).await
-        }
-        Settle::HandBack => {
-            tracing::info!("handing the task back unfinished");
-            drop(delivery);
-            Ok(())
-        }
-    };
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "settling failed; the broker will redeliver");
-    }
-}
-
-/// The delivery outcome for a store error.
-fn store_failure(what: &str, err: StoreError) -> Settle {
-    match err {
-        StoreError::Backend(_) | StoreError::Connect { .. } => {
-            Settle::Retry(format!("{what}: {err}"))
-        }
-        StoreError::InvalidState { .. } => {
-            tracing::warn!(error = %err, "{what}: the task moved on; dropping the message");
-            Settle::Ack
-        }
-        _ => Settle::DeadLetter(format!("{what}: {err}")),
-    }
-}
-
-async fn process(
-    worker: &Worker,
-    work: &TaskWork,
-    delivery_attempt: u32,
-    hard_stop: &CancellationToken,
-) -> Settle {
+async fn process(worker: &Worker, work: &TaskWork, delivery_attempt: u32) -> Settlement {
     let store = &worker.connections.store;
     let claim = store
         .claim(
@@ -265,7 +124,7 @@ async fn process(
         Ok(ClaimOutcome::Held { owner, expires_ms }) => {
             // Its holder finishes it, or dies and the reaper makes it Ready.
             tracing::debug!(%owner, expires_ms, "held by another worker; dropping the duplicate");
-            return Settle::Ack;
+            return Settlement::Ack;
         }
         Ok(ClaimOutcome::NotClaimable(TaskState::Built)) if delivery_attempt > 1 => {
             return republish_built(worker, work).await;
@@ -275,16 +134,16 @@ async fn process(
                 state = state.as_str(),
                 "not claimable; dropping the message"
             );
-            return Settle::Ack;
+            return Settlement::Ack;
         }
-        Err(e) => return store_failure("claiming the task", e),
+        Err(e) => return Settlement::from_store_error("claiming the task", e),
     };
-    run_claimed(worker, record, hard_stop).await
+    run_claimed(worker, record).await
 }
 
 /// Builds a claimed task while keeping its lease, then records and announces
 /// the outcome.
-async fn run_claimed(worker: &Worker, record: TaskRecord, hard_stop: &CancellationToken) -> Settle {
+async fn run_claimed(worker: &Worker, record: TaskRecord) -> Settlement {
     let store = &worker.connections.store;
     let lost = CancellationToken::new();
     let keeper = AbortOnDropHandle::new(tokio::spawn(keep_lease(
@@ -299,9 +158,8 @@ async fn run_claimed(worker: &Worker, record: TaskRecord, hard_stop: &Cancellati
         r = build(worker, &record) => r,
         _ = lost.cancelled() => {
             tracing::warn!("lost the lease; another worker owns the task now");
-            return Settle::Ack;
+            return Settlement::Ack;
         }
-        _ = hard_stop.cancelled() => return Settle::HandBack,
     };
     let (plan_id, path) = (&record.plan_id, &record.path);
     match result {
@@ -331,12 +189,12 @@ async fn run_claimed(worker: &Worker, record: TaskRecord, hard_stop: &Cancellati
                 Ok((true, _, _)) => {}
                 Ok((false, _, _)) => {
                     tracing::warn!("lost the lease before recording; dropping the result");
-                    return Settle::Ack;
+                    return Settlement::Ack;
                 }
-                Err(e) => return store_failure("recording the outcome", e),
+                Err(e) => return Settlement::from_store_error("recording the outcome", e),
             }
             if let Err(e) = store.mark_built(plan_id, path, &built.artifact).await {
-                return store_failure("recording the artifact", e);
+                return Settlement::from_store_error("recording the artifact", e);
             }
             drop(keeper);
             let duration_ms = u64::try_from(built.duration.as_millis()).unwrap_or(u64::MAX);
@@ -355,7 +213,7 @@ async fn run_claimed(worker: &Worker, record: TaskRecord, hard_stop: &Cancellati
                 .await
             {
                 // The redelivery finds the task Built and announces it again.
-                return Settle::Retry(format!("publishing task.built: {e:#}"));
+                return Settlement::from_publish_error("publishing task.built", e);
             }
             tracing::info!(cache_hit = built.cache_hit, duration_ms, "task built");
             worker
@@ -369,7 +227,7 @@ async fn run_claimed(worker: &Worker, record: TaskRecord, hard_stop: &Cancellati
                     instance: worker.instance.clone(),
                 })
                 .await;
-            Settle::Ack
+            Settlement::Ack
         }
         Err(BuildError::Exec(error)) => {
             tracing::warn!(error = %error.message, retryable = error.retryable, "task failed");
@@ -386,7 +244,7 @@ async fn run_claimed(worker: &Worker, record: TaskRecord, hard_stop: &Cancellati
                 .publish(queues::TASK_FAILED, message)
                 .await
             {
-                return Settle::Retry(format!("publishing task.failed: {e:#}"));
+                return Settlement::from_publish_error("publishing task.failed", e);
             }
             worker
                 .metrics
@@ -398,15 +256,15 @@ async fn run_claimed(worker: &Worker, record: TaskRecord, hard_stop: &Cancellati
                     instance: worker.instance.clone(),
                 })
                 .await;
-            Settle::Ack
+            Settlement::Ack
         }
-        Err(BuildError::Store(e)) => store_failure("building the task", e),
+        Err(BuildError::Store(e)) => Settlement::from_store_error("building the task", e),
     }
 }
 
 /// Announces `task.built` again for a task some worker built but (maybe)
 /// never announced.
-async fn republish_built(worker: &Worker, work: &TaskWork) -> Settle {
+async fn republish_built(worker: &Worker, work: &TaskWork) -> Settlement {
     let record = match worker
         .connections
         .store
@@ -414,11 +272,11 @@ async fn republish_built(worker: &Worker, work: &TaskWork) -> Settle {
         .await
     {
         Ok(Some(r)) => r,
-        Ok(None) => return Settle::Ack,
-        Err(e) => return store_failure("reading the built task", e),
+        Ok(None) => return Settlement::Ack,
+        Err(e) => return Settlement::from_store_error("reading the built task", e),
     };
     let (TaskState::Built, Some(artifact)) = (record.state, record.artifact) else {
-        return Settle::Ack;
+        return Settlement::Ack;
     };
     tracing::info!("redelivered message for a built task; announcing task.built again");
     let message = TaskBuilt {
@@ -435,8 +293,8 @@ async fn republish_built(worker: &Worker, work: &TaskWork) -> Settle {
         .publish(queues::TASK_BUILT, message)
         .await
     {
-        Ok(()) => Settle::Ack,
-        Err(e) => Settle::Retry(format!("publishing task.built: {e:#}")),
+        Ok(()) => Settlement::Ack,
+        Err(e) => Settlement::from_publish_error("publishing task.built", e),
     }
 }
 

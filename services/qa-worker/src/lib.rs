@@ -3,12 +3,12 @@
 //!
 //! # QA (`work.qa` → `qa.results`)
 //!
-//! For each [`QaWork`]: the file's artifact and the artifacts of every task
+//! For each [`QaWork`](devfleet_protocol::QaWork) (`qa`): the file's artifact and the artifacts of every task
 //! it depends on (transitively) are written to a temporary workspace
 //! ([`workspace`]); the checks configured for its extension ([`checks`])
 //! run one after another in the sandbox ([`sandbox`]); the verdict, every
 //! check's status and output, and trimmed diagnostics of the failing ones
-//! are published as a [`QaResult`]. A check whose program is missing is
+//! are published as a [`QaResult`](devfleet_protocol::QaResult). A check whose program is missing is
 //! recorded `skipped` with the reason; a file no check applies to gets one
 //! `skipped` check named `none`. When the checks cannot run at all (an
 //! artifact is missing, the sandbox cannot start) the worker publishes
@@ -17,97 +17,55 @@
 //!
 //! # Integration (`work.integration` → `integration.results`)
 //!
-//! For each [`IntegrationWork`] shard: the whole plan's files are written
+//! For each [`IntegrationWork`](devfleet_protocol::IntegrationWork) shard (`shard`): the whole plan's files are written
 //! to a workspace and the step's command runs there, sandboxed, split per
-//! [`integration`]'s rules; the outcome is an [`IntegrationResult`].
+//! [`integration`]'s rules; the outcome is an
+//! [`IntegrationResult`](devfleet_protocol::IntegrationResult).
 //!
 //! # Guarantees
 //!
 //! * A delivery is acked only after its result is confirmed by the broker;
 //!   on shutdown, running checks are killed and their deliveries handed
 //!   back for another worker.
-//! * Up to `concurrency` checks or shards run at once, each on its own
-//!   slot (with its own sandbox uid when running as root).
-//! * A stale request (the task moved on) is acked without a result.
+//! * Up to `concurrency` checks or shards run at once (both queues' consume
+//!   loops share one set of slots), each on its own slot (with its own
+//!   sandbox uid when running as root).
+//! * A stale request (the task moved on) is acked without a result; store
+//!   and publish errors settle by the runtime's table
+//!   ([`devfleet_runtime::consume`]).
+//!
+//! # Layout
+//!
+//! `config` (settings), `slots` (sandbox slot numbers), `qa` (the QA
+//! handler and its checks), `shard` (the integration shard handler),
+//! [`checks`], [`sandbox`], [`workspace`], [`integration`].
 
-use devfleet_bus::{BusError, ConsumeOptions, Delivery, RetryOutcome};
-use devfleet_protocol::metrics::{IntegrationTiming, QaCheckTiming, SandboxHealth};
-use devfleet_protocol::{
-    queues, CheckResult, Envelope, IntegrationResult, IntegrationWork, Message, QaResult, QaWork,
-    Stage, TaskFailed,
-};
-use devfleet_runtime::{backoff::Backoff, Connections, Metrics};
-use devfleet_store::{StoreError, TaskState};
-use std::future::Future;
+use devfleet_bus::ConsumeOptions;
+use devfleet_protocol::metrics::SandboxHealth;
+use devfleet_protocol::queues;
+use devfleet_runtime::consume::{Consume, Slots};
+use devfleet_runtime::{Connections, Metrics};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::Instrument as _;
 
 pub mod checks;
+mod config;
 pub mod integration;
+mod qa;
 pub mod sandbox;
 pub mod settings;
+mod shard;
+mod slots;
 pub mod workspace;
 
 pub use checks::CheckSpec;
+pub use config::Config;
 pub use integration::{shards, IntegrationTally, TallyState};
+pub use qa::trim;
 pub use sandbox::{Limits, Sandbox, SandboxMode, SandboxSettings};
-
-use workspace::{MaterialiseError, Workspace};
-
-/// Settings of the qa-worker service.
-#[derive(Clone)]
-pub struct Config {
-    pub connections: Connections,
-    /// Name of this worker in metrics and logs.
-    pub instance: String,
-    /// The checks, by file extension.
-    pub checks: Vec<CheckSpec>,
-    pub sandbox: SandboxSettings,
-    /// Checks and shards run at once.
-    pub concurrency: usize,
-    /// Wall timeout of one check (unless the check sets its own).
-    pub check_timeout: Duration,
-    /// Wall timeout of one integration shard (unless the step sets its own).
-    pub integration_timeout: Duration,
-    /// Where workspaces are created.
-    pub work_dir: PathBuf,
-    /// Longest diagnostics text put on a QA result (and so on a fix task).
-    pub diagnostics_bytes: usize,
-    /// Deliveries of one message (transient failures) before it is
-    /// dead-lettered.
-    pub max_handler_attempts: u32,
-}
-
-impl Config {
-    /// Defaults that work on loopback (those of [`settings::Settings`],
-    /// no environment).
-    pub fn new(connections: Connections) -> Self {
-        settings::Settings::default().config(connections, checks::default_checks())
-    }
-
-    /// Checks the settings; errors name the flag.
-    pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            self.concurrency >= 1,
-            "--concurrency (DEVFLEET_QA_CONCURRENCY) must be at least 1"
-        );
-        anyhow::ensure!(
-            !self.check_timeout.is_zero() && !self.integration_timeout.is_zero(),
-            "--check-timeout-seconds (DEVFLEET_QA_CHECK_TIMEOUT_SECONDS) and \
-             --integration-timeout-seconds (DEVFLEET_QA_INTEGRATION_TIMEOUT_SECONDS) must be positive"
-        );
-        for c in &self.checks {
-            checks::validate(c)?;
-        }
-        Ok(())
-    }
-}
 
 /// What every part of a running worker shares.
 struct Worker {
@@ -119,36 +77,8 @@ struct Worker {
     integration_timeout: Duration,
     work_dir: PathBuf,
     diagnostics_bytes: usize,
-    /// Free slot numbers (each maps to a sandbox uid).
-    slots: Mutex<Vec<u32>>,
-}
-
-impl Worker {
-    fn take_slot(&self) -> Slot<'_> {
-        let n = self
-            .slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-            .unwrap_or(0);
-        Slot { worker: self, n }
-    }
-}
-
-/// A slot in use; returned to the pool on drop.
-struct Slot<'a> {
-    worker: &'a Worker,
-    n: u32,
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        self.worker
-            .slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(self.n);
-    }
+    /// Sandbox slot numbers (each maps to a sandbox uid).
+    slots: slots::SlotPool,
 }
 
 /// Runs the service until `shutdown` is cancelled. Checks still running
@@ -172,7 +102,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         integration_timeout: config.integration_timeout,
         work_dir: config.work_dir.clone(),
         diagnostics_bytes: config.diagnostics_bytes,
-        slots: Mutex::new((0..n as u32).rev().collect()),
+        slots: slots::SlotPool::new(n as u32),
     });
     tracing::info!(
         instance = %config.instance,
@@ -180,27 +110,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         concurrency = n,
         "qa-worker starting"
     );
-    let limit = Arc::new(Semaphore::new(n));
+    // Both queues share the slots: `n` checks or shards at once in all.
+    let slots = Slots::new(u32::try_from(n).unwrap_or(u32::MAX));
     let mut parts = JoinSet::new();
     let options = ConsumeOptions::default()
-        .prefetch(u16::try_from(n).unwrap_or(u16::MAX))
         .max_attempts(config.max_handler_attempts)
         .ack_wait(config.integration_timeout + Duration::from_secs(60));
-    parts.spawn(consume(
+    // On shutdown running checks are killed and their deliveries handed
+    // back at once, for another worker.
+    let consume = |queue: &str| {
+        Consume::new(config.connections.clone(), queue)
+            .options(options.clone())
+            .slots(slots.clone())
+            .grace(Duration::ZERO)
+    };
+    parts.spawn(consume(queues::WORK_QA).run(
         worker.clone(),
-        queues::WORK_QA,
-        options.clone(),
-        limit.clone(),
         shutdown.clone(),
-        handle_qa,
+        |worker, envelope, _| qa::handle_qa(worker, envelope),
     ));
-    parts.spawn(consume(
+    parts.spawn(consume(queues::WORK_INTEGRATION).run(
         worker.clone(),
-        queues::WORK_INTEGRATION,
-        options,
-        limit,
         shutdown.clone(),
-        handle_integration,
+        |worker, envelope, _| shard::handle_integration(worker, envelope),
     ));
     parts.spawn(report_health(worker.clone(), n, shutdown.clone()));
     let mut result = Ok(());
@@ -245,525 +177,4 @@ async fn report_health(
             _ = tokio::time::sleep(Duration::from_secs(30)) => {}
         }
     }
-}
-
-/// What to do with a delivery once its handler returned.
-enum Settlement {
-    Ack,
-    Retry(String),
-    DeadLetter(String),
-}
-
-const HANDLER_BACKOFF: Backoff = Backoff {
-    base: Duration::from_millis(200),
-    factor: 2.0,
-    cap: Duration::from_secs(30),
-    jitter: 0.5,
-};
-
-async fn consume<H, Fut>(
-    worker: Arc<Worker>,
-    queue: &'static str,
-    options: ConsumeOptions,
-    limit: Arc<Semaphore>,
-    shutdown: CancellationToken,
-    handler: H,
-) -> anyhow::Result<()>
-where
-    H: Fn(Arc<Worker>, Envelope) -> Fut + Send + Sync + Copy + 'static,
-    Fut: Future<Output = Settlement> + Send + 'static,
-{
-    let name = worker.connections.queue(queue);
-    let tracker = TaskTracker::new();
-    let mut failures = 0u32;
-    let result = 'outer: loop {
-        let consumer = tokio::select! {
-            _ = shutdown.cancelled() => break 'outer Ok(()),
-            c = worker.connections.bus.consume(&name, options.clone()) => c,
-        };
-        let mut consumer = match consumer {
-            Ok(c) => c,
-            Err(BusError::Closed) => {
-                break 'outer Err(anyhow::anyhow!("the bus closed while consuming {name}"))
-            }
-            Err(e) => {
-                failures += 1;
-                tracing::warn!(queue = %name, error = %e, "cannot start consumer; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break 'outer Ok(()),
-                    _ = tokio::time::sleep(HANDLER_BACKOFF.delay(failures)) => {}
-                }
-                continue;
-            }
-        };
-        loop {
-            let permit = tokio::select! {
-                _ = shutdown.cancelled() => break 'outer Ok(()),
-                p = limit.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break 'outer Ok(()),
-                },
-            };
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => break 'outer Ok(()),
-                n = consumer.next_envelope() => n,
-            };
-            match next {
-                None => {
-                    failures += 1;
-                    tracing::warn!(queue = %name, "consumer closed; restarting it");
-                    break;
-                }
-                Some(Err(e)) => tracing::warn!(queue = %name, error = %e, "consume error"),
-                Some(Ok((envelope, delivery))) => {
-                    failures = 0;
-                    let worker = worker.clone();
-                    let shutdown = shutdown.clone();
-                    tracker.spawn(async move {
-                        let _permit = permit;
-                        handle_one(worker, envelope, delivery, handler, shutdown).await;
-                    });
-                }
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => break 'outer Ok(()),
-            _ = tokio::time::sleep(HANDLER_BACKOFF.delay(failures)) => {}
-        }
-    };
-    tracker.close();
-    tracker.wait().await;
-    result
-}
-
-async fn handle_one<H, Fut>(
-    worker: Arc<Worker>,
-    envelope: Envelope,
-    delivery: Delivery,
-    handler: H,
-    shutdown: CancellationToken,
-) where
-    H: Fn(Arc<Worker>, Envelope) -> Fut,
-    Fut: Future<Output = Settlement>,
-{
-    let span = tracing::info_span!(
-        "handle",
-        kind = envelope.kind(),
-        plan_id = envelope.plan_id.as_deref().unwrap_or(""),
-        path = envelope.task_id.as_deref().unwrap_or(""),
-        attempt = envelope.attempt,
-        delivery_attempt = delivery.attempt,
-    );
-    devfleet_telemetry::set_parent(&span, envelope.traceparent.as_deref());
-    async move {
-        let settlement = tokio::select! {
-            s = handler(worker, envelope) => s,
-            _ = shutdown.cancelled() => {
-                tracing::info!("shutting down: handing the work back");
-                drop(delivery);
-                return;
-            }
-        };
-        let result = match settlement {
-            Settlement::Ack => delivery.ack().await,
-            Settlement::Retry(reason) => {
-                tracing::warn!(%reason, "handler failed; retrying later");
-                let delay = HANDLER_BACKOFF.delay(delivery.attempt);
-                match delivery.retry(delay, &reason).await {
-                    Ok(RetryOutcome::DeadLettered) => {
-                        tracing::error!(%reason, "gave up; message dead-lettered");
-                        Ok(())
-                    }
-                    Ok(RetryOutcome::Scheduled) => Ok(()),
-                    Err(e) => Err(e),
-                }
-            }
-            Settlement::DeadLetter(reason) => {
-                tracing::error!(%reason, "dead-lettering message");
-                delivery.dead_letter(&reason).await
-            }
-        };
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "settling a delivery failed; it will be redelivered");
-        }
-    }
-    .instrument(span)
-    .await
-}
-
-fn store_settlement(what: &str, e: StoreError) -> Settlement {
-    match e {
-        StoreError::Backend(_) | StoreError::Connect { .. } => {
-            Settlement::Retry(format!("{what}: {e}"))
-        }
-        _ => Settlement::DeadLetter(format!("{what}: {e}")),
-    }
-}
-
-fn publish_settlement(what: &str, e: anyhow::Error) -> Settlement {
-    Settlement::Retry(format!("{what}: {e:#}"))
-}
-
-/// Trims text to `max` bytes keeping the start (where compilers put the
-/// first error) and marking the cut.
-pub fn trim(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}\n… ({} more bytes)", &text[..end], text.len() - end)
-}
-
-async fn handle_qa(worker: Arc<Worker>, envelope: Envelope) -> Settlement {
-    let Message::QaWork(work) = envelope.message else {
-        return Settlement::DeadLetter(format!(
-            "unexpected message kind '{}' on work.qa",
-            envelope.kind()
-        ));
-    };
-    let store = worker.connections.store.as_ref();
-    let task = match store.task(&work.plan_id, &work.path).await {
-        Ok(Some(t)) => t,
-        Ok(None) => {
-            return Settlement::DeadLetter(format!(
-                "task '{}' of plan '{}' does not exist",
-                work.path, work.plan_id
-            ))
-        }
-        Err(e) => return store_settlement("reading the task", e),
-    };
-    if task.state != TaskState::Built || task.artifact.as_deref() != Some(work.artifact.as_str()) {
-        tracing::info!(
-            state = task.state.as_str(),
-            "stale QA work: the task moved on"
-        );
-        return Settlement::Ack;
-    }
-    let result = match check_file(&worker, &work).await {
-        Ok(r) => r,
-        Err(CheckError::Store(e)) => return store_settlement("preparing the workspace", e),
-        Err(CheckError::Infra(error)) => {
-            tracing::warn!(%error, "QA could not run");
-            let failed = TaskFailed {
-                plan_id: work.plan_id.clone(),
-                path: work.path.clone(),
-                attempt: work.attempt,
-                stage: Stage::Qa,
-                error,
-                retryable: true,
-            };
-            return match worker
-                .connections
-                .publish(queues::TASK_FAILED, failed)
-                .await
-            {
-                Ok(()) => Settlement::Ack,
-                Err(e) => publish_settlement("publishing task.failed", e),
-            };
-        }
-    };
-    tracing::info!(
-        passed = result.passed,
-        checks = result.checks.len(),
-        "QA verdict"
-    );
-    match worker.connections.publish(queues::QA_RESULTS, result).await {
-        Ok(()) => Settlement::Ack,
-        Err(e) => publish_settlement("publishing the QA result", e),
-    }
-}
-
-enum CheckError {
-    /// The store failed (transient): retry the delivery.
-    Store(StoreError),
-    /// The checks could not run: a QA-stage failure.
-    Infra(String),
-}
-
-impl From<MaterialiseError> for CheckError {
-    fn from(e: MaterialiseError) -> Self {
-        match e {
-            MaterialiseError::Store(s @ (StoreError::Backend(_) | StoreError::Connect { .. })) => {
-                CheckError::Store(s)
-            }
-            other => CheckError::Infra(format!("cannot prepare the QA workspace: {other}")),
-        }
-    }
-}
-
-async fn check_file(worker: &Worker, work: &QaWork) -> Result<QaResult, CheckError> {
-    let store = worker.connections.store.as_ref();
-    let tasks = workspace::plan_tasks(store, &work.plan_id)
-        .await
-        .map_err(MaterialiseError::from)?;
-    let mut deps = Vec::new();
-    for d in workspace::dependency_closure(&tasks, &work.path) {
-        if let Some(t) = tasks.get(&d) {
-            deps.push(t.clone());
-        }
-    }
-    let ws = Workspace::create(&worker.work_dir)
-        .map_err(|e| CheckError::Infra(format!("cannot create a workspace: {e}")))?;
-    workspace::materialise(store, &ws, Some((&work.path, &work.artifact)), deps.iter()).await?;
-    let slot = worker.take_slot();
-    worker
-        .sandbox
-        .prepare_workspace(ws.root(), slot.n)
-        .map_err(|e| CheckError::Infra(format!("cannot hand the workspace to the sandbox: {e}")))?;
-
-    let applicable = checks::for_path(&worker.checks, &work.path);
-    let mut results = Vec::new();
-    if applicable.is_empty() {
-        results.push(CheckResult {
-            name: "none".into(),
-            status: "skipped".into(),
-            output: format!(
-                "no checks are configured for {} files; the file was not checked",
-                match checks::extension(&work.path).as_str() {
-                    "" => "extension-less".to_owned(),
-                    e => format!(".{e}"),
-                }
-            ),
-            duration_ms: 0,
-        });
-    }
-    for check in applicable {
-        let words =
-            checks::command_for(check, &work.path).map_err(|e| CheckError::Infra(e.to_string()))?;
-        let program = words.first().cloned().unwrap_or_default();
-        if !worker.sandbox.has_program(&program) {
-            if !check.optional {
-                tracing::warn!(check = %check.name, %program, "a required QA check's program is not installed");
-            }
-            results.push(CheckResult {
-                name: check.name.clone(),
-                status: "skipped".into(),
-                output: format!(
-                    "{program} is not installed{}",
-                    if check.optional {
-                        ""
-                    } else {
-                        " (a required check: install it)"
-                    }
-                ),
-                duration_ms: 0,
-            });
-            continue;
-        }
-        let timeout = check
-            .timeout_seconds
-            .map(Duration::from_secs)
-            .unwrap_or(worker.check_timeout);
-        let outcome = worker
-            .sandbox
-            .run(slot.n, &words, ws.root(), &[], timeout)
-            .await;
-        let status = match &outcome.exit {
-            sandbox::Exit::Success => "passed",
-            sandbox::Exit::Code(_) | sandbox::Exit::Signal(_) => "failed",
-            sandbox::Exit::Timeout => "timeout",
-            sandbox::Exit::SpawnFailed(e) => {
-                return Err(CheckError::Infra(format!(
-                    "check '{}' could not start: {e}",
-                    check.name
-                )))
-            }
-        };
-        let host_root = ws.root().display().to_string();
-        let output = outcome
-            .output
-            .replace(&host_root, sandbox::SANDBOX_WORKSPACE);
-        worker
-            .metrics
-            .emit(QaCheckTiming {
-                check: check.name.clone(),
-                status: status.to_owned(),
-                duration_ms: outcome.duration.as_millis() as u64,
-                sandbox: worker.sandbox.isolation().to_owned(),
-            })
-            .await;
-        results.push(CheckResult {
-            name: check.name.clone(),
-            status: status.into(),
-            output: if status == "passed" {
-                trim(&output, 2_000)
-            } else {
-                trim(
-                    &format!("{}\n{}", outcome.describe(), output),
-                    worker.diagnostics_bytes,
-                )
-            },
-            duration_ms: outcome.duration.as_millis() as u64,
-        });
-    }
-    let passed = results
-        .iter()
-        .all(|c| c.status == "passed" || c.status == "skipped");
-    let diagnostics = trim(
-        &results
-            .iter()
-            .filter(|c| c.status != "passed" && c.status != "skipped")
-            .map(|c| format!("== {} ({}) ==\n{}", c.name, c.status, c.output.trim_end()))
-            .collect::<Vec<_>>()
-            .join("\n\n"),
-        worker.diagnostics_bytes,
-    );
-    Ok(QaResult {
-        plan_id: work.plan_id.clone(),
-        path: work.path.clone(),
-        attempt: work.attempt,
-        artifact: work.artifact.clone(),
-        passed,
-        diagnostics,
-        checks: results,
-    })
-}
-
-async fn handle_integration(worker: Arc<Worker>, envelope: Envelope) -> Settlement {
-    let Message::IntegrationWork(work) = envelope.message else {
-        return Settlement::DeadLetter(format!(
-            "unexpected message kind '{}' on work.integration",
-            envelope.kind()
-        ));
-    };
-    if work.shard_count == 0 || work.shard_index >= work.shard_count {
-        return Settlement::DeadLetter(format!(
-            "integration step '{}': shard {} of {} does not exist",
-            work.step.name, work.shard_index, work.shard_count
-        ));
-    }
-    let result = match run_shard(&worker, &work).await {
-        Ok(r) => r,
-        Err(CheckError::Store(e)) => return store_settlement("preparing the workspace", e),
-        Err(CheckError::Infra(error)) => IntegrationResult {
-            plan_id: work.plan_id.clone(),
-            step: work.step.name.clone(),
-            shard_index: work.shard_index,
-            shard_count: work.shard_count,
-            passed: false,
-            output: error,
-            duration_ms: 0,
-        },
-    };
-    tracing::info!(step = %result.step, shard = result.shard_index, passed = result.passed, "integration shard finished");
-    match worker
-        .connections
-        .publish(queues::INTEGRATION_RESULTS, result)
-        .await
-    {
-        Ok(()) => Settlement::Ack,
-        Err(e) => publish_settlement("publishing the integration result", e),
-    }
-}
-
-async fn run_shard(
-    worker: &Worker,
-    work: &IntegrationWork,
-) -> Result<IntegrationResult, CheckError> {
-    let store = worker.connections.store.as_ref();
-    let started = Instant::now();
-    let tasks = workspace::plan_tasks(store, &work.plan_id)
-        .await
-        .map_err(MaterialiseError::from)?;
-    let ws = Workspace::create(&worker.work_dir)
-        .map_err(|e| CheckError::Infra(format!("cannot create a workspace: {e}")))?;
-    workspace::materialise(store, &ws, None, tasks.values()).await?;
-    let slot = worker.take_slot();
-    worker
-        .sandbox
-        .prepare_workspace(ws.root(), slot.n)
-        .map_err(|e| CheckError::Infra(format!("cannot hand the workspace to the sandbox: {e}")))?;
-    let result = |passed: bool, output: String, started: Instant| IntegrationResult {
-        plan_id: work.plan_id.clone(),
-        step: work.step.name.clone(),
-        shard_index: work.shard_index,
-        shard_count: work.shard_count,
-        passed,
-        output,
-        duration_ms: started.elapsed().as_millis() as u64,
-    };
-    let Some(mut words) = shlex::split(&work.step.run).filter(|w| !w.is_empty()) else {
-        return Ok(result(
-            false,
-            format!(
-                "integration step '{}': the command is empty or has unbalanced quotes",
-                work.step.name
-            ),
-            started,
-        ));
-    };
-    if work.shard_count > 1 && integration::is_pytest(&words) {
-        let files = integration::shard_files(
-            &integration::list_files(ws.root()),
-            work.shard_index,
-            work.shard_count,
-        );
-        if files.is_empty() {
-            return Ok(result(
-                true,
-                format!(
-                    "no test files fall to shard {}/{}; nothing to run",
-                    work.shard_index + 1,
-                    work.shard_count
-                ),
-                started,
-            ));
-        }
-        words.extend(files);
-    }
-    let timeout = work
-        .step
-        .timeout_seconds
-        .map(Duration::from_secs)
-        .unwrap_or(worker.integration_timeout);
-    let mut limits = worker.sandbox.settings().limits.clone();
-    limits.cpu_seconds = limits.cpu_seconds.max(timeout.as_secs() + 1);
-    let env = vec![
-        (
-            "DEVFLEET_SHARD_INDEX".to_owned(),
-            work.shard_index.to_string(),
-        ),
-        (
-            "DEVFLEET_SHARD_COUNT".to_owned(),
-            work.shard_count.to_string(),
-        ),
-        ("DEVFLEET_PLAN_ID".to_owned(), work.plan_id.clone()),
-    ];
-    let outcome = worker
-        .sandbox
-        .run_with(slot.n, &words, ws.root(), &env, timeout, limits)
-        .await;
-    if let sandbox::Exit::SpawnFailed(e) = &outcome.exit {
-        return Err(CheckError::Infra(format!(
-            "integration step '{}' could not start: {e}",
-            work.step.name
-        )));
-    }
-    let host_root = ws.root().display().to_string();
-    let output = format!(
-        "$ {}\n{}\n{}",
-        words.join(" "),
-        outcome
-            .output
-            .replace(&host_root, sandbox::SANDBOX_WORKSPACE),
-        outcome.describe()
-    );
-    worker
-        .metrics
-        .emit(IntegrationTiming {
-            step: work.step.name.clone(),
-            shard: work.shard_index,
-            passed: outcome.exit == sandbox::Exit::Success,
-            duration_ms: outcome.duration.as_millis() as u64,
-            sandbox: worker.sandbox.isolation().to_owned(),
-        })
-        .await;
-    Ok(result(
-        outcome.exit == sandbox::Exit::Success,
-        trim(&output, 64 * 1024),
-        started,
-    ))
 }

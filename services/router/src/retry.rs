@@ -23,7 +23,7 @@
 use crate::history::{self, task_key};
 use crate::{Router, ROUTER_OWNER};
 use devfleet_protocol::{now_ms, Envelope, Message, QaWork, Stage, TaskClass, TaskFailed};
-use devfleet_runtime::consume::Settlement;
+use devfleet_runtime::consume::{Settlement, StepError};
 use devfleet_store::{ClaimOutcome, StoreError, StoreResult, TaskRecord, TaskState, TaskStore};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -68,7 +68,7 @@ pub(crate) async fn schedule(
     failed: &TaskFailed,
     task: &TaskRecord,
     failures: u32,
-) -> anyhow::Result<Duration> {
+) -> Result<Duration, StepError> {
     let store = router.connections.store.as_ref();
     let key = task_key(&failed.plan_id, &failed.path);
     let existing = read(store, &key)
@@ -91,12 +91,13 @@ pub(crate) async fn schedule(
     if failed.stage == Stage::Dev && task.state == TaskState::Leased {
         hold(router, failed, task, delay).await?;
     }
-    let json = serde_json::to_string(&record)?;
+    let json = serde_json::to_string(&record).map_err(|e| StepError::Invalid(e.to_string()))?;
     store.kv_put(RETRIES, &key, &json, None).await?;
     router
         .connections
         .publish(RETRY_QUEUE, failed.clone())
-        .await?;
+        .await
+        .map_err(StepError::Publish)?;
     Ok(delay)
 }
 
@@ -144,14 +145,11 @@ pub(crate) async fn handle_ticket(router: Arc<Router>, envelope: Envelope) -> Se
     span.record("attempt", failed.attempt);
     match fire(&router, &failed).await {
         Ok(s) => s,
-        Err(e) => Settlement::Retry(format!(
-            "retrying {} of {}: {e:#}",
-            failed.path, failed.plan_id
-        )),
+        Err(e) => e.settlement(&format!("retrying {} of {}", failed.path, failed.plan_id)),
     }
 }
 
-async fn fire(router: &Router, failed: &TaskFailed) -> anyhow::Result<Settlement> {
+async fn fire(router: &Router, failed: &TaskFailed) -> Result<Settlement, StepError> {
     let store = router.connections.store.as_ref();
     let key = task_key(&failed.plan_id, &failed.path);
     let Some(record) = read(store, &key).await? else {
@@ -181,7 +179,11 @@ async fn fire(router: &Router, failed: &TaskFailed) -> anyhow::Result<Settlement
     Ok(Settlement::Ack)
 }
 
-async fn retry_dev(router: &Router, task: &TaskRecord, record: &RetryRecord) -> anyhow::Result<()> {
+async fn retry_dev(
+    router: &Router,
+    task: &TaskRecord,
+    record: &RetryRecord,
+) -> Result<(), StepError> {
     let ours = task.state == TaskState::Leased
         && task.lease_owner.as_deref() == Some(ROUTER_OWNER)
         && task.attempt == record.attempt;
@@ -223,7 +225,11 @@ async fn retry_dev(router: &Router, task: &TaskRecord, record: &RetryRecord) -> 
     Ok(())
 }
 
-async fn retry_qa(router: &Router, task: &TaskRecord, record: &RetryRecord) -> anyhow::Result<()> {
+async fn retry_qa(
+    router: &Router,
+    task: &TaskRecord,
+    record: &RetryRecord,
+) -> Result<(), StepError> {
     let (TaskState::Built, Some(artifact)) = (task.state, task.artifact.clone()) else {
         return Ok(());
     };

@@ -12,8 +12,8 @@ use devfleet_protocol::{
     TaskFailed, TaskFinallyFailed,
 };
 use devfleet_protocol::{Envelope, Message};
-use devfleet_runtime::consume::{self, Settlement, Source};
-use devfleet_store::{StoreError, TaskRecord, TaskState};
+use devfleet_runtime::consume::{self, Settlement, Source, StepError};
+use devfleet_store::{TaskRecord, TaskState};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
@@ -120,7 +120,7 @@ pub(crate) async fn handle_built(router: Arc<Router>, envelope: Envelope) -> Set
     };
     match dispatch_qa(&router, work).await {
         Ok(()) => Settlement::Ack,
-        Err(e) => Settlement::from_publish_error("dispatching QA", e),
+        Err(e) => e.settlement("dispatching QA"),
     }
 }
 
@@ -131,12 +131,16 @@ fn is_current_build(task: &TaskRecord, built: &TaskBuilt) -> bool {
 }
 
 /// Publishes QA work, or parks it while the QA breaker does not admit it.
-pub(crate) async fn dispatch_qa(router: &Router, work: QaWork) -> anyhow::Result<()> {
+pub(crate) async fn dispatch_qa(router: &Router, work: QaWork) -> Result<(), StepError> {
     if router.breakers.admit(Stage::Qa).await? {
-        router.connections.publish(queues::WORK_QA, work).await
+        router
+            .connections
+            .publish(queues::WORK_QA, work)
+            .await
+            .map_err(StepError::Publish)
     } else {
         let key = task_key(&work.plan_id, &work.path);
-        let json = serde_json::to_string(&work)?;
+        let json = serde_json::to_string(&work).map_err(|e| StepError::Invalid(e.to_string()))?;
         router
             .connections
             .store
@@ -182,20 +186,11 @@ pub(crate) async fn handle_qa_result(router: Arc<Router>, envelope: Envelope) ->
     };
     match outcome {
         Ok(()) => Settlement::Ack,
-        Err(e) => retry_or_stale("routing the QA result", e),
+        Err(e) => e.settlement("routing the QA result"),
     }
 }
 
-/// Maps a handler error: a store transition that no longer applies means
-/// the message is stale; anything else is retried.
-fn retry_or_stale(what: &str, err: anyhow::Error) -> Settlement {
-    match err.downcast::<StoreError>() {
-        Ok(store_err) => Settlement::from_store_error(what, store_err),
-        Err(other) => Settlement::from_publish_error(what, other),
-    }
-}
-
-async fn passed(router: &Router, result: &QaResult) -> anyhow::Result<()> {
+async fn passed(router: &Router, result: &QaResult) -> Result<(), StepError> {
     router
         .connections
         .publish(
@@ -207,7 +202,8 @@ async fn passed(router: &Router, result: &QaResult) -> anyhow::Result<()> {
                 artifact: result.artifact.clone(),
             },
         )
-        .await?;
+        .await
+        .map_err(StepError::Publish)?;
     // Keep the history a while for people, then let it expire.
     let store = router.connections.store.as_ref();
     let history = history::read(store, &result.plan_id, &result.path).await?;
@@ -225,7 +221,7 @@ async fn passed(router: &Router, result: &QaResult) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn qa_failed(router: &Router, task: &TaskRecord, result: &QaResult) -> anyhow::Result<()> {
+async fn qa_failed(router: &Router, task: &TaskRecord, result: &QaResult) -> Result<(), StepError> {
     let store = router.connections.store.as_ref();
     let failing: Vec<&str> = result
         .checks
@@ -304,7 +300,7 @@ pub(crate) async fn handle_failed(router: Arc<Router>, envelope: Envelope) -> Se
     }
     match route_failure(&router, &task, &failed).await {
         Ok(()) => Settlement::Ack,
-        Err(e) => retry_or_stale("routing the failure", e),
+        Err(e) => e.settlement("routing the failure"),
     }
 }
 
@@ -312,7 +308,7 @@ async fn route_failure(
     router: &Router,
     task: &TaskRecord,
     failed: &TaskFailed,
-) -> anyhow::Result<()> {
+) -> Result<(), StepError> {
     let store = router.connections.store.as_ref();
     let history = history::append(
         store,
@@ -378,7 +374,7 @@ async fn dead_letter(
     task: &TaskRecord,
     history: &[HistoryEntry],
     reason: &str,
-) -> anyhow::Result<()> {
+) -> Result<(), StepError> {
     let store = router.connections.store.as_ref();
     let entry = DlqEntry {
         id: dlq::task_entry_id(&task.plan_id, &task.path, task.attempt),
@@ -435,7 +431,7 @@ async fn dead_letter(
 }
 
 /// Reports a dead-lettered task to the scheduler (`task.finally_failed`).
-async fn report_dead(router: &Router, task: &TaskRecord, reason: &str) -> anyhow::Result<()> {
+async fn report_dead(router: &Router, task: &TaskRecord, reason: &str) -> Result<(), StepError> {
     router
         .connections
         .publish(
@@ -449,6 +445,7 @@ async fn report_dead(router: &Router, task: &TaskRecord, reason: &str) -> anyhow
             },
         )
         .await
+        .map_err(StepError::Publish)
 }
 
 /// For a message about an attempt that was dead-lettered already: reports
@@ -466,7 +463,7 @@ async fn report_again_if_dead(
     let reason = task.error.as_deref().unwrap_or("dead-lettered");
     Some(match report_dead(router, task, reason).await {
         Ok(()) => Settlement::Ack,
-        Err(e) => Settlement::from_publish_error("reporting the dead-lettered task", e),
+        Err(e) => e.settlement("reporting the dead-lettered task"),
     })
 }
 

@@ -45,12 +45,7 @@ const MAX_ROUND: u64 = 64;
 /// How often `queue_status` is emitted.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 
-const FAILURE_BACKOFF: Backoff = Backoff {
-    base: Duration::from_millis(100),
-    factor: 2.0,
-    cap: Duration::from_secs(10),
-    jitter: 0.5,
-};
+const FAILURE_BACKOFF: Backoff = Backoff::DISPATCH;
 
 /// This replica's recent dispatches that no worker capacity record may
 /// reflect yet: a message taken off the queue leaves the queue depth before

@@ -83,12 +83,7 @@ impl Default for ChatSettings {
             model: DEFAULT_MODEL.to_owned(),
             api_key: None,
             max_requests: 6,
-            backoff: Backoff {
-                base: Duration::from_secs(1),
-                factor: 2.0,
-                cap: Duration::from_secs(60),
-                jitter: 0.5,
-            },
+            backoff: Backoff::SLOW,
             temperature: 0.2,
         }
     }

@@ -26,6 +26,46 @@ impl Default for Backoff {
 }
 
 impl Backoff {
+    /// The consume loop's policy ([`crate::consume`]): the delay before a
+    /// delivery whose handler failed transiently is redelivered, and
+    /// between attempts to restart a consumer. Every service's consumers
+    /// use it unless they pass their own to
+    /// [`Consume::backoff`](crate::consume::Consume::backoff).
+    pub const HANDLER: Backoff = Backoff {
+        base: Duration::from_millis(200),
+        factor: 2.0,
+        cap: Duration::from_secs(30),
+        jitter: 0.5,
+    };
+
+    /// For what recovers slower than a broker or the store: retrying a
+    /// failed task (the router's default), calls to remote services (an
+    /// LLM API, a deployment handler).
+    pub const SLOW: Backoff = Backoff {
+        base: Duration::from_secs(1),
+        factor: 2.0,
+        cap: Duration::from_secs(60),
+        jitter: 0.5,
+    };
+
+    /// The scheduler's dispatch loop after a failed round: quick to resume
+    /// once the store is back, since dispatch gates all work.
+    pub const DISPATCH: Backoff = Backoff {
+        base: Duration::from_millis(100),
+        factor: 2.0,
+        cap: Duration::from_secs(10),
+        jitter: 0.5,
+    };
+
+    /// The canary's calls to a deployment handler (shift, rollback), which
+    /// a rollback repeats until it succeeds.
+    pub const DEPLOY_CALL: Backoff = Backoff {
+        base: Duration::from_secs(1),
+        factor: 2.0,
+        cap: Duration::from_secs(30),
+        jitter: 0.5,
+    };
+
     /// The un-jittered delay before attempt `attempt + 1`, after `attempt` failures.
     pub fn ceiling(&self, attempt: u32) -> Duration {
         let exp = self
