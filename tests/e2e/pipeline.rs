@@ -19,8 +19,8 @@ use devfleet_contracts::breaker::{self, BreakerState, Phase};
 use devfleet_dev_worker::executor::simulate::{Simulate, SimulateSettings};
 use devfleet_dev_worker::{ExecError, ExecInput, Executor, Executors, ScalePolicy};
 use devfleet_protocol::{
-    queues, AnalyzedTask, Envelope, ExecutorKind, IntegrationStep, Message, Plan, PlanAnalyzed,
-    PlanStatus,
+    queues, AnalyzedTask, DeployFinished, Envelope, ExecutorKind, IntegrationStep, Message, Plan,
+    PlanAnalyzed, PlanStatus,
 };
 use devfleet_runtime::Connections;
 use devfleet_scheduler::TASKS_COMPLETED;
@@ -848,6 +848,42 @@ async fn passing_integration_requests_a_deploy_and_a_plan_without_integration_de
         assert_eq!(record.status, PlanStatus::Deploying, "{record:?}");
         assert_eq!(record.done, 3);
     }
+    // The canary's reports end the plans, through the scheduler only: the
+    // promoted one succeeds, the rolled-back one fails with the reason (a
+    // final plan stays final: the lifecycle's unit tests cover repeats).
+    let report = |plan: &PlanAnalyzed, promoted: bool| DeployFinished {
+        plan_id: plan.plan_id.clone(),
+        deployment_id: plan.plan_id.clone(),
+        promoted,
+        message: if promoted {
+            "deployment promoted".into()
+        } else {
+            "deployment rolled back: error rate 0.2 over 0.1".into()
+        },
+    };
+    for (plan, promoted) in [(&integrated, true), (&direct, false)] {
+        stack
+            .connections
+            .publish(queues::DEPLOY_FINISHED, report(plan, promoted))
+            .await
+            .expect("publish deploy.finished");
+    }
+    let ended = stack
+        .finished(&integrated.plan_id, Duration::from_secs(60))
+        .await;
+    assert_eq!(ended.status, PlanStatus::Succeeded, "{ended:?}");
+    let ended = stack
+        .finished(&direct.plan_id, Duration::from_secs(60))
+        .await;
+    assert_eq!(ended.status, PlanStatus::Failed, "{ended:?}");
+    assert!(
+        ended
+            .message
+            .as_deref()
+            .unwrap_or("")
+            .contains("rolled back: error rate"),
+        "{ended:?}"
+    );
     // Only the plan with integration steps ran any.
     let store = &stack.connections.store;
     let ran = |id: &str| devfleet_scheduler::integration::results_collection(id);

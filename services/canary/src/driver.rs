@@ -21,7 +21,7 @@ use crate::lease::Lease;
 use crate::record::{self, Classification, DeploymentRecord, HealthCheck, Status, ACTIVE, CONTROL};
 use crate::supervisor::Ctx;
 use devfleet_protocol::metrics::DeploymentProgress;
-use devfleet_protocol::{Escalation, Handler, HealthSource, PlanEvent, PlanStatus};
+use devfleet_protocol::{queues, DeployFinished, Escalation, Handler, HealthSource};
 use devfleet_runtime::backoff::Backoff;
 use std::sync::Arc;
 use std::time::Duration;
@@ -435,70 +435,57 @@ impl Driver {
     // ---- finishing ---------------------------------------------------------
 
     /// Cleans up after a final status; idempotent, so a replica resuming a
-    /// deployment that died here finishes the job.
+    /// deployment that died here finishes the job. A deployment of a plan
+    /// first reports its outcome to the scheduler (`deploy.finished`),
+    /// which alone ends plans; if that publish fails the deployment stays
+    /// active and the next owner reports it again.
     async fn finish(self) {
         let store = &self.ctx.config.connections.store;
         let id = &self.record.id;
+        if let Some(plan_id) = &self.record.plan_id {
+            if let Err(e) = self.report_to_plan(plan_id).await {
+                tracing::warn!(error = %format!("{e:#}"), "could not report the outcome to the plan; the next owner will");
+                self.lease.release().await;
+                return;
+            }
+        }
         if let Err(e) = store.kv_delete(ACTIVE, id).await {
             tracing::warn!(error = %e, "could not mark the deployment inactive; the next owner will");
             self.lease.release().await;
             return;
         }
         let _ = store.kv_delete(CONTROL, id).await;
-        if let Some(plan_id) = &self.record.plan_id {
-            self.settle_plan(plan_id).await;
-        }
         self.lease.clear().await;
     }
 
-    /// Sets the plan's final status if the plan is waiting on this deployment.
-    async fn settle_plan(&self, plan_id: &str) {
-        let store = &self.ctx.config.connections.store;
-        let plan = match store.plan(plan_id).await {
-            Ok(Some(plan)) if plan.status == PlanStatus::Deploying => plan,
-            Ok(_) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read the plan to settle it");
-                return;
-            }
+    /// Tells the scheduler how the plan's rollout ended.
+    async fn report_to_plan(&self, plan_id: &str) -> anyhow::Result<()> {
+        let promoted = self.record.status == Status::Promoted;
+        let message = if promoted {
+            format!("deployment '{}' promoted", self.record.id)
+        } else {
+            format!(
+                "deployment '{}' rolled back: {}",
+                self.record.id,
+                self.record
+                    .reason
+                    .as_deref()
+                    .unwrap_or("no reason recorded")
+            )
         };
-        let (status, message) = match self.record.status {
-            Status::Promoted => (
-                PlanStatus::Succeeded,
-                format!("deployment '{}' promoted", self.record.id),
-            ),
-            _ => (
-                PlanStatus::Failed,
-                format!(
-                    "deployment '{}' rolled back: {}",
-                    self.record.id,
-                    self.record
-                        .reason
-                        .as_deref()
-                        .unwrap_or("no reason recorded")
-                ),
-            ),
-        };
-        if let Err(e) = store
-            .set_plan_status(plan_id, status, Some(message.clone()))
-            .await
-        {
-            tracing::warn!(error = %e, "could not settle the plan");
-            return;
-        }
         self.ctx
             .config
             .connections
-            .event(PlanEvent {
-                plan_id: plan_id.to_owned(),
-                name: plan.name,
-                status,
-                done: plan.done,
-                failed: plan.failed,
-                total: plan.total,
-                message: Some(message),
-            })
-            .await;
+            .publish(
+                queues::DEPLOY_FINISHED,
+                DeployFinished {
+                    plan_id: plan_id.to_owned(),
+                    deployment_id: self.record.id.clone(),
+                    promoted,
+                    message,
+                },
+            )
+            .await
     }
 
     // ---- helpers -----------------------------------------------------------

@@ -7,6 +7,7 @@
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use devfleet_bus::ConsumeOptions;
 use devfleet_canary::record::{self, DeploymentRecord};
 use devfleet_canary::{Classification, Config, Status};
 use devfleet_protocol::{
@@ -319,12 +320,16 @@ fn json_health(service: &TestService) -> HealthSource {
 }
 
 async fn request(connections: &Connections, id: &str, spec: DeploySpec) {
+    request_for(connections, id, None, spec).await
+}
+
+async fn request_for(connections: &Connections, id: &str, plan_id: Option<&str>, spec: DeploySpec) {
     connections
         .publish(
             queues::DEPLOY_REQUESTED,
             DeployRequested {
                 deployment_id: id.to_owned(),
-                plan_id: None,
+                plan_id: plan_id.map(str::to_owned),
                 spec,
             },
         )
@@ -471,6 +476,56 @@ async fn healthy_rollout_is_promoted_through_every_stage_in_order() {
         },
     )
     .await;
+    replica.stop().await;
+}
+
+/// The canary ends no plan: it reports how a plan's rollout ended on
+/// `deploy.finished`, and the scheduler ends the plan.
+#[tokio::test]
+async fn a_plans_rollout_reports_its_outcome_on_deploy_finished_and_ends_no_plan() {
+    let ns = unique("canary");
+    let connections = connections(&ns).await;
+    let good = TestService::start(GOOD).await;
+    let bad = TestService::start(GOOD).await;
+    bad.bad_from_weight(
+        50,
+        Behaviour {
+            error_rate: 0.5,
+            latency_ms: 0,
+        },
+    );
+    let replica = Replica::start(fast_config(connections.clone(), "r1"));
+    let (promoted, rolled_back) = (unique("web"), unique("web"));
+    let shift = |s: &TestService| spec(&[50, 100], 1, webhook(s), json_health(s));
+    request_for(&connections, &promoted, Some("plan-a"), shift(&good)).await;
+    request_for(&connections, &rolled_back, Some("plan-b"), shift(&bad)).await;
+
+    let mut reports = connections
+        .consume(queues::DEPLOY_FINISHED, ConsumeOptions::default())
+        .await
+        .unwrap();
+    let mut seen = std::collections::BTreeMap::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while seen.len() < 2 {
+            let (envelope, delivery) = reports.next_envelope().await.unwrap().unwrap();
+            delivery.ack().await.unwrap();
+            let Message::DeployFinished(report) = envelope.message else {
+                panic!("not a deploy report: {}", envelope.kind());
+            };
+            seen.insert(report.deployment_id.clone(), report);
+        }
+    })
+    .await
+    .expect("two deploy.finished reports");
+    let ok = &seen[&promoted];
+    assert_eq!((ok.plan_id.as_str(), ok.promoted), ("plan-a", true));
+    assert!(ok.message.contains("promoted"), "{ok:?}");
+    let back = &seen[&rolled_back];
+    assert_eq!((back.plan_id.as_str(), back.promoted), ("plan-b", false));
+    assert!(
+        back.message.contains("rolled back") && back.message.contains("error rate"),
+        "{back:?}"
+    );
     replica.stop().await;
 }
 

@@ -357,6 +357,15 @@ fn event_data(message: &Message) -> (MetricType, Value) {
                 "status": "requested",
             }),
         ),
+        Message::DeployFinished(m) => (
+            Deployment,
+            json!({
+                "deployment_id": m.deployment_id,
+                "plan_id": m.plan_id,
+                "status": if m.promoted { "promoted" } else { "rolled_back" },
+                "message": truncate(&m.message),
+            }),
+        ),
         Message::BreakerChanged(m) => (
             SystemHealth,
             json!({

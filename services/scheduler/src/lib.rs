@@ -216,6 +216,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         completion::handle_finally_failed,
     ));
     parts.spawn(consume(
+        source(queues::DEPLOY_FINISHED, n.min(4)),
+        s.clone(),
+        stop.clone(),
+        deploy::handle_finished,
+    ));
+    parts.spawn(consume(
         source(queues::INTEGRATION_RESULTS, n),
         s.clone(),
         stop.clone(),

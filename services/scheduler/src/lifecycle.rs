@@ -223,9 +223,7 @@ pub enum Event {
     /// An integration result was recorded (or the stage was entered) and
     /// this is the tally of everything recorded.
     IntegrationTallied(Verdict),
-    /// The canary finished the plan's rollout. The canary still settles a
-    /// Deploying plan itself (docs/CANARY.md); this row is the place its
-    /// report will land once it sends one.
+    /// The canary finished the plan's rollout (`deploy.finished`).
     DeployFinished { promoted: bool, message: String },
 }
 

@@ -350,6 +350,26 @@ pub struct DeployRequested {
     pub spec: DeploySpec,
 }
 
+/// A rollout that belongs to a plan ended: promoted to 100 % or rolled
+/// back.
+///
+/// Published by the canary on `deploy.finished` once the deployment's final
+/// status is recorded (before it stops tracking the deployment, so a canary
+/// that dies in between publishes it again on resume); consumed by the
+/// scheduler, which alone ends plans: it acks once the plan moved from
+/// Deploying to Succeeded or Failed (at once for a plan not waiting on a
+/// rollout). A repeated report changes nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeployFinished {
+    pub plan_id: String,
+    pub deployment_id: String,
+    /// True when the rollout reached its last stage; false when it was
+    /// rolled back.
+    pub promoted: bool,
+    /// For people: what happened (the rollback's reason).
+    pub message: String,
+}
+
 /// The seven metric families of the gateway protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -431,6 +451,7 @@ pub enum Message {
     IntegrationWork(IntegrationWork),
     IntegrationResult(IntegrationResult),
     DeployRequested(DeployRequested),
+    DeployFinished(DeployFinished),
     Metric(Metric),
 }
 
@@ -481,6 +502,7 @@ message_kinds! {
     IntegrationWork => "integration.work",
     IntegrationResult => "integration.result",
     DeployRequested => "deploy.requested",
+    DeployFinished => "deploy.finished",
     Metric => "metric",
 }
 
@@ -504,6 +526,7 @@ impl Message {
             Message::IntegrationWork(m) => (Some(&m.plan_id), None),
             Message::IntegrationResult(m) => (Some(&m.plan_id), None),
             Message::DeployRequested(m) => (m.plan_id.as_deref(), None),
+            Message::DeployFinished(m) => (Some(&m.plan_id), None),
             Message::Metric(_) => (None, None),
         }
     }

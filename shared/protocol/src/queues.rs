@@ -27,6 +27,8 @@ pub const WORK_INTEGRATION: &str = "work.integration";
 pub const INTEGRATION_RESULTS: &str = "integration.results";
 /// scheduler or CLI → canary. Body: [`crate::DeployRequested`].
 pub const DEPLOY_REQUESTED: &str = "deploy.requested";
+/// canary → scheduler: a plan's rollout ended. Body: [`crate::DeployFinished`].
+pub const DEPLOY_FINISHED: &str = "deploy.finished";
 
 /// Every work queue, in flow order (used to declare topology and report depths).
 pub const ALL_WORK_QUEUES: &[&str] = &[
@@ -42,6 +44,7 @@ pub const ALL_WORK_QUEUES: &[&str] = &[
     WORK_INTEGRATION,
     INTEGRATION_RESULTS,
     DEPLOY_REQUESTED,
+    DEPLOY_FINISHED,
 ];
 
 /// Broadcast subject prefix for metrics: `devfleet.metrics.<metric_type>`.

@@ -260,6 +260,12 @@ fn messages() -> Vec<Message> {
             plan_id: Some("p-1".into()),
             spec: deploy_spec(),
         }),
+        Message::DeployFinished(DeployFinished {
+            plan_id: "p-1".into(),
+            deployment_id: "d-1".into(),
+            promoted: false,
+            message: "deployment 'd-1' rolled back: error rate 0.12 above 0.10".into(),
+        }),
         Message::Metric(
             Metric::from_body(
                 "dev-worker@host-1",
@@ -640,6 +646,7 @@ fn body_value(message: &Message) -> Value {
         Message::IntegrationWork(m) => serde_json::to_value(m),
         Message::IntegrationResult(m) => serde_json::to_value(m),
         Message::DeployRequested(m) => serde_json::to_value(m),
+        Message::DeployFinished(m) => serde_json::to_value(m),
         Message::Metric(m) => serde_json::to_value(m),
     };
     v.unwrap()
