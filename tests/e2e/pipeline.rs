@@ -167,10 +167,7 @@ impl Stack {
     }
 
     async fn submit(&self, plan: &PlanAnalyzed) {
-        self.connections
-            .publish(queues::PLANS_ANALYZED, plan.clone())
-            .await
-            .expect("publish plan");
+        crate::support::submit(&self.connections, plan).await
     }
 
     async fn finished(&self, plan_id: &str, timeout: Duration) -> PlanRecord {
@@ -186,20 +183,7 @@ impl Stack {
         timeout: Duration,
         check: impl Fn(&PlanRecord) -> bool,
     ) -> PlanRecord {
-        let store = self.connections.store.clone();
-        let check = &check;
-        wait_for(&format!("plan {plan_id} to {what}"), timeout, || {
-            let store = store.clone();
-            async move {
-                store
-                    .plan(plan_id)
-                    .await
-                    .ok()
-                    .flatten()
-                    .filter(|p| check(p))
-            }
-        })
-        .await
+        crate::support::plan_where(&self.connections, plan_id, what, timeout, check).await
     }
 
     async fn counter(&self, name: &str) -> i64 {

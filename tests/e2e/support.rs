@@ -100,3 +100,36 @@ pub fn service_binary(name: &str) -> PathBuf {
         .to_path_buf();
     dir.join(name)
 }
+
+/// Publishes an analyzed plan to the scheduler's intake queue.
+pub async fn submit(connections: &Connections, plan: &devfleet_protocol::PlanAnalyzed) {
+    connections
+        .publish(devfleet_protocol::queues::PLANS_ANALYZED, plan.clone())
+        .await
+        .expect("publish plan");
+}
+
+/// Waits until the plan's record satisfies `check` (`what` names the wait
+/// in the failure message).
+pub async fn plan_where(
+    connections: &Connections,
+    plan_id: &str,
+    what: &str,
+    timeout: std::time::Duration,
+    check: impl Fn(&devfleet_store::PlanRecord) -> bool,
+) -> devfleet_store::PlanRecord {
+    let store = connections.store.clone();
+    let check = &check;
+    devfleet_testkit::wait_for(&format!("plan {plan_id} to {what}"), timeout, || {
+        let store = store.clone();
+        async move {
+            store
+                .plan(plan_id)
+                .await
+                .ok()
+                .flatten()
+                .filter(|p| check(p))
+        }
+    })
+    .await
+}

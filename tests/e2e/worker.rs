@@ -9,7 +9,7 @@
 
 use devfleet_contracts::capacity::{WorkerCapacity, WORKERS};
 use devfleet_dev_worker::{Executors, ScalePolicy};
-use devfleet_protocol::{queues, AnalyzedTask, ExecutorKind, Plan, PlanAnalyzed, PlanStatus};
+use devfleet_protocol::{AnalyzedTask, ExecutorKind, Plan, PlanAnalyzed, PlanStatus};
 use devfleet_runtime::Connections;
 use devfleet_scheduler::TASKS_COMPLETED;
 use devfleet_store::{PlanRecord, TaskState};
@@ -100,24 +100,12 @@ impl Stack {
     }
 
     async fn submit(&self, plan: &PlanAnalyzed) {
-        self.connections
-            .publish(queues::PLANS_ANALYZED, plan.clone())
-            .await
-            .expect("publish plan");
+        crate::support::submit(&self.connections, plan).await
     }
 
     async fn finished(&self, plan_id: &str, timeout: Duration) -> PlanRecord {
-        let store = self.connections.store.clone();
-        wait_for(&format!("plan {plan_id} to end"), timeout, || {
-            let store = store.clone();
-            async move {
-                store
-                    .plan(plan_id)
-                    .await
-                    .ok()
-                    .flatten()
-                    .filter(|p| p.status.is_final())
-            }
+        crate::support::plan_where(&self.connections, plan_id, "end", timeout, |p| {
+            p.status.is_final()
         })
         .await
     }

@@ -14,18 +14,7 @@ use devfleet_store::{StoreError, TaskState};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Trims text to `max` bytes keeping the start (where compilers put the
-/// first error) and marking the cut.
-pub fn trim(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}\n… ({} more bytes)", &text[..end], text.len() - end)
-}
+use devfleet_protocol::trim_text as trim;
 
 pub(crate) async fn handle_qa(worker: Arc<Worker>, envelope: Envelope) -> Settlement {
     let Message::QaWork(work) = envelope.message else {

@@ -3,11 +3,12 @@
 //! [`integration`]'s rules.
 
 use crate::integration;
-use crate::qa::{trim, CheckError};
+use crate::qa::CheckError;
 use crate::sandbox;
 use crate::workspace::{self, MaterialiseError, Workspace};
 use crate::Worker;
 use devfleet_protocol::metrics::IntegrationTiming;
+use devfleet_protocol::trim_text as trim;
 use devfleet_protocol::{queues, Envelope, IntegrationResult, IntegrationWork, Message};
 use devfleet_runtime::consume::{self, Settlement};
 use std::sync::Arc;

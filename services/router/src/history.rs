@@ -68,17 +68,7 @@ impl HistoryEntry {
     }
 }
 
-/// Cuts text to at most `max` bytes on a character boundary, marking the cut.
-pub fn trim_text(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}\n… ({} more bytes)", &text[..end], text.len() - end)
-}
+use devfleet_protocol::trim_text;
 
 /// Reads a task's history (empty when none).
 pub async fn read(
@@ -185,15 +175,6 @@ mod tests {
         assert_eq!(h.len(), 2);
         clear(&store, "p", "a.py").await.unwrap();
         assert!(read(&store, "p", "a.py").await.unwrap().is_empty());
-    }
-
-    #[test]
-    fn trimming_respects_char_boundaries() {
-        let s = "é".repeat(10);
-        let t = trim_text(&s, 5);
-        assert!(t.starts_with("éé"));
-        assert!(t.contains("more bytes"));
-        assert_eq!(trim_text("short", 10), "short");
     }
 
     #[test]

@@ -363,7 +363,7 @@ async fn route_failure(
 }
 
 fn first_line(s: &str) -> String {
-    history::trim_text(s.lines().next().unwrap_or(""), 500)
+    devfleet_protocol::trim_text(s.lines().next().unwrap_or(""), 500)
 }
 
 /// Gives up on a task: Failed in the store (dependents Blocked), indexed in

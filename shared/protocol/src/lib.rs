@@ -49,6 +49,21 @@ pub use plan::{
     Thresholds,
 };
 
+/// Cuts text to at most `max` bytes on a character boundary, keeping the
+/// start (where compilers put the first error) and marking the cut with the
+/// number of bytes left out. How texts that travel in messages
+/// (diagnostics, errors, command output) are bounded.
+pub fn trim_text(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}\n… ({} more bytes)", &text[..end], text.len() - end)
+}
+
 /// Milliseconds since the Unix epoch, the one clock every record and message uses.
 pub fn now_ms() -> i64 {
     use std::time::{SystemTime, UNIX_EPOCH};
@@ -56,4 +71,18 @@ pub fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trimming_respects_char_boundaries_and_says_what_was_cut() {
+        let s = "é".repeat(10);
+        let t = trim_text(&s, 5);
+        assert!(t.starts_with("éé"), "{t}");
+        assert!(t.ends_with("(16 more bytes)"), "{t}");
+        assert_eq!(trim_text("short", 10), "short");
+    }
 }
