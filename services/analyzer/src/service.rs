@@ -149,18 +149,10 @@ async fn handle(
             let error = error.to_string();
             tracing::info!(%error, "plan rejected");
             let now = devfleet_protocol::now_ms();
+            // Created without tasks: the store counts none.
             let record = PlanRecord {
-                id: plan_id.clone(),
-                name: plan.name.clone(),
-                status: PlanStatus::Rejected,
-                total: plan.tasks.len() as u32,
-                done: 0,
-                failed: 0,
-                blocked: 0,
-                created_ms: now,
-                updated_ms: now,
-                detail: String::new(),
                 message: Some(error.clone()),
+                ..PlanRecord::new(&plan_id, &plan.name, PlanStatus::Rejected, now)
             };
             config
                 .connections

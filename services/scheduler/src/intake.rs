@@ -48,19 +48,14 @@ async fn create(shared: &Shared, plan: PlanAnalyzed) -> Settlement {
         Ok(d) => d,
         Err(e) => return Settlement::DeadLetter(format!("cannot serialise plan: {e}")),
     };
-    let now = now_ms();
     let record = PlanRecord {
-        id: plan.plan_id.clone(),
-        name: plan.plan.name.clone(),
-        status: PlanStatus::Running,
-        total,
-        done: 0,
-        failed: 0,
-        blocked: 0,
-        created_ms: now,
-        updated_ms: now,
         detail,
-        message: None,
+        ..PlanRecord::new(
+            &plan.plan_id,
+            &plan.plan.name,
+            PlanStatus::Running,
+            now_ms(),
+        )
     };
     let store = &shared.connections.store;
     let created = match store.create_plan(record, tasks).await {
