@@ -780,6 +780,36 @@ async fn undecodable_messages_are_indexed_in_the_dlq_then_listed_and_purged_by_t
     services.stop().await;
 }
 
+/// Concurrent outcomes of one router all count: a storm of exactly
+/// `min_volume` errors handled at once opens the breaker (writes of this
+/// replica's window record must not land out of order over Redis).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_errors_all_count_and_open_the_breaker() {
+    for round in 0..5 {
+        let c = connections("storm").await;
+        let breakers = Arc::new(devfleet_router::breaker::Breakers::new(
+            c.clone(),
+            format!("router-{round}"),
+            BreakerSettings {
+                window: Duration::from_secs(30),
+                bucket: Duration::from_secs(30),
+                min_volume: 24,
+                threshold: 0.5,
+                cooldown: Duration::from_secs(60),
+                probes: 1,
+            },
+        ));
+        let mut set = JoinSet::new();
+        for _ in 0..24 {
+            let b = breakers.clone();
+            set.spawn(async move { b.record(Stage::Qa, false).await.unwrap() });
+        }
+        while set.join_next().await.transpose().unwrap().is_some() {}
+        let state = breaker::current(c.store.as_ref(), Stage::Qa).await.unwrap();
+        assert_eq!(state.state, Phase::Open, "round {round}: {state:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn qa_errors_open_the_qa_breaker_which_parks_qa_work_until_a_probe_succeeds() {
     let c = connections("qabreaker").await;

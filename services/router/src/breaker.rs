@@ -145,6 +145,12 @@ pub struct Breakers {
     settings: BreakerSettings,
     /// This replica's counts per (stage, generation, bucket start).
     local: Mutex<HashMap<(Stage, u64, i64), Counts>>,
+    /// Held from taking a count to its store write, so this replica's
+    /// writes of one record land in the order of their counts (concurrent
+    /// handlers could otherwise overwrite a count with an older, smaller
+    /// one, and a storm would never reach the volume that opens the
+    /// breaker).
+    write: tokio::sync::Mutex<()>,
 }
 
 impl Breakers {
@@ -154,6 +160,7 @@ impl Breakers {
             instance,
             settings,
             local: Mutex::new(HashMap::new()),
+            write: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -292,6 +299,7 @@ impl Breakers {
     async fn count(&self, stage: Stage, generation: u64, ok: bool) -> StoreResult<()> {
         let bucket_ms = self.settings.bucket.as_millis().max(1) as i64;
         let start = now_ms().div_euclid(bucket_ms) * bucket_ms;
+        let _ordered = self.write.lock().await;
         let counts = {
             let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
             let c = local.entry((stage, generation, start)).or_default();
