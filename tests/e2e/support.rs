@@ -87,13 +87,17 @@ pub fn fresh_bin_dir() -> Option<PathBuf> {
 /// --workspace --bins` first (what `scripts/test.sh` runs before the tests,
 /// so it is a no-op there), so a test never drives a stale binary.
 pub fn service_binary(name: &str) -> PathBuf {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = std::process::Command::new(cargo)
-        .args(["build", "-q", "--workspace", "--bins"])
-        .current_dir(repo())
-        .status()
-        .expect("running cargo build for the service binaries");
-    assert!(status.success(), "cargo build --workspace --bins failed");
+    // Once per test process: a test may spawn several workers.
+    static BUILT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let built = *BUILT.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        std::process::Command::new(cargo)
+            .args(["build", "-q", "--workspace", "--bins"])
+            .current_dir(repo())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    assert!(built, "cargo build --workspace --bins failed");
     let dir = Path::new(env!("CARGO_BIN_EXE_devfleet"))
         .parent()
         .expect("the binaries' folder")

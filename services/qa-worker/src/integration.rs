@@ -1,7 +1,7 @@
 //! The integration stage as a qa-worker runs it: a plan's `integration`
 //! commands, split into shards that qa-workers run in parallel. The
 //! scheduler's side of the contract (making the shards, judging their
-//! results) is `devfleet_contracts::integration`, re-exported here.
+//! results) is `devfleet_contracts::integration`.
 //!
 //! # Sharding
 //!
@@ -17,7 +17,6 @@
 //! with a note. Other commands must split the work themselves from the two
 //! variables (or run whole on every shard).
 
-pub use devfleet_contracts::integration::{shards, IntegrationTally, TallyState};
 use std::path::Path;
 
 /// True when the command words run pytest.

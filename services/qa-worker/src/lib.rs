@@ -63,7 +63,6 @@ pub mod workspace;
 
 pub use checks::CheckSpec;
 pub use config::Config;
-pub use integration::{shards, IntegrationTally, TallyState};
 pub use sandbox::{Limits, Sandbox, SandboxMode, SandboxSettings};
 
 /// What every part of a running worker shares.

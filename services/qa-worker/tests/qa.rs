@@ -2,10 +2,11 @@
 //! and integration shards run in parallel.
 
 use devfleet_bus::ConsumeOptions;
+use devfleet_contracts::integration::{IntegrationTally, TallyState};
 use devfleet_protocol::{
     now_ms, queues, IntegrationResult, IntegrationStep, Message, PlanStatus, QaResult, QaWork,
 };
-use devfleet_qa_worker::{CheckSpec, Config, IntegrationTally, TallyState};
+use devfleet_qa_worker::{CheckSpec, Config};
 use devfleet_runtime::Connections;
 use devfleet_store::{NewTask, PlanRecord};
 use devfleet_testkit::{amqp_url, redis_url, unique, within};

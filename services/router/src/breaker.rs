@@ -27,7 +27,7 @@
 //!   the state. Old records are pruned.
 //! * The newest state is mirrored to the collection [`BREAKER`], key = the
 //!   stage name, as [`BreakerState`] JSON: the contract the scheduler reads
-//!   before dispatching (see [`try_admit`]). Replicas repair a stale mirror.
+//!   before dispatching (see `devfleet_contracts::breaker::try_admit`). Replicas repair a stale mirror.
 //! * Window counts: each replica writes one record per (generation, time
 //!   bucket) to `breaker_window.<stage>` with a TTL of the window; only it
 //!   writes its records, so no increments are lost, and every replica sums
@@ -35,9 +35,9 @@
 //! * Half-open probes are permits from the store counter named in the
 //!   state's `probe_counter` (one per half-open generation).
 
-use devfleet_contracts::breaker::{admit_state, current, published, transition_key};
-pub use devfleet_contracts::breaker::{
-    try_admit, BreakerState, Phase, BREAKER, STAGES, TRANSITIONS,
+use devfleet_contracts::breaker::{
+    admit_state, current, published, transition_key, BreakerState, Phase, BREAKER, STAGES,
+    TRANSITIONS,
 };
 use devfleet_protocol::{metrics::BreakerHealth, now_ms, BreakerChanged, Stage};
 use devfleet_runtime::Connections;
@@ -415,6 +415,7 @@ impl Breakers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use devfleet_contracts::breaker::try_admit;
 
     fn settings() -> BreakerSettings {
         BreakerSettings {
