@@ -7,7 +7,7 @@
 //! as a `plan.rejected` event; the delivery is acked either way, since
 //! analysing the same plan again gives the same answer.
 
-use devfleet_bus::ConsumeOptions;
+use devfleet_bus::{BusError, ConsumeOptions};
 use devfleet_protocol::metrics::{AnalyzeFailure, AnalyzeTiming};
 use devfleet_protocol::{
     queues, Envelope, Message, PlanAnalyzed, PlanRejected, PlanStatus, PlanSubmitted,
@@ -99,6 +99,7 @@ async fn handle(
     submitted: PlanSubmitted,
 ) -> Result<(), StepError> {
     let PlanSubmitted { plan_id, plan } = submitted;
+    let name = plan.name.clone();
     let started = std::time::Instant::now();
     let base = match (&plan.base, &config.workdir) {
         (Some(base), Some(dir)) => Some(dir.join(base)),
@@ -112,13 +113,13 @@ async fn handle(
             .await
             .map_err(|e| StepError::Invalid(format!("the analysis crashed: {e}")))?
     };
-    match analysis {
+    let outcome = match analysis {
         Ok(analysis) => {
             let tasks = analysis.to_analyzed_tasks(&plan);
             let critical = analysis.critical_path();
             let (critical_path_length, critical_path) = (critical.length, critical.files.clone());
             let count = tasks.len();
-            config
+            let published = config
                 .connections
                 .publish(
                     queues::PLANS_ANALYZED,
@@ -130,8 +131,24 @@ async fn handle(
                         critical_path,
                     },
                 )
-                .await
-                .map_err(StepError::Publish)?;
+                .await;
+            match published {
+                Ok(()) => Ok(count),
+                Err(e) => match e.downcast_ref::<BusError>() {
+                    // It will never fit: a rejection, not a retry.
+                    Some(BusError::TooLarge { size, limit, .. }) => Err(format!(
+                        "the analyzed plan is {size} bytes as a message (its tasks with their \
+                         dependencies); the bus carries at most {limit}: split the plan or \
+                         shrink its contents"
+                    )),
+                    _ => return Err(StepError::Publish(e)),
+                },
+            }
+        }
+        Err(error) => Err(error.to_string()),
+    };
+    match outcome {
+        Ok(count) => {
             tracing::info!(
                 tasks = count,
                 elapsed_ms = started.elapsed().as_millis() as u64,
@@ -146,13 +163,12 @@ async fn handle(
                 .await;
         }
         Err(error) => {
-            let error = error.to_string();
             tracing::info!(%error, "plan rejected");
             let now = devfleet_protocol::now_ms();
             // Created without tasks: the store counts none.
             let record = PlanRecord {
                 message: Some(error.clone()),
-                ..PlanRecord::new(&plan_id, &plan.name, PlanStatus::Rejected, now)
+                ..PlanRecord::new(&plan_id, &name, PlanStatus::Rejected, now)
             };
             config
                 .connections
@@ -163,7 +179,7 @@ async fn handle(
                 .connections
                 .event(PlanRejected {
                     plan_id: plan_id.clone(),
-                    name: plan.name.clone(),
+                    name,
                     error: error.clone(),
                 })
                 .await;

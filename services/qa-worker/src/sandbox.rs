@@ -541,7 +541,11 @@ fn apply_limits(limits: &Limits, ids: Option<(u32, u32)>) -> std::io::Result<()>
         }
         Ok(())
     }
-    set(libc::RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 1)?;
+    set(
+        libc::RLIMIT_CPU,
+        limits.cpu_seconds,
+        limits.cpu_seconds.saturating_add(1),
+    )?;
     set(libc::RLIMIT_AS, limits.memory_bytes, limits.memory_bytes)?;
     set(
         libc::RLIMIT_FSIZE,

@@ -8,8 +8,11 @@ use crate::sandbox;
 use crate::workspace::{self, MaterialiseError, Workspace};
 use crate::Worker;
 use devfleet_protocol::metrics::IntegrationTiming;
+use devfleet_protocol::plan::MAX_TIMEOUT_SECONDS;
 use devfleet_protocol::trim_text as trim;
-use devfleet_protocol::{queues, Envelope, IntegrationResult, IntegrationWork, Message};
+use devfleet_protocol::{
+    queues, Envelope, IntegrationResult, IntegrationStep, IntegrationWork, Message,
+};
 use devfleet_runtime::consume::{self, Settlement};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -105,13 +108,11 @@ async fn run_shard(
         }
         words.extend(files);
     }
-    let timeout = work
-        .step
-        .timeout_seconds
-        .map(Duration::from_secs)
-        .unwrap_or(worker.integration_timeout);
-    let mut limits = worker.sandbox.settings().limits.clone();
-    limits.cpu_seconds = limits.cpu_seconds.max(timeout.as_secs() + 1);
+    let (timeout, limits) = shard_limits(
+        &work.step,
+        worker.integration_timeout,
+        &worker.sandbox.settings().limits,
+    );
     let env = vec![
         (
             "DEVFLEET_SHARD_INDEX".to_owned(),
@@ -157,4 +158,51 @@ async fn run_shard(
         trim(&output, 64 * 1024),
         started,
     ))
+}
+
+/// The wall timeout of a shard and the limits it runs under: the step's
+/// `timeout_seconds`, else the worker's `default`, with CPU time to match.
+/// The step's value is capped at [`MAX_TIMEOUT_SECONDS`] here too: a
+/// message that skipped the plan checks (`timeout_seconds` near
+/// `u64::MAX`) must not overflow the arithmetic on it.
+fn shard_limits(
+    step: &IntegrationStep,
+    default: Duration,
+    limits: &sandbox::Limits,
+) -> (Duration, sandbox::Limits) {
+    let timeout = step
+        .timeout_seconds
+        .map(|s| Duration::from_secs(s.min(MAX_TIMEOUT_SECONDS)))
+        .unwrap_or(default);
+    let mut limits = limits.clone();
+    limits.cpu_seconds = limits.cpu_seconds.max(timeout.as_secs().saturating_add(1));
+    (timeout, limits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timeout_near_u64_max_is_capped_without_overflow() {
+        let step = IntegrationStep {
+            name: "unit".into(),
+            run: "pytest".into(),
+            shard: None,
+            timeout_seconds: Some(u64::MAX),
+        };
+        let default = Duration::from_secs(600);
+        let (timeout, limits) = shard_limits(&step, default, &sandbox::Limits::default());
+        assert_eq!(timeout, Duration::from_secs(MAX_TIMEOUT_SECONDS));
+        assert_eq!(limits.cpu_seconds, MAX_TIMEOUT_SECONDS + 1);
+        let (timeout, limits) = shard_limits(
+            &IntegrationStep {
+                timeout_seconds: None,
+                ..step
+            },
+            default,
+            &sandbox::Limits::default(),
+        );
+        assert_eq!((timeout, limits.cpu_seconds), (default, 601));
+    }
 }

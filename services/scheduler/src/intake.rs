@@ -3,6 +3,11 @@
 //! The plan and every task are created in one atomic store step, and the
 //! delivery is acked only after it. A redelivered plan finds the plan there
 //! (`create_plan` returns false) and creates nothing twice.
+//!
+//! The analyzer checked the plan, but the bus is not the analyzer: a
+//! message from any other publisher is checked again ([`check`]), so a plan
+//! over the limits (e.g. an integration step of 4294967295 shards) is
+//! recorded as rejected, and nothing of it is created or allocated.
 
 use crate::Shared;
 use devfleet_protocol::{
@@ -41,7 +46,57 @@ pub fn new_tasks(plan: &PlanAnalyzed) -> Vec<NewTask> {
         .collect()
 }
 
+/// Checks an analyzed plan against the plan format's limits: the plan
+/// itself ([`devfleet_protocol::Plan::validate`]) and its analyzed tasks,
+/// which must be the plan's tasks.
+pub fn check(plan: &PlanAnalyzed) -> Result<(), String> {
+    plan.plan.validate().map_err(|e| e.to_string())?;
+    if plan.tasks.len() != plan.plan.tasks.len() {
+        return Err(format!(
+            "the analysis has {} tasks but the plan {}",
+            plan.tasks.len(),
+            plan.plan.tasks.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Records `plan` as rejected with `error` (created without tasks) and
+/// announces it.
+async fn reject(shared: &Shared, plan: &PlanAnalyzed, error: String) -> Settlement {
+    tracing::warn!(plan_id = %plan.plan_id, %error, "analyzed plan refused");
+    let record = PlanRecord {
+        message: Some(error.clone()),
+        ..PlanRecord::new(
+            &plan.plan_id,
+            &plan.plan.name,
+            PlanStatus::Rejected,
+            now_ms(),
+        )
+    };
+    if let Err(e) = shared
+        .connections
+        .store
+        .create_plan(record, Vec::new())
+        .await
+    {
+        return Settlement::from_store_error("recording the rejected plan", e);
+    }
+    shared
+        .connections
+        .event(devfleet_protocol::PlanRejected {
+            plan_id: plan.plan_id.clone(),
+            name: plan.plan.name.clone(),
+            error,
+        })
+        .await;
+    Settlement::Ack
+}
+
 async fn create(shared: &Shared, plan: PlanAnalyzed) -> Settlement {
+    if let Err(error) = check(&plan) {
+        return reject(shared, &plan, error).await;
+    }
     let tasks = new_tasks(&plan);
     let total = u32::try_from(tasks.len()).unwrap_or(u32::MAX);
     let detail = match serde_json::to_string(&plan) {
@@ -167,5 +222,56 @@ mod tests {
         let tasks = new_tasks(&plan);
         assert_eq!(tasks[0].executor.as_deref(), Some("simulate"));
         assert_eq!(tasks[1].executor.as_deref(), Some("builtin"));
+    }
+
+    /// An analyzed plan no analyzer would have let through: one task, and
+    /// an integration step of `u32::MAX` shards.
+    fn hostile() -> PlanAnalyzed {
+        let plan = Plan::parse(
+            "name: n\ntasks:\n  - { path: a.py, spec: s }\nintegration:\n  - { name: unit, run: pytest }\n",
+        )
+        .unwrap();
+        let mut analyzed = PlanAnalyzed {
+            plan_id: devfleet_testkit::unique("hostile"),
+            tasks: vec![AnalyzedTask {
+                path: "a.py".into(),
+                spec: "s".into(),
+                content: None,
+                depends_on: vec![],
+                estimate: 1,
+                priority: 1,
+                batch: 0,
+                executor: None,
+            }],
+            plan,
+            critical_path_length: 1,
+            critical_path: vec!["a.py".into()],
+        };
+        analyzed.plan.integration[0].shard = Some(u32::MAX);
+        analyzed
+    }
+
+    #[tokio::test]
+    async fn a_plan_over_the_limits_from_another_publisher_is_rejected_not_created() {
+        let connections = devfleet_runtime::Connections::in_memory();
+        let shared = Shared::for_tests(connections.clone());
+        let plan = hostile();
+        let envelope = Envelope::new(Message::PlanAnalyzed(plan.clone()));
+        assert!(matches!(handle(shared, envelope).await, Settlement::Ack));
+        let record = connections
+            .store
+            .plan(&plan.plan_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(record.status, PlanStatus::Rejected);
+        let message = record.message.unwrap_or_default();
+        assert!(message.contains("shard is 4294967295"), "{message}");
+        assert!(connections
+            .store
+            .tasks(&plan.plan_id)
+            .await
+            .unwrap()
+            .is_empty());
     }
 }

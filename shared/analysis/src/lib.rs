@@ -134,6 +134,10 @@ pub struct Options {
     /// Follow symbolic links to directories outside the tree (links into the
     /// tree and loops are skipped with a warning).
     pub follow_symlinks: bool,
+    /// Files and directories [`tree::list`] takes before it gives up with
+    /// [`AnalyzeError::TooManyFiles`] (a plan's base is bounded by it;
+    /// unbounded by default).
+    pub max_entries: usize,
 }
 
 impl Default for Options {
@@ -143,6 +147,7 @@ impl Default for Options {
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
             skip_dirs: DEFAULT_SKIP_DIRS.iter().map(|s| s.to_string()).collect(),
             follow_symlinks: true,
+            max_entries: usize::MAX,
         }
     }
 }
@@ -173,6 +178,8 @@ pub enum AnalyzeError {
     },
     #[error("{} is not a directory", path.display())]
     NotADirectory { path: PathBuf },
+    #[error("{} holds more than {limit} files and directories", path.display())]
+    TooManyFiles { path: PathBuf, limit: usize },
 }
 
 /// Analyzes every Python, JavaScript and TypeScript file under `root`.

@@ -16,7 +16,8 @@
 use crate::analysis::{self, Analysis, Edge, FileNode, Input};
 use crate::resolve::FileSet;
 use crate::tree::{self, Imports};
-use crate::{graph, EdgeKind, Language, Options, Warning};
+use crate::{graph, AnalyzeError, EdgeKind, Language, Options, Warning};
+use devfleet_protocol::plan::{MAX_BASE_CONFIG_BYTES, MAX_BASE_ENTRIES};
 use devfleet_protocol::{Plan, PlanError};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -35,16 +36,34 @@ pub fn default_estimate(bytes: usize) -> u32 {
 /// Analyzes `plan`; `base_dir` is where its `base` lives, if it has one.
 ///
 /// Checks the plan first ([`Plan::validate`]: paths, duplicates, unknown
-/// dependencies, sizes). An unreadable `base_dir` is a warning, not an
-/// error: imports into it then count as external; callers that can check
-/// the directory (the CLI does) should refuse it earlier.
+/// dependencies, sizes). A `base_dir` that resolves to the filesystem root
+/// or holds more than [`MAX_BASE_ENTRIES`] files and directories rejects
+/// the plan ([`PlanError::InvalidBase`]). An unreadable `base_dir` is a
+/// warning, not an error: imports into it then count as external; callers
+/// that can check the directory (the CLI does) should refuse it earlier.
 pub fn analyze_plan(plan: &Plan, base_dir: Option<&Path>) -> Result<Analysis, PlanError> {
     plan.validate()?;
     let mut warnings = Vec::new();
     let mut set = FileSet::default();
     let mut base_files: HashMap<String, PathBuf> = HashMap::new();
     if let Some(dir) = base_dir {
-        match tree::list(dir, &Options::default()) {
+        let invalid = |reason: String| PlanError::InvalidBase {
+            base: dir.display().to_string(),
+            reason,
+        };
+        if std::fs::canonicalize(dir).is_ok_and(|c| c.parent().is_none()) {
+            return Err(invalid("resolves to the filesystem root".into()));
+        }
+        let options = Options {
+            max_entries: MAX_BASE_ENTRIES,
+            ..Options::default()
+        };
+        match tree::list(dir, &options) {
+            Err(AnalyzeError::TooManyFiles { limit, .. }) => {
+                return Err(invalid(format!(
+                    "holds more than {limit} files and directories (the limit for a base)"
+                )))
+            }
             Ok(listing) => {
                 warnings.extend(listing.warnings);
                 for file in listing.files {
@@ -88,8 +107,10 @@ pub fn analyze_plan(plan: &Plan, base_dir: Option<&Path>) -> Result<Analysis, Pl
         .collect();
     let read = |rel: &str| match contents.get(rel) {
         Some(text) => Some(text.to_string()),
+        // Only resolution configs are read from the base, and only small ones.
         None => base_files
             .get(rel)
+            .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() <= MAX_BASE_CONFIG_BYTES))
             .and_then(|p| std::fs::read_to_string(p).ok()),
     };
     let analysis::Resolved {

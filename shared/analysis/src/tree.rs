@@ -272,7 +272,9 @@ fn read_directory(root: &Path, job: &DirJob, opts: &Options) -> DirContents {
 /// hidden directories, `opts.skip_dirs`, virtualenvs (a directory holding
 /// `pyvenv.cfg`) and symlink loops.
 ///
-/// Fails only when `root` is not a readable directory.
+/// Fails when `root` is not a readable directory, or when it holds more
+/// than `opts.max_entries` files and directories (checked after each
+/// directory read, so one giant directory is read before the refusal).
 pub fn list(root: &Path, opts: &Options) -> Result<Listing, AnalyzeError> {
     let canonical = open_root(root)?;
     let mut listing = Listing::default();
@@ -281,8 +283,18 @@ pub fn list(root: &Path, opts: &Options) -> Result<Listing, AnalyzeError> {
         rel: String::new(),
         chain: None,
     }];
+    let mut entries = 0usize;
     while let Some(job) = stack.pop() {
         let found = read_directory(&canonical, &job, opts);
+        entries = entries
+            .saturating_add(found.files.len())
+            .saturating_add(found.subdirs.len());
+        if entries > opts.max_entries {
+            return Err(AnalyzeError::TooManyFiles {
+                path: root.to_path_buf(),
+                limit: opts.max_entries,
+            });
+        }
         listing.files.extend(found.files);
         listing.warnings.extend(found.warnings);
         stack.extend(found.subdirs);

@@ -656,6 +656,35 @@ fn bad_plans_are_rejected_naming_the_task() {
     );
 }
 
+#[test]
+fn a_base_at_the_filesystem_root_or_with_too_many_files_rejects_the_plan() {
+    use devfleet_protocol::plan::MAX_BASE_ENTRIES;
+    let plan =
+        Plan::parse("name: x\nbase: repo\ntasks:\n  - { path: a.py, spec: s }\n").expect("plan");
+    let deep = tempfile::tempdir().expect("temp dir");
+    let climbing = deep.path().join("../".repeat(64));
+    for root in [Path::new("/"), climbing.as_path()] {
+        match analyze_plan(&plan, Some(root)) {
+            Err(PlanError::InvalidBase { reason, .. }) => {
+                assert!(reason.contains("filesystem root"), "{reason}")
+            }
+            other => panic!("{}: expected InvalidBase, got {other:?}", root.display()),
+        }
+    }
+    let big = tempfile::tempdir().expect("temp dir");
+    for i in 0..=MAX_BASE_ENTRIES {
+        std::fs::write(big.path().join(format!("f{i}")), b"").expect("write");
+    }
+    match analyze_plan(&plan, Some(big.path())) {
+        Err(e @ PlanError::InvalidBase { .. }) => {
+            assert!(e.to_string().contains(&MAX_BASE_ENTRIES.to_string()), "{e}")
+        }
+        other => panic!("expected InvalidBase, got {other:?}"),
+    }
+    std::fs::remove_file(big.path().join("f0")).expect("remove");
+    analyze_plan(&plan, Some(big.path())).expect("a base at the limit is fine");
+}
+
 /// Inputs made of the characters that switch lexer states, so random cases
 /// reach nested strings, templates, JSX and regexes, not just plain text.
 fn tricky_source() -> impl Strategy<Value = String> {

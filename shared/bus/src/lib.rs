@@ -366,11 +366,21 @@ pub fn subject_matches(pattern: &str, subject: &str) -> bool {
     }
 }
 
-/// Publishes an envelope; encodes it first.
+/// Publishes an envelope; encodes it first. An envelope over
+/// [`MAX_PAYLOAD_BYTES`], or over what the server takes, is
+/// [`BusError::TooLarge`]: it will never fit, so do not retry it.
 pub async fn publish_envelope(bus: &dyn Bus, queue: &str, envelope: &Envelope) -> BusResult<()> {
-    let bytes = envelope.encode().map_err(|e| BusError::Publish {
-        queue: queue.to_owned(),
-        reason: e.to_string(),
+    let bytes = envelope.encode().map_err(|e| match e {
+        // Typed, so a caller can tell "never fits" from "try again".
+        devfleet_protocol::EncodeError::TooLarge { size, limit, .. } => BusError::TooLarge {
+            queue: queue.to_owned(),
+            size,
+            limit,
+        },
+        e => BusError::Publish {
+            queue: queue.to_owned(),
+            reason: e.to_string(),
+        },
     })?;
     bus.publish(queue, &bytes).await
 }

@@ -4,16 +4,21 @@
 //! step) and [`IntegrationTally`] (the verdict so far, idempotent per
 //! shard). How a qa-worker runs a shard lives in the qa-worker.
 
+use devfleet_protocol::plan::MAX_SHARDS;
 use devfleet_protocol::{IntegrationResult, IntegrationStep, IntegrationWork};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// The integration work a plan's steps make: one item per shard of each step.
+///
+/// A shard count over [`MAX_SHARDS`] (which a checked plan never has: a
+/// plan stored before the limit, or a bug) counts as [`MAX_SHARDS`], so
+/// no message can make the scheduler allocate billions of work items.
 pub fn shards(plan_id: &str, steps: &[IntegrationStep]) -> Vec<IntegrationWork> {
     steps
         .iter()
         .flat_map(|step| {
-            let count = step.shard.unwrap_or(1).max(1);
+            let count = step.shard.unwrap_or(1).clamp(1, MAX_SHARDS);
             (0..count).map(move |index| IntegrationWork {
                 plan_id: plan_id.to_owned(),
                 step: step.clone(),
@@ -168,6 +173,13 @@ mod tests {
                 ("lint", 0, 1)
             ]
         );
+    }
+
+    #[test]
+    fn an_unchecked_shard_count_is_capped_not_allocated() {
+        let w = shards("p", &[step("unit", Some(u32::MAX))]);
+        assert_eq!(w.len(), MAX_SHARDS as usize);
+        assert!(w.iter().all(|w| w.shard_count == MAX_SHARDS));
     }
 
     #[test]

@@ -14,12 +14,42 @@
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
+// Upper bounds on every field that sizes work, checked by
+// [`Plan::validate`] before anything is created. Together they keep a valid
+// plan inside the messages that carry it: `plans.submitted` holds the plan
+// and `plans.analyzed` the plan plus a copy of its tasks, so
+// 2 × [`MAX_PLAN_BYTES`] plus per-task overhead stays under the bus's
+// 16 MiB envelope (`MAX_ENVELOPE_BYTES`); the analyzer still measures the
+// analyzed message and rejects a plan whose parsed dependencies push it over.
+
 /// Largest `content` accepted for one task, in bytes.
 pub const MAX_TASK_CONTENT_BYTES: usize = 1024 * 1024;
+/// Largest `spec` accepted for one task, in bytes.
+pub const MAX_SPEC_BYTES: usize = 64 * 1024;
 /// Largest number of tasks in one plan.
 pub const MAX_TASKS: usize = 20_000;
-/// Longest task path accepted, in bytes.
+/// Longest task path (and `base`) accepted, in bytes.
 pub const MAX_PATH_BYTES: usize = 1024;
+/// Longest plan `name` and integration step `name`, in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Largest total of the plan's text, in bytes: every task's path, spec,
+/// content and `depends_on` entries, plus the integration commands.
+pub const MAX_PLAN_BYTES: usize = 6 * 1024 * 1024;
+/// Largest `estimate` of one task (priorities, sums of estimates along a
+/// path of up to [`MAX_TASKS`] tasks, stay far below `u32::MAX`).
+pub const MAX_ESTIMATE: u32 = 100_000;
+/// Most integration steps in one plan.
+pub const MAX_INTEGRATION_STEPS: usize = 32;
+/// Most shards one integration step may be split into.
+pub const MAX_SHARDS: u32 = 256;
+/// Longest `timeout_seconds` of an integration step: one day.
+pub const MAX_TIMEOUT_SECONDS: u64 = 24 * 60 * 60;
+/// Most files and directories in a plan's `base` (checked where the base
+/// is listed: the analyzer and `devfleet analyze`).
+pub const MAX_BASE_ENTRIES: usize = 100_000;
+/// Largest base file read to steer resolution (`tsconfig.json`,
+/// `jsconfig.json`), in bytes.
+pub const MAX_BASE_CONFIG_BYTES: u64 = 1024 * 1024;
 
 /// A plan as the user wrote it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -231,6 +261,10 @@ pub enum PlanError {
     Syntax(String),
     #[error("plan has an empty name")]
     EmptyName,
+    #[error("plan name is {size} bytes; the limit is {limit}")]
+    NameTooLong { size: usize, limit: usize },
+    #[error("plan is {size} bytes of text (paths, specs, contents, depends_on and integration commands); the limit is {limit}")]
+    PlanTooLarge { size: usize, limit: usize },
     #[error("plan has no tasks")]
     NoTasks,
     #[error("plan has {count} tasks; the limit is {limit}")]
@@ -247,14 +281,30 @@ pub enum PlanError {
         size: usize,
         limit: usize,
     },
+    #[error("task '{task}': spec is {size} bytes; the limit is {limit}")]
+    SpecTooLarge {
+        task: String,
+        size: usize,
+        limit: usize,
+    },
+    #[error("task '{task}': estimate is {estimate}; the limit is {limit}")]
+    EstimateTooLarge {
+        task: String,
+        estimate: u32,
+        limit: u32,
+    },
     #[error("task '{task}': depends on '{dependency}', which is not a task of this plan")]
     UnknownDependency { task: String, dependency: String },
     #[error("task '{task}': depends on itself")]
     SelfDependency { task: String },
     #[error("tasks form a dependency cycle that cannot be broken: {}", files.join(" -> "))]
     Cycle { files: Vec<String> },
+    #[error("plan has {count} integration steps; the limit is {limit}")]
+    TooManyIntegrationSteps { count: usize, limit: usize },
     #[error("integration step '{step}': {reason}")]
     InvalidIntegration { step: String, reason: String },
+    #[error("base '{base}': {reason}")]
+    InvalidBase { base: String, reason: String },
     #[error("deploy: {0}")]
     InvalidDeploy(String),
 }
@@ -272,6 +322,18 @@ impl Plan {
     pub fn validate(&self) -> Result<(), PlanError> {
         if self.name.trim().is_empty() {
             return Err(PlanError::EmptyName);
+        }
+        if self.name.len() > MAX_NAME_BYTES {
+            return Err(PlanError::NameTooLong {
+                size: self.name.len(),
+                limit: MAX_NAME_BYTES,
+            });
+        }
+        if let Some(base) = &self.base {
+            validate_base(base).map_err(|reason| PlanError::InvalidBase {
+                base: base.clone(),
+                reason,
+            })?;
         }
         if self.tasks.is_empty() {
             return Err(PlanError::NoTasks);
@@ -298,6 +360,13 @@ impl Plan {
                     task: task.path.clone(),
                 });
             }
+            if task.spec.len() > MAX_SPEC_BYTES {
+                return Err(PlanError::SpecTooLarge {
+                    task: task.path.clone(),
+                    size: task.spec.len(),
+                    limit: MAX_SPEC_BYTES,
+                });
+            }
             if let Some(content) = &task.content {
                 if content.len() > MAX_TASK_CONTENT_BYTES {
                     return Err(PlanError::ContentTooLarge {
@@ -307,6 +376,20 @@ impl Plan {
                     });
                 }
             }
+            if let Some(estimate) = task.estimate.filter(|&e| e > MAX_ESTIMATE) {
+                return Err(PlanError::EstimateTooLarge {
+                    task: task.path.clone(),
+                    estimate,
+                    limit: MAX_ESTIMATE,
+                });
+            }
+        }
+        let size = self.text_bytes();
+        if size > MAX_PLAN_BYTES {
+            return Err(PlanError::PlanTooLarge {
+                size,
+                limit: MAX_PLAN_BYTES,
+            });
         }
         for task in &self.tasks {
             for dep in &task.depends_on {
@@ -323,22 +406,77 @@ impl Plan {
                 }
             }
         }
+        if self.integration.len() > MAX_INTEGRATION_STEPS {
+            return Err(PlanError::TooManyIntegrationSteps {
+                count: self.integration.len(),
+                limit: MAX_INTEGRATION_STEPS,
+            });
+        }
         for step in &self.integration {
-            if step.name.trim().is_empty() || step.run.trim().is_empty() {
-                return Err(PlanError::InvalidIntegration {
+            step.validate()
+                .map_err(|reason| PlanError::InvalidIntegration {
                     step: step.name.clone(),
-                    reason: "name and run must not be empty".into(),
-                });
-            }
-            if step.shard == Some(0) {
-                return Err(PlanError::InvalidIntegration {
-                    step: step.name.clone(),
-                    reason: "shard must be at least 1".into(),
-                });
-            }
+                    reason,
+                })?;
         }
         if let Some(deploy) = &self.deploy {
             deploy.validate().map_err(PlanError::InvalidDeploy)?;
+        }
+        Ok(())
+    }
+}
+
+impl Plan {
+    /// Bytes of text the plan carries: what [`MAX_PLAN_BYTES`] bounds.
+    pub fn text_bytes(&self) -> usize {
+        let tasks: usize = self
+            .tasks
+            .iter()
+            .map(|t| {
+                t.path.len()
+                    + t.spec.len()
+                    + t.content.as_ref().map_or(0, String::len)
+                    + t.depends_on.iter().map(String::len).sum::<usize>()
+            })
+            .sum();
+        let steps: usize = self
+            .integration
+            .iter()
+            .map(|s| s.name.len() + s.run.len())
+            .sum();
+        self.name.len() + self.base.as_ref().map_or(0, String::len) + tasks + steps
+    }
+}
+
+impl IntegrationStep {
+    /// Checks the step on its own: a name and a command, `shard` in
+    /// 1..=[`MAX_SHARDS`], `timeout_seconds` in 1..=[`MAX_TIMEOUT_SECONDS`].
+    /// The error is the reason, naming the field and its limit.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.name.trim().is_empty() || self.run.trim().is_empty() {
+            return Err("name and run must not be empty".into());
+        }
+        if self.name.len() > MAX_NAME_BYTES {
+            return Err(format!(
+                "name is {} bytes; the limit is {MAX_NAME_BYTES}",
+                self.name.len()
+            ));
+        }
+        match self.shard {
+            Some(0) => return Err("shard must be at least 1".into()),
+            Some(n) if n > MAX_SHARDS => {
+                return Err(format!("shard is {n}; the limit is {MAX_SHARDS}"))
+            }
+            _ => {}
+        }
+        match self.timeout_seconds {
+            Some(0) => return Err("timeout_seconds must be at least 1".into()),
+            Some(n) if n > MAX_TIMEOUT_SECONDS => {
+                return Err(format!(
+                    "timeout_seconds is {n}; the limit is {MAX_TIMEOUT_SECONDS}"
+                ))
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -373,10 +511,48 @@ impl DeploySpec {
     }
 }
 
+/// Checks a plan's `base` as text: not empty, not over-long, no control
+/// characters, and not the filesystem root (`/`, `//`, `/.`, `C:\`…),
+/// which would have the analyzer list every file of its host. Where the
+/// base is on disk, the analyzer also refuses one that resolves to the
+/// root or holds too many files.
+pub fn validate_base(base: &str) -> Result<(), String> {
+    if base.trim().is_empty() {
+        return Err("empty base".into());
+    }
+    if base.len() > MAX_PATH_BYTES {
+        return Err(format!(
+            "base is {} bytes; the limit is {MAX_PATH_BYTES}",
+            base.len()
+        ));
+    }
+    if base.chars().any(|c| c.is_control()) {
+        return Err("contains a control character".into());
+    }
+    let unrooted = match base.as_bytes() {
+        [drive, b':', ..] if drive.is_ascii_alphabetic() => &base[2..],
+        _ => base,
+    };
+    // Lexically: `/`, `//`, `/.`, `/a/..` all name the root.
+    let depth = unrooted
+        .split(['/', '\\'])
+        .fold(0usize, |depth, c| match c {
+            "" | "." => depth,
+            ".." => depth.saturating_sub(1),
+            _ => depth + 1,
+        });
+    if unrooted.starts_with(['/', '\\']) && depth == 0 {
+        return Err("the filesystem root is not a base".into());
+    }
+    Ok(())
+}
+
 /// Checks that a task path stays inside the workspace.
 ///
 /// Rejects absolute paths, `..` and `.` components, empty components,
-/// backslashes, control characters and over-long paths.
+/// backslashes, control characters, over-long paths, and `.git`
+/// components (a file there would be git metadata, e.g. a hook, once the
+/// tree is pulled into a repository).
 pub fn validate_path(path: &str) -> Result<(), String> {
     if path.is_empty() {
         return Err("empty path".into());
@@ -401,6 +577,9 @@ pub fn validate_path(path: &str) -> Result<(), String> {
             "" => return Err("empty path component ('//' or trailing '/')".into()),
             "." => return Err("'.' components are not allowed".into()),
             ".." => return Err("'..' escapes the workspace".into()),
+            c if c.eq_ignore_ascii_case(".git") => {
+                return Err("'.git' components are not allowed (git metadata)".into())
+            }
             _ => {}
         }
     }
@@ -577,6 +756,160 @@ colour: red
             plan.validate(),
             Err(PlanError::ContentTooLarge { .. })
         ));
+    }
+
+    /// A plan of `n` small tasks.
+    fn tasks(n: usize) -> Plan {
+        Plan {
+            name: "x".into(),
+            base: None,
+            executor: None,
+            tasks: (0..n)
+                .map(|i| TaskDef {
+                    path: format!("pkg/m{i}.py"),
+                    spec: format!("module {i}"),
+                    content: None,
+                    depends_on: vec![],
+                    estimate: None,
+                    executor: None,
+                })
+                .collect(),
+            integration: vec![],
+            deploy: None,
+        }
+    }
+
+    fn with_step(step: &str) -> Result<Plan, PlanError> {
+        Plan::parse(&format!(
+            "name: x\ntasks:\n  - {{ path: a.py, spec: s }}\nintegration:\n  - {step}\n"
+        ))
+    }
+
+    #[test]
+    fn integration_shards_and_timeouts_are_bounded_naming_field_and_limit() {
+        for (step, field, limit) in [
+            (
+                "{ name: u, run: pytest, shard: 4294967295 }",
+                "shard is 4294967295",
+                MAX_SHARDS.to_string(),
+            ),
+            (
+                "{ name: u, run: pytest, timeout_seconds: 18446744073709551615 }",
+                "timeout_seconds is 18446744073709551615",
+                MAX_TIMEOUT_SECONDS.to_string(),
+            ),
+            (
+                "{ name: u, run: pytest, timeout_seconds: 0 }",
+                "timeout_seconds must be at least 1",
+                String::new(),
+            ),
+        ] {
+            let err = with_step(step).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                matches!(err, PlanError::InvalidIntegration { ref step, .. } if step == "u"),
+                "{text}"
+            );
+            assert!(text.contains(field) && text.contains(&limit), "{text}");
+        }
+        let at_limit = format!(
+            "{{ name: u, run: pytest, shard: {MAX_SHARDS}, timeout_seconds: {MAX_TIMEOUT_SECONDS} }}"
+        );
+        with_step(&at_limit).unwrap();
+        let mut plan = tasks(1);
+        plan.integration = (0..=MAX_INTEGRATION_STEPS)
+            .map(|i| IntegrationStep {
+                name: format!("s{i}"),
+                run: "true".into(),
+                shard: None,
+                timeout_seconds: None,
+            })
+            .collect();
+        assert_eq!(
+            plan.validate(),
+            Err(PlanError::TooManyIntegrationSteps {
+                count: MAX_INTEGRATION_STEPS + 1,
+                limit: MAX_INTEGRATION_STEPS
+            })
+        );
+    }
+
+    #[test]
+    fn task_count_spec_estimate_and_total_size_are_bounded() {
+        tasks(MAX_TASKS).validate().unwrap();
+        assert_eq!(
+            tasks(MAX_TASKS + 1).validate(),
+            Err(PlanError::TooManyTasks {
+                count: MAX_TASKS + 1,
+                limit: MAX_TASKS
+            })
+        );
+        let mut plan = tasks(1);
+        plan.tasks[0].spec = "s".repeat(MAX_SPEC_BYTES + 1);
+        assert!(
+            matches!(plan.validate(), Err(PlanError::SpecTooLarge { ref task, .. }) if task == "pkg/m0.py")
+        );
+        let mut plan = tasks(1);
+        plan.tasks[0].estimate = Some(u32::MAX);
+        let err = plan.validate().unwrap_err();
+        assert!(err.to_string().contains(&MAX_ESTIMATE.to_string()), "{err}");
+        // Each task under its own limit, together over the plan's.
+        let mut plan = tasks(MAX_PLAN_BYTES / MAX_TASK_CONTENT_BYTES + 1);
+        for task in &mut plan.tasks {
+            task.content = Some("x".repeat(MAX_TASK_CONTENT_BYTES));
+        }
+        let err = plan.validate().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PlanError::PlanTooLarge {
+                    limit: MAX_PLAN_BYTES,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let mut plan = tasks(1);
+        plan.name = "n".repeat(MAX_NAME_BYTES + 1);
+        assert!(matches!(
+            plan.validate(),
+            Err(PlanError::NameTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn the_filesystem_root_is_no_base() {
+        for root in ["/", "//", "/.", "/./", "/tmp/..", "C:\\", "c:/", "\\"] {
+            let mut plan = tasks(1);
+            plan.base = Some(root.into());
+            match plan.validate() {
+                Err(PlanError::InvalidBase { base, reason }) => {
+                    assert_eq!(base, root);
+                    assert!(reason.contains("root"), "{reason}");
+                }
+                other => panic!("{root}: expected InvalidBase, got {other:?}"),
+            }
+        }
+        for ok in ["./existing-repo", "repo", "/srv/repo", "../sibling"] {
+            let mut plan = tasks(1);
+            plan.base = Some(ok.into());
+            plan.validate().unwrap();
+        }
+        let mut plan = tasks(1);
+        plan.base = Some(String::new());
+        assert!(matches!(
+            plan.validate(),
+            Err(PlanError::InvalidBase { .. })
+        ));
+    }
+
+    #[test]
+    fn git_metadata_paths_are_refused() {
+        for bad in [".git/hooks/post-checkout", "a/.git/config", ".GIT/x"] {
+            assert!(validate_path(bad).unwrap_err().contains(".git"), "{bad}");
+        }
+        validate_path(".gitignore").unwrap();
+        validate_path("a/.github/workflows/ci.yml").unwrap();
     }
 
     #[test]
