@@ -10,6 +10,7 @@ mod env_doc;
 mod publish;
 mod report;
 mod status;
+mod tree_write;
 mod up;
 mod watch;
 

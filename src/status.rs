@@ -105,7 +105,9 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
 pub struct PullArgs {
     /// The plan whose files to write.
     plan_id: String,
-    /// Folder to write into (created if missing; files are overwritten).
+    /// Folder to write into (created if missing; files are replaced;
+    /// nothing is written through a symbolic link inside it, nor under
+    /// `.git/`).
     #[arg(long)]
     out: PathBuf,
     #[command(flatten)]
@@ -121,8 +123,8 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
     let mut written = 0usize;
     let mut missing = Vec::new();
     for task in store.tasks(&args.plan_id).await? {
-        // Paths were validated at submission; check again before writing,
-        // since the store is not ours to trust blindly.
+        // Paths were validated at submission; check again before reading
+        // the artifact, since the store is not ours to trust blindly.
         devfleet_protocol::plan::validate_path(&task.path)
             .map_err(|e| anyhow::anyhow!("refusing to write '{}': {e}", task.path))?;
         let Some(hash) = task.artifact.as_deref() else {
@@ -133,12 +135,7 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
             .artifact(hash)
             .await?
             .with_context(|| format!("artifact {hash} of '{}' is missing", task.path))?;
-        let dest = args.out.join(&task.path);
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("creating {}", parent.display()))?;
-        }
-        std::fs::write(&dest, bytes).with_context(|| format!("writing {}", dest.display()))?;
+        crate::tree_write::write_file(&args.out, &task.path, &bytes)?;
         written += 1;
     }
     println!("wrote {written} files to {}", args.out.display());
