@@ -10,8 +10,14 @@ use std::collections::{BTreeMap, BTreeSet};
 const DOC: &str = include_str!("../docs/OPERATIONS.md");
 
 /// Read directly rather than through clap: the log format (the telemetry
-/// crate) and the OpenAI key (never a flag, so it cannot show in `ps`).
-const DIRECT: &[&str] = &["DEVFLEET_LOG_FORMAT", "DEVFLEET_OPENAI_API_KEY"];
+/// crate), the OpenAI key and the gateway token (never flags, so they
+/// cannot show in `ps`).
+const DIRECT: &[&str] = &[
+    "DEVFLEET_LOG_FORMAT",
+    "DEVFLEET_OPENAI_API_KEY",
+    devfleet_metrics_gateway::TOKEN_ENV,
+    devfleet_metrics_gateway::TOKEN_FILE_ENV,
+];
 
 /// The settings of every embedded service, by binary name, as clap
 /// commands: what `up` reads from the environment (and what the check of

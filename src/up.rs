@@ -104,8 +104,10 @@ fn spawn_services(
     let qa_worker =
         settings::<devfleet_qa_worker::settings::Settings>("qa-worker")?.into_config(c())?;
     let canary = settings::<devfleet_canary::settings::Settings>("canary")?.into_config(c());
-    let gateway =
-        settings::<devfleet_metrics_gateway::Settings>("metrics-gateway")?.into_config(c());
+    let gateway = settings::<devfleet_metrics_gateway::Settings>("metrics-gateway")?
+        .into_config(c())
+        .with_token_from_env()
+        .context("metrics-gateway settings")?;
     scheduler.validate().context("scheduler settings")?;
     dev_worker.validate().context("dev-worker settings")?;
     router.validate().context("router settings")?;

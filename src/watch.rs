@@ -15,6 +15,9 @@ use std::process::ExitCode;
   devfleet watch --stats                          # windowed count/avg/p50/p95, then exit
   DEVFLEET_GATEWAY_TOKEN=s3cret devfleet watch --url ws://10.0.0.5:7070/ws
 
+The token, if the gateway needs one, is read from DEVFLEET_GATEWAY_TOKEN or
+the file DEVFLEET_GATEWAY_TOKEN_FILE names, never from a flag (flags show in `ps`).
+
 Metric types: task_progress, system_health, performance, queue_status,
 worker_status, error, deployment.")]
 pub struct WatchArgs {
@@ -27,9 +30,6 @@ pub struct WatchArgs {
     /// Gateway address, used when --url is not given.
     #[arg(long, env = "DEVFLEET_GATEWAY_ADDR", default_value = devfleet_metrics_gateway::DEFAULT_ADDR)]
     addr: String,
-    /// Token the gateway requires, if any.
-    #[arg(long, env = "DEVFLEET_GATEWAY_TOKEN", hide_env_values = true)]
-    token: Option<String>,
     /// Print each frame as one line of JSON, exactly as the gateway sent it.
     #[arg(long)]
     json: bool,
@@ -51,8 +51,8 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         .url
         .clone()
         .unwrap_or_else(|| client::url_for(&args.addr));
-    let token = args.token.as_deref().filter(|t| !t.is_empty());
-    let (mut socket, welcome) = client::connect(&url, token).await?;
+    let token = devfleet_metrics_gateway::token_from_env()?;
+    let (mut socket, welcome) = client::connect(&url, token.as_deref()).await?;
     let metrics = if args.metrics.is_empty() {
         MetricType::ALL.to_vec()
     } else {

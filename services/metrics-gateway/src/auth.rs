@@ -6,8 +6,50 @@
 //! same time whatever the mismatch. The Origin check applies to WebSocket
 //! upgrades only (cross-site WebSocket hijacking); requests without an
 //! Origin header (non-browser clients) pass it.
+//!
+//! The token is read from the environment or a file, never from a
+//! command-line flag: a process's arguments are visible to every user of
+//! the host (`ps`), its environment and a mode-0600 file are not.
 
+use anyhow::Context as _;
 use axum::http::{header, HeaderMap, Uri};
+
+/// The variable holding the gateway token.
+pub const TOKEN_ENV: &str = "DEVFLEET_GATEWAY_TOKEN";
+/// The variable naming a file whose first line is the gateway token (a
+/// mounted secret).
+pub const TOKEN_FILE_ENV: &str = "DEVFLEET_GATEWAY_TOKEN_FILE";
+
+/// The gateway token from the environment ([`TOKEN_ENV`] or the file
+/// [`TOKEN_FILE_ENV`] names), for the gateway and its clients alike;
+/// `None` when neither is set. Empty counts as unset; both set, or a file
+/// that cannot be read, is an error naming the variable.
+pub fn token_from_env() -> anyhow::Result<Option<String>> {
+    let var = |name| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    token_from(var(TOKEN_ENV), var(TOKEN_FILE_ENV))
+}
+
+/// [`token_from_env`] on given values of the two variables.
+fn token_from(token: Option<String>, file: Option<String>) -> anyhow::Result<Option<String>> {
+    match (token, file) {
+        (Some(_), Some(_)) => {
+            anyhow::bail!("set one of {TOKEN_ENV} and {TOKEN_FILE_ENV}, not both")
+        }
+        (Some(token), None) => Ok(Some(token)),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(&path).with_context(|| {
+                format!("reading the gateway token from {path} ({TOKEN_FILE_ENV})")
+            })?;
+            let token = text.lines().next().unwrap_or_default().trim().to_owned();
+            anyhow::ensure!(
+                !token.is_empty(),
+                "{path} ({TOKEN_FILE_ENV}) holds no token"
+            );
+            Ok(Some(token))
+        }
+        (None, None) => Ok(None),
+    }
+}
 
 /// True when `headers`/`uri` carry `expected` (or no token is required).
 pub fn token_ok(expected: Option<&str>, headers: &HeaderMap, uri: &Uri) -> bool {
@@ -126,6 +168,31 @@ mod tests {
         );
         assert!(token_ok(Some("s3cret"), &h, &uri("/ws")));
         assert!(!token_ok(Some("other"), &h, &uri("/ws")));
+    }
+
+    #[test]
+    fn the_token_comes_from_the_variable_or_a_file_never_both() {
+        assert_eq!(token_from(None, None).unwrap(), None);
+        assert_eq!(
+            token_from(Some("s3cret".into()), None).unwrap().as_deref(),
+            Some("s3cret")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "f1le-token\n").unwrap();
+        let path = file.display().to_string();
+        assert_eq!(
+            token_from(None, Some(path.clone())).unwrap().as_deref(),
+            Some("f1le-token")
+        );
+        let both = token_from(Some("a".into()), Some(path)).unwrap_err();
+        assert!(both.to_string().contains(TOKEN_FILE_ENV), "{both}");
+        let missing =
+            token_from(None, Some(dir.path().join("nope").display().to_string())).unwrap_err();
+        assert!(
+            format!("{missing:#}").contains(TOKEN_FILE_ENV),
+            "{missing:#}"
+        );
     }
 
     #[test]

@@ -150,18 +150,23 @@ async fn websocket(
         gateway.refuse(Refusal::Origin);
         return Refusal::Origin.response();
     }
-    if gateway.hub.connected() >= gateway.config.max_connections {
+    let Some(slot) = gateway.hub.reserve(gateway.config.max_connections) else {
         gateway.refuse(Refusal::TooManyConnections);
         return Refusal::TooManyConnections.response();
-    }
+    };
     let limit = gateway.config.max_frame_bytes;
     let tracker = state.connections.clone();
+    // The slot is held until the connection ends; if the upgrade fails,
+    // the callback is dropped unrun and the slot with it.
     upgrade
         .max_message_size(limit)
         .max_frame_size(limit)
         .on_upgrade(move |socket| {
             // Tracked so `run` can wait for connections to say goodbye.
-            tracker.track_future(connection::serve(socket, gateway))
+            tracker.track_future(async move {
+                let _slot = slot;
+                connection::serve(socket, gateway).await
+            })
         })
 }
 

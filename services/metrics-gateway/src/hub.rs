@@ -10,7 +10,7 @@
 use axum::extract::ws::Utf8Bytes;
 use devfleet_protocol::MetricType;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -148,9 +148,22 @@ impl HubCounters {
     }
 }
 
+/// A connection slot, taken with [`Hub::reserve`] when an upgrade is
+/// accepted and given back when this is dropped (the connection ended, or
+/// the upgrade never completed).
+pub struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// The registry of connected clients.
 pub struct Hub {
     clients: RwLock<HashMap<u64, Arc<Client>>>,
+    /// Slots held: upgrades accepted and not yet ended, registered or not.
+    slots: Arc<AtomicUsize>,
     next_id: AtomicU64,
     queue_capacity: usize,
     shutdown: CancellationToken,
@@ -163,11 +176,25 @@ impl Hub {
     pub fn new(queue_capacity: usize, shutdown: CancellationToken) -> Self {
         Self {
             clients: RwLock::new(HashMap::new()),
+            slots: Arc::new(AtomicUsize::new(0)),
             next_id: AtomicU64::new(1),
             queue_capacity: queue_capacity.max(1),
             shutdown,
             counters: HubCounters::default(),
         }
+    }
+
+    /// Takes one of `limit` connection slots, or `None` when all are held.
+    /// Check and take are one atomic step, so however many upgrades race,
+    /// at most `limit` connections are ever accepted (a count of registered
+    /// clients would let every upgrade in flight past the check).
+    pub fn reserve(&self, limit: usize) -> Option<Slot> {
+        self.slots
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                (held < limit).then_some(held + 1)
+            })
+            .ok()
+            .map(|_| Slot(self.slots.clone()))
     }
 
     /// Connected clients.

@@ -51,6 +51,7 @@ pub mod settings;
 mod snapshot;
 pub mod window;
 
+pub use auth::{token_from_env, TOKEN_ENV, TOKEN_FILE_ENV};
 pub use http::Refusal;
 pub use settings::Settings;
 pub use window::WindowConfig;
@@ -67,8 +68,9 @@ pub struct Config {
     /// An already bound listener to serve on instead of binding `addr`
     /// (tests bind port 0 and read the port before starting the gateway).
     pub listener: Option<Arc<std::net::TcpListener>>,
-    /// Token every client must present (`DEVFLEET_GATEWAY_TOKEN`); `None`
-    /// serves everyone.
+    /// Token every client must present (`DEVFLEET_GATEWAY_TOKEN` or the
+    /// file `DEVFLEET_GATEWAY_TOKEN_FILE` names, see
+    /// [`Config::with_token_from_env`]); `None` serves everyone.
     pub token: Option<String>,
     /// Origins allowed to open the WebSocket (`DEVFLEET_GATEWAY_ORIGINS`);
     /// empty means same origin only, `*` any. Clients sending no Origin
@@ -101,6 +103,13 @@ impl Config {
     /// frames, a 60 s window, a poll every 2 s.
     pub fn new(connections: Connections) -> Self {
         Settings::default().into_config(connections)
+    }
+
+    /// The same configuration with the token of the environment
+    /// ([`token_from_env`]); how the binary and `devfleet up` get it.
+    pub fn with_token_from_env(mut self) -> anyhow::Result<Self> {
+        self.token = token_from_env()?;
+        Ok(self)
     }
 
     /// Serve on an already bound listener instead of binding `addr`.
@@ -157,6 +166,19 @@ impl Config {
                 "DEVFLEET_GATEWAY_TOKEN must be non-empty printable ASCII without spaces"
             );
         }
+        // Without a token, the Origin check is all that stands between a
+        // browser on another site and the stream; the same-origin default
+        // trusts the Host header, which DNS rebinding controls. So off
+        // loopback an explicit allow-list is required.
+        anyhow::ensure!(
+            self.token.is_some()
+                || !self.allowed_origins.is_empty()
+                || self.addr.ip().is_loopback(),
+            "DEVFLEET_GATEWAY_ORIGINS must list the origins allowed to open the WebSocket \
+             (e.g. https://ops.example.com, or * for any) when DEVFLEET_GATEWAY_ADDR ({}) is \
+             not a loopback address and no DEVFLEET_GATEWAY_TOKEN is set",
+            self.addr
+        );
         Ok(())
     }
 }

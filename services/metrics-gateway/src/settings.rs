@@ -14,11 +14,9 @@ pub struct Settings {
     /// Address to serve HTTP and WebSocket on.
     #[arg(long = "addr", env = "DEVFLEET_GATEWAY_ADDR", default_value = DEFAULT_ADDR)]
     pub addr: SocketAddr,
-    /// Token clients must present (Authorization: Bearer, or ?token=).
-    #[arg(long = "token", env = "DEVFLEET_GATEWAY_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
     /// Comma-separated origins allowed to open the WebSocket ("*" for any;
-    /// unset: same origin only).
+    /// unset: same origin only). Required on a non-loopback address
+    /// without a token.
     #[arg(
         long = "origins",
         env = "DEVFLEET_GATEWAY_ORIGINS",
@@ -77,14 +75,15 @@ impl Default for Settings {
 
 impl Settings {
     /// The service configuration these settings describe (checked by
-    /// [`Config::validate`] when the gateway runs). An empty token or
-    /// origin counts as none.
+    /// [`Config::validate`] when the gateway runs), without a token: that
+    /// comes from the environment ([`Config::with_token_from_env`]), never
+    /// from a flag. An empty origin counts as none.
     pub fn into_config(self, connections: Connections) -> Config {
         Config {
             connections,
             addr: self.addr,
             listener: None,
-            token: self.token.filter(|t| !t.is_empty()),
+            token: None,
             allowed_origins: self
                 .origins
                 .iter()
@@ -157,5 +156,12 @@ mod tests {
             Duration::from_millis(500)
         );
         assert!(Cli::try_parse_from(["metrics-gateway", "--window-seconds", "-1"]).is_err());
+    }
+
+    #[test]
+    fn there_is_no_token_flag() {
+        use clap::Parser as _;
+        // A flag's value is visible to every user of the host in `ps`.
+        assert!(Cli::try_parse_from(["metrics-gateway", "--token", "s3cret"]).is_err());
     }
 }

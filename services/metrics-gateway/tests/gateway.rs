@@ -456,6 +456,69 @@ async fn connection_without_the_token_is_refused() {
     gw.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_limit_holds_under_concurrent_upgrades() {
+    const LIMIT: usize = 3;
+    let gw = Gateway::memory(|c| c.max_connections = LIMIT).await;
+    let url = format!("ws://{}/ws", gw.addr);
+    // Every handshake at once: each upgrade is checked before any of the
+    // accepted ones has registered as a client.
+    let attempts = futures::future::join_all((0..40).map(|_| ws_connect(&url, None))).await;
+    let mut open = Vec::new();
+    for attempt in attempts {
+        match attempt {
+            Ok((ws, welcome)) => {
+                assert_eq!(welcome["type"], "welcome");
+                open.push(ws);
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
+            Err(other) => panic!("expected a welcome or 503, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        open.len(),
+        LIMIT,
+        "connections accepted over a limit of {LIMIT}"
+    );
+    // A connection that ends gives its slot back.
+    let mut first = open.remove(0);
+    first.close(None).await.unwrap();
+    read_until_closed(&mut first, T).await;
+    let (_again, welcome) = wait_for("a slot freed by the closed connection", T, || async {
+        ws_connect(&url, None).await.ok()
+    })
+    .await;
+    assert_eq!(welcome["type"], "welcome");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_public_address_without_a_token_needs_an_origin_allow_list() {
+    let config = |addr: &str, token: Option<&str>, origins: &[&str]| {
+        let mut config = Config::new(Connections::in_memory());
+        config.addr = addr.parse().unwrap();
+        config.token = token.map(str::to_owned);
+        config.allowed_origins = origins.iter().map(|o| o.to_string()).collect();
+        config
+    };
+    let shutdown = CancellationToken::new();
+    let err = run(config("0.0.0.0:0", None, &[]), shutdown.clone())
+        .await
+        .expect_err("a public gateway open to any site's pages");
+    assert!(
+        err.to_string().contains("DEVFLEET_GATEWAY_ORIGINS"),
+        "{err}"
+    );
+    config("0.0.0.0:7070", Some("s3cret"), &[])
+        .validate()
+        .unwrap();
+    config("0.0.0.0:7070", None, &["https://ops.example.com"])
+        .validate()
+        .unwrap();
+    config("127.0.0.1:7070", None, &[]).validate().unwrap();
+    config("[::1]:7070", None, &[]).validate().unwrap();
+}
+
 #[tokio::test]
 async fn oversize_frames_end_the_connection() {
     let gw = Gateway::memory(|c| c.max_frame_bytes = 4096).await;
