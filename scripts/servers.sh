@@ -70,6 +70,9 @@ start_nats() {
   local dir=$1
   mkdir -p "$dir/nats"
   # Envelopes may be up to 16 MiB (the bus limit); NATS defaults to 1 MiB.
+  # Debian's nats-server 2.9 has no `sync_interval`: JetStream fsyncs every
+  # 2 minutes, so a host crash (not a process crash) can lose the last ~2
+  # minutes of confirmed messages (docs/OPERATIONS.md, Durability).
   echo 'max_payload: 16MB' >"$dir/nats.conf"
   # setsid: a server (re)started from inside a test must not die with the
   # test's process group.

@@ -8,7 +8,10 @@
 #     no bundled schema and are checked by the next step);
 #   * scripts/validate_deploy.py: what schemas cannot see (every service has
 #     a compose service and a Deployment, references resolve, KEDA targets
-#     and queues exist, variables are real and documented, ...).
+#     and queues exist, variables are real and documented, the servers are
+#     configured to keep what they acknowledged through a host crash, ...),
+#     and its self-test: each durability setting, broken in a copy, must be
+#     reported.
 # Installs what is missing: docker-compose (apt-get), a Python virtualenv
 # with yamllint and kubernetes-validate in $DEVFLEET_TOOLS_DIR
 # (default .devfleet/tools).
@@ -56,6 +59,7 @@ echo "== kubernetes-validate (strict)" >&2
 
 echo "== cross-checks" >&2
 "$venv/bin/python" scripts/validate_deploy.py "$tmp/compose.yml"
+"$venv/bin/python" scripts/validate_deploy.py --self-test "$tmp/compose.yml"
 
 if command -v kubectl >/dev/null 2>&1; then
   echo "== kubectl kustomize" >&2

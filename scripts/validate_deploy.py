@@ -17,9 +17,17 @@ deploy/k8s agree with the code and with each other.
   host ports, the scheduler runs with DEVFLEET_SCHEDULER_DIRECT_ROUTING=false;
 * every DEVFLEET_* variable set anywhere is one some binary reads (and not
   a deprecated name), and
-  every variable a binary reads is documented in docs/OPERATIONS.md.
+  every variable a binary reads is documented in docs/OPERATIONS.md;
+* durability (what README's delivery guarantees need of the servers, see
+  docs/OPERATIONS.md "Durability"), in compose and Kubernetes alike: Redis
+  with `--appendonly yes --appendfsync always`; NATS 2.10 or later with
+  JetStream `sync_interval: always` and `max_payload` of at least 16 MiB in
+  the configuration it loads; RabbitMQ work queues declared as quorum
+  queues and published to with publisher confirms (in the bus code).
+  `--self-test` breaks each of these settings in a copy and checks that
+  every break is reported.
 
-usage: validate_deploy.py COMPOSE_CONFIG_JSON_OR_YAML   (from `docker-compose config`)
+usage: validate_deploy.py [--self-test] COMPOSE_CONFIG_JSON_OR_YAML   (from `docker-compose config`)
 Run from the checkout's root; exits 1 listing every problem.
 """
 import glob
@@ -276,10 +284,7 @@ def check_compose(config_path, bins, variables):
             problem("docker-compose.yml", f"no {infra} service")
         elif not services[infra].get("healthcheck"):
             problem("docker-compose.yml", f"{infra} has no healthcheck")
-    if "--appendonly" not in str((services.get("redis") or {}).get("command")):
-        problem("docker-compose.yml", "redis must run with --appendonly yes")
-    if "-js" not in str((services.get("nats") or {}).get("command")):
-        problem("docker-compose.yml", "nats must run with JetStream (-js)")
+    check_compose_durability(services)
     for binary in sorted(bins):
         svc = services.get(binary)
         where = f"docker-compose.yml: {binary}"
@@ -313,6 +318,196 @@ def check_compose(config_path, bins, variables):
         problem("docker-compose.yml: scheduler", "must set DEVFLEET_SCHEDULER_DIRECT_ROUTING=false (the router runs)")
 
 
+# ---- durability ----
+
+MIN_PAYLOAD = 16 * 1024 * 1024
+
+
+def tokens(command):
+    """A command or args list (or string) as a list of words."""
+    if command is None:
+        return []
+    if isinstance(command, str):
+        return command.split()
+    return [str(w) for w in command]
+
+
+def check_redis_command(where, command):
+    words = tokens(command)
+    pairs = {(a, b) for a, b in zip(words, words[1:])}
+    if ("--appendonly", "yes") not in pairs:
+        problem(where, "redis must run with --appendonly yes (the task store is the source of truth)")
+    if ("--appendfsync", "always") not in pairs:
+        problem(where, "redis must run with --appendfsync always: an acknowledged store write must survive a host crash")
+
+
+def image_version(image):
+    """(major, minor) of an image tag like nats:2.10-alpine, or None."""
+    tag = (image or "").rsplit("/", 1)[-1].partition(":")[2]
+    m = re.match(r"v?(\d+)\.(\d+)", tag)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def check_nats_image(where, image):
+    version = image_version(image)
+    if version is None or version < (2, 10):
+        problem(where, f"nats image {image!r} must be a pinned 2.10 or later (JetStream sync_interval needs 2.10)")
+
+
+def strip_conf_comments(text):
+    return "\n".join(re.split(r"#|//", line, maxsplit=1)[0] for line in text.splitlines())
+
+
+def check_nats_conf(where, text):
+    """A nats-server configuration: JetStream fsyncs every write and
+    payloads of a bus envelope fit."""
+    text = strip_conf_comments(text or "")
+    block = re.search(r"\bjetstream\s*[:=]?\s*\{([^}]*)\}", text)
+    synced = block and re.search(r"\b(?:sync_interval|sync)\s*[:=]\s*[\"']?always[\"']?", block.group(1))
+    if not synced:
+        problem(where, "NATS must set jetstream { sync_interval: always }: a confirmed publish must survive a host crash")
+    m = re.search(r"\bmax_payload\s*[:=]\s*[\"']?(\d+)\s*([KMG]i?B?)?", text, re.IGNORECASE)
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    size = int(m.group(1)) * units[(m.group(2) or "")[:1].upper()] if m else 1 << 20
+    if size < MIN_PAYLOAD:
+        problem(where, f"NATS max_payload must be at least 16MB (the bus's largest envelope, e.g. a 20,000-task plan); it is {size} bytes")
+
+
+def compose_nats_conf(nats):
+    """The text of the configuration file the compose nats service loads
+    (its `-c` argument, found among its bind mounts), or None."""
+    words = tokens(nats.get("command"))
+    if "-c" not in words or words.index("-c") + 1 >= len(words):
+        return None
+    target = words[words.index("-c") + 1]
+    for volume in nats.get("volumes") or []:
+        if isinstance(volume, dict):
+            source, dest = volume.get("source"), volume.get("target")
+        else:
+            parts = str(volume).split(":")
+            source, dest = parts[0], parts[1] if len(parts) > 1 else None
+        if dest == target and source:
+            path = source if os.path.isabs(source) else os.path.join(ROOT, source)
+            if os.path.exists(path):
+                return open(path).read()
+    return None
+
+
+def check_compose_durability(services):
+    check_redis_command("docker-compose.yml: redis", (services.get("redis") or {}).get("command"))
+    nats = services.get("nats") or {}
+    check_nats_image("docker-compose.yml: nats", nats.get("image"))
+    if "-js" not in tokens(nats.get("command")):
+        problem("docker-compose.yml: nats", "nats must run with JetStream (-js)")
+    check_nats_conf("docker-compose.yml: nats (the file its -c names)", compose_nats_conf(nats))
+
+
+def check_k8s_durability(docs):
+    applied = [(p, d) for p, d in docs if not p.endswith("secret-example.yaml")]
+    configmaps = {d["metadata"]["name"]: d.get("data") or {} for _, d in applied if d.get("kind") == "ConfigMap"}
+    found = set()
+    for path, d in applied:
+        if d.get("kind") not in ("Deployment", "StatefulSet"):
+            continue
+        pod = ((d.get("spec") or {}).get("template") or {}).get("spec") or {}
+        volumes = {v.get("name"): v for v in pod.get("volumes") or []}
+        for c in pod.get("containers") or []:
+            image = c.get("image") or ""
+            where = f"{path}: {d['kind']} {d['metadata']['name']}"
+            command = tokens(c.get("command")) + tokens(c.get("args"))
+            if image.startswith("redis"):
+                found.add("redis")
+                check_redis_command(where, command)
+            elif image.startswith("nats"):
+                found.add("nats")
+                check_nats_image(where, image)
+                if "-js" not in command:
+                    problem(where, "nats must run with JetStream (-js)")
+                conf = None
+                if "-c" in command and command.index("-c") + 1 < len(command):
+                    target = command[command.index("-c") + 1]
+                    for m in c.get("volumeMounts") or []:
+                        if target.startswith(m.get("mountPath", "").rstrip("/") + "/"):
+                            cm = ((volumes.get(m.get("name")) or {}).get("configMap") or {}).get("name")
+                            conf = (configmaps.get(cm) or {}).get(os.path.basename(target))
+                check_nats_conf(where + " (the file its -c names)", conf)
+    for needed in ("redis", "nats"):
+        if needed not in found:
+            problem("deploy/k8s", f"no {needed} workload to check for durability")
+
+
+def check_rabbitmq_code():
+    topology = open("shared/bus/src/amqp/topology.rs").read()
+    if not re.search(r'"x-queue-type".*"quorum"', topology):
+        problem("shared/bus/src/amqp/topology.rs", "work queues must be declared as quorum queues (durable, fsynced before confirm)")
+    link = open("shared/bus/src/amqp/link.rs").read()
+    if "confirm_select" not in link:
+        problem("shared/bus/src/amqp/link.rs", "publishing must use publisher confirms (confirm_select)")
+
+
+def self_test(config_path):
+    """Each durability setting, broken in a copy, must be reported."""
+    import copy
+
+    with open(config_path) as f:
+        config = yaml.safe_load(f)
+    services = config.get("services") or {}
+    docs = load_k8s()
+    nats_conf = compose_nats_conf(services.get("nats") or {})
+    failures = []
+
+    def expect(what, run, needle):
+        problems.clear()
+        run()
+        if not any(needle in p for p in problems):
+            failures.append(f"{what}: not reported (got {problems})")
+
+    def compose_with(service, key, value):
+        broken = copy.deepcopy(services)
+        broken[service][key] = value
+        return lambda: check_compose_durability(broken)
+
+    redis_cmd = tokens(services["redis"]["command"])
+    everysec = [("everysec" if w == "always" else w) for w in redis_cmd]
+    expect("compose redis appendfsync everysec", compose_with("redis", "command", everysec), "--appendfsync always")
+    no_aof = [w for w in redis_cmd if w not in ("--appendonly", "yes")]
+    expect("compose redis without AOF", compose_with("redis", "command", no_aof), "--appendonly yes")
+    expect("compose nats 2.9", compose_with("nats", "image", "nats:2.9-alpine"), "2.10 or later")
+    expect("nats.conf without sync_interval", lambda: check_nats_conf("nats.conf", re.sub(r"sync_interval[^\n]*", "", nats_conf or "")), "sync_interval: always")
+    expect("nats.conf sync_interval 2m", lambda: check_nats_conf("nats.conf", (nats_conf or "").replace("always", "2m")), "sync_interval: always")
+    expect("nats.conf default max_payload", lambda: check_nats_conf("nats.conf", re.sub(r"max_payload[^\n]*", "", nats_conf or "")), "max_payload")
+
+    def k8s_with(edit):
+        broken = copy.deepcopy(docs)
+        for _, d in broken:
+            edit(d)
+        return lambda: check_k8s_durability(broken)
+
+    def redis_everysec(d):
+        for c in (((d.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or []:
+            if (c.get("image") or "").startswith("redis"):
+                c["args"] = [("everysec" if w == "always" else w) for w in tokens(c.get("args"))]
+
+    def nats_conf_default(d):
+        if d.get("kind") == "ConfigMap" and "nats.conf" in (d.get("data") or {}):
+            d["data"]["nats.conf"] = "max_payload: 16MB\n"
+
+    expect("k8s redis appendfsync everysec", k8s_with(redis_everysec), "--appendfsync always")
+    expect("k8s nats without sync_interval", k8s_with(nats_conf_default), "sync_interval: always")
+    problems.clear()
+    check_compose_durability(services)
+    check_k8s_durability(docs)
+    if problems:
+        failures.append(f"the shipped files themselves: {problems}")
+    problems.clear()
+    if failures:
+        print("validate_deploy --self-test: the durability checks missed:", file=sys.stderr)
+        for f in failures:
+            print(f"  {f}", file=sys.stderr)
+        sys.exit(1)
+    print("validate_deploy --self-test: every broken durability setting is reported")
+
+
 def check_docs(variables):
     path = "docs/OPERATIONS.md"
     if not os.path.exists(path):
@@ -325,7 +520,11 @@ def check_docs(variables):
 
 
 def main():
-    if len(sys.argv) != 2:
+    args = sys.argv[1:]
+    if args[:1] == ["--self-test"] and len(args) == 2:
+        self_test(args[1])
+        return
+    if len(args) != 1:
         sys.exit(__doc__.split("usage: ")[1].splitlines()[0])
     bins = binaries()
     if len(bins) < 7:
@@ -341,7 +540,9 @@ def main():
     secrets = secret_keys(docs, generated)
     deployments = check_workloads(docs, secrets, bins, variables)
     check_keda(docs, secrets, deployments, work_queues())
-    check_compose(sys.argv[1], bins, variables)
+    check_k8s_durability(docs)
+    check_rabbitmq_code()
+    check_compose(args[0], bins, variables)
     check_docs(variables)
     if problems:
         print(f"validate_deploy: {len(problems)} problem(s):", file=sys.stderr)
