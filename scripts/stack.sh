@@ -178,8 +178,14 @@ scale_to() { # service count
 gateway_addr() { with_stack_env sh -c 'echo "$DEVFLEET_GATEWAY_ADDR"'; }
 
 curl_gateway() { # path
-  with_stack_env sh -c 'if [ -n "${DEVFLEET_GATEWAY_TOKEN:-}" ]; then
-      exec curl -fsS --max-time 5 -H "Authorization: Bearer $DEVFLEET_GATEWAY_TOKEN" "http://$DEVFLEET_GATEWAY_ADDR$1"
+  # The token goes to curl on its standard input (-H @-), never in its
+  # arguments, which every user of the host sees in `ps`.
+  with_stack_env sh -c 'token=${DEVFLEET_GATEWAY_TOKEN:-}
+    if [ -z "$token" ] && [ -n "${DEVFLEET_GATEWAY_TOKEN_FILE:-}" ]; then
+      token=$(head -n 1 "$DEVFLEET_GATEWAY_TOKEN_FILE")
+    fi
+    if [ -n "$token" ]; then
+      printf "Authorization: Bearer %s\n" "$token" | curl -fsS --max-time 5 -H @- "http://$DEVFLEET_GATEWAY_ADDR$1"
     else exec curl -fsS --max-time 5 "http://$DEVFLEET_GATEWAY_ADDR$1"; fi' sh "$1"
 }
 
