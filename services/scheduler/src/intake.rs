@@ -46,17 +46,38 @@ pub fn new_tasks(plan: &PlanAnalyzed) -> Vec<NewTask> {
         .collect()
 }
 
-/// Checks an analyzed plan against the plan format's limits: the plan
-/// itself ([`devfleet_protocol::Plan::validate`]) and its analyzed tasks,
-/// which must be the plan's tasks.
+/// Checks an analyzed plan against the limits of the plan format that size
+/// the scheduler's work: the number of tasks, and each integration step
+/// (count, shards, timeout), each error naming the field and the limit.
+/// (The analyzer ran [`devfleet_protocol::Plan::validate`] on the whole
+/// plan; the tasks that count here are the analyzed ones, which become
+/// the store's.)
 pub fn check(plan: &PlanAnalyzed) -> Result<(), String> {
-    plan.plan.validate().map_err(|e| e.to_string())?;
-    if plan.tasks.len() != plan.plan.tasks.len() {
-        return Err(format!(
-            "the analysis has {} tasks but the plan {}",
-            plan.tasks.len(),
-            plan.plan.tasks.len()
-        ));
+    use devfleet_protocol::plan::{MAX_INTEGRATION_STEPS, MAX_TASKS};
+    use devfleet_protocol::PlanError;
+    if plan.tasks.len() > MAX_TASKS {
+        return Err(PlanError::TooManyTasks {
+            count: plan.tasks.len(),
+            limit: MAX_TASKS,
+        }
+        .to_string());
+    }
+    let steps = &plan.plan.integration;
+    if steps.len() > MAX_INTEGRATION_STEPS {
+        return Err(PlanError::TooManyIntegrationSteps {
+            count: steps.len(),
+            limit: MAX_INTEGRATION_STEPS,
+        }
+        .to_string());
+    }
+    for step in steps {
+        step.validate().map_err(|reason| {
+            PlanError::InvalidIntegration {
+                step: step.name.clone(),
+                reason,
+            }
+            .to_string()
+        })?;
     }
     Ok(())
 }
