@@ -874,7 +874,7 @@ impl TaskStore for MemoryStore {
 
     async fn cache_delete(&self, key: &str, before_ms: i64) -> StoreResult<bool> {
         let mut inner = self.lock();
-        if !inner.cache_written.get(key).is_some_and(|&w| w < before_ms) {
+        if inner.cache_written.get(key).is_none_or(|&w| w >= before_ms) {
             return Ok(false);
         }
         inner.cache_written.remove(key);
@@ -895,10 +895,10 @@ impl TaskStore for MemoryStore {
 
     async fn delete_artifact(&self, hash: &str, before_ms: i64) -> StoreResult<bool> {
         let mut inner = self.lock();
-        if !inner
+        if inner
             .artifact_written
             .get(hash)
-            .is_some_and(|&w| w < before_ms)
+            .is_none_or(|&w| w >= before_ms)
         {
             return Ok(false);
         }
