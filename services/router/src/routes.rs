@@ -555,15 +555,7 @@ mod tests {
     /// work parked; returns the parked record.
     async fn parked_built_task(connections: &Connections) -> (String, String) {
         let store = &connections.store;
-        let task = NewTask {
-            path: "a.py".into(),
-            spec: "s".into(),
-            content: None,
-            depends_on: vec![],
-            priority: 1,
-            estimate: 1,
-            executor: None,
-        };
+        let task = NewTask::new("a.py", "s");
         let plan = PlanRecord::new("p", "p", PlanStatus::Running, now_ms());
         assert!(store.create_plan(plan, vec![task]).await.unwrap());
         let claimed = store

@@ -221,3 +221,161 @@ pub(crate) async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devfleet_protocol::{now_ms, PlanStatus};
+    use devfleet_store::memory::MemoryStore;
+    use devfleet_store::{NewTask, PlanRecord};
+
+    /// A plan whose one task completed with the artifact holding `bytes`.
+    async fn plan_with_artifact(store: &dyn TaskStore, id: &str, bytes: &[u8]) -> String {
+        let task = NewTask::new("a.py", "s");
+        let plan = PlanRecord::new(id, id, PlanStatus::Running, now_ms());
+        assert!(store.create_plan(plan, vec![task]).await.unwrap());
+        let hash = store.put_artifact(bytes).await.unwrap();
+        store
+            .claim(id, "a.py", "w", None, Duration::from_secs(30), now_ms())
+            .await
+            .unwrap();
+        store.mark_built(id, "a.py", &hash).await.unwrap();
+        store.complete(id, "a.py", &hash).await.unwrap();
+        hash
+    }
+
+    /// A cutoff after everything written so far.
+    fn after_now() -> i64 {
+        now_ms() + 1
+    }
+
+    #[tokio::test]
+    async fn a_blob_two_plans_share_is_collected_only_when_neither_references_it() {
+        shared_blob(&MemoryStore::new()).await;
+    }
+
+    #[tokio::test]
+    async fn redis_a_blob_two_plans_share_is_collected_only_when_neither_references_it() {
+        let url = devfleet_testkit::redis_url();
+        let store =
+            devfleet_store::redis::RedisStore::connect(&url, &devfleet_testkit::unique("gc"))
+                .await
+                .unwrap();
+        shared_blob(&store).await;
+    }
+
+    async fn shared_blob(store: &dyn TaskStore) {
+        let shared = plan_with_artifact(store, "a", b"shared").await;
+        assert_eq!(plan_with_artifact(store, "b", b"shared").await, shared);
+        let own = store
+            .put_artifact(b"only a's earlier attempt")
+            .await
+            .unwrap();
+        store
+            .set_plan_status("a", PlanStatus::Succeeded, None)
+            .await
+            .unwrap();
+        for (collection, key) in [
+            ("history", "a|a.py"),
+            ("history", "b|a.py"),
+            ("plan_stages", "a|integrating"),
+        ] {
+            store.kv_put(collection, key, "{}", None).await.unwrap();
+        }
+        let dead =
+            |plan: &str| format!("{{\"id\":\"t-{plan}\",\"plan_id\":\"{plan}\",\"at_ms\":1}}");
+        store
+            .kv_put(DLQ_INDEX, "t-a", &dead("a"), None)
+            .await
+            .unwrap();
+        store
+            .kv_put(DLQ_INDEX, "t-b", &dead("b"), None)
+            .await
+            .unwrap();
+
+        let planned = collect(store, after_now(), true).await.unwrap();
+        assert_eq!(planned.plans, vec!["a".to_owned()]);
+        assert_eq!(
+            (planned.artifacts, planned.plan_records, planned.dlq_entries),
+            (1, 2, 1)
+        );
+        assert!(
+            store.plan("a").await.unwrap().is_some(),
+            "a dry run deletes nothing"
+        );
+
+        // Plan b is still running: it, and the blob it shares, stay.
+        let collected = collect(store, after_now(), false).await.unwrap();
+        assert_eq!(
+            (
+                collected.plans.clone(),
+                collected.artifacts,
+                collected.plan_records,
+                collected.dlq_entries
+            ),
+            (
+                planned.plans.clone(),
+                planned.artifacts,
+                planned.plan_records,
+                planned.dlq_entries
+            ),
+            "the dry run said what would go"
+        );
+        assert_eq!(store.plan("a").await.unwrap(), None);
+        assert!(
+            store.plan("b").await.unwrap().is_some(),
+            "a running plan is never collected"
+        );
+        assert!(
+            store.artifact(&shared).await.unwrap().is_some(),
+            "b still references it"
+        );
+        assert_eq!(store.artifact(&own).await.unwrap(), None);
+        assert_eq!(store.kv_get("history", "a|a.py").await.unwrap(), None);
+        assert_eq!(
+            store.kv_get("plan_stages", "a|integrating").await.unwrap(),
+            None
+        );
+        assert!(store.kv_get("history", "b|a.py").await.unwrap().is_some());
+        assert_eq!(store.kv_get(DLQ_INDEX, "t-a").await.unwrap(), None);
+        assert!(
+            store.kv_get(DLQ_INDEX, "t-b").await.unwrap().is_some(),
+            "b is live: its dead letters may be replayed"
+        );
+
+        // Once b is finished and old enough too, the blob goes with it.
+        store
+            .set_plan_status("b", PlanStatus::Failed, None)
+            .await
+            .unwrap();
+        let collected = collect(store, after_now(), false).await.unwrap();
+        assert_eq!(
+            (collected.plans, collected.artifacts, collected.dlq_entries),
+            (vec!["b".to_owned()], 1, 1)
+        );
+        assert_eq!(store.artifact(&shared).await.unwrap(), None);
+        assert!(store.plans().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_kept_cache_entry_keeps_its_blob_and_an_old_one_goes_with_it() {
+        let store = MemoryStore::new();
+        let old = store.put_artifact(b"cached").await.unwrap();
+        store.cache_put("old-key", &old).await.unwrap();
+        let cutoff = after_now();
+        // The entry is rewritten after the cutoff (the clock moves on): it
+        // is kept, and so is the blob it points to, though older.
+        while now_ms() < cutoff {
+            tokio::task::yield_now().await;
+        }
+        store.cache_put("old-key", &old).await.unwrap();
+        let collected = collect(&store, cutoff, false).await.unwrap();
+        assert_eq!((collected.cache_entries, collected.artifacts), (0, 0));
+        assert!(store.artifact(&old).await.unwrap().is_some());
+        // Later, both have expired.
+        let collected = collect(&store, after_now(), false).await.unwrap();
+        assert_eq!((collected.cache_entries, collected.artifacts), (1, 1));
+        assert_eq!(store.cache_get("old-key").await.unwrap(), None);
+        assert_eq!(store.artifact(&old).await.unwrap(), None);
+    }
+}

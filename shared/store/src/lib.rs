@@ -140,6 +140,22 @@ pub struct NewTask {
     pub executor: Option<String>,
 }
 
+impl NewTask {
+    /// A task with no content, no explicit dependencies, priority and
+    /// estimate 1 and the plan's default executor.
+    pub fn new(path: impl Into<String>, spec: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            spec: spec.into(),
+            content: None,
+            depends_on: Vec::new(),
+            priority: 1,
+            estimate: 1,
+            executor: None,
+        }
+    }
+}
+
 /// A task as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskRecord {
