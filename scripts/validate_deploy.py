@@ -507,6 +507,24 @@ def self_test(config_path):
         sys.exit(1)
     print("validate_deploy --self-test: every broken durability setting is reported")
 
+def check_redis_memory(compose_path, docs):
+    """Redis memory is bounded without eviction (an LRU policy could evict
+    plan state): --maxmemory and --maxmemory-policy noeviction in both."""
+    with open(compose_path) as f:
+        compose = yaml.safe_load(f)
+    commands = [("docker-compose.yml", ((compose.get("services") or {}).get("redis") or {}).get("command"))]
+    for path, doc in docs:
+        if doc.get("kind") == "StatefulSet" and doc["metadata"].get("name") == "redis":
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                commands.append((path, c.get("args")))
+    for where, args in commands:
+        args = list(args or [])
+        policy = args[args.index("--maxmemory-policy") + 1] if "--maxmemory-policy" in args[:-1] else None
+        if "--maxmemory" not in args[:-1] or policy != "noeviction":
+            problem(where, "redis must run with --maxmemory and --maxmemory-policy noeviction")
+    if len(commands) < 2:
+        problem("deploy/k8s", "no redis StatefulSet")
+
 
 def check_docs(variables):
     path = "docs/OPERATIONS.md"
@@ -543,6 +561,7 @@ def main():
     check_k8s_durability(docs)
     check_rabbitmq_code()
     check_compose(args[0], bins, variables)
+    check_redis_memory(args[0], docs)
     check_docs(variables)
     if problems:
         print(f"validate_deploy: {len(problems)} problem(s):", file=sys.stderr)

@@ -7,6 +7,7 @@ mod canary;
 mod dlq;
 #[cfg(test)]
 mod env_doc;
+mod gc;
 mod publish;
 mod report;
 mod status;
@@ -27,7 +28,8 @@ mod watch;
   devfleet publish plan.yaml --wait
   devfleet status
   devfleet watch --metrics task_progress,queue_status
-  devfleet dlq list")]
+  devfleet dlq list
+  devfleet gc --dry-run")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -52,6 +54,9 @@ enum Command {
     Dlq(dlq::DlqCommand),
     /// Canary deployments on their own: start, status, rollback.
     Canary(canary::CanaryArgs),
+    /// Collect finished plans, expired cache entries, old dead letters and
+    /// unreferenced artifacts now (schedulers also do it periodically).
+    Gc(gc::GcArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -93,6 +98,7 @@ async fn run_async(command: Command) -> anyhow::Result<std::process::ExitCode> {
         Command::Watch(args) => watch::run(args).await,
         Command::Dlq(command) => dlq::run(command).await,
         Command::Canary(args) => canary::run(args).await,
+        Command::Gc(args) => gc::run(args).await,
         Command::Analyze(args) => analyze::run(&args).map(|()| std::process::ExitCode::SUCCESS),
     }
 }

@@ -45,6 +45,7 @@ mod routes;
 pub mod settings;
 
 pub use breaker::BreakerSettings;
+pub use routes::QA_PARKED;
 
 /// The lease owner the router holds tasks as while their retry waits.
 pub const ROUTER_OWNER: &str = "router";

@@ -496,8 +496,15 @@ pub(crate) async fn tick(
     }
 }
 
-/// Publishes parked QA work while the QA breaker admits it. Each parked
-/// item is taken by exactly one replica (the one whose delete succeeds).
+/// Publishes parked QA work while the QA breaker admits it.
+///
+/// A parked record is deleted only after its work was published and
+/// confirmed, and only if it still holds what was published
+/// (`kv_delete_if`: a newer parking of the task survives). A router that
+/// stops between the publish and the delete leaves the record, so the next
+/// tick publishes it again: QA may run twice (a verdict for the same
+/// attempt and artifact counts once), but the work is never lost. Replicas
+/// may both publish one record for the same reason.
 async fn release_parked(router: &Router) -> anyhow::Result<()> {
     let store = router.connections.store.as_ref();
     let parked = store.kv_list(QA_PARKED).await?;
@@ -505,23 +512,164 @@ async fn release_parked(router: &Router) -> anyhow::Result<()> {
         if !router.breakers.admit(Stage::Qa).await? {
             break;
         }
-        if !store.kv_delete(QA_PARKED, &key).await? {
-            continue;
-        }
         let Ok(work) = serde_json::from_str::<QaWork>(&json) else {
             tracing::warn!(%key, "dropping an unreadable parked QA record");
+            store.kv_delete_if(QA_PARKED, &key, &json).await?;
             continue;
         };
         let current = store.task(&work.plan_id, &work.path).await?;
-        if !current.is_some_and(|t| {
+        if current.is_some_and(|t| {
             t.state == TaskState::Built && t.artifact.as_deref() == Some(work.artifact.as_str())
         }) {
-            continue;
+            router.connections.publish(queues::WORK_QA, work).await?;
         }
-        if let Err(e) = router.connections.publish(queues::WORK_QA, work).await {
-            store.kv_put(QA_PARKED, &key, &json, None).await?;
-            return Err(e);
-        }
+        store.kv_delete_if(QA_PARKED, &key, &json).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devfleet_protocol::PlanStatus;
+    use devfleet_runtime::Connections;
+    use devfleet_store::{NewTask, PlanRecord};
+
+    fn router(connections: Connections) -> Router {
+        let config = Config::new(connections.clone());
+        Router {
+            metrics: connections.metrics("router-test"),
+            breakers: crate::breaker::Breakers::new(
+                connections.clone(),
+                "router-test".into(),
+                config.breaker.clone(),
+            ),
+            connections,
+            backoff: config.backoff,
+            max_failures: config.max_failures,
+            retry_lease_grace: config.retry_lease_grace,
+        }
+    }
+
+    /// A one-task plan whose task is Built with artifact `h`, and its QA
+    /// work parked; returns the parked record.
+    async fn parked_built_task(connections: &Connections) -> (String, String) {
+        let store = &connections.store;
+        let task = NewTask::new("a.py", "s");
+        let plan = PlanRecord::new("p", "p", PlanStatus::Running, now_ms());
+        assert!(store.create_plan(plan, vec![task]).await.unwrap());
+        let claimed = store
+            .claim_next("w", Duration::from_secs(30), now_ms())
+            .await
+            .unwrap()
+            .unwrap();
+        store.mark_built("p", "a.py", "h").await.unwrap();
+        let work = QaWork {
+            plan_id: "p".into(),
+            path: "a.py".into(),
+            attempt: claimed.attempt,
+            artifact: "h".into(),
+        };
+        let key = task_key("p", "a.py");
+        let json = serde_json::to_string(&work).unwrap();
+        store.kv_put(QA_PARKED, &key, &json, None).await.unwrap();
+        (key, json)
+    }
+
+    /// A broker that never confirms a publish: it says when one started
+    /// and then hangs, so a test can stop the publisher at that point as a
+    /// crash would.
+    struct StalledBus {
+        inner: devfleet_bus::memory::MemoryBus,
+        started: Arc<tokio::sync::Notify>,
+    }
+
+    #[async_trait::async_trait]
+    impl devfleet_bus::Bus for StalledBus {
+        fn backend(&self) -> &'static str {
+            "stalled"
+        }
+        async fn publish(&self, _queue: &str, _payload: &[u8]) -> devfleet_bus::BusResult<()> {
+            self.started.notify_one();
+            std::future::pending().await
+        }
+        async fn consume(
+            &self,
+            queue: &str,
+            options: ConsumeOptions,
+        ) -> devfleet_bus::BusResult<devfleet_bus::Consumer> {
+            self.inner.consume(queue, options).await
+        }
+        async fn queue_depth(&self, queue: &str) -> devfleet_bus::BusResult<u64> {
+            self.inner.queue_depth(queue).await
+        }
+        async fn purge(&self, queue: &str) -> devfleet_bus::BusResult<u64> {
+            self.inner.purge(queue).await
+        }
+        async fn broadcast(&self, subject: &str, payload: &[u8]) -> devfleet_bus::BusResult<()> {
+            self.inner.broadcast(subject, payload).await
+        }
+        async fn listen(&self, pattern: &str) -> devfleet_bus::BusResult<devfleet_bus::Listener> {
+            self.inner.listen(pattern).await
+        }
+        async fn close(&self) {
+            self.inner.close().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_router_stopped_while_publishing_parked_qa_work_leaves_it_parked() {
+        let started = Arc::new(tokio::sync::Notify::new());
+        let stalled = Connections {
+            bus: Arc::new(StalledBus {
+                inner: devfleet_bus::memory::MemoryBus::new(),
+                started: started.clone(),
+            }),
+            ..Connections::in_memory()
+        };
+        let (key, json) = parked_built_task(&stalled).await;
+        let stalled_router = router(stalled.clone());
+        // The router stops (its future is dropped) while the publish waits
+        // for the broker's confirm.
+        tokio::select! {
+            _ = release_parked(&stalled_router) => panic!("the publish cannot finish"),
+            _ = started.notified() => {}
+        }
+        assert_eq!(
+            stalled.store.kv_get(QA_PARKED, &key).await.unwrap(),
+            Some(json),
+            "the record is still there: the work was not confirmed"
+        );
+        // The next tick (here: a router on a working broker) releases it.
+        let working = Connections {
+            store: stalled.store.clone(),
+            ..Connections::in_memory()
+        };
+        release_parked(&router(working.clone())).await.unwrap();
+        assert_eq!(working.queue_depth(queues::WORK_QA).await.unwrap(), 1);
+        assert!(working.store.kv_list(QA_PARKED).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn parked_qa_work_stays_parked_until_its_publish_is_confirmed() {
+        let broken = Connections::in_memory();
+        let (key, json) = parked_built_task(&broken).await;
+        // The broker refuses the publish: the window in which a router that
+        // took the record and then stopped would have lost the work.
+        broken.bus.close().await;
+        assert!(release_parked(&router(broken.clone())).await.is_err());
+        assert_eq!(
+            broken.store.kv_get(QA_PARKED, &key).await.unwrap(),
+            Some(json),
+            "the record is still there after a publish that failed"
+        );
+        // The next tick (here: a router on a working broker) releases it.
+        let working = Connections {
+            store: broken.store.clone(),
+            ..Connections::in_memory()
+        };
+        release_parked(&router(working.clone())).await.unwrap();
+        assert_eq!(working.queue_depth(queues::WORK_QA).await.unwrap(), 1);
+        assert!(working.store.kv_list(QA_PARKED).await.unwrap().is_empty());
+    }
 }

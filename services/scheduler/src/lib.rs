@@ -28,6 +28,13 @@
 //!   Deploying one).
 //! * **Leases** ([`reaper`]): returns tasks whose lease expired (a worker
 //!   died, or a dispatched message was never taken) to Ready.
+//! * **Stranded work** ([`watchdog`]): re-announces what a process that
+//!   stopped between a store write and its publish left behind (a task
+//!   Built with no QA in flight, a plan whose stage never moved on, an
+//!   integration with shards that never reported).
+//! * **Retention** ([`retention`]): collects finished plans, their records,
+//!   expired cache entries and unreferenced artifacts after the retention
+//!   period.
 //! * **The direct seam** ([`direct_router`], off by default): for tests and
 //!   setups without a router, `task.built` completes a task and
 //!   `task.failed` fails it.
@@ -67,8 +74,10 @@ pub mod integration;
 pub mod lifecycle;
 mod plan_trace;
 pub mod reaper;
+pub mod retention;
 pub mod settings;
 pub mod stages;
+pub mod watchdog;
 
 /// Store counter of tasks this pipeline completed: it grows by
 /// exactly one per task that became Done, however often `task.done` or
@@ -98,6 +107,16 @@ pub struct Config {
     pub idle_tick: Duration,
     /// How often expired leases are returned to Ready.
     pub reap_interval: Duration,
+    /// How often the watchdog looks for stranded work ([`watchdog`]).
+    pub watchdog_interval: Duration,
+    /// How long a task may stay Built, or a plan in one stage, with nothing
+    /// happening before the watchdog announces it again.
+    pub watchdog_stall: Duration,
+    /// How long finished plans and their records, cache entries and
+    /// artifacts are kept ([`retention`]); `None` keeps them for ever.
+    pub retention: Option<Duration>,
+    /// How often retention runs.
+    pub retention_interval: Duration,
     /// Handlers in flight per consumed queue.
     pub handler_concurrency: usize,
     /// Deliveries of one message (transient failures) before it is
@@ -126,6 +145,15 @@ impl Config {
             !self.reap_interval.is_zero(),
             "--reap-interval-seconds (DEVFLEET_SCHEDULER_REAP_INTERVAL_SECONDS) must be positive"
         );
+        anyhow::ensure!(
+            !self.watchdog_interval.is_zero() && !self.watchdog_stall.is_zero(),
+            "--watchdog-interval-seconds (DEVFLEET_SCHEDULER_WATCHDOG_INTERVAL_SECONDS) and \
+             --watchdog-stall-seconds (DEVFLEET_SCHEDULER_WATCHDOG_STALL_SECONDS) must be positive"
+        );
+        anyhow::ensure!(
+            !self.retention_interval.is_zero(),
+            "--retention-interval-seconds (DEVFLEET_SCHEDULER_RETENTION_INTERVAL_SECONDS) must be positive"
+        );
         Ok(())
     }
 }
@@ -141,6 +169,8 @@ pub(crate) struct Shared {
     pub dispatch_tick: Duration,
     pub idle_tick: Duration,
     pub reap_interval: Duration,
+    pub watchdog_interval: Duration,
+    pub watchdog_stall: Duration,
     pub max_handler_attempts: u32,
 }
 
@@ -159,6 +189,8 @@ impl Shared {
             dispatch_tick: config.dispatch_tick,
             idle_tick: config.idle_tick,
             reap_interval: config.reap_interval,
+            watchdog_interval: config.watchdog_interval,
+            watchdog_stall: config.watchdog_stall,
             max_handler_attempts: config.max_handler_attempts,
         })
     }
@@ -178,6 +210,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         dispatch_tick: config.dispatch_tick,
         idle_tick: config.idle_tick,
         reap_interval: config.reap_interval,
+        watchdog_interval: config.watchdog_interval,
+        watchdog_stall: config.watchdog_stall,
         max_handler_attempts: config.max_handler_attempts,
     });
     tracing::info!(
@@ -243,6 +277,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     parts.spawn(dispatch::run(s.clone(), stop.clone()));
     parts.spawn(reaper::run(s.clone(), stop.clone()));
+    parts.spawn(watchdog::run(s.clone(), stop.clone()));
+    if let Some(keep) = config.retention {
+        parts.spawn(retention::run(
+            s.connections.store.clone(),
+            keep,
+            config.retention_interval,
+            stop.clone(),
+        ));
+    }
 
     let mut result = Ok(());
     while let Some(joined) = parts.join_next().await {

@@ -23,6 +23,21 @@ pub struct Settings {
     /// Seconds between returns of expired leases to Ready.
     #[arg(long, env = "DEVFLEET_SCHEDULER_REAP_INTERVAL_SECONDS", default_value = "1", value_parser = seconds)]
     pub reap_interval_seconds: Duration,
+    /// Seconds between the watchdog's looks for stranded work.
+    #[arg(long, env = "DEVFLEET_SCHEDULER_WATCHDOG_INTERVAL_SECONDS", default_value = "30", value_parser = seconds)]
+    pub watchdog_interval_seconds: Duration,
+    /// Seconds a task may stay Built, or a plan in a stage, with nothing
+    /// happening before the watchdog announces it again (more than the
+    /// longest QA run of a task and the longest integration shard).
+    #[arg(long, env = "DEVFLEET_SCHEDULER_WATCHDOG_STALL_SECONDS", default_value = "1800", value_parser = seconds)]
+    pub watchdog_stall_seconds: Duration,
+    /// Seconds finished plans (with their records), cache entries and
+    /// unreferenced artifacts are kept; 0 keeps them for ever.
+    #[arg(long, env = "DEVFLEET_SCHEDULER_RETENTION_SECONDS", default_value = "604800", value_parser = seconds)]
+    pub retention_seconds: Duration,
+    /// Seconds between retention runs.
+    #[arg(long, env = "DEVFLEET_SCHEDULER_RETENTION_INTERVAL_SECONDS", default_value = "3600", value_parser = seconds)]
+    pub retention_interval_seconds: Duration,
 }
 
 impl Default for Settings {
@@ -44,6 +59,10 @@ impl Settings {
             dispatch_tick: self.dispatch_tick_seconds,
             idle_tick: Duration::from_millis(250),
             reap_interval: self.reap_interval_seconds,
+            watchdog_interval: self.watchdog_interval_seconds,
+            watchdog_stall: self.watchdog_stall_seconds,
+            retention: (!self.retention_seconds.is_zero()).then_some(self.retention_seconds),
+            retention_interval: self.retention_interval_seconds,
             handler_concurrency: 16,
             max_handler_attempts: 50,
         }
@@ -62,5 +81,9 @@ mod tests {
         assert_eq!(config.dispatch_lease, Duration::from_secs(30));
         assert_eq!(config.dispatch_tick, Duration::from_millis(20));
         assert_eq!(config.reap_interval, Duration::from_secs(1));
+        assert_eq!(config.watchdog_interval, Duration::from_secs(30));
+        assert_eq!(config.watchdog_stall, Duration::from_secs(1800));
+        assert_eq!(config.retention, Some(Duration::from_secs(7 * 24 * 3600)));
+        assert_eq!(config.retention_interval, Duration::from_secs(3600));
     }
 }

@@ -98,7 +98,9 @@ pub struct TaskWork {
 /// A file was written.
 ///
 /// Published by a dev-worker on `task.built`; consumed by the router, which
-/// acks once it has routed the task onwards.
+/// acks once it has routed the task onwards. The scheduler's watchdog
+/// publishes it again for a task left Built with no QA in flight, with
+/// `executor` [`REANNOUNCED_EXECUTOR`]: no executor ran for that message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskBuilt {
     pub plan_id: String,
@@ -110,6 +112,10 @@ pub struct TaskBuilt {
     pub executor: String,
     pub duration_ms: u64,
 }
+
+/// The `executor` of a [`TaskBuilt`] the scheduler's watchdog announced
+/// again (not a new build: no executor ran).
+pub const REANNOUNCED_EXECUTOR: &str = "watchdog";
 
 /// Which stage a failure came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -180,20 +180,28 @@ impl ConnectArgs {
                 .context("connecting to NATS for metrics (DEVFLEET_NATS_URL)")?,
             (None, _) => bus.clone(),
         };
-        let prefix = if self.namespace.is_empty() {
-            "devfleet".to_owned()
-        } else {
-            format!("devfleet:{}", self.namespace)
-        };
-        let store = devfleet_store::connect_with_prefix(&self.redis_url, &prefix)
-            .await
-            .context("connecting to Redis (DEVFLEET_REDIS_URL)")?;
+        let store = self.connect_store().await?;
         Ok(Connections {
             bus,
             broadcast,
             store,
             namespace: self.namespace.clone(),
         })
+    }
+}
+
+impl ConnectArgs {
+    /// Connects to the store alone (for commands that need no broker),
+    /// under the namespace's key prefix.
+    pub async fn connect_store(&self) -> anyhow::Result<SharedStore> {
+        let prefix = if self.namespace.is_empty() {
+            "devfleet".to_owned()
+        } else {
+            format!("devfleet:{}", self.namespace)
+        };
+        devfleet_store::connect_with_prefix(&self.redis_url, &prefix)
+            .await
+            .context("connecting to Redis (DEVFLEET_REDIS_URL)")
     }
 }
 

@@ -140,6 +140,22 @@ pub struct NewTask {
     pub executor: Option<String>,
 }
 
+impl NewTask {
+    /// A task with no content, no explicit dependencies, priority and
+    /// estimate 1 and the plan's default executor.
+    pub fn new(path: impl Into<String>, spec: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            spec: spec.into(),
+            content: None,
+            depends_on: Vec::new(),
+            priority: 1,
+            estimate: 1,
+            executor: None,
+        }
+    }
+}
+
 /// A task as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskRecord {
@@ -416,6 +432,45 @@ pub trait TaskStore: Send + Sync + 'static {
     async fn kv_delete(&self, collection: &str, key: &str) -> StoreResult<bool>;
     /// Every `(key, value)` of a collection, in key order.
     async fn kv_list(&self, collection: &str) -> StoreResult<Vec<(String, String)>>;
+
+    // Compare-and-delete and retention (garbage collection of finished
+    // plans, cache entries and artifacts).
+
+    /// Deletes `key` from `collection` only while it holds exactly `value`
+    /// (compare-and-delete); false when it is absent, expired or holds
+    /// something else. Lets a caller remove the record it acted on without
+    /// losing a newer one written meanwhile.
+    async fn kv_delete_if(&self, collection: &str, key: &str, value: &str) -> StoreResult<bool>;
+    /// Deletes a plan, its task list and its tasks (out of the ready and
+    /// lease sets too), but only while the plan's status is final and its
+    /// `updated_ms` is before `before_ms`: a live plan is never collected.
+    /// False (and nothing changed) otherwise, or when there is no such plan.
+    async fn delete_plan(&self, plan_id: &str, before_ms: i64) -> StoreResult<bool>;
+    /// Every result-cache entry with the time it was last written (store
+    /// client's clock), in key order. Entries written before the store
+    /// recorded times are not listed.
+    async fn cache_entries(&self) -> StoreResult<Vec<CacheEntry>>;
+    /// Deletes a cache entry last written before `before_ms`; false when it
+    /// is absent or was written since.
+    async fn cache_delete(&self, key: &str, before_ms: i64) -> StoreResult<bool>;
+    /// Every artifact hash with the time its bytes were last stored
+    /// ([`TaskStore::put_artifact`] refreshes it even when the bytes were
+    /// there already), in hash order.
+    async fn artifact_hashes(&self) -> StoreResult<Vec<(String, i64)>>;
+    /// Deletes an artifact last stored before `before_ms`; false when it is
+    /// absent or was stored since (so a writer that just stored the bytes
+    /// again keeps them).
+    async fn delete_artifact(&self, hash: &str, before_ms: i64) -> StoreResult<bool>;
+}
+
+/// One result-cache entry (see [`TaskStore::cache_entries`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheEntry {
+    pub key: String,
+    /// The artifact hash the entry points to.
+    pub artifact: String,
+    /// When it was last written (ms since the epoch).
+    pub written_ms: i64,
 }
 
 /// A shared handle to some store.

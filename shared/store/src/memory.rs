@@ -52,6 +52,9 @@ struct Inner {
     artifacts: HashMap<String, Vec<u8>>,
     counters: HashMap<String, i64>,
     kv: HashMap<String, BTreeMap<String, KvEntry>>,
+    /// When each cache entry and artifact was last written (retention).
+    cache_written: HashMap<String, i64>,
+    artifact_written: HashMap<String, i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -709,18 +712,20 @@ impl TaskStore for MemoryStore {
     }
 
     async fn cache_put(&self, key: &str, artifact: &str) -> StoreResult<()> {
-        self.lock()
-            .cache
-            .insert(key.to_owned(), artifact.to_owned());
+        let mut inner = self.lock();
+        inner.cache.insert(key.to_owned(), artifact.to_owned());
+        inner.cache_written.insert(key.to_owned(), wall_ms());
         Ok(())
     }
 
     async fn put_artifact(&self, bytes: &[u8]) -> StoreResult<String> {
         let hash = crate::content_hash(bytes);
-        self.lock()
+        let mut inner = self.lock();
+        inner
             .artifacts
             .entry(hash.clone())
             .or_insert_with(|| bytes.to_vec());
+        inner.artifact_written.insert(hash.clone(), wall_ms());
         Ok(hash)
     }
 
@@ -809,5 +814,95 @@ impl TaskStore for MemoryStore {
         Ok(c.iter()
             .map(|(k, e)| (k.clone(), e.value.clone()))
             .collect())
+    }
+
+    // Compare-and-delete and retention.
+
+    async fn kv_delete_if(&self, collection: &str, key: &str, value: &str) -> StoreResult<bool> {
+        let mut inner = self.lock();
+        inner.kv_prune(collection, key, wall_ms());
+        let Some(c) = inner.kv.get_mut(collection) else {
+            return Ok(false);
+        };
+        if c.get(key).is_some_and(|e| e.value == value) {
+            c.remove(key);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    async fn delete_plan(&self, plan_id: &str, before_ms: i64) -> StoreResult<bool> {
+        let mut inner = self.lock();
+        let eligible = inner
+            .plans
+            .get(plan_id)
+            .is_some_and(|p| p.status.is_final() && p.updated_ms < before_ms);
+        if !eligible {
+            return Ok(false);
+        }
+        inner.plans.remove(plan_id);
+        let tasks = inner.tasks.remove(plan_id).unwrap_or_default();
+        for task in tasks.values() {
+            if let Some(k) = task.ready_key {
+                inner.ready.remove(&k);
+            }
+            if let Some(expires) = task.rec.lease_expires_ms {
+                inner
+                    .leases
+                    .remove(&(expires, lease_member(plan_id, &task.rec.path)));
+            }
+        }
+        Ok(true)
+    }
+
+    async fn cache_entries(&self) -> StoreResult<Vec<crate::CacheEntry>> {
+        let inner = self.lock();
+        let mut all: Vec<crate::CacheEntry> = inner
+            .cache_written
+            .iter()
+            .filter_map(|(key, &written_ms)| {
+                inner.cache.get(key).map(|artifact| crate::CacheEntry {
+                    key: key.clone(),
+                    artifact: artifact.clone(),
+                    written_ms,
+                })
+            })
+            .collect();
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(all)
+    }
+
+    async fn cache_delete(&self, key: &str, before_ms: i64) -> StoreResult<bool> {
+        let mut inner = self.lock();
+        if inner.cache_written.get(key).is_none_or(|&w| w >= before_ms) {
+            return Ok(false);
+        }
+        inner.cache_written.remove(key);
+        Ok(inner.cache.remove(key).is_some())
+    }
+
+    async fn artifact_hashes(&self) -> StoreResult<Vec<(String, i64)>> {
+        let inner = self.lock();
+        let mut all: Vec<(String, i64)> = inner
+            .artifact_written
+            .iter()
+            .filter(|(hash, _)| inner.artifacts.contains_key(*hash))
+            .map(|(hash, &written)| (hash.clone(), written))
+            .collect();
+        all.sort();
+        Ok(all)
+    }
+
+    async fn delete_artifact(&self, hash: &str, before_ms: i64) -> StoreResult<bool> {
+        let mut inner = self.lock();
+        if inner
+            .artifact_written
+            .get(hash)
+            .is_none_or(|&w| w >= before_ms)
+        {
+            return Ok(false);
+        }
+        inner.artifact_written.remove(hash);
+        Ok(inner.artifacts.remove(hash).is_some())
     }
 }

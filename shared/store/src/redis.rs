@@ -12,7 +12,9 @@
 //! `P:task:<id>:<path>` hashes, the ready set `P:ready` (score = class and
 //! priority, member `<seq:020>|<plan>|<path>` so equal scores are FIFO), the
 //! lease set `P:leases` scored by expiry, `P:cache:<key>`,
-//! `P:artifact:<sha256>`, `P:counter:<name>`, and kv collections as hashes
+//! `P:artifact:<sha256>` (with the last write times of cache entries and
+//! artifacts in the zsets `P:cache_written` and `P:artifact_written`, for
+//! retention), `P:counter:<name>`, and kv collections as hashes
 //! `P:kv:<collection>` with the expiry of TTL'd keys in `P:kvexp:<collection>`
 //! (pruned by the next operation that looks at them).
 //!
@@ -53,6 +55,8 @@ struct Scripts {
     plans: Script,
     set_plan_status: Script,
     kv: Script,
+    delete_plan: Script,
+    retention: Script,
 }
 
 impl Scripts {
@@ -73,6 +77,8 @@ impl Scripts {
             plans: s(include_str!("redis/plans.lua")),
             set_plan_status: s(include_str!("redis/set_plan_status.lua")),
             kv: s(include_str!("redis/kv.lua")),
+            delete_plan: s(include_str!("redis/delete_plan.lua")),
+            retention: s(include_str!("redis/retention.lua")),
         }
     }
 }
@@ -203,6 +209,29 @@ impl RedisStore {
     async fn cmd<T: ::redis::FromRedisValue>(&self, cmd: ::redis::Cmd) -> StoreResult<T> {
         let mut conn = self.conn.clone();
         cmd.query_async(&mut conn).await.map_err(|e| self.error(e))
+    }
+
+    /// Runs a transaction whose replies are all ignored.
+    async fn pipe(&self, p: ::redis::Pipeline) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        p.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    /// Runs a script whose reply is `{'ok', '1' | '0'}`.
+    async fn flag(&self, script: &Script, args: &[&str], what: &str) -> StoreResult<bool> {
+        let reply: Vec<String> = self.run(script, args).await?;
+        match (
+            reply.first().map(String::as_str),
+            reply.get(1).map(String::as_str),
+        ) {
+            (Some("ok"), Some(flag)) => Ok(flag == "1"),
+            _ => Err(StoreError::Backend(format!(
+                "redis at {}: unexpected reply {reply:?} to {what}",
+                self.url
+            ))),
+        }
     }
 
     /// Runs a script with the prefix as `ARGV[1]` and then `args`.
@@ -786,19 +815,40 @@ impl TaskStore for RedisStore {
         self.cmd(c).await
     }
 
+    /// The entry and its write time (for retention) in one transaction.
     async fn cache_put(&self, key: &str, artifact: &str) -> StoreResult<()> {
-        let mut c = ::redis::cmd("SET");
-        c.arg(self.key(&["cache", key])).arg(artifact);
-        let _: () = self.cmd(c).await?;
-        Ok(())
+        let mut p = ::redis::pipe();
+        p.atomic()
+            .cmd("SET")
+            .arg(self.key(&["cache", key]))
+            .arg(artifact)
+            .ignore()
+            .cmd("ZADD")
+            .arg(self.key(&["cache_written"]))
+            .arg(wall_ms())
+            .arg(key)
+            .ignore();
+        self.pipe(p).await
     }
 
-    /// Content-addressed: storing the same bytes twice writes once.
+    /// Content-addressed: storing the same bytes twice writes once; the
+    /// time they were last stored (for retention) is refreshed each time,
+    /// in the same transaction.
     async fn put_artifact(&self, bytes: &[u8]) -> StoreResult<String> {
         let hash = crate::content_hash(bytes);
-        let mut c = ::redis::cmd("SET");
-        c.arg(self.key(&["artifact", &hash])).arg(bytes).arg("NX");
-        let _: () = self.cmd(c).await?;
+        let mut p = ::redis::pipe();
+        p.atomic()
+            .cmd("SET")
+            .arg(self.key(&["artifact", &hash]))
+            .arg(bytes)
+            .arg("NX")
+            .ignore()
+            .cmd("ZADD")
+            .arg(self.key(&["artifact_written"]))
+            .arg(wall_ms())
+            .arg(&hash)
+            .ignore();
+        self.pipe(p).await?;
         Ok(hash)
     }
 
@@ -858,6 +908,83 @@ impl TaskStore for RedisStore {
             .collect();
         all.sort();
         Ok(all)
+    }
+
+    // Compare-and-delete and retention.
+
+    async fn kv_delete_if(&self, collection: &str, key: &str, value: &str) -> StoreResult<bool> {
+        let reply = self.kv("delete_if", collection, key, value, "").await?;
+        Ok(reply.get(1).map(String::as_str) == Some("1"))
+    }
+
+    async fn delete_plan(&self, plan_id: &str, before_ms: i64) -> StoreResult<bool> {
+        let before = before_ms.to_string();
+        self.flag(
+            &self.scripts.delete_plan,
+            &[plan_id, &before],
+            &format!("deleting plan '{plan_id}'"),
+        )
+        .await
+    }
+
+    async fn cache_entries(&self) -> StoreResult<Vec<crate::CacheEntry>> {
+        let mut c = ::redis::cmd("ZRANGE");
+        c.arg(self.key(&["cache_written"]))
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES");
+        let written: Vec<(String, i64)> = self.cmd(c).await?;
+        let mut entries = Vec::with_capacity(written.len());
+        // In batches, so a large cache is not one huge reply.
+        for chunk in written.chunks(500) {
+            let mut c = ::redis::cmd("MGET");
+            for (key, _) in chunk {
+                c.arg(self.key(&["cache", key]));
+            }
+            let artifacts: Vec<Option<String>> = self.cmd(c).await?;
+            for ((key, written_ms), artifact) in chunk.iter().zip(artifacts) {
+                if let Some(artifact) = artifact {
+                    entries.push(crate::CacheEntry {
+                        key: key.clone(),
+                        artifact,
+                        written_ms: *written_ms,
+                    });
+                }
+            }
+        }
+        entries.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(entries)
+    }
+
+    async fn cache_delete(&self, key: &str, before_ms: i64) -> StoreResult<bool> {
+        let before = before_ms.to_string();
+        self.flag(
+            &self.scripts.retention,
+            &["cache", key, &before],
+            &format!("deleting cache entry '{key}'"),
+        )
+        .await
+    }
+
+    async fn artifact_hashes(&self) -> StoreResult<Vec<(String, i64)>> {
+        let mut c = ::redis::cmd("ZRANGE");
+        c.arg(self.key(&["artifact_written"]))
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES");
+        let mut all: Vec<(String, i64)> = self.cmd(c).await?;
+        all.sort();
+        Ok(all)
+    }
+
+    async fn delete_artifact(&self, hash: &str, before_ms: i64) -> StoreResult<bool> {
+        let before = before_ms.to_string();
+        self.flag(
+            &self.scripts.retention,
+            &["artifact", hash, &before],
+            &format!("deleting artifact '{hash}'"),
+        )
+        .await
     }
 }
 

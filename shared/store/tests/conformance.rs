@@ -806,6 +806,99 @@ mod checks {
         )
         .await;
     }
+
+    // Compare-and-delete and retention.
+
+    pub async fn kv_delete_if_removes_only_the_value_it_names(s: SharedStore) {
+        s.kv_put("parked", "k", "v1", None).await.unwrap();
+        assert!(!s.kv_delete_if("parked", "k", "v0").await.unwrap());
+        assert!(!s.kv_delete_if("parked", "absent", "v1").await.unwrap());
+        assert!(!s.kv_delete_if("nothing", "k", "v1").await.unwrap());
+        assert_eq!(
+            s.kv_get("parked", "k").await.unwrap().as_deref(),
+            Some("v1"),
+            "a newer value survives"
+        );
+        assert!(s.kv_delete_if("parked", "k", "v1").await.unwrap());
+        assert_eq!(s.kv_get("parked", "k").await.unwrap(), None);
+        assert!(!s.kv_delete_if("parked", "k", "v1").await.unwrap());
+    }
+
+    pub async fn delete_plan_collects_only_finished_plans_older_than_the_cutoff(s: SharedStore) {
+        let live = create(&s, vec![task("a", &[], 0), task("b", &["a"], 0)]).await;
+        let done = create(&s, vec![task("a", &[], 0), task("b", &[], 0)]).await;
+        // One of the finished plan's tasks still holds a lease, the other
+        // is still Ready (a plan that failed early): both go with it.
+        s.claim(&done, "a", "w", None, LEASE, T0).await.unwrap();
+        s.set_plan_status(&done, PlanStatus::Failed, None)
+            .await
+            .unwrap();
+        let after = i64::MAX;
+        assert!(
+            !s.delete_plan(&live, after).await.unwrap(),
+            "a running plan is never collected"
+        );
+        let updated = s.plan(&done).await.unwrap().unwrap().updated_ms;
+        assert!(
+            !s.delete_plan(&done, updated).await.unwrap(),
+            "not older than the cutoff"
+        );
+        assert!(!s.delete_plan("no-such-plan", after).await.unwrap());
+        assert!(s.delete_plan(&done, after).await.unwrap());
+        assert_eq!(s.plan(&done).await.unwrap(), None);
+        assert_eq!(s.task(&done, "a").await.unwrap(), None);
+        assert!(matches!(
+            s.tasks(&done).await,
+            Err(StoreError::UnknownPlan { .. })
+        ));
+        assert!(!s.plans().await.unwrap().iter().any(|p| p.id == done));
+        assert_eq!(
+            drain(&s, "w2").await,
+            vec![(live.clone(), "a".to_owned())],
+            "the collected plan left nothing in the ready set"
+        );
+        assert_eq!(
+            s.reap_expired(T0 + 10_000).await.unwrap(),
+            vec![(live.clone(), "a".to_owned())],
+            "nor in the lease set"
+        );
+        assert!(!s.delete_plan(&done, after).await.unwrap(), "once");
+    }
+
+    pub async fn cache_entries_and_artifacts_are_deleted_only_if_older_than_the_cutoff(
+        s: SharedStore,
+    ) {
+        let hash = s.put_artifact(b"shared bytes").await.unwrap();
+        s.cache_put("k1", &hash).await.unwrap();
+        let entries = s.cache_entries().await.unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(
+            (entries[0].key.as_str(), entries[0].artifact.as_str()),
+            ("k1", hash.as_str())
+        );
+        let hashes = s.artifact_hashes().await.unwrap();
+        assert_eq!(hashes.len(), 1);
+        assert_eq!(hashes[0].0, hash);
+        let (cache_written, artifact_written) = (entries[0].written_ms, hashes[0].1);
+        assert!(!s.cache_delete("k1", cache_written).await.unwrap());
+        assert!(!s.delete_artifact(&hash, artifact_written).await.unwrap());
+        assert!(!s.cache_delete("absent", i64::MAX).await.unwrap());
+        assert!(!s.delete_artifact("absent", i64::MAX).await.unwrap());
+        assert_eq!(
+            s.cache_get("k1").await.unwrap().as_deref(),
+            Some(hash.as_str())
+        );
+        assert!(s.artifact(&hash).await.unwrap().is_some());
+        assert!(s.cache_delete("k1", i64::MAX).await.unwrap());
+        assert!(s.delete_artifact(&hash, i64::MAX).await.unwrap());
+        assert_eq!(s.cache_get("k1").await.unwrap(), None);
+        assert_eq!(s.artifact(&hash).await.unwrap(), None);
+        assert!(s.cache_entries().await.unwrap().is_empty());
+        assert!(s.artifact_hashes().await.unwrap().is_empty());
+        // Storing the bytes again brings them back with a fresh time.
+        assert_eq!(s.put_artifact(b"shared bytes").await.unwrap(), hash);
+        assert_eq!(s.artifact_hashes().await.unwrap().len(), 1);
+    }
 }
 
 /// Generates the conformance tests for one backend: `$prefix` names the
@@ -835,6 +928,9 @@ macro_rules! store_suite {
                 cache_artifacts_and_counters,
                 kv_collections_put_get_list_delete,
                 kv_records_with_a_ttl_expire,
+                kv_delete_if_removes_only_the_value_it_names,
+                delete_plan_collects_only_finished_plans_older_than_the_cutoff,
+                cache_entries_and_artifacts_are_deleted_only_if_older_than_the_cutoff,
             );
         }
     };

@@ -37,6 +37,11 @@ elseif op == 'delete' then
   prune(key)
   redis.call('ZREM', ek, key)
   return {'ok', tostring(redis.call('HDEL', hk, key))}
+elseif op == 'delete_if' then
+  prune(key)
+  if redis.call('HGET', hk, key) ~= value then return {'ok', '0'} end
+  redis.call('ZREM', ek, key)
+  return {'ok', tostring(redis.call('HDEL', hk, key))}
 elseif op == 'list' then
   for _, k in ipairs(redis.call('ZRANGEBYSCORE', ek, '-inf', now)) do
     redis.call('HDEL', hk, k)
