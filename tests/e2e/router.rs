@@ -130,7 +130,7 @@ async fn dispatcher(c: Connections, log: Arc<Mutex<Vec<(i64, String)>>>, stop: C
                 .unwrap()
         {
             if let Some(t) = store
-                .claim_next("dispatch", Duration::from_secs(30), now_ms())
+                .claim_next("dispatch", Duration::from_secs(30))
                 .await
                 .unwrap()
             {
@@ -186,7 +186,6 @@ async fn dev_worker(
                 "dev-1",
                 Some("dispatch"),
                 Duration::from_secs(30),
-                now_ms(),
             )
             .await
             .unwrap();
@@ -220,7 +219,12 @@ async fn dev_worker(
             Ok(text) => {
                 let artifact = store.put_artifact(text.as_bytes()).await.unwrap();
                 store
-                    .mark_built(&task.plan_id, &task.path, &artifact)
+                    .mark_built(
+                        &task.plan_id,
+                        &task.path,
+                        &devfleet_store::Fence::of(&task),
+                        &artifact,
+                    )
                     .await
                     .unwrap();
                 c.publish(
@@ -233,6 +237,7 @@ async fn dev_worker(
                         cache_hit: false,
                         executor: "command".into(),
                         duration_ms: 1,
+                        reannounced: false,
                     },
                 )
                 .await
@@ -274,7 +279,12 @@ async fn completer(c: Connections, stop: CancellationToken) {
             panic!("not task.done")
         };
         c.store
-            .complete(&done.plan_id, &done.path, &done.artifact)
+            .complete(
+                &done.plan_id,
+                &done.path,
+                &devfleet_store::Fence::attempt(done.attempt),
+                &done.artifact,
+            )
             .await
             .unwrap();
         delivery.ack().await.unwrap();
@@ -820,7 +830,7 @@ async fn qa_errors_open_the_qa_breaker_which_parks_qa_work_until_a_probe_succeed
     for p in paths {
         let t = c
             .store
-            .claim_next("dev-1", Duration::from_secs(60), now_ms())
+            .claim_next("dev-1", Duration::from_secs(60))
             .await
             .unwrap()
             .unwrap();
@@ -829,7 +839,10 @@ async fn qa_errors_open_the_qa_breaker_which_parks_qa_work_until_a_probe_succeed
             .put_artifact(format!("# {p}\n").as_bytes())
             .await
             .unwrap();
-        c.store.mark_built(&plan_id, &t.path, &hash).await.unwrap();
+        c.store
+            .mark_built(&plan_id, &t.path, &devfleet_store::Fence::of(&t), &hash)
+            .await
+            .unwrap();
         artifacts.insert(t.path.clone(), (t.attempt, hash));
     }
     let mut config = router_config(&c);
@@ -892,6 +905,7 @@ async fn qa_errors_open_the_qa_breaker_which_parks_qa_work_until_a_probe_succeed
             cache_hit: false,
             executor: "command".into(),
             duration_ms: 1,
+            reannounced: false,
         },
     )
     .await
@@ -929,7 +943,7 @@ async fn qa_errors_open_the_qa_breaker_which_parks_qa_work_until_a_probe_succeed
                 n = done.next_envelope() => {
                     let (env, delivery) = n.unwrap().unwrap();
                     let Message::TaskDone(d) = env.message else { panic!("not task.done") };
-                    c.store.complete(&d.plan_id, &d.path, &d.artifact).await.unwrap();
+                    c.store.complete(&d.plan_id, &d.path, &devfleet_store::Fence::attempt(d.attempt), &d.artifact).await.unwrap();
                     delivery.ack().await.unwrap();
                     finished.insert(d.path);
                 }

@@ -13,7 +13,7 @@ use devfleet_protocol::{
 };
 use devfleet_protocol::{Envelope, Message};
 use devfleet_runtime::consume::{self, Settlement, Source, StepError};
-use devfleet_store::{TaskRecord, TaskState};
+use devfleet_store::{Fence, TaskRecord, TaskState};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
@@ -248,14 +248,24 @@ async fn qa_failed(router: &Router, task: &TaskRecord, result: &QaResult) -> Res
         let reason = format!("gave up after {failures} failures; the last: {error}");
         return dead_letter(router, task, &history, &reason).await;
     }
-    store
+    // Fenced by the verdict's attempt: a verdict on an attempt that is over
+    // changes nothing.
+    if let Err(e) = store
         .requeue(
             &result.plan_id,
             &result.path,
+            &Fence::attempt(result.attempt),
             TaskClass::Fix,
             Some(result.diagnostics.clone()),
         )
-        .await?;
+        .await
+    {
+        if e.is_stale() {
+            tracing::info!(error = %e, "stale QA verdict: the task moved on");
+            return Ok(());
+        }
+        return Err(e.into());
+    }
     router
         .metrics
         .emit(TaskFixing {
@@ -394,7 +404,25 @@ async fn dead_letter(
     // `devfleet dlq list`; an entry for a task that then failed to fail is
     // rewritten by the redelivery.
     dlq::put(store, &entry).await?;
-    let failure = store.fail(&task.plan_id, &task.path, reason).await?;
+    let failure = match store
+        .fail(
+            &task.plan_id,
+            &task.path,
+            &Fence::attempt(task.attempt),
+            reason,
+        )
+        .await
+    {
+        Ok(f) => f,
+        Err(e) if e.is_stale() => {
+            // The attempt ended otherwise between reading the task and
+            // failing it: its entry is not a dead letter.
+            tracing::info!(error = %e, "stale failure: the task moved on");
+            store.kv_delete(dlq::DLQ, &entry.id).await?;
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     store
         .kv_delete(retry::RETRIES, &task_key(&task.plan_id, &task.path))
         .await?;

@@ -150,7 +150,7 @@ async fn cycle(
     // a round costs about one store and one broker round trip; the tasks of
     // one round go to slots that are free at the same time.
     let claims = futures::future::join_all(
-        (0..credit).map(|_| store.claim_next(DISPATCH_OWNER, shared.dispatch_lease, now_ms())),
+        (0..credit).map(|_| store.claim_next(DISPATCH_OWNER, shared.dispatch_lease)),
     )
     .await;
     let mut failure = None;
