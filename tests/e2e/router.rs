@@ -810,9 +810,17 @@ async fn concurrent_errors_all_count_and_open_the_breaker() {
             },
         ));
         let mut set = JoinSet::new();
-        for _ in 0..24 {
+        for i in 0..24 {
             let b = breakers.clone();
-            set.spawn(async move { b.record(Stage::Qa, false).await.unwrap() });
+            set.spawn(async move {
+                let path = format!("f{i}.py");
+                let attempt = breaker::Attempt {
+                    plan_id: "p",
+                    path: &path,
+                    attempt: 1,
+                };
+                b.record(Stage::Qa, attempt, false).await.unwrap()
+            });
         }
         while set.join_next().await.transpose().unwrap().is_some() {}
         let state = breaker::current(c.store.as_ref(), Stage::Qa).await.unwrap();
