@@ -124,16 +124,29 @@ async fn dispatcher(c: Connections, log: Arc<Mutex<Vec<(i64, String)>>>, stop: C
         // When the breaker was asked: a dispatch is judged by what the
         // breaker said then, not by when the publish finished.
         let asked_ms = now_ms();
+        let state = breaker::published(store.as_ref(), Stage::Dev)
+            .await
+            .unwrap();
         if store.ready_len().await.unwrap_or(0) > 0
-            && breaker::try_admit(store.as_ref(), Stage::Dev)
-                .await
-                .unwrap()
+            && breaker::admit_state(store.as_ref(), &state).await.unwrap()
         {
             if let Some(t) = store
                 .claim_next("dispatch", Duration::from_secs(30))
                 .await
                 .unwrap()
             {
+                // Half-open: what is dispatched now is a probe (as the
+                // scheduler records it).
+                if state.state == Phase::HalfOpen {
+                    let attempt = breaker::Attempt {
+                        plan_id: &t.plan_id,
+                        path: &t.path,
+                        attempt: t.attempt,
+                    };
+                    breaker::mark_probe(store.as_ref(), Stage::Dev, state.generation, attempt)
+                        .await
+                        .unwrap();
+                }
                 log.lock().unwrap().push((asked_ms, t.path.clone()));
                 c.publish(
                     queues::WORK_DEV,
