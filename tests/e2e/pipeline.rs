@@ -593,7 +593,6 @@ async fn memory_a_worker_drops_messages_for_tasks_held_elsewhere_or_finished() {
     let tasks = devfleet_scheduler::intake::new_tasks(&plan);
     let record = PlanRecord::new(&plan.plan_id, "test", PlanStatus::Running, 0);
     assert!(store.create_plan(record, tasks).await.unwrap());
-    let now = devfleet_protocol::now_ms();
     // Another worker holds one task; the other is already finished.
     let outcome = store
         .claim(
@@ -602,27 +601,32 @@ async fn memory_a_worker_drops_messages_for_tasks_held_elsewhere_or_finished() {
             "someone-else",
             None,
             Duration::from_secs(60),
-            now,
         )
         .await
         .unwrap();
     assert!(matches!(outcome, devfleet_store::ClaimOutcome::Claimed(_)));
-    store
+    let finisher = store
         .claim(
             &plan.plan_id,
             "done.py",
             "finisher",
             None,
             Duration::from_secs(60),
-            now,
         )
         .await
         .unwrap();
+    let devfleet_store::ClaimOutcome::Claimed(finisher) = finisher else {
+        panic!("claiming done.py: {finisher:?}")
+    };
+    let fence = devfleet_store::Fence::of(&finisher);
     store
-        .mark_built(&plan.plan_id, "done.py", "h")
+        .mark_built(&plan.plan_id, "done.py", &fence, "h")
         .await
         .unwrap();
-    store.complete(&plan.plan_id, "done.py", "h").await.unwrap();
+    store
+        .complete(&plan.plan_id, "done.py", &fence, "h")
+        .await
+        .unwrap();
 
     for path in ["held.py", "done.py"] {
         stack

@@ -124,16 +124,29 @@ async fn dispatcher(c: Connections, log: Arc<Mutex<Vec<(i64, String)>>>, stop: C
         // When the breaker was asked: a dispatch is judged by what the
         // breaker said then, not by when the publish finished.
         let asked_ms = now_ms();
+        let state = breaker::published(store.as_ref(), Stage::Dev)
+            .await
+            .unwrap();
         if store.ready_len().await.unwrap_or(0) > 0
-            && breaker::try_admit(store.as_ref(), Stage::Dev)
-                .await
-                .unwrap()
+            && breaker::admit_state(store.as_ref(), &state).await.unwrap()
         {
             if let Some(t) = store
-                .claim_next("dispatch", Duration::from_secs(30), now_ms())
+                .claim_next("dispatch", Duration::from_secs(30))
                 .await
                 .unwrap()
             {
+                // Half-open: what is dispatched now is a probe (as the
+                // scheduler records it).
+                if state.state == Phase::HalfOpen {
+                    let attempt = breaker::Attempt {
+                        plan_id: &t.plan_id,
+                        path: &t.path,
+                        attempt: t.attempt,
+                    };
+                    breaker::mark_probe(store.as_ref(), Stage::Dev, state.generation, attempt)
+                        .await
+                        .unwrap();
+                }
                 log.lock().unwrap().push((asked_ms, t.path.clone()));
                 c.publish(
                     queues::WORK_DEV,
@@ -186,7 +199,6 @@ async fn dev_worker(
                 "dev-1",
                 Some("dispatch"),
                 Duration::from_secs(30),
-                now_ms(),
             )
             .await
             .unwrap();
@@ -220,7 +232,12 @@ async fn dev_worker(
             Ok(text) => {
                 let artifact = store.put_artifact(text.as_bytes()).await.unwrap();
                 store
-                    .mark_built(&task.plan_id, &task.path, &artifact)
+                    .mark_built(
+                        &task.plan_id,
+                        &task.path,
+                        &devfleet_store::Fence::of(&task),
+                        &artifact,
+                    )
                     .await
                     .unwrap();
                 c.publish(
@@ -233,6 +250,7 @@ async fn dev_worker(
                         cache_hit: false,
                         executor: "command".into(),
                         duration_ms: 1,
+                        reannounced: false,
                     },
                 )
                 .await
@@ -274,7 +292,12 @@ async fn completer(c: Connections, stop: CancellationToken) {
             panic!("not task.done")
         };
         c.store
-            .complete(&done.plan_id, &done.path, &done.artifact)
+            .complete(
+                &done.plan_id,
+                &done.path,
+                &devfleet_store::Fence::attempt(done.attempt),
+                &done.artifact,
+            )
             .await
             .unwrap();
         delivery.ack().await.unwrap();
@@ -800,9 +823,17 @@ async fn concurrent_errors_all_count_and_open_the_breaker() {
             },
         ));
         let mut set = JoinSet::new();
-        for _ in 0..24 {
+        for i in 0..24 {
             let b = breakers.clone();
-            set.spawn(async move { b.record(Stage::Qa, false).await.unwrap() });
+            set.spawn(async move {
+                let path = format!("f{i}.py");
+                let attempt = breaker::Attempt {
+                    plan_id: "p",
+                    path: &path,
+                    attempt: 1,
+                };
+                b.record(Stage::Qa, attempt, false).await.unwrap()
+            });
         }
         while set.join_next().await.transpose().unwrap().is_some() {}
         let state = breaker::current(c.store.as_ref(), Stage::Qa).await.unwrap();
@@ -820,7 +851,7 @@ async fn qa_errors_open_the_qa_breaker_which_parks_qa_work_until_a_probe_succeed
     for p in paths {
         let t = c
             .store
-            .claim_next("dev-1", Duration::from_secs(60), now_ms())
+            .claim_next("dev-1", Duration::from_secs(60))
             .await
             .unwrap()
             .unwrap();
@@ -829,7 +860,10 @@ async fn qa_errors_open_the_qa_breaker_which_parks_qa_work_until_a_probe_succeed
             .put_artifact(format!("# {p}\n").as_bytes())
             .await
             .unwrap();
-        c.store.mark_built(&plan_id, &t.path, &hash).await.unwrap();
+        c.store
+            .mark_built(&plan_id, &t.path, &devfleet_store::Fence::of(&t), &hash)
+            .await
+            .unwrap();
         artifacts.insert(t.path.clone(), (t.attempt, hash));
     }
     let mut config = router_config(&c);
@@ -892,6 +926,7 @@ async fn qa_errors_open_the_qa_breaker_which_parks_qa_work_until_a_probe_succeed
             cache_hit: false,
             executor: "command".into(),
             duration_ms: 1,
+            reannounced: false,
         },
     )
     .await
@@ -929,7 +964,7 @@ async fn qa_errors_open_the_qa_breaker_which_parks_qa_work_until_a_probe_succeed
                 n = done.next_envelope() => {
                     let (env, delivery) = n.unwrap().unwrap();
                     let Message::TaskDone(d) = env.message else { panic!("not task.done") };
-                    c.store.complete(&d.plan_id, &d.path, &d.artifact).await.unwrap();
+                    c.store.complete(&d.plan_id, &d.path, &devfleet_store::Fence::attempt(d.attempt), &d.artifact).await.unwrap();
                     delivery.ack().await.unwrap();
                     finished.insert(d.path);
                 }

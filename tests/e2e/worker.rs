@@ -1,6 +1,6 @@
 //! Dev-workers as real processes and under load, over real RabbitMQ and
-//! Redis: a worker killed with SIGKILL mid-run, autoscaling, and handing
-//! work back on shutdown.
+//! Redis: a worker killed with SIGKILL mid-run, a worker paused (SIGSTOP)
+//! past its lease, autoscaling, and handing work back on shutdown.
 //!
 //! The scheduler runs in this process; workers run either in-process or as
 //! the `dev-worker` binary. Each test has its own namespace (queue prefix
@@ -77,6 +77,16 @@ impl Stack {
 
     /// A `dev-worker` process on the same servers and namespace.
     fn spawn_process(&self, instance: &str, slots: u32) -> tokio::process::Child {
+        self.spawn_process_with(instance, slots, &[])
+    }
+
+    /// [`Self::spawn_process`] with more (or overriding) variables.
+    fn spawn_process_with(
+        &self,
+        instance: &str,
+        slots: u32,
+        extra: &[(&str, &str)],
+    ) -> tokio::process::Child {
         tokio::process::Command::new(crate::support::service_binary("dev-worker"))
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -93,6 +103,7 @@ impl Stack {
             .env("DEVFLEET_DEV_LEASE_SECONDS", "1.5")
             .env("DEVFLEET_DEV_HEARTBEAT_TTL_SECONDS", "1.5")
             .env("DEVFLEET_DEV_SHUTDOWN_GRACE_SECONDS", "10")
+            .envs(extra.iter().copied())
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -249,6 +260,105 @@ async fn sigkill_of_a_dev_worker_mid_run_loses_nothing_and_completes_nothing_twi
     .expect("wait");
     assert!(status.success(), "graceful exit: {status:?}");
     assert!(stack.capacity(&survivor).await.is_none());
+    stack.stop().await;
+}
+
+/// Sends `signal` to a child process.
+fn signal(child: &tokio::process::Child, signal: i32) {
+    let pid = child.id().expect("the child is running");
+    // SAFETY: sending a signal to our own child has no memory-safety concerns.
+    let sent = unsafe { libc::kill(i32::try_from(pid).unwrap(), signal) };
+    assert_eq!(sent, 0, "sending signal {signal} to {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_paused_past_its_lease_cannot_overwrite_the_worker_that_took_over() {
+    let mut stack = Stack::real().await;
+    stack.scheduler();
+    // Each worker writes its own name, so the artifact says whose it is.
+    let command = [
+        ("DEVFLEET_EXECUTOR", "command"),
+        (
+            "DEVFLEET_COMMAND",
+            r#"sh -c 'sleep 3; printf "built by %s" "$DEVFLEET_DEV_INSTANCE"'"#,
+        ),
+    ];
+    let paused = unique("paused");
+    let successor = unique("successor");
+    let mut victim = stack.spawn_process_with(&paused, 1, &command);
+    let mut plan = chains(1, 1, 1);
+    plan.plan.executor = Some(ExecutorKind::Command);
+    plan.tasks[0].executor = None;
+    stack.submit(&plan).await;
+    let store = stack.connections.store.clone();
+    let path = plan.tasks[0].path.clone();
+    let leased_by = |owner: String| {
+        let (store, plan_id, path) = (store.clone(), plan.plan_id.clone(), path.clone());
+        move || {
+            let (store, plan_id, path, owner) =
+                (store.clone(), plan_id.clone(), path.clone(), owner.clone());
+            async move {
+                let t = store.task(&plan_id, &path).await.ok()??;
+                (t.lease_owner.as_deref() == Some(owner.as_str())).then_some(t)
+            }
+        }
+    };
+    let first = wait_for(
+        "the first worker to run the task",
+        Duration::from_secs(60),
+        leased_by(paused.clone()),
+    )
+    .await;
+    // Paused mid-run, far past its 1.5 s lease.
+    signal(&victim, libc::SIGSTOP);
+    let mut other = stack.spawn_process_with(&successor, 1, &command);
+    let second = wait_for(
+        "another worker to take the task over",
+        Duration::from_secs(60),
+        leased_by(successor.clone()),
+    )
+    .await;
+    assert!(second.attempt > first.attempt, "a new attempt");
+    let record = stack.finished(&plan.plan_id, Duration::from_secs(60)).await;
+    assert_eq!(record.status, PlanStatus::Succeeded, "{record:?}");
+
+    // The paused worker resumes with its build in hand, then drains and
+    // exits: whatever it tried to record or announce changed nothing.
+    signal(&victim, libc::SIGCONT);
+    signal(&victim, libc::SIGTERM);
+    let status = within(
+        "the resumed worker to exit",
+        Duration::from_secs(30),
+        victim.wait(),
+    )
+    .await
+    .expect("wait");
+    assert!(status.success(), "graceful exit: {status:?}");
+
+    let t = store.task(&plan.plan_id, &path).await.unwrap().unwrap();
+    assert_eq!((t.state, t.attempt), (TaskState::Done, second.attempt));
+    let artifact = store
+        .artifact(t.artifact.as_deref().expect("an artifact"))
+        .await
+        .unwrap()
+        .expect("the artifact is stored");
+    assert_eq!(
+        String::from_utf8_lossy(&artifact),
+        format!("built by {successor}"),
+        "the artifact is the successor's"
+    );
+    let completed = store.counter(TASKS_COMPLETED).await.unwrap();
+    assert_eq!(completed, 1, "done exactly once");
+    let plan_after = store.plan(&plan.plan_id).await.unwrap().unwrap();
+    assert_eq!(plan_after.done, 1);
+    signal(&other, libc::SIGTERM);
+    within(
+        "the successor to exit",
+        Duration::from_secs(30),
+        other.wait(),
+    )
+    .await
+    .expect("wait");
     stack.stop().await;
 }
 

@@ -14,12 +14,19 @@
 //! | executor failed, `task.failed` sent     | ack                                |
 //! | task held by another worker / final     | ack (duplicate)                    |
 //! | lease lost while building               | ack, nothing published             |
+//! | claim stale when recording (`StaleClaim`) | ack, nothing published           |
 //! | store or broker unreachable             | retry with backoff                 |
 //! | shutdown grace ran out                  | left unsettled → redelivered       |
 //!
 //! A redelivered message for a task already Built (its worker died between
-//! recording the artifact and publishing) re-announces `task.built`, so the
-//! task is never stranded in Built.
+//! recording the artifact and publishing) re-announces `task.built` (marked
+//! `reannounced`: no executor ran), so the task is never stranded in Built.
+//!
+//! Every store write about the claim carries its [`Fence`] (owner and
+//! attempt): a worker paused past its lease (SIGSTOP, a long GC, a frozen
+//! VM) that wakes up after another worker took the task over gets
+//! `StaleClaim` from the store and publishes nothing, so it can never
+//! overwrite the newer attempt's artifact or state.
 
 use crate::cache_key::{cache_key, CacheKeyInput};
 use crate::executor::{ExecError, ExecInput};
@@ -28,10 +35,10 @@ use devfleet_bus::ConsumeOptions;
 use devfleet_contracts::capacity::DISPATCH_OWNER;
 use devfleet_protocol::metrics::{BuildFailure, BuildTiming};
 use devfleet_protocol::{
-    now_ms, queues, Envelope, Message, Stage, TaskBuilt, TaskClass, TaskFailed, TaskWork,
+    queues, Envelope, Message, Stage, TaskBuilt, TaskClass, TaskFailed, TaskWork,
 };
 use devfleet_runtime::consume::{self, Consume, Inflight, Settlement};
-use devfleet_store::{ClaimOutcome, StoreError, TaskRecord, TaskState};
+use devfleet_store::{ClaimOutcome, Fence, StoreError, TaskRecord, TaskState};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -116,7 +123,6 @@ async fn process(worker: &Worker, work: &TaskWork, delivery_attempt: u32) -> Set
             &worker.instance,
             Some(DISPATCH_OWNER),
             worker.lease,
-            now_ms(),
         )
         .await;
     let record = match claim {
@@ -145,12 +151,13 @@ async fn process(worker: &Worker, work: &TaskWork, delivery_attempt: u32) -> Set
 /// the outcome.
 async fn run_claimed(worker: &Worker, record: TaskRecord) -> Settlement {
     let store = &worker.connections.store;
+    let fence = Fence::of(&record);
     let lost = CancellationToken::new();
     let keeper = AbortOnDropHandle::new(tokio::spawn(keep_lease(
         store.clone(),
         record.plan_id.clone(),
         record.path.clone(),
-        worker.instance.clone(),
+        fence.clone(),
         worker.lease,
         lost.clone(),
     )));
@@ -164,38 +171,20 @@ async fn run_claimed(worker: &Worker, record: TaskRecord) -> Settlement {
     let (plan_id, path) = (&record.plan_id, &record.path);
     match result {
         Ok(built) => {
-            // Concurrently: confirm we still hold the lease (a worker that
-            // lost it must not record over the new owner), count the
-            // outcome and cache a fresh result.
-            let renew = store.renew(plan_id, path, &worker.instance, worker.lease, now_ms());
-            let counter = if built.cache_hit {
-                CACHE_HITS
-            } else {
-                CACHE_MISSES
-            };
-            // The global counter feeds /metrics; the per-plan one the
-            // plan's final report.
-            let count = async {
-                store.incr(counter, 1).await?;
-                store.incr(&format!("{counter}:{plan_id}"), 1).await
-            };
-            let cache = async {
-                match &built.cache_key {
-                    Some(key) => store.cache_put(key, &built.artifact).await,
-                    None => Ok(()),
-                }
-            };
-            match tokio::try_join!(renew, count, cache) {
-                Ok((true, _, _)) => {}
-                Ok((false, _, _)) => {
-                    tracing::warn!("lost the lease before recording; dropping the result");
+            // Fenced: a worker whose claim is over (paused past its lease,
+            // the task taken over) records nothing and announces nothing.
+            match store
+                .mark_built(plan_id, path, &fence, &built.artifact)
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if e.is_stale() => {
+                    tracing::warn!(error = %e, "the claim is over; dropping the result");
                     return Settlement::Ack;
                 }
-                Err(e) => return Settlement::from_store_error("recording the outcome", e),
+                Err(e) => return Settlement::from_store_error("recording the artifact", e),
             }
-            if let Err(e) = store.mark_built(plan_id, path, &built.artifact).await {
-                return Settlement::from_store_error("recording the artifact", e);
-            }
+            record_build(worker, plan_id, &built).await;
             drop(keeper);
             let duration_ms = u64::try_from(built.duration.as_millis()).unwrap_or(u64::MAX);
             let message = TaskBuilt {
@@ -206,6 +195,7 @@ async fn run_claimed(worker: &Worker, record: TaskRecord) -> Settlement {
                 cache_hit: built.cache_hit,
                 executor: built.executor.clone(),
                 duration_ms,
+                reannounced: false,
             };
             if let Err(e) = worker
                 .connections
@@ -230,6 +220,16 @@ async fn run_claimed(worker: &Worker, record: TaskRecord) -> Settlement {
             Settlement::Ack
         }
         Err(BuildError::Exec(error)) => {
+            // A worker whose claim is over does not report its failure: the
+            // attempt is someone else's now.
+            match store.renew(plan_id, path, &fence, worker.lease).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(error = %error.message, "the claim is over; dropping the failure");
+                    return Settlement::Ack;
+                }
+                Err(e) => return Settlement::from_store_error("checking the claim", e),
+            }
             tracing::warn!(error = %error.message, retryable = error.retryable, "task failed");
             let message = TaskFailed {
                 plan_id: plan_id.clone(),
@@ -287,6 +287,7 @@ async fn republish_built(worker: &Worker, work: &TaskWork) -> Settlement {
         cache_hit: false,
         executor: "(re-announced)".to_owned(),
         duration_ms: 0,
+        reannounced: true,
     };
     match worker
         .connections
@@ -305,14 +306,14 @@ async fn keep_lease(
     store: devfleet_store::SharedStore,
     plan_id: String,
     path: String,
-    owner: String,
+    fence: Fence,
     lease: Duration,
     lost: CancellationToken,
 ) {
     let every = lease / 3;
     loop {
         tokio::time::sleep(every).await;
-        match store.renew(&plan_id, &path, &owner, lease, now_ms()).await {
+        match store.renew(&plan_id, &path, &fence, lease).await {
             Ok(true) => {}
             Ok(false) => {
                 lost.cancel();
@@ -320,6 +321,33 @@ async fn keep_lease(
             }
             Err(e) => tracing::warn!(error = %e, "renewing the lease failed; retrying"),
         }
+    }
+}
+
+/// Counts a recorded build (cache hit or miss, globally and per plan) and
+/// caches a fresh result. Informational: a failure is logged, not retried
+/// (the artifact is recorded already).
+async fn record_build(worker: &Worker, plan_id: &str, built: &Built) {
+    let store = &worker.connections.store;
+    let counter = if built.cache_hit {
+        CACHE_HITS
+    } else {
+        CACHE_MISSES
+    };
+    // The global counter feeds /metrics; the per-plan one the plan's
+    // final report.
+    let count = async {
+        store.incr(counter, 1).await?;
+        store.incr(&format!("{counter}:{plan_id}"), 1).await
+    };
+    let cache = async {
+        match &built.cache_key {
+            Some(key) => store.cache_put(key, &built.artifact).await,
+            None => Ok(()),
+        }
+    };
+    if let Err(e) = tokio::try_join!(count, cache) {
+        tracing::warn!(error = %e, "cannot count or cache the build");
     }
 }
 

@@ -680,11 +680,15 @@ async fn create_plan(c: &Connections, name: &str, tasks: Vec<NewTask>) -> String
     id
 }
 
+/// The fence of `claim`'s leases: every task is claimed once, by worker-1.
+static WORKER_1: std::sync::LazyLock<devfleet_store::Fence> =
+    std::sync::LazyLock::new(|| devfleet_store::Fence::holder("worker-1", 1));
+
 async fn claim(c: &Connections, path: &str) {
     let lease = Duration::from_secs(600);
     let claimed = c
         .store
-        .claim_next("worker-1", lease, devfleet_protocol::now_ms())
+        .claim_next("worker-1", lease)
         .await
         .unwrap()
         .unwrap();
@@ -714,7 +718,7 @@ async fn task_state_changes_in_the_store_are_pushed() {
     assert_eq!(frame["data"]["previous"], "ready");
     gw.connections
         .store
-        .complete(&plan, "a.py", "aa")
+        .complete(&plan, "a.py", &WORKER_1, "aa")
         .await
         .unwrap();
     let mut seen = Vec::new();
@@ -1160,7 +1164,10 @@ async fn dashboard_shows_a_running_plan_changing_state_in_chromium() {
     claim(&c, "app/db.py").await;
     cdp.wait_states("db leased", &[("app/db.py", "leased")])
         .await;
-    c.store.complete(&plan, "app/db.py", "h1").await.unwrap();
+    c.store
+        .complete(&plan, "app/db.py", &WORKER_1, "h1")
+        .await
+        .unwrap();
     cdp.wait_states(
         "db done, models ready",
         &[("app/db.py", "done"), ("app/models.py", "ready")],
@@ -1168,12 +1175,12 @@ async fn dashboard_shows_a_running_plan_changing_state_in_chromium() {
     .await;
     claim(&c, "app/config.py").await;
     c.store
-        .complete(&plan, "app/config.py", "h2")
+        .complete(&plan, "app/config.py", &WORKER_1, "h2")
         .await
         .unwrap();
     claim(&c, "app/models.py").await;
     c.store
-        .mark_built(&plan, "app/models.py", "h3")
+        .mark_built(&plan, "app/models.py", &WORKER_1, "h3")
         .await
         .unwrap();
     cdp.wait_states(
@@ -1182,12 +1189,12 @@ async fn dashboard_shows_a_running_plan_changing_state_in_chromium() {
     )
     .await;
     c.store
-        .complete(&plan, "app/models.py", "h3")
+        .complete(&plan, "app/models.py", &WORKER_1, "h3")
         .await
         .unwrap();
     claim(&c, "app/auth.py").await;
     c.store
-        .fail(&plan, "app/auth.py", "SyntaxError")
+        .fail(&plan, "app/auth.py", &WORKER_1, "SyntaxError")
         .await
         .unwrap();
     claim(&c, "app/views.py").await;

@@ -59,18 +59,19 @@ async fn built_plan(
     let mut artifacts = BTreeMap::new();
     for (path, text) in files {
         c.store
-            .claim(
-                &plan_id,
-                path,
-                "dev",
-                None,
-                Duration::from_secs(60),
-                now_ms(),
-            )
+            .claim(&plan_id, path, "dev", None, Duration::from_secs(60))
             .await
             .unwrap();
         let hash = c.store.put_artifact(text.as_bytes()).await.unwrap();
-        c.store.mark_built(&plan_id, path, &hash).await.unwrap();
+        c.store
+            .mark_built(
+                &plan_id,
+                path,
+                &devfleet_store::Fence::holder("dev", 1),
+                &hash,
+            )
+            .await
+            .unwrap();
         artifacts.insert(path.to_string(), hash);
     }
     (plan_id, artifacts)

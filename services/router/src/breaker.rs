@@ -8,16 +8,23 @@
 //!   above `threshold` (default 50 %), the breaker opens.
 //! * **Open**: nothing is dispatched to the stage for `cooldown`. Outcomes
 //!   that arrive meanwhile (work dispatched before it opened) are ignored.
-//! * **Half-open**: `probes` dispatches are let through. The first probe
-//!   outcome decides: a success closes the breaker (with an empty window), a
-//!   failure opens it again for another cooldown. If no outcome arrives
+//! * **Half-open**: `probes` dispatches are let through, each recorded as a
+//!   probe of the half-open generation (`devfleet_contracts::breaker::
+//!   mark_probe`). The first probe outcome decides: a success closes the
+//!   breaker (with an empty window), a failure opens it again for another
+//!   cooldown. Outcomes of anything else (work dispatched before the
+//!   breaker opened, a cache hit) are ignored. If no probe outcome arrives
 //!   within a cooldown, a fresh set of probes is let through.
 //!
-//! What counts: for `dev`, `task.built` is a success and `task.failed`
-//! (stage dev) an error; for `qa`, a `qa.results` verdict (pass or fail: the
-//! stage worked) is a success and `task.failed` (stage qa: the checks could
-//! not run) an error. A file that fails QA is the code's fault, not the
-//! stage's, so it does not open the QA breaker.
+//! What counts: only outcomes of the current attempt of a task (stale
+//! messages are not counted) that say whether the stage works. For `dev`,
+//! a `task.built` whose executor ran is a success (a cache hit or a
+//! re-announcement ran nothing) and a retryable `task.failed` (stage dev)
+//! an error; for `qa`, a `qa.results` verdict (pass or fail: the stage
+//! worked) is a success and a retryable `task.failed` (stage qa: the checks
+//! could not run) an error. A non-retryable failure is the plan's fault (a
+//! bad spec, a missing dependency), and a file that fails QA the code's:
+//! neither opens a fleet-wide breaker.
 //!
 //! # Shared state
 //!
@@ -36,8 +43,8 @@
 //!   state's `probe_counter` (one per half-open generation).
 
 use devfleet_contracts::breaker::{
-    admit_state, current, published, transition_key, BreakerState, Phase, BREAKER, STAGES,
-    TRANSITIONS,
+    admit_state, current, is_probe, mark_probe, published, transition_key, Attempt, BreakerState,
+    Phase, BREAKER, STAGES, TRANSITIONS,
 };
 use devfleet_protocol::{metrics::BreakerHealth, now_ms, BreakerChanged, Stage};
 use devfleet_runtime::Connections;
@@ -172,12 +179,23 @@ impl Breakers {
         self.connections.store.as_ref()
     }
 
-    /// Records one outcome of `stage` and moves the breaker if it must.
-    pub async fn record(&self, stage: Stage, ok: bool) -> StoreResult<()> {
+    /// Records the outcome of one attempt at `stage` and moves the breaker
+    /// if it must. While half-open only a probe's outcome counts.
+    pub async fn record(&self, stage: Stage, attempt: Attempt<'_>, ok: bool) -> StoreResult<()> {
         let state = current(self.store(), stage).await?;
         match state.state {
             Phase::Open => Ok(()),
             Phase::HalfOpen => {
+                if !is_probe(self.store(), &state, attempt).await? {
+                    tracing::debug!(
+                        stage = stage.as_str(),
+                        plan_id = attempt.plan_id,
+                        path = attempt.path,
+                        attempt = attempt.attempt,
+                        "half-open: not a probe's outcome; ignored"
+                    );
+                    return Ok(());
+                }
                 if ok {
                     self.transition(
                         &state,
@@ -219,11 +237,15 @@ impl Breakers {
         }
     }
 
-    /// May one more task be dispatched to `stage` now (taking a probe
-    /// permit when half-open)?
-    pub async fn admit(&self, stage: Stage) -> StoreResult<bool> {
+    /// May `attempt` be dispatched to `stage` now? When half-open this
+    /// takes a probe permit and records the attempt as the probe.
+    pub async fn admit(&self, stage: Stage, attempt: Attempt<'_>) -> StoreResult<bool> {
         let state = current(self.store(), stage).await?;
-        admit_state(self.store(), &state).await
+        let admitted = admit_state(self.store(), &state).await?;
+        if admitted && state.state == Phase::HalfOpen {
+            mark_probe(self.store(), stage, state.generation, attempt).await?;
+        }
+        Ok(admitted)
     }
 
     /// Time-driven transitions: open → half-open after the cooldown, a
@@ -415,7 +437,16 @@ impl Breakers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use devfleet_contracts::breaker::try_admit;
+    use devfleet_contracts::breaker::{mark_probe, try_admit};
+
+    /// Attempt 1 of task `path` of plan `p`.
+    fn at(path: &str) -> Attempt<'_> {
+        Attempt {
+            plan_id: "p",
+            path,
+            attempt: 1,
+        }
+    }
 
     fn settings() -> BreakerSettings {
         BreakerSettings {
@@ -446,14 +477,16 @@ mod tests {
     async fn storm_opens_cooldown_half_opens_probe_closes() {
         let c = Connections::in_memory();
         let b = Breakers::new(c.clone(), "r1".into(), settings());
-        for _ in 0..4 {
-            b.record(Stage::Dev, false).await.unwrap();
+        for i in 0..4 {
+            b.record(Stage::Dev, at(&format!("e{i}")), false)
+                .await
+                .unwrap();
         }
         let s = current(c.store.as_ref(), Stage::Dev).await.unwrap();
         assert_eq!(s.state, Phase::Open);
         assert!(!try_admit(c.store.as_ref(), Stage::Dev).await.unwrap());
         assert!(
-            b.admit(Stage::Qa).await.unwrap(),
+            b.admit(Stage::Qa, at("q")).await.unwrap(),
             "other stages are unaffected"
         );
 
@@ -469,12 +502,24 @@ mod tests {
             !try_admit(c.store.as_ref(), Stage::Dev).await.unwrap(),
             "only one"
         );
+        mark_probe(c.store.as_ref(), Stage::Dev, s.generation, at("probe"))
+            .await
+            .unwrap();
 
-        b.record(Stage::Dev, true).await.unwrap();
+        // Outcomes of work dispatched before the breaker opened do not
+        // decide it: only the probe's.
+        b.record(Stage::Dev, at("straggler"), true).await.unwrap();
+        b.record(Stage::Dev, at("e0"), true).await.unwrap();
+        assert_eq!(
+            current(c.store.as_ref(), Stage::Dev).await.unwrap().state,
+            Phase::HalfOpen,
+            "a straggler's success does not close it"
+        );
+        b.record(Stage::Dev, at("probe"), true).await.unwrap();
         let s = published(c.store.as_ref(), Stage::Dev).await.unwrap();
         assert_eq!(s.state, Phase::Closed);
         // A fresh window: one more error does not reopen it.
-        b.record(Stage::Dev, false).await.unwrap();
+        b.record(Stage::Dev, at("late"), false).await.unwrap();
         assert_eq!(
             current(c.store.as_ref(), Stage::Dev).await.unwrap().state,
             Phase::Closed
@@ -487,9 +532,10 @@ mod tests {
         let a = Breakers::new(c.clone(), "r1".into(), settings());
         let b = Breakers::new(c.clone(), "r2".into(), settings());
         // Two replicas each see two errors: together they reach the volume.
-        for _ in 0..2 {
-            a.record(Stage::Qa, false).await.unwrap();
-            b.record(Stage::Qa, false).await.unwrap();
+        for i in 0..2 {
+            let (x, y) = (format!("a{i}"), format!("b{i}"));
+            a.record(Stage::Qa, at(&x), false).await.unwrap();
+            b.record(Stage::Qa, at(&y), false).await.unwrap();
         }
         assert_eq!(
             current(c.store.as_ref(), Stage::Qa).await.unwrap().state,
@@ -501,7 +547,14 @@ mod tests {
         let s = current(c.store.as_ref(), Stage::Qa).await.unwrap();
         assert_eq!(s.state, Phase::HalfOpen);
         assert_eq!(s.generation, 2, "one replica made the transition");
-        b.record(Stage::Qa, false).await.unwrap();
+        b.record(Stage::Qa, at("a0"), false).await.unwrap();
+        assert_eq!(
+            current(c.store.as_ref(), Stage::Qa).await.unwrap().state,
+            Phase::HalfOpen,
+            "a straggler's failure does not reopen it"
+        );
+        assert!(a.admit(Stage::Qa, at("probe")).await.unwrap());
+        b.record(Stage::Qa, at("probe"), false).await.unwrap();
         let s = current(c.store.as_ref(), Stage::Qa).await.unwrap();
         assert_eq!(s.state, Phase::Open);
         assert_eq!(s.reason, "a probe failed");

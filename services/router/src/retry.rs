@@ -24,7 +24,9 @@ use crate::history::{self, task_key};
 use crate::{Router, ROUTER_OWNER};
 use devfleet_protocol::{now_ms, Envelope, Message, QaWork, Stage, TaskClass, TaskFailed};
 use devfleet_runtime::consume::{Settlement, StepError};
-use devfleet_store::{ClaimOutcome, StoreError, StoreResult, TaskRecord, TaskState, TaskStore};
+use devfleet_store::{
+    ClaimOutcome, Fence, StoreError, StoreResult, TaskRecord, TaskState, TaskStore,
+};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,7 +120,6 @@ async fn hold(
             ROUTER_OWNER,
             task.lease_owner.as_deref(),
             lease,
-            now_ms(),
         )
         .await?;
     match outcome {
@@ -212,9 +213,22 @@ async fn retry_dev(
     } else {
         error
     };
-    store
-        .requeue(&task.plan_id, &task.path, task.class, Some(carried))
-        .await?;
+    // Fenced: our hold of the attempt's lease, or (reaped) the attempt.
+    let fence = if ours {
+        Fence::holder(ROUTER_OWNER, record.attempt)
+    } else {
+        Fence::attempt(record.attempt)
+    };
+    if let Err(e) = store
+        .requeue(&task.plan_id, &task.path, &fence, task.class, Some(carried))
+        .await
+    {
+        if e.is_stale() {
+            tracing::info!(error = %e, "retry is stale: the task moved on");
+            return Ok(());
+        }
+        return Err(e.into());
+    }
     tracing::info!(
         plan_id = %task.plan_id,
         path = %task.path,

@@ -6,6 +6,7 @@ use crate::history::{self, task_key, HistoryEntry};
 use crate::retry;
 use crate::{Config, Router};
 use devfleet_bus::ConsumeOptions;
+use devfleet_contracts::breaker::Attempt;
 use devfleet_protocol::{
     metrics::{self, TaskFixing, TaskRetrying},
     now_ms, queues, Escalation, QaResult, QaWork, Stage, TaskBuilt, TaskClass, TaskDone,
@@ -13,7 +14,7 @@ use devfleet_protocol::{
 };
 use devfleet_protocol::{Envelope, Message};
 use devfleet_runtime::consume::{self, Settlement, Source, StepError};
-use devfleet_store::{TaskRecord, TaskState};
+use devfleet_store::{Fence, TaskRecord, TaskState};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
@@ -98,9 +99,6 @@ pub(crate) async fn handle_built(router: Arc<Router>, envelope: Envelope) -> Set
         return consume::unexpected(&envelope, queues::TASK_BUILT);
     };
     record_fields(&built.plan_id, &built.path, built.attempt);
-    if let Err(e) = router.breakers.record(Stage::Dev, true).await {
-        tracing::warn!(error = %e, "cannot record a dev success in the breaker");
-    }
     let task = match load(&router, &built.plan_id, &built.path).await {
         Ok(t) => t,
         Err(s) => return s,
@@ -111,6 +109,14 @@ pub(crate) async fn handle_built(router: Arc<Router>, envelope: Envelope) -> Set
             "stale task.built: the task moved on; nothing to do"
         );
         return Settlement::Ack;
+    }
+    // Only an executor run says the dev stage works; a cache hit or a
+    // re-announcement ran nothing.
+    if built.ran_executor() {
+        let attempt = attempt_of(&built.plan_id, &built.path, built.attempt);
+        if let Err(e) = router.breakers.record(Stage::Dev, attempt, true).await {
+            tracing::warn!(error = %e, "cannot record a dev success in the breaker");
+        }
     }
     let work = QaWork {
         plan_id: built.plan_id,
@@ -124,6 +130,14 @@ pub(crate) async fn handle_built(router: Arc<Router>, envelope: Envelope) -> Set
     }
 }
 
+fn attempt_of<'a>(plan_id: &'a str, path: &'a str, attempt: u32) -> Attempt<'a> {
+    Attempt {
+        plan_id,
+        path,
+        attempt,
+    }
+}
+
 fn is_current_build(task: &TaskRecord, built: &TaskBuilt) -> bool {
     task.state == TaskState::Built
         && task.attempt == built.attempt
@@ -132,7 +146,8 @@ fn is_current_build(task: &TaskRecord, built: &TaskBuilt) -> bool {
 
 /// Publishes QA work, or parks it while the QA breaker does not admit it.
 pub(crate) async fn dispatch_qa(router: &Router, work: QaWork) -> Result<(), StepError> {
-    if router.breakers.admit(Stage::Qa).await? {
+    let attempt = attempt_of(&work.plan_id, &work.path, work.attempt);
+    if router.breakers.admit(Stage::Qa, attempt).await? {
         router
             .connections
             .publish(queues::WORK_QA, work)
@@ -158,10 +173,6 @@ pub(crate) async fn handle_qa_result(router: Arc<Router>, envelope: Envelope) ->
         return consume::unexpected(&envelope, queues::QA_RESULTS);
     };
     record_fields(&result.plan_id, &result.path, result.attempt);
-    // A verdict, either way, means the QA stage works.
-    if let Err(e) = router.breakers.record(Stage::Qa, true).await {
-        tracing::warn!(error = %e, "cannot record a QA success in the breaker");
-    }
     let task = match load(&router, &result.plan_id, &result.path).await {
         Ok(t) => t,
         Err(s) => return s,
@@ -178,6 +189,11 @@ pub(crate) async fn handle_qa_result(router: Arc<Router>, envelope: Envelope) ->
             "stale QA result: the task moved on"
         );
         return Settlement::Ack;
+    }
+    // A current verdict, either way, means the QA stage works.
+    let attempt = attempt_of(&result.plan_id, &result.path, result.attempt);
+    if let Err(e) = router.breakers.record(Stage::Qa, attempt, true).await {
+        tracing::warn!(error = %e, "cannot record a QA success in the breaker");
     }
     let outcome = if result.passed {
         passed(&router, &result).await
@@ -248,14 +264,24 @@ async fn qa_failed(router: &Router, task: &TaskRecord, result: &QaResult) -> Res
         let reason = format!("gave up after {failures} failures; the last: {error}");
         return dead_letter(router, task, &history, &reason).await;
     }
-    store
+    // Fenced by the verdict's attempt: a verdict on an attempt that is over
+    // changes nothing.
+    if let Err(e) = store
         .requeue(
             &result.plan_id,
             &result.path,
+            &Fence::attempt(result.attempt),
             TaskClass::Fix,
             Some(result.diagnostics.clone()),
         )
-        .await?;
+        .await
+    {
+        if e.is_stale() {
+            tracing::info!(error = %e, "stale QA verdict: the task moved on");
+            return Ok(());
+        }
+        return Err(e.into());
+    }
     router
         .metrics
         .emit(TaskFixing {
@@ -280,9 +306,6 @@ pub(crate) async fn handle_failed(router: Arc<Router>, envelope: Envelope) -> Se
         tracing::warn!("integration failures are the scheduler's; ignoring");
         return Settlement::Ack;
     }
-    if let Err(e) = router.breakers.record(failed.stage, false).await {
-        tracing::warn!(error = %e, "cannot record a failure in the breaker");
-    }
     let task = match load(&router, &failed.plan_id, &failed.path).await {
         Ok(t) => t,
         Err(s) => return s,
@@ -297,6 +320,14 @@ pub(crate) async fn handle_failed(router: Arc<Router>, envelope: Envelope) -> Se
             "stale task.failed: the task moved on"
         );
         return Settlement::Ack;
+    }
+    // A non-retryable failure is the plan's (a bad spec), not the stage's:
+    // it must not open the fleet-wide breaker.
+    if failed.retryable {
+        let attempt = attempt_of(&failed.plan_id, &failed.path, failed.attempt);
+        if let Err(e) = router.breakers.record(failed.stage, attempt, false).await {
+            tracing::warn!(error = %e, "cannot record a failure in the breaker");
+        }
     }
     match route_failure(&router, &task, &failed).await {
         Ok(()) => Settlement::Ack,
@@ -394,7 +425,25 @@ async fn dead_letter(
     // `devfleet dlq list`; an entry for a task that then failed to fail is
     // rewritten by the redelivery.
     dlq::put(store, &entry).await?;
-    let failure = store.fail(&task.plan_id, &task.path, reason).await?;
+    let failure = match store
+        .fail(
+            &task.plan_id,
+            &task.path,
+            &Fence::attempt(task.attempt),
+            reason,
+        )
+        .await
+    {
+        Ok(f) => f,
+        Err(e) if e.is_stale() => {
+            // The attempt ended otherwise between reading the task and
+            // failing it: its entry is not a dead letter.
+            tracing::info!(error = %e, "stale failure: the task moved on");
+            store.kv_delete(dlq::DLQ, &entry.id).await?;
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     store
         .kv_delete(retry::RETRIES, &task_key(&task.plan_id, &task.path))
         .await?;
@@ -509,14 +558,15 @@ async fn release_parked(router: &Router) -> anyhow::Result<()> {
     let store = router.connections.store.as_ref();
     let parked = store.kv_list(QA_PARKED).await?;
     for (key, json) in parked {
-        if !router.breakers.admit(Stage::Qa).await? {
-            break;
-        }
         let Ok(work) = serde_json::from_str::<QaWork>(&json) else {
             tracing::warn!(%key, "dropping an unreadable parked QA record");
             store.kv_delete_if(QA_PARKED, &key, &json).await?;
             continue;
         };
+        let attempt = attempt_of(&work.plan_id, &work.path, work.attempt);
+        if !router.breakers.admit(Stage::Qa, attempt).await? {
+            break;
+        }
         let current = store.task(&work.plan_id, &work.path).await?;
         if current.is_some_and(|t| {
             t.state == TaskState::Built && t.artifact.as_deref() == Some(work.artifact.as_str())
@@ -531,11 +581,145 @@ async fn release_parked(router: &Router) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::breaker::{BreakerSettings, Breakers, Counts};
     use devfleet_protocol::PlanStatus;
     use devfleet_runtime::Connections;
-    use devfleet_store::{NewTask, PlanRecord};
+    use devfleet_store::{ClaimOutcome, NewTask, PlanRecord};
 
-    fn router(connections: Connections) -> Router {
+    fn router(c: &Connections) -> Arc<Router> {
+        Arc::new(Router {
+            metrics: c.metrics("r1"),
+            connections: c.clone(),
+            backoff: Config::new(c.clone()).backoff,
+            max_failures: 3,
+            retry_lease_grace: Duration::from_secs(60),
+            breakers: Breakers::new(c.clone(), "r1".into(), BreakerSettings::default()),
+        })
+    }
+
+    /// A plan of independent tasks, each claimed by `w1` (attempt 1).
+    async fn claimed(c: &Connections, paths: &[&str]) -> Vec<TaskRecord> {
+        let tasks = paths
+            .iter()
+            .map(|p| NewTask {
+                path: (*p).into(),
+                spec: format!("write {p}"),
+                content: None,
+                depends_on: vec![],
+                priority: 0,
+                estimate: 1,
+                executor: None,
+            })
+            .collect();
+        let plan = PlanRecord::new("p-breaker", "t", PlanStatus::Running, 0);
+        assert!(c.store.create_plan(plan, tasks).await.unwrap());
+        let mut out = Vec::new();
+        for p in paths {
+            match c
+                .store
+                .claim("p-breaker", p, "w1", None, Duration::from_secs(60))
+                .await
+                .unwrap()
+            {
+                ClaimOutcome::Claimed(t) => out.push(t),
+                other => panic!("claiming {p}: {other:?}"),
+            }
+        }
+        out
+    }
+
+    fn built(
+        t: &TaskRecord,
+        attempt: u32,
+        artifact: &str,
+        cache_hit: bool,
+        again: bool,
+    ) -> Envelope {
+        Envelope::new(TaskBuilt {
+            plan_id: t.plan_id.clone(),
+            path: t.path.clone(),
+            attempt,
+            artifact: artifact.into(),
+            cache_hit,
+            executor: "builtin".into(),
+            duration_ms: 1,
+            reannounced: again,
+        })
+    }
+
+    fn failed(t: &TaskRecord, attempt: u32, retryable: bool) -> Envelope {
+        Envelope::new(TaskFailed {
+            plan_id: t.plan_id.clone(),
+            path: t.path.clone(),
+            attempt,
+            stage: Stage::Dev,
+            error: "the executor failed".into(),
+            retryable,
+        })
+    }
+
+    async fn dev_window(r: &Router) -> Counts {
+        r.breakers.window(Stage::Dev, 0).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn only_current_executor_runs_count_as_dev_successes() {
+        let c = Connections::in_memory();
+        let r = router(&c);
+        let t = claimed(&c, &["a.py"]).await.remove(0);
+        c.store
+            .mark_built(&t.plan_id, &t.path, &Fence::of(&t), "h1")
+            .await
+            .unwrap();
+        // A cache hit and a re-announcement ran no executor; a build of an
+        // older attempt is stale.
+        for envelope in [
+            built(&t, 1, "h1", true, false),
+            built(&t, 1, "h1", false, true),
+            built(&t, 0, "h0", false, false),
+        ] {
+            assert_eq!(handle_built(r.clone(), envelope).await, Settlement::Ack);
+        }
+        assert_eq!(dev_window(&r).await, Counts::default());
+        let run = built(&t, 1, "h1", false, false);
+        assert_eq!(handle_built(r.clone(), run).await, Settlement::Ack);
+        assert_eq!(dev_window(&r).await, Counts { ok: 1, err: 0 });
+    }
+
+    #[tokio::test]
+    async fn bad_specs_and_stale_failures_do_not_count_as_dev_errors() {
+        let c = Connections::in_memory();
+        let r = router(&c);
+        let tasks = claimed(&c, &["bad.py", "old.py", "flaky.py"]).await;
+        // A plan's non-retryable error (a bad spec) is the plan's fault.
+        assert_eq!(
+            handle_failed(r.clone(), failed(&tasks[0], 1, false)).await,
+            Settlement::Ack
+        );
+        assert_eq!(
+            c.store
+                .task("p-breaker", "bad.py")
+                .await
+                .unwrap()
+                .unwrap()
+                .state,
+            TaskState::Failed,
+            "dead-lettered all the same"
+        );
+        // A failure of an attempt that is over.
+        assert_eq!(
+            handle_failed(r.clone(), failed(&tasks[1], 7, true)).await,
+            Settlement::Ack
+        );
+        assert_eq!(dev_window(&r).await, Counts::default());
+        // The control: a retryable failure of the current attempt counts.
+        assert_eq!(
+            handle_failed(r.clone(), failed(&tasks[2], 1, true)).await,
+            Settlement::Ack
+        );
+        assert_eq!(dev_window(&r).await, Counts { ok: 0, err: 1 });
+
+    fn plain_router(connections: Connections) -> Router {
         let config = Config::new(connections.clone());
         Router {
             metrics: connections.metrics("router-test"),
@@ -645,7 +829,7 @@ mod tests {
             store: stalled.store.clone(),
             ..Connections::in_memory()
         };
-        release_parked(&router(working.clone())).await.unwrap();
+        release_parked(&plain_router(working.clone())).await.unwrap();
         assert_eq!(working.queue_depth(queues::WORK_QA).await.unwrap(), 1);
         assert!(working.store.kv_list(QA_PARKED).await.unwrap().is_empty());
     }
@@ -657,7 +841,7 @@ mod tests {
         // The broker refuses the publish: the window in which a router that
         // took the record and then stopped would have lost the work.
         broken.bus.close().await;
-        assert!(release_parked(&router(broken.clone())).await.is_err());
+        assert!(release_parked(&plain_router(broken.clone())).await.is_err());
         assert_eq!(
             broken.store.kv_get(QA_PARKED, &key).await.unwrap(),
             Some(json),
@@ -668,7 +852,7 @@ mod tests {
             store: broken.store.clone(),
             ..Connections::in_memory()
         };
-        release_parked(&router(working.clone())).await.unwrap();
+        release_parked(&plain_router(working.clone())).await.unwrap();
         assert_eq!(working.queue_depth(queues::WORK_QA).await.unwrap(), 1);
         assert!(working.store.kv_list(QA_PARKED).await.unwrap().is_empty());
     }

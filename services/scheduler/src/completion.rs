@@ -15,14 +15,22 @@ use crate::{effects, Shared, TASKS_COMPLETED};
 use devfleet_protocol::metrics::{PlanProgress, TaskCompleted, TaskFailure};
 use devfleet_protocol::{queues, Envelope, Message, PlanEvent, PlanStatus};
 use devfleet_runtime::consume::{self, Settlement, StepError};
-use devfleet_store::PlanRecord;
+use devfleet_store::{Fence, PlanRecord};
 use std::sync::Arc;
 
 /// Handles one `task.done` envelope.
 pub(crate) async fn handle_done(shared: Arc<Shared>, envelope: Envelope) -> Settlement {
     match envelope.message {
         Message::TaskDone(done) => {
-            match complete(&shared, &done.plan_id, &done.path, &done.artifact).await {
+            match complete(
+                &shared,
+                &done.plan_id,
+                &done.path,
+                done.attempt,
+                &done.artifact,
+            )
+            .await
+            {
                 Ok(()) => Settlement::Ack,
                 Err(e) => e.settlement("completing the task"),
             }
@@ -38,7 +46,15 @@ pub(crate) async fn handle_done(shared: Arc<Shared>, envelope: Envelope) -> Sett
 pub(crate) async fn handle_finally_failed(shared: Arc<Shared>, envelope: Envelope) -> Settlement {
     match envelope.message {
         Message::TaskFinallyFailed(dead) => {
-            match fail(&shared, &dead.plan_id, &dead.path, &dead.reason).await {
+            match fail(
+                &shared,
+                &dead.plan_id,
+                &dead.path,
+                dead.attempt,
+                &dead.reason,
+            )
+            .await
+            {
                 Ok(()) => Settlement::Ack,
                 Err(e) => e.settlement("ending the plan of a dead-lettered task"),
             }
@@ -50,15 +66,28 @@ pub(crate) async fn handle_finally_failed(shared: Arc<Shared>, envelope: Envelop
 /// Completes a task with its artifact, releases its dependents (they become
 /// Ready in the same store step) and finishes the plan when it was the last.
 /// Idempotent: a task already Done changes nothing, but a finished plan is
-/// still finalised, in case an earlier delivery stopped half-way.
+/// still finalised, in case an earlier delivery stopped half-way. Fenced by
+/// `attempt`: a `task.done` for an attempt that is over (the task was
+/// retried, fixed or taken over since) is logged and ignored, not counted.
 pub(crate) async fn complete(
     shared: &Shared,
     plan_id: &str,
     path: &str,
+    attempt: u32,
     artifact: &str,
 ) -> Result<(), StepError> {
     let store = &shared.connections.store;
-    let completion = store.complete(plan_id, path, artifact).await?;
+    let completion = match store
+        .complete(plan_id, path, &Fence::attempt(attempt), artifact)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) if e.is_stale() => {
+            tracing::info!(plan_id, path, attempt, error = %e, "stale task.done ignored");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     if completion.newly_done {
         // Counting is informational: a failure here must not redeliver a
         // completion that already happened.
@@ -95,15 +124,27 @@ pub(crate) async fn complete(
 
 /// Fails a task for good: its transitive dependents become Blocked with the
 /// cause; tasks that do not depend on it still run. Idempotent. A task that
-/// is already Done or Blocked is left alone (the failure is stale).
+/// is already Done or Blocked is left alone (the failure is stale), and so
+/// is a failure of an attempt that is over (fenced by `attempt`).
 pub(crate) async fn fail(
     shared: &Shared,
     plan_id: &str,
     path: &str,
+    attempt: u32,
     error: &str,
 ) -> Result<(), StepError> {
     let store = &shared.connections.store;
-    let failure = store.fail(plan_id, path, error).await?;
+    let failure = match store
+        .fail(plan_id, path, &Fence::attempt(attempt), error)
+        .await
+    {
+        Ok(f) => f,
+        Err(e) if e.is_stale() => {
+            tracing::info!(plan_id, path, attempt, error = %e, "stale task failure ignored");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     if failure.newly_failed {
         tracing::warn!(plan_id, path, %error, blocked = failure.blocked.len(), "task failed");
         shared

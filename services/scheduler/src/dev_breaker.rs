@@ -34,6 +34,9 @@ pub struct Admission {
     pub allowed: u64,
     /// The breaker's phase as read.
     pub phase: Phase,
+    /// The breaker's generation as read: while half-open, the dispatches
+    /// allowed are its probes ([`breaker::mark_probe`]).
+    pub generation: u64,
 }
 
 impl Admission {
@@ -117,6 +120,7 @@ impl DevBreaker {
         Ok(Admission {
             allowed,
             phase: state.state,
+            generation: state.generation,
         })
     }
 

@@ -28,7 +28,14 @@ use std::sync::Arc;
 pub(crate) async fn handle_built(shared: Arc<Shared>, envelope: Envelope) -> Settlement {
     match envelope.message {
         Message::TaskBuilt(built) => {
-            match completion::complete(&shared, &built.plan_id, &built.path, &built.artifact).await
+            match completion::complete(
+                &shared,
+                &built.plan_id,
+                &built.path,
+                built.attempt,
+                &built.artifact,
+            )
+            .await
             {
                 Ok(()) => Settlement::Ack,
                 Err(e) => e.settlement("completing the built task"),
@@ -48,7 +55,15 @@ pub(crate) async fn handle_failed(shared: Arc<Shared>, envelope: Envelope) -> Se
                 failed.attempt,
                 failed.error
             );
-            match completion::fail(&shared, &failed.plan_id, &failed.path, &error).await {
+            match completion::fail(
+                &shared,
+                &failed.plan_id,
+                &failed.path,
+                failed.attempt,
+                &error,
+            )
+            .await
+            {
                 Ok(()) => Settlement::Ack,
                 Err(e) => e.settlement("failing the task"),
             }

@@ -25,8 +25,9 @@
 
 use crate::dev_breaker::DevBreaker;
 use crate::Shared;
+use devfleet_contracts::breaker::{self, Phase};
 use devfleet_contracts::capacity::{self, Fleet, DISPATCH_OWNER};
-use devfleet_protocol::{metrics::QueueStatus, now_ms, queues, TaskWork};
+use devfleet_protocol::{metrics::QueueStatus, now_ms, queues, Stage, TaskWork};
 use devfleet_runtime::backoff::Backoff;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -136,6 +137,8 @@ async fn cycle(
     let outstanding = depth + ledger.len() as u64;
     let mut credit = capacity::credit(&fleet, outstanding).min(MAX_ROUND);
     let mut end = CycleEnd::CreditUsed;
+    // While half-open, what this round dispatches are the breaker's probes.
+    let mut probes_of = None;
     if credit > 0 {
         let admission = breaker
             .admit(store.as_ref(), &shared.metrics, credit)
@@ -144,13 +147,14 @@ async fn cycle(
             end = CycleEnd::BreakerHeld;
         }
         credit = admission.allowed;
+        probes_of = (admission.phase == Phase::HalfOpen).then_some(admission.generation);
     }
     // One round: claim the best `credit` tasks, then publish them. Claims
     // and publishes are issued concurrently (each is atomic on its own), so
     // a round costs about one store and one broker round trip; the tasks of
     // one round go to slots that are free at the same time.
     let claims = futures::future::join_all(
-        (0..credit).map(|_| store.claim_next(DISPATCH_OWNER, shared.dispatch_lease, now_ms())),
+        (0..credit).map(|_| store.claim_next(DISPATCH_OWNER, shared.dispatch_lease)),
     )
     .await;
     let mut failure = None;
@@ -164,6 +168,22 @@ async fn cycle(
                 }
             }
             Err(e) => failure = Some(anyhow::Error::from(e)),
+        }
+    }
+    if let Some(generation) = probes_of {
+        for t in &claimed {
+            let attempt = breaker::Attempt {
+                plan_id: &t.plan_id,
+                path: &t.path,
+                attempt: t.attempt,
+            };
+            // Unmarked, the probe's outcome is ignored and the router lets
+            // fresh probes through after a cooldown: slower, never wrong.
+            if let Err(e) =
+                breaker::mark_probe(store.as_ref(), Stage::Dev, generation, attempt).await
+            {
+                tracing::warn!(error = %e, path = %t.path, "cannot record a dev breaker probe");
+            }
         }
     }
     let traces = futures::future::join_all(

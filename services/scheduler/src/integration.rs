@@ -249,12 +249,15 @@ mod tests {
         assert_eq!(settled, Settlement::Ack);
         let store = &shared.connections.store;
         let task = store
-            .claim_next("dispatch", Duration::from_secs(30), now_ms())
+            .claim_next("dispatch", Duration::from_secs(30))
             .await
             .unwrap()
             .unwrap();
-        store.mark_built(id, &task.path, "h").await.unwrap();
-        completion::complete(shared, id, &task.path, "h")
+        store
+            .mark_built(id, &task.path, &devfleet_store::Fence::of(&task), "h")
+            .await
+            .unwrap();
+        completion::complete(shared, id, &task.path, task.attempt, "h")
             .await
             .unwrap();
         analyzed
@@ -295,7 +298,7 @@ mod tests {
         assert_eq!(depth(&shared, queues::WORK_INTEGRATION).await, 3);
         completion::finish_plan(&shared, "p1").await.unwrap();
         // A redelivered completion of the last task finishes the plan again.
-        completion::complete(&shared, "p1", TASK, "h")
+        completion::complete(&shared, "p1", TASK, 1, "h")
             .await
             .unwrap();
         assert_eq!(
@@ -436,7 +439,7 @@ mod tests {
             .set_plan_status("p5", PlanStatus::Succeeded, None)
             .await
             .unwrap();
-        completion::complete(&shared, "p5", TASK, "h")
+        completion::complete(&shared, "p5", TASK, 1, "h")
             .await
             .unwrap();
         assert_eq!(status(&shared, "p5").await.0, PlanStatus::Succeeded);

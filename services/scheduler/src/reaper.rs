@@ -8,7 +8,6 @@
 //! still completes once. Every replica may reap: the store step is atomic.
 
 use crate::Shared;
-use devfleet_protocol::now_ms;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -21,7 +20,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) -> any
             _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        match shared.connections.store.reap_expired(now_ms()).await {
+        match shared.connections.store.reap_expired().await {
             Ok(reaped) if reaped.is_empty() => {}
             Ok(reaped) => {
                 for (plan_id, path) in &reaped {

@@ -9,7 +9,9 @@
 //!   [`BreakerState`] JSON; dispatchers read the mirror ([`published`]) and
 //!   ask [`try_admit`] before each dispatch: closed → yes, open → no,
 //!   half-open → only while probe permits from the state's `probe_counter`
-//!   last.
+//!   last; each attempt dispatched under a permit is recorded with
+//!   [`mark_probe`], and only those attempts' outcomes decide a half-open
+//!   breaker.
 //!
 //! The state machine that writes these records (window counts, opening,
 //! probes) lives in the router (`devfleet_router::breaker`).
@@ -149,4 +151,57 @@ pub async fn admit_state(store: &dyn TaskStore, state: &BreakerState) -> StoreRe
             Ok(taken <= i64::from(state.probes))
         }
     }
+}
+
+/// Store collection of the attempts dispatched as probes of a half-open
+/// breaker (key [`probe_key`]): the router decides a half-open breaker on
+/// the outcomes of these alone, not on stragglers dispatched before it
+/// opened.
+pub const PROBES: &str = "breaker_probes";
+
+/// How long a probe record is kept: well past any half-open phase.
+const PROBE_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// One attempt of one task at a stage: what a probe and an outcome name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt<'a> {
+    pub plan_id: &'a str,
+    pub path: &'a str,
+    pub attempt: u32,
+}
+
+/// The [`PROBES`] key of `attempt` as a probe of `stage`'s half-open
+/// generation `generation`.
+pub fn probe_key(stage: Stage, generation: u64, attempt: Attempt<'_>) -> String {
+    format!(
+        "{}.{generation:020}|{}|{}|{}",
+        stage.as_str(),
+        attempt.plan_id,
+        attempt.path,
+        attempt.attempt
+    )
+}
+
+/// Records that `attempt` was dispatched under a probe permit of `stage`'s
+/// half-open generation `generation` (a dispatcher calls it after
+/// [`try_admit`] said yes, before publishing), so its outcome decides the
+/// breaker.
+pub async fn mark_probe(
+    store: &dyn TaskStore,
+    stage: Stage,
+    generation: u64,
+    attempt: Attempt<'_>,
+) -> StoreResult<()> {
+    let key = probe_key(stage, generation, attempt);
+    store.kv_put(PROBES, &key, "1", Some(PROBE_TTL)).await
+}
+
+/// True when `attempt` was dispatched as a probe of the half-open `state`.
+pub async fn is_probe(
+    store: &dyn TaskStore,
+    state: &BreakerState,
+    attempt: Attempt<'_>,
+) -> StoreResult<bool> {
+    let key = probe_key(state.stage, state.generation, attempt);
+    Ok(store.kv_get(PROBES, &key).await?.is_some())
 }

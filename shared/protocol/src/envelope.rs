@@ -216,6 +216,7 @@ mod tests {
             cache_hit: attempt.is_multiple_of(2),
             executor: "builtin".into(),
             duration_ms: attempt as u64 * 7,
+            reannounced: attempt.is_multiple_of(3),
         })
     }
 

@@ -108,9 +108,24 @@ pub struct TaskBuilt {
     pub attempt: u32,
     /// Content hash of the artifact in the store.
     pub artifact: String,
+    /// The artifact came from the result cache: no executor ran.
     pub cache_hit: bool,
     pub executor: String,
     pub duration_ms: u64,
+    /// This announces again a build announced before (a redelivered work
+    /// message found the task already Built): no executor ran. Absent
+    /// (false) from writers that predate it.
+    #[serde(default)]
+    pub reannounced: bool,
+}
+
+impl TaskBuilt {
+    /// True when an executor produced this artifact just now: neither a
+    /// cache hit nor a re-announcement. Only such builds tell whether the
+    /// dev stage works (the router's breaker counts them).
+    pub fn ran_executor(&self) -> bool {
+        !self.cache_hit && !self.reannounced
+    }
 }
 
 /// The `executor` of a [`TaskBuilt`] the scheduler's watchdog announced

@@ -180,6 +180,7 @@ fn messages() -> Vec<Message> {
             cache_hit: false,
             executor: "builtin".into(),
             duration_ms: 42,
+            reannounced: true,
         }),
         Message::TaskFailed(TaskFailed {
             plan_id: "p-1".into(),
@@ -727,6 +728,7 @@ fn an_older_writer_without_defaulted_fields_still_decodes() {
         ("escalation", &["path"]),
         ("deploy.requested", &["plan_id"]),
         ("task.finally_failed", &["dlq_id"]),
+        ("task.built", &["reannounced"]),
     ];
     for message in messages() {
         let kind = message.kind();
@@ -761,6 +763,7 @@ fn an_older_writer_without_defaulted_fields_still_decodes() {
             Message::Escalation(m) => assert_eq!(m.path, None),
             Message::DeployRequested(m) => assert_eq!(m.plan_id, None),
             Message::TaskFinallyFailed(m) => assert_eq!(m.dlq_id, None),
+            Message::TaskBuilt(m) => assert!(!m.reannounced),
             Message::PlanSubmitted(m) => {
                 assert_eq!((m.plan.base, m.plan.deploy), (None, None));
                 assert!(m.plan.integration.is_empty());

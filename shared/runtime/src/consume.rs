@@ -45,7 +45,7 @@
 //! | cause                                                        | settlement            | why |
 //! |--------------------------------------------------------------|-----------------------|-----|
 //! | `StoreError::Backend`, `StoreError::Connect`                 | `Retry` with backoff  | transient: the store is down or slow |
-//! | `StoreError::InvalidState`                                   | `Ack`                 | the transition no longer applies: the message is stale, the task moved on |
+//! | `StoreError::InvalidState`, `StoreError::StaleClaim`        | `Ack`                 | the transition no longer applies, or the claim is over: the message is stale, the task moved on |
 //! | any other `StoreError` (unknown task/plan, corrupt record …) | `DeadLetter`          | redelivering cannot make it succeed |
 //! | a publish failed ([`StepError::Publish`])                    | `Retry` with backoff  | the broker did not confirm; it may next time |
 //! | the message can never be handled ([`StepError::Invalid`])    | `DeadLetter`          | |
@@ -100,7 +100,7 @@ impl Settlement {
             StoreError::Backend(_) | StoreError::Connect { .. } => {
                 Settlement::Retry(format!("{what}: {err}"))
             }
-            StoreError::InvalidState { .. } => {
+            StoreError::InvalidState { .. } | StoreError::StaleClaim { .. } => {
                 tracing::warn!(error = %err, "{what}: stale message, nothing to do");
                 Settlement::Ack
             }

@@ -14,6 +14,13 @@
 //!   first), then FIFO by the time it became ready.
 //! * A task is [`TaskState::Leased`] by exactly one owner until the lease
 //!   expires; [`TaskStore::reap_expired`] returns expired ones to Ready.
+//! * Every write about a claim's work carries its [`Fence`] (attempt, and
+//!   owner for the lease holder); a write whose fence is not the task's
+//!   current claim fails with [`StoreError::StaleClaim`] and changes
+//!   nothing, so a worker paused past its lease cannot overwrite the work
+//!   of the one that took the task over.
+//! * Lease times are the store's clock (Redis `TIME`; the memory store's
+//!   own), never a caller's, so hosts with skewed clocks agree on expiry.
 //! * Transitions are idempotent: completing a Done task, or failing a
 //!   Failed one, changes nothing and says so.
 //! * When a task completes, each dependent whose last unfinished dependency
@@ -69,6 +76,78 @@ pub enum StoreError {
         state: TaskState,
         operation: &'static str,
     },
+    /// A write carried the fence of a claim that is no longer the task's
+    /// current one (another attempt, or the lease passed to someone else):
+    /// nothing changed. Callers treat it as "someone else owns this now".
+    #[error(
+        "task '{path}' of plan '{plan_id}': the claim of attempt {attempt}{} is stale \
+         (the task is {} at attempt {current_attempt}{})",
+        owner.as_deref().map(|o| format!(" by {o}")).unwrap_or_default(),
+        state.as_str(),
+        current_owner.as_deref().map(|o| format!(", leased by {o}")).unwrap_or_default()
+    )]
+    StaleClaim {
+        plan_id: String,
+        path: String,
+        /// The fence the write carried.
+        attempt: u32,
+        owner: Option<String>,
+        /// The task as it is.
+        state: TaskState,
+        current_attempt: u32,
+        current_owner: Option<String>,
+    },
+}
+
+impl StoreError {
+    /// True for [`StoreError::StaleClaim`]: the write was about an attempt
+    /// that is over, and the caller should drop it.
+    pub fn is_stale(&self) -> bool {
+        matches!(self, StoreError::StaleClaim { .. })
+    }
+}
+
+/// The fencing token of a claim: which attempt a write is about and, for
+/// the lease holder, who holds it.
+///
+/// Attempt numbers grow with every fresh claim (a handoff or a re-claim by
+/// the same owner keeps them), and only the lease holder of an attempt can
+/// record its artifact, so the attempt names one claim's work; the owner
+/// additionally ties a write to the lease itself while the task is Leased.
+/// The store refuses a write whose fence is not the task's current one
+/// with [`StoreError::StaleClaim`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Fence {
+    pub attempt: u32,
+    /// The lease holder (`None`: a decision about the attempt's outcome by
+    /// someone who does not hold the lease, e.g. the router or scheduler
+    /// acting on a message that carries the attempt).
+    pub owner: Option<String>,
+}
+
+impl Fence {
+    /// The token of the lease holder `owner` for `attempt`.
+    pub fn holder(owner: impl Into<String>, attempt: u32) -> Self {
+        Self {
+            attempt,
+            owner: Some(owner.into()),
+        }
+    }
+    /// The token of a decision about `attempt` (from a message that
+    /// carries it), made by someone who does not hold the lease.
+    pub fn attempt(attempt: u32) -> Self {
+        Self {
+            attempt,
+            owner: None,
+        }
+    }
+    /// The holder's token of a record a claim returned.
+    pub fn of(record: &TaskRecord) -> Self {
+        Self {
+            attempt: record.attempt,
+            owner: record.lease_owner.clone(),
+        }
+    }
 }
 
 /// States of a task.
@@ -264,14 +343,35 @@ pub struct Failure {
 
 /// The priority task store.
 ///
-/// Every method is atomic on its own. Times are milliseconds since the epoch
-/// from the caller's clock (`now_ms`), so tests can move time; transitions
-/// that take no `now_ms` stamp `updated_ms` with the store client's clock.
+/// Every method is atomic on its own.
 ///
-/// A lease is live while `now_ms <= lease_expires_ms` and expired once
-/// `lease_expires_ms < now_ms`. Every transition on a task that does not
+/// # Time
+///
+/// Lease times (claims, renewals, expiry) are the store's clock: Redis's
+/// `TIME` read inside the scripts (Redis replicates script effects, so this
+/// is deterministic for replicas), the memory store's own clock. Callers
+/// pass durations, never instants, so two hosts whose clocks disagree still
+/// agree on who holds a lease. Tests move the store's clock with
+/// [`memory::MemoryStore::advance_clock`] and
+/// [`redis::RedisStore::advance_clock`] (a skew kept in the store itself,
+/// zero unless a test sets it). `updated_ms` of other transitions and kv
+/// TTLs use the store client's clock (informational only).
+///
+/// A lease is live while `now <= lease_expires_ms` and expired once
+/// `lease_expires_ms < now`. Every transition on a task that does not
 /// exist fails with [`StoreError::UnknownTask`]; one that does not apply to
 /// the task's state fails with [`StoreError::InvalidState`] naming it.
+///
+/// # Fencing
+///
+/// Writes about a claim's work ([`TaskStore::renew`],
+/// [`TaskStore::mark_built`], [`TaskStore::requeue`],
+/// [`TaskStore::complete`], [`TaskStore::fail`]) carry the claim's
+/// [`Fence`]. The fence holds when its attempt is the task's attempt and,
+/// if it names an owner while the task is Leased, that owner holds the
+/// lease. A fence that does not hold is [`StoreError::StaleClaim`] (checked
+/// before the state, after existence) and changes nothing; `renew` says
+/// `false` instead.
 #[async_trait]
 pub trait TaskStore: Send + Sync + 'static {
     /// `redis` or `memory`.
@@ -309,25 +409,21 @@ pub trait TaskStore: Send + Sync + 'static {
 
     /// Number of tasks in the ready set.
     async fn ready_len(&self) -> StoreResult<u64>;
-    /// Takes the best Ready task and leases it to `owner` until
-    /// `now_ms + lease`; increments its attempt. `None` when nothing is
+    /// Takes the best Ready task and leases it to `owner` for `lease` from
+    /// the store's now; increments its attempt. `None` when nothing is
     /// ready. Concurrent callers never receive the same task.
-    async fn claim_next(
-        &self,
-        owner: &str,
-        lease: Duration,
-        now_ms: i64,
-    ) -> StoreResult<Option<TaskRecord>>;
+    async fn claim_next(&self, owner: &str, lease: Duration) -> StoreResult<Option<TaskRecord>>;
     /// Leases one named task: Ready, or Leased with an expired lease or by
     /// the same owner (a re-claim keeps the attempt), or Leased by the
     /// dispatcher `handoff_from` (the lease passes to `owner`).
     ///
     /// Checked in this order: Ready → fresh lease (attempt + 1); Leased by
-    /// `owner` or by `handoff_from` → lease extended to `now_ms + lease` and
+    /// `owner` or by `handoff_from` → lease extended to now + `lease` and
     /// owned by `owner`, attempt kept (even if it had expired); Leased by
     /// someone else and expired → fresh lease; otherwise
     /// [`ClaimOutcome::Held`]. Any other state is
-    /// [`ClaimOutcome::NotClaimable`].
+    /// [`ClaimOutcome::NotClaimable`]. The returned record's [`Fence::of`]
+    /// is the claim's token.
     async fn claim(
         &self,
         plan_id: &str,
@@ -335,60 +431,86 @@ pub trait TaskStore: Send + Sync + 'static {
         owner: &str,
         handoff_from: Option<&str>,
         lease: Duration,
-        now_ms: i64,
     ) -> StoreResult<ClaimOutcome>;
-    /// Extends a lease the owner still holds to `now_ms + lease`; false
-    /// when it lost it (another owner, not Leased, or already expired at
-    /// `now_ms`).
+    /// Extends a lease its holder still holds to now + `lease`; false when
+    /// it lost it (the fence names no owner or no longer holds, the task is
+    /// not Leased, or the lease already expired).
     async fn renew(
         &self,
         plan_id: &str,
         path: &str,
-        owner: &str,
+        fence: &Fence,
         lease: Duration,
-        now_ms: i64,
     ) -> StoreResult<bool>;
-    /// Returns tasks whose lease expired before `now_ms`
-    /// (`lease_expires_ms < now_ms`) to the back of the ready set, class and
-    /// attempt kept (the next claim starts a new attempt); returns their
+    /// Returns tasks whose lease expired (`lease_expires_ms < now`, the
+    /// store's now) to the back of the ready set, class and attempt kept
+    /// (the next claim starts a new attempt); returns their
     /// `(plan_id, path)` in expiry order.
-    async fn reap_expired(&self, now_ms: i64) -> StoreResult<Vec<(String, String)>>;
-    /// Records a built artifact (Leased → Built); the lease is released.
-    /// Built → Built replaces the artifact; on a Done task it is a no-op (a
-    /// late duplicate); other states are [`StoreError::InvalidState`].
-    async fn mark_built(&self, plan_id: &str, path: &str, artifact: &str) -> StoreResult<()>;
+    async fn reap_expired(&self) -> StoreResult<Vec<(String, String)>>;
+    /// Records the built artifact of the claim `fence` (Leased → Built);
+    /// the lease is released.
+    ///
+    /// The fence must hold the lease: a task no longer Leased by it is
+    /// [`StoreError::StaleClaim`], except the repeats of this same write
+    /// (Built at the fence's attempt with the same artifact, or Done at the
+    /// fence's attempt), which change nothing. Other states are
+    /// [`StoreError::InvalidState`].
+    async fn mark_built(
+        &self,
+        plan_id: &str,
+        path: &str,
+        fence: &Fence,
+        artifact: &str,
+    ) -> StoreResult<()>;
     /// Puts a task back in the ready set as a new attempt, with `class`
     /// (fixes first) and the error or diagnostics to carry (`None` clears
-    /// it). Applies to Leased, Built and Ready tasks (the lease is released;
-    /// the task goes to the back of its band); the attempt is incremented
-    /// by the next claim. Other states are [`StoreError::InvalidState`].
+    /// it). Applies to Leased, Built and Ready tasks at the fence's attempt
+    /// (the lease is released; the task goes to the back of its band); the
+    /// attempt is incremented by the next claim. Other states are
+    /// [`StoreError::InvalidState`].
     async fn requeue(
         &self,
         plan_id: &str,
         path: &str,
+        fence: &Fence,
         class: TaskClass,
         error: Option<String>,
     ) -> StoreResult<()>;
     /// Completes a task (idempotent) and releases dependents whose last
     /// unfinished dependency it was.
     ///
-    /// Leased or Built → Done: the lease is released, the artifact recorded,
-    /// the error cleared, each dependent's count of unfinished dependencies
-    /// drops by one and those reaching zero while Pending become Ready (class
-    /// New) in the same step; plan counts are updated. On a Done task
-    /// nothing changes (`newly_done` false, `released` empty, counts as
-    /// they are). Other states are [`StoreError::InvalidState`]. `released`
-    /// is in path order.
-    async fn complete(&self, plan_id: &str, path: &str, artifact: &str) -> StoreResult<Completion>;
+    /// Leased or Built at the fence's attempt → Done: the lease is
+    /// released, the artifact recorded, the error cleared, each dependent's
+    /// count of unfinished dependencies drops by one and those reaching
+    /// zero while Pending become Ready (class New) in the same step; plan
+    /// counts are updated. On a task Done at the fence's attempt nothing
+    /// changes (`newly_done` false, `released` empty, counts as they are);
+    /// a fence of another attempt is [`StoreError::StaleClaim`]. Other
+    /// states are [`StoreError::InvalidState`]. `released` is in path
+    /// order.
+    async fn complete(
+        &self,
+        plan_id: &str,
+        path: &str,
+        fence: &Fence,
+        artifact: &str,
+    ) -> StoreResult<Completion>;
     /// Fails a task for good (idempotent); its transitive dependents become
     /// Blocked with the cause.
     ///
-    /// Any non-final task → Failed with `error` (out of the ready set, lease
-    /// released); every transitive dependent not already final → Blocked
-    /// with error `blocked by <path>: <error>`. On a Failed task nothing
-    /// changes (`newly_failed` false); Done and Blocked tasks are
-    /// [`StoreError::InvalidState`]. `blocked` is in path order.
-    async fn fail(&self, plan_id: &str, path: &str, error: &str) -> StoreResult<Failure>;
+    /// Any non-final task at the fence's attempt → Failed with `error` (out
+    /// of the ready set, lease released); every transitive dependent not
+    /// already final → Blocked with error `blocked by <path>: <error>`. On
+    /// a task Failed at the fence's attempt nothing changes (`newly_failed`
+    /// false); Done and Blocked tasks are [`StoreError::InvalidState`].
+    /// `blocked` is in path order.
+    async fn fail(
+        &self,
+        plan_id: &str,
+        path: &str,
+        fence: &Fence,
+        error: &str,
+    ) -> StoreResult<Failure>;
     /// Returns a Failed task, and the dependents it blocked, to play again:
     /// attempts reset, the task Ready (or Pending if a dependency is unfinished).
     ///

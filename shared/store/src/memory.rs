@@ -13,14 +13,17 @@
 //! on [`crate::redis::RedisStore`]; `tests/conformance.rs` runs the same
 //! suite against both.
 
-use crate::rules::{blocked_cause, millis, prepare_tasks, ready_score, wall_ms};
+use crate::rules::{
+    blocked_cause, check_fence, millis, prepare_tasks, ready_score, stale, wall_ms,
+};
 use crate::{
-    ClaimOutcome, Completion, Failure, NewTask, PlanRecord, StoreError, StoreResult, TaskRecord,
-    TaskState, TaskStore,
+    ClaimOutcome, Completion, Failure, Fence, NewTask, PlanRecord, StoreError, StoreResult,
+    TaskRecord, TaskState, TaskStore,
 };
 use async_trait::async_trait;
 use devfleet_protocol::{PlanStatus, TaskClass};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -74,12 +77,26 @@ impl KvEntry {
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    /// Added to this machine's clock to make the store's clock (lease
+    /// times); zero unless a test moved it.
+    skew_ms: AtomicI64,
 }
 
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Moves the store's clock (lease times) forward by `by`: for tests of
+    /// expiry.
+    pub fn advance_clock(&self, by: Duration) {
+        self.skew_ms.fetch_add(millis(by), Ordering::SeqCst);
+    }
+
+    /// The store's clock: lease times are taken from it.
+    fn now(&self) -> i64 {
+        wall_ms().saturating_add(self.skew_ms.load(Ordering::SeqCst))
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -336,12 +353,8 @@ impl TaskStore for MemoryStore {
         Ok(self.lock().ready.len() as u64)
     }
 
-    async fn claim_next(
-        &self,
-        owner: &str,
-        lease: Duration,
-        now_ms: i64,
-    ) -> StoreResult<Option<TaskRecord>> {
+    async fn claim_next(&self, owner: &str, lease: Duration) -> StoreResult<Option<TaskRecord>> {
+        let now_ms = self.now();
         let mut inner = self.lock();
         let (tasks, _, mut sets) = inner.split();
         while let Some(((score, seq), (plan_id, path))) = sets.ready.pop_first() {
@@ -365,8 +378,8 @@ impl TaskStore for MemoryStore {
         owner: &str,
         handoff_from: Option<&str>,
         lease: Duration,
-        now_ms: i64,
     ) -> StoreResult<ClaimOutcome> {
+        let now_ms = self.now();
         let mut inner = self.lock();
         let (tasks, _, mut sets) = inner.split();
         let t = tasks
@@ -402,17 +415,21 @@ impl TaskStore for MemoryStore {
         &self,
         plan_id: &str,
         path: &str,
-        owner: &str,
+        fence: &Fence,
         lease: Duration,
-        now_ms: i64,
     ) -> StoreResult<bool> {
+        let now_ms = self.now();
         let mut inner = self.lock();
         let (tasks, _, mut sets) = inner.split();
         let t = tasks
             .get_mut(plan_id)
             .and_then(|m| m.get_mut(path))
             .ok_or_else(|| unknown_task(plan_id, path))?;
+        let Some(owner) = fence.owner.as_deref() else {
+            return Ok(false);
+        };
         let holds = t.rec.state == TaskState::Leased
+            && t.rec.attempt == fence.attempt
             && t.rec.lease_owner.as_deref() == Some(owner)
             && t.rec.lease_expires_ms.is_some_and(|e| e >= now_ms);
         if !holds {
@@ -428,7 +445,8 @@ impl TaskStore for MemoryStore {
         Ok(true)
     }
 
-    async fn reap_expired(&self, now_ms: i64) -> StoreResult<Vec<(String, String)>> {
+    async fn reap_expired(&self) -> StoreResult<Vec<(String, String)>> {
+        let now_ms = self.now();
         let mut inner = self.lock();
         let (tasks, _, mut sets) = inner.split();
         let expired: Vec<(LeaseKey, (String, String))> = sets
@@ -455,22 +473,31 @@ impl TaskStore for MemoryStore {
         Ok(reaped)
     }
 
-    async fn mark_built(&self, plan_id: &str, path: &str, artifact: &str) -> StoreResult<()> {
+    async fn mark_built(
+        &self,
+        plan_id: &str,
+        path: &str,
+        fence: &Fence,
+        artifact: &str,
+    ) -> StoreResult<()> {
         let mut inner = self.lock();
         let (tasks, _, mut sets) = inner.split();
         let t = tasks
             .get_mut(plan_id)
             .and_then(|m| m.get_mut(path))
             .ok_or_else(|| unknown_task(plan_id, path))?;
+        check_fence(&t.rec, fence)?;
         match t.rec.state {
-            TaskState::Leased | TaskState::Built => {
+            TaskState::Leased if fence.owner.is_some() => {
                 sets.drop_lease(t);
                 t.rec.state = TaskState::Built;
                 t.rec.artifact = Some(artifact.to_owned());
                 t.rec.updated_ms = wall_ms();
                 Ok(())
             }
+            TaskState::Built if t.rec.artifact.as_deref() == Some(artifact) => Ok(()),
             TaskState::Done => Ok(()),
+            TaskState::Leased | TaskState::Built | TaskState::Ready => Err(stale(&t.rec, fence)),
             other => Err(invalid_state(plan_id, path, other, "mark it built")),
         }
     }
@@ -479,6 +506,7 @@ impl TaskStore for MemoryStore {
         &self,
         plan_id: &str,
         path: &str,
+        fence: &Fence,
         class: TaskClass,
         error: Option<String>,
     ) -> StoreResult<()> {
@@ -488,6 +516,7 @@ impl TaskStore for MemoryStore {
             .get_mut(plan_id)
             .and_then(|m| m.get_mut(path))
             .ok_or_else(|| unknown_task(plan_id, path))?;
+        check_fence(&t.rec, fence)?;
         match t.rec.state {
             TaskState::Leased | TaskState::Built | TaskState::Ready => {
                 sets.drop_lease(t);
@@ -500,13 +529,20 @@ impl TaskStore for MemoryStore {
         }
     }
 
-    async fn complete(&self, plan_id: &str, path: &str, artifact: &str) -> StoreResult<Completion> {
+    async fn complete(
+        &self,
+        plan_id: &str,
+        path: &str,
+        fence: &Fence,
+        artifact: &str,
+    ) -> StoreResult<Completion> {
         let mut inner = self.lock();
         let (tasks, plans, mut sets) = inner.split();
         let (map, plan) = plan_of(tasks, plans, plan_id, path)?;
         let t = map
             .get_mut(path)
             .ok_or_else(|| unknown_task(plan_id, path))?;
+        check_fence(&t.rec, fence)?;
         match t.rec.state {
             TaskState::Done => {
                 return Ok(Completion {
@@ -549,13 +585,20 @@ impl TaskStore for MemoryStore {
         })
     }
 
-    async fn fail(&self, plan_id: &str, path: &str, error: &str) -> StoreResult<Failure> {
+    async fn fail(
+        &self,
+        plan_id: &str,
+        path: &str,
+        fence: &Fence,
+        error: &str,
+    ) -> StoreResult<Failure> {
         let mut inner = self.lock();
         let (tasks, plans, mut sets) = inner.split();
         let (map, plan) = plan_of(tasks, plans, plan_id, path)?;
         let t = map
             .get_mut(path)
             .ok_or_else(|| unknown_task(plan_id, path))?;
+        check_fence(&t.rec, fence)?;
         match t.rec.state {
             TaskState::Failed => {
                 return Ok(Failure {

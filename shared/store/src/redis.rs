@@ -23,8 +23,8 @@
 
 use crate::rules::{millis, prepare_tasks, wall_ms};
 use crate::{
-    ClaimOutcome, Completion, Failure, NewTask, PlanRecord, StoreError, StoreResult, TaskRecord,
-    TaskState, TaskStore,
+    ClaimOutcome, Completion, Failure, Fence, NewTask, PlanRecord, StoreError, StoreResult,
+    TaskRecord, TaskState, TaskStore,
 };
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{ErrorKind, RedisError, Script, ServerErrorKind};
@@ -250,6 +250,45 @@ impl RedisStore {
     }
 
     /// The error for a script reply that is not a success.
+    /// The error of a fenced write's reply: [`StoreError::StaleClaim`] for
+    /// `{'stale', state, attempt, owner}`, else as [`Self::reply_error`].
+    fn fenced_error(
+        &self,
+        reply: &[String],
+        plan_id: &str,
+        path: &str,
+        fence: &Fence,
+        operation: &'static str,
+    ) -> StoreError {
+        if reply.first().map(String::as_str) != Some("stale") {
+            return self.reply_error(reply, plan_id, path, operation);
+        }
+        let state = reply.get(1).and_then(|s| s.parse::<TaskState>().ok());
+        let current_attempt = reply.get(2).and_then(|a| a.parse::<u32>().ok());
+        let (Some(state), Some(current_attempt)) = (state, current_attempt) else {
+            return self.corrupt_task(plan_id, path, "unreadable state or attempt");
+        };
+        StoreError::StaleClaim {
+            plan_id: plan_id.to_owned(),
+            path: path.to_owned(),
+            attempt: fence.attempt,
+            owner: fence.owner.clone(),
+            state,
+            current_attempt,
+            current_owner: reply.get(3).filter(|o| !o.is_empty()).cloned(),
+        }
+    }
+
+    /// Moves the store's clock (lease times) forward by `by` for every
+    /// client of this prefix: a skew kept in Redis (`P:clock_skew_ms`),
+    /// for tests of expiry. Nothing else sets it.
+    pub async fn advance_clock(&self, by: Duration) -> StoreResult<()> {
+        let mut c = ::redis::cmd("INCRBY");
+        c.arg(self.key(&["clock_skew_ms"])).arg(millis(by));
+        let _: i64 = self.cmd(c).await?;
+        Ok(())
+    }
+
     fn reply_error(
         &self,
         reply: &[String],
@@ -614,17 +653,9 @@ impl TaskStore for RedisStore {
         self.cmd(c).await
     }
 
-    async fn claim_next(
-        &self,
-        owner: &str,
-        lease: Duration,
-        now_ms: i64,
-    ) -> StoreResult<Option<TaskRecord>> {
-        let expires = now_ms.saturating_add(millis(lease)).to_string();
-        let now = now_ms.to_string();
-        let reply: Vec<String> = self
-            .run(&self.scripts.claim_next, &[owner, &expires, &now])
-            .await?;
+    async fn claim_next(&self, owner: &str, lease: Duration) -> StoreResult<Option<TaskRecord>> {
+        let lease = millis(lease).to_string();
+        let reply: Vec<String> = self.run(&self.scripts.claim_next, &[owner, &lease]).await?;
         match reply.first().map(String::as_str) {
             Some("none") => Ok(None),
             Some("ok") => self.claimed(&reply, "?", "?").map(Some),
@@ -639,10 +670,8 @@ impl TaskStore for RedisStore {
         owner: &str,
         handoff_from: Option<&str>,
         lease: Duration,
-        now_ms: i64,
     ) -> StoreResult<ClaimOutcome> {
-        let expires = now_ms.saturating_add(millis(lease)).to_string();
-        let now = now_ms.to_string();
+        let lease = millis(lease).to_string();
         let handoff = if handoff_from.is_some() { "1" } else { "0" };
         let reply: Vec<String> = self
             .run(
@@ -653,8 +682,7 @@ impl TaskStore for RedisStore {
                     owner,
                     handoff,
                     handoff_from.unwrap_or(""),
-                    &expires,
-                    &now,
+                    &lease,
                 ],
             )
             .await?;
@@ -682,14 +710,17 @@ impl TaskStore for RedisStore {
         &self,
         plan_id: &str,
         path: &str,
-        owner: &str,
+        fence: &Fence,
         lease: Duration,
-        now_ms: i64,
     ) -> StoreResult<bool> {
-        let expires = now_ms.saturating_add(millis(lease)).to_string();
-        let now = now_ms.to_string();
+        let lease = millis(lease).to_string();
+        let attempt = fence.attempt.to_string();
+        let owner = fence.owner.as_deref().unwrap_or("");
         let reply: Vec<String> = self
-            .run(&self.scripts.renew, &[plan_id, path, owner, &expires, &now])
+            .run(
+                &self.scripts.renew,
+                &[plan_id, path, &attempt, owner, &lease],
+            )
             .await?;
         match reply.first().map(String::as_str) {
             Some("ok") => Ok(true),
@@ -698,9 +729,8 @@ impl TaskStore for RedisStore {
         }
     }
 
-    async fn reap_expired(&self, now_ms: i64) -> StoreResult<Vec<(String, String)>> {
-        let now = now_ms.to_string();
-        let reply: Vec<String> = self.run(&self.scripts.reap_expired, &[&now]).await?;
+    async fn reap_expired(&self) -> StoreResult<Vec<(String, String)>> {
+        let reply: Vec<String> = self.run(&self.scripts.reap_expired, &[]).await?;
         if reply.first().map(String::as_str) != Some("ok") {
             return Err(self.reply_error(&reply, "?", "?", "reap expired leases"));
         }
@@ -710,14 +740,25 @@ impl TaskStore for RedisStore {
             .collect())
     }
 
-    async fn mark_built(&self, plan_id: &str, path: &str, artifact: &str) -> StoreResult<()> {
+    async fn mark_built(
+        &self,
+        plan_id: &str,
+        path: &str,
+        fence: &Fence,
+        artifact: &str,
+    ) -> StoreResult<()> {
         let now = wall_ms().to_string();
+        let attempt = fence.attempt.to_string();
+        let owner = fence.owner.as_deref().unwrap_or("");
         let reply: Vec<String> = self
-            .run(&self.scripts.mark_built, &[plan_id, path, artifact, &now])
+            .run(
+                &self.scripts.mark_built,
+                &[plan_id, path, &attempt, owner, artifact, &now],
+            )
             .await?;
         match reply.first().map(String::as_str) {
             Some("ok") => Ok(()),
-            _ => Err(self.reply_error(&reply, plan_id, path, "mark it built")),
+            _ => Err(self.fenced_error(&reply, plan_id, path, fence, "mark it built")),
         }
     }
 
@@ -725,10 +766,13 @@ impl TaskStore for RedisStore {
         &self,
         plan_id: &str,
         path: &str,
+        fence: &Fence,
         class: TaskClass,
         error: Option<String>,
     ) -> StoreResult<()> {
         let now = wall_ms().to_string();
+        let attempt = fence.attempt.to_string();
+        let owner = fence.owner.as_deref().unwrap_or("");
         let has = if error.is_some() { "1" } else { "0" };
         let reply: Vec<String> = self
             .run(
@@ -736,6 +780,8 @@ impl TaskStore for RedisStore {
                 &[
                     plan_id,
                     path,
+                    &attempt,
+                    owner,
                     class.as_str(),
                     has,
                     error.as_deref().unwrap_or(""),
@@ -745,19 +791,30 @@ impl TaskStore for RedisStore {
             .await?;
         match reply.first().map(String::as_str) {
             Some("ok") => Ok(()),
-            _ => Err(self.reply_error(&reply, plan_id, path, "requeue it")),
+            _ => Err(self.fenced_error(&reply, plan_id, path, fence, "requeue it")),
         }
     }
 
-    async fn complete(&self, plan_id: &str, path: &str, artifact: &str) -> StoreResult<Completion> {
+    async fn complete(
+        &self,
+        plan_id: &str,
+        path: &str,
+        fence: &Fence,
+        artifact: &str,
+    ) -> StoreResult<Completion> {
         let now = wall_ms().to_string();
+        let attempt = fence.attempt.to_string();
+        let owner = fence.owner.as_deref().unwrap_or("");
         let reply: Vec<String> = self
-            .run(&self.scripts.complete, &[plan_id, path, artifact, &now])
+            .run(
+                &self.scripts.complete,
+                &[plan_id, path, &attempt, owner, artifact, &now],
+            )
             .await?;
         let newly_done = match reply.first().map(String::as_str) {
             Some("ok") => true,
             Some("noop") => false,
-            _ => return Err(self.reply_error(&reply, plan_id, path, "complete it")),
+            _ => return Err(self.fenced_error(&reply, plan_id, path, fence, "complete it")),
         };
         let num = |i: usize| -> StoreResult<u32> {
             reply
@@ -779,15 +836,26 @@ impl TaskStore for RedisStore {
         })
     }
 
-    async fn fail(&self, plan_id: &str, path: &str, error: &str) -> StoreResult<Failure> {
+    async fn fail(
+        &self,
+        plan_id: &str,
+        path: &str,
+        fence: &Fence,
+        error: &str,
+    ) -> StoreResult<Failure> {
         let now = wall_ms().to_string();
+        let attempt = fence.attempt.to_string();
+        let owner = fence.owner.as_deref().unwrap_or("");
         let reply: Vec<String> = self
-            .run(&self.scripts.fail, &[plan_id, path, error, &now])
+            .run(
+                &self.scripts.fail,
+                &[plan_id, path, &attempt, owner, error, &now],
+            )
             .await?;
         let newly_failed = match reply.first().map(String::as_str) {
             Some("ok") => true,
             Some("noop") => false,
-            _ => return Err(self.reply_error(&reply, plan_id, path, "fail it")),
+            _ => return Err(self.fenced_error(&reply, plan_id, path, fence, "fail it")),
         };
         let mut blocked: Vec<String> = reply.iter().skip(2).cloned().collect();
         blocked.sort();

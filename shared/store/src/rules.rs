@@ -6,7 +6,7 @@
 //! The Lua scripts under `redis/` restate [`ready_score`] and
 //! [`blocked_cause`]; the conformance suite checks that both backends agree.
 
-use crate::{NewTask, StoreError, StoreResult};
+use crate::{Fence, NewTask, StoreError, StoreResult, TaskRecord, TaskState};
 use devfleet_protocol::TaskClass;
 use std::collections::{HashMap, HashSet};
 
@@ -98,6 +98,35 @@ pub(crate) fn ready_score(class: TaskClass, priority: u32) -> u64 {
 /// The error recorded on a task blocked by the failure of `failed_path`.
 pub(crate) fn blocked_cause(failed_path: &str, error: &str) -> String {
     format!("blocked by {failed_path}: {error}")
+}
+
+/// Checks a write's fence against the task (see "Fencing" on
+/// [`crate::TaskStore`]): the attempt must be the task's and, when the
+/// fence names an owner and the task is Leased, that owner must hold the
+/// lease. `fencing.lua`'s `fence_holds` restates it.
+pub(crate) fn check_fence(rec: &TaskRecord, fence: &Fence) -> StoreResult<()> {
+    let owner_ok = match (&fence.owner, rec.state) {
+        (Some(o), TaskState::Leased) => rec.lease_owner.as_deref() == Some(o.as_str()),
+        _ => true,
+    };
+    if rec.attempt == fence.attempt && owner_ok {
+        Ok(())
+    } else {
+        Err(stale(rec, fence))
+    }
+}
+
+/// The [`StoreError::StaleClaim`] of a write with `fence` on `rec`.
+pub(crate) fn stale(rec: &TaskRecord, fence: &Fence) -> StoreError {
+    StoreError::StaleClaim {
+        plan_id: rec.plan_id.clone(),
+        path: rec.path.clone(),
+        attempt: fence.attempt,
+        owner: fence.owner.clone(),
+        state: rec.state,
+        current_attempt: rec.attempt,
+        current_owner: rec.lease_owner.clone(),
+    }
 }
 
 /// Milliseconds since the epoch by this machine's clock: the `updated_ms` of

@@ -11,23 +11,63 @@ use devfleet_protocol::{PlanStatus, TaskClass};
 use devfleet_store::memory::MemoryStore;
 use devfleet_store::redis::RedisStore;
 use devfleet_store::{
-    content_hash, ClaimOutcome, NewTask, PlanRecord, SharedStore, StoreError, TaskState,
+    content_hash, ClaimOutcome, Fence, NewTask, PlanRecord, SharedStore, StoreError, TaskRecord,
+    TaskState,
 };
 use devfleet_testkit::{redis_url, require_env, unique, wait_for, within};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-const LEASE: Duration = Duration::from_secs(1);
-/// A fixed "now" for lease arithmetic: the store takes the caller's clock.
-const T0: i64 = 1_000_000;
+const LEASE: Duration = Duration::from_secs(60);
+const LEASE_MS: i64 = 60_000;
 
-async fn memory_store() -> SharedStore {
-    Arc::new(MemoryStore::new())
+/// Moves a store's own clock (lease times come from it, never from the
+/// caller's).
+#[derive(Clone)]
+enum Clock {
+    Memory(Arc<MemoryStore>),
+    Redis(Arc<RedisStore>),
 }
 
-async fn redis_store() -> SharedStore {
-    Arc::new(connect_redis(&unique("t")).await)
+impl Clock {
+    async fn advance(&self, by: Duration) {
+        match self {
+            Clock::Memory(m) => m.advance_clock(by),
+            Clock::Redis(r) => r.advance_clock(by).await.unwrap(),
+        }
+    }
+}
+
+async fn memory_store() -> (SharedStore, Clock) {
+    let m = Arc::new(MemoryStore::new());
+    (m.clone(), Clock::Memory(m))
+}
+
+async fn redis_store() -> (SharedStore, Clock) {
+    let r = Arc::new(connect_redis(&unique("t")).await);
+    (r.clone(), Clock::Redis(r))
+}
+
+/// The fence of the task's current claim (its lease holder, if any): what
+/// its rightful writer carries.
+async fn fence(store: &SharedStore, plan_id: &str, path: &str) -> Fence {
+    match store.task(plan_id, path).await {
+        Ok(Some(t)) => Fence::of(&t),
+        _ => Fence::attempt(0),
+    }
+}
+
+/// Asserts a write was refused as stale and returns the task as it is.
+fn assert_stale<T: std::fmt::Debug>(r: Result<T, StoreError>, what: &str) {
+    match r {
+        Err(StoreError::StaleClaim { .. }) => {}
+        other => panic!("{what}: expected StaleClaim, got {other:?}"),
+    }
+}
+
+fn lease_len(t: &TaskRecord) -> i64 {
+    t.lease_expires_ms.unwrap_or_default() - t.updated_ms
 }
 
 async fn connect_redis(prefix: &str) -> RedisStore {
@@ -82,16 +122,16 @@ async fn state(store: &SharedStore, plan_id: &str, path: &str) -> TaskState {
 /// Claims every ready task in order, returning `(plan, path)` pairs.
 async fn drain(store: &SharedStore, owner: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    while let Some(t) = store.claim_next(owner, LEASE, T0).await.unwrap() {
+    while let Some(t) = store.claim_next(owner, LEASE).await.unwrap() {
         out.push((t.plan_id, t.path));
     }
     out
 }
 
 /// Leases a task by name and returns the claimed record's attempt.
-async fn claim_ok(store: &SharedStore, plan_id: &str, path: &str, owner: &str, now: i64) -> u32 {
+async fn claim_ok(store: &SharedStore, plan_id: &str, path: &str, owner: &str) -> u32 {
     match store
-        .claim(plan_id, path, owner, None, LEASE, now)
+        .claim(plan_id, path, owner, None, LEASE)
         .await
         .unwrap()
     {
@@ -106,7 +146,10 @@ async fn claim_ok(store: &SharedStore, plan_id: &str, path: &str, owner: &str, n
 mod checks {
     use super::*;
 
-    pub async fn ready_order_is_fix_first_then_priority_then_fifo_across_plans(s: SharedStore) {
+    pub async fn ready_order_is_fix_first_then_priority_then_fifo_across_plans(
+        s: SharedStore,
+        _clock: Clock,
+    ) {
         let a = create_at(
             &s,
             vec![task("a1", &[], 1), task("a2", &[], 5), task("a3", &[], 1)],
@@ -116,10 +159,16 @@ mod checks {
         let b = create_at(&s, vec![task("b1", &[], 5), task("b2", &[], 1)], 2).await;
         assert_eq!(s.ready_len().await.unwrap(), 5);
         // A low-priority task sent back as a fix jumps ahead of everything.
-        assert_eq!(claim_ok(&s, &a, "a3", "w", T0).await, 1);
-        s.requeue(&a, "a3", TaskClass::Fix, Some("tests failed".into()))
-            .await
-            .unwrap();
+        assert_eq!(claim_ok(&s, &a, "a3", "w").await, 1);
+        s.requeue(
+            &a,
+            "a3",
+            &fence(&s, &a, "a3").await,
+            TaskClass::Fix,
+            Some("tests failed".into()),
+        )
+        .await
+        .unwrap();
         let order = drain(&s, "w").await;
         let p = |plan: &str, path: &str| (plan.to_owned(), path.to_owned());
         assert_eq!(
@@ -137,10 +186,13 @@ mod checks {
         assert_eq!(fixed.attempt, 2, "the requeue started a new attempt");
         assert_eq!(fixed.error.as_deref(), Some("tests failed"));
         assert_eq!(s.ready_len().await.unwrap(), 0);
-        assert!(s.claim_next("w", LEASE, T0).await.unwrap().is_none());
+        assert!(s.claim_next("w", LEASE).await.unwrap().is_none());
     }
 
-    pub async fn a_task_becomes_ready_exactly_when_its_last_dependency_completes(s: SharedStore) {
+    pub async fn a_task_becomes_ready_exactly_when_its_last_dependency_completes(
+        s: SharedStore,
+        _clock: Clock,
+    ) {
         let p = create(
             &s,
             vec![
@@ -153,26 +205,40 @@ mod checks {
         .await;
         assert_eq!(s.ready_len().await.unwrap(), 1);
         assert_eq!(state(&s, &p, "d").await, TaskState::Pending);
-        claim_ok(&s, &p, "a", "w", T0).await;
-        let done = s.complete(&p, "a", "h-a").await.unwrap();
+        claim_ok(&s, &p, "a", "w").await;
+        let done = s
+            .complete(&p, "a", &fence(&s, &p, "a").await, "h-a")
+            .await
+            .unwrap();
         assert!(done.newly_done);
         assert_eq!(done.released, vec!["b", "c"]);
         assert_eq!((done.done, done.total, done.plan_finished), (1, 4, false));
         assert_eq!(state(&s, &p, "d").await, TaskState::Pending);
 
-        claim_ok(&s, &p, "b", "w", T0).await;
-        s.mark_built(&p, "b", "h-b").await.unwrap();
-        let done = s.complete(&p, "b", "h-b").await.unwrap();
+        claim_ok(&s, &p, "b", "w").await;
+        s.mark_built(&p, "b", &fence(&s, &p, "b").await, "h-b")
+            .await
+            .unwrap();
+        let done = s
+            .complete(&p, "b", &fence(&s, &p, "b").await, "h-b")
+            .await
+            .unwrap();
         assert!(done.released.is_empty(), "d still waits for c");
         assert_eq!(state(&s, &p, "d").await, TaskState::Pending);
 
-        claim_ok(&s, &p, "c", "w", T0).await;
-        let done = s.complete(&p, "c", "h-c").await.unwrap();
+        claim_ok(&s, &p, "c", "w").await;
+        let done = s
+            .complete(&p, "c", &fence(&s, &p, "c").await, "h-c")
+            .await
+            .unwrap();
         assert_eq!(done.released, vec!["d"]);
         assert_eq!(state(&s, &p, "d").await, TaskState::Ready);
 
-        claim_ok(&s, &p, "d", "w", T0).await;
-        let done = s.complete(&p, "d", "h-d").await.unwrap();
+        claim_ok(&s, &p, "d", "w").await;
+        let done = s
+            .complete(&p, "d", &fence(&s, &p, "d").await, "h-d")
+            .await
+            .unwrap();
         assert_eq!((done.done, done.total, done.plan_finished), (4, 4, true));
         let plan = s.plan(&p).await.unwrap().unwrap();
         assert_eq!(
@@ -184,12 +250,18 @@ mod checks {
         assert_eq!(d.lease_owner, None);
     }
 
-    pub async fn duplicate_completion_is_a_no_op(s: SharedStore) {
+    pub async fn duplicate_completion_is_a_no_op(s: SharedStore, _clock: Clock) {
         let p = create(&s, vec![task("a", &[], 0), task("b", &["a"], 0)]).await;
-        claim_ok(&s, &p, "a", "w", T0).await;
-        let first = s.complete(&p, "a", "h1").await.unwrap();
+        claim_ok(&s, &p, "a", "w").await;
+        let first = s
+            .complete(&p, "a", &fence(&s, &p, "a").await, "h1")
+            .await
+            .unwrap();
         assert_eq!(first.released, vec!["b"]);
-        let again = s.complete(&p, "a", "h2").await.unwrap();
+        let again = s
+            .complete(&p, "a", &fence(&s, &p, "a").await, "h2")
+            .await
+            .unwrap();
         assert!(!again.newly_done);
         assert!(again.released.is_empty());
         assert_eq!(
@@ -210,7 +282,7 @@ mod checks {
         assert_eq!(s.plan(&p).await.unwrap().unwrap().done, 1);
     }
 
-    pub async fn concurrent_claims_hand_each_task_out_exactly_once(s: SharedStore) {
+    pub async fn concurrent_claims_hand_each_task_out_exactly_once(s: SharedStore, _clock: Clock) {
         let tasks = (0..50)
             .map(|i| task(&format!("f{i:02}.py"), &[], i % 7))
             .collect();
@@ -220,7 +292,7 @@ mod checks {
             let s = s.clone();
             workers.spawn(async move {
                 let mut mine = Vec::new();
-                while let Some(t) = s.claim_next(&format!("w{w}"), LEASE, T0).await.unwrap() {
+                while let Some(t) = s.claim_next(&format!("w{w}"), LEASE).await.unwrap() {
                     assert_eq!(t.lease_owner, Some(format!("w{w}")));
                     assert_eq!(t.attempt, 1);
                     mine.push(t.path);
@@ -246,23 +318,26 @@ mod checks {
         }
     }
 
-    pub async fn expired_lease_makes_task_claimable_again(s: SharedStore) {
+    pub async fn expired_lease_makes_task_claimable_again(s: SharedStore, clock: Clock) {
         let p = create(&s, vec![task("a", &[], 0)]).await;
-        let t = s.claim_next("w1", LEASE, T0).await.unwrap().unwrap();
-        assert_eq!((t.attempt, t.lease_expires_ms), (1, Some(T0 + 1000)));
+        let t = s.claim_next("w1", LEASE).await.unwrap().unwrap();
+        assert_eq!((t.attempt, lease_len(&t)), (1, LEASE_MS));
+        let expires = t.lease_expires_ms.unwrap();
+        clock.advance(LEASE / 2).await;
         assert!(
-            s.reap_expired(T0 + 1000).await.unwrap().is_empty(),
-            "not expired at its expiry"
+            s.reap_expired().await.unwrap().is_empty(),
+            "not expired half-way"
         );
         assert_eq!(
-            s.claim(&p, "a", "w2", None, LEASE, T0 + 500).await.unwrap(),
+            s.claim(&p, "a", "w2", None, LEASE).await.unwrap(),
             ClaimOutcome::Held {
                 owner: "w1".into(),
-                expires_ms: T0 + 1000
+                expires_ms: expires
             }
         );
+        clock.advance(LEASE).await;
         assert_eq!(
-            s.reap_expired(T0 + 1001).await.unwrap(),
+            s.reap_expired().await.unwrap(),
             vec![(p.clone(), "a".to_owned())]
         );
         let reaped = s.task(&p, "a").await.unwrap().unwrap();
@@ -270,82 +345,252 @@ mod checks {
         assert_eq!(reaped.class, TaskClass::New, "class kept");
         assert_eq!(reaped.lease_owner, None);
         assert!(
-            !s.renew(&p, "a", "w1", LEASE, T0 + 1001).await.unwrap(),
+            !s.renew(&p, "a", &Fence::holder("w1", 1), LEASE)
+                .await
+                .unwrap(),
             "w1 lost it"
         );
-        let t = s.claim_next("w2", LEASE, T0 + 1001).await.unwrap().unwrap();
+        let t = s.claim_next("w2", LEASE).await.unwrap().unwrap();
         assert_eq!((t.attempt, t.lease_owner.as_deref()), (2, Some("w2")));
         // Without a reaper: another owner takes an expired lease directly.
-        assert_eq!(claim_ok(&s, &p, "a", "w3", T0 + 2002).await, 3);
-        assert!(!s.renew(&p, "a", "w2", LEASE, T0 + 2002).await.unwrap());
+        clock.advance(LEASE * 2).await;
+        assert_eq!(claim_ok(&s, &p, "a", "w3").await, 3);
+        assert!(!s
+            .renew(&p, "a", &Fence::holder("w2", 2), LEASE)
+            .await
+            .unwrap());
         assert!(
-            s.reap_expired(T0 + 2002).await.unwrap().is_empty(),
+            s.reap_expired().await.unwrap().is_empty(),
             "w3's lease is live"
         );
     }
 
-    pub async fn renew_extends_for_the_owner_and_fails_for_a_stranger(s: SharedStore) {
-        let p = create(&s, vec![task("a", &[], 0)]).await;
-        claim_ok(&s, &p, "a", "w1", T0).await;
-        assert!(s.renew(&p, "a", "w1", LEASE, T0 + 500).await.unwrap());
-        let t = s.task(&p, "a").await.unwrap().unwrap();
-        assert_eq!(t.lease_expires_ms, Some(T0 + 1500));
-        assert_eq!(t.attempt, 1, "renewing is not a new attempt");
-        assert!(!s.renew(&p, "a", "stranger", LEASE, T0 + 600).await.unwrap());
+    pub async fn lease_times_come_from_the_store_clock(s: SharedStore, clock: Clock) {
+        create(&s, vec![task("a", &[], 0)]).await;
+        // The store's clock runs an hour ahead of this host's: leases
+        // follow the store, not the caller.
+        clock.advance(Duration::from_secs(3600)).await;
+        let host_now = devfleet_protocol::now_ms();
+        let t = s.claim_next("w1", LEASE).await.unwrap().unwrap();
+        assert_eq!(lease_len(&t), LEASE_MS);
         assert!(
-            s.reap_expired(T0 + 1200).await.unwrap().is_empty(),
+            t.lease_expires_ms.unwrap() >= host_now + 3_600_000 + LEASE_MS,
+            "expiry {:?} is by the store's clock (host now {host_now})",
+            t.lease_expires_ms
+        );
+    }
+
+    pub async fn renew_extends_for_the_owner_and_fails_for_a_stranger(
+        s: SharedStore,
+        clock: Clock,
+    ) {
+        let p = create(&s, vec![task("a", &[], 0)]).await;
+        claim_ok(&s, &p, "a", "w1").await;
+        let before = s.task(&p, "a").await.unwrap().unwrap();
+        let f = Fence::holder("w1", 1);
+        clock.advance(LEASE / 2).await;
+        assert!(s.renew(&p, "a", &f, LEASE).await.unwrap());
+        let t = s.task(&p, "a").await.unwrap().unwrap();
+        assert_eq!(lease_len(&t), LEASE_MS);
+        assert!(t.lease_expires_ms > before.lease_expires_ms);
+        assert_eq!(t.attempt, 1, "renewing is not a new attempt");
+        assert!(!s
+            .renew(&p, "a", &Fence::holder("stranger", 1), LEASE)
+            .await
+            .unwrap());
+        assert!(
+            !s.renew(&p, "a", &Fence::holder("w1", 2), LEASE)
+                .await
+                .unwrap(),
+            "another attempt's fence"
+        );
+        assert!(
+            !s.renew(&p, "a", &Fence::attempt(1), LEASE).await.unwrap(),
+            "no holder named"
+        );
+        clock.advance(LEASE * 3 / 4).await;
+        assert!(
+            s.reap_expired().await.unwrap().is_empty(),
             "the renewal holds"
         );
-        assert!(
-            !s.renew(&p, "a", "w1", LEASE, T0 + 1501).await.unwrap(),
-            "expired: lost"
-        );
+        clock.advance(LEASE).await;
+        assert!(!s.renew(&p, "a", &f, LEASE).await.unwrap(), "expired: lost");
         assert!(matches!(
-            s.renew(&p, "nope", "w1", LEASE, T0).await,
+            s.renew(&p, "nope", &f, LEASE).await,
             Err(StoreError::UnknownTask { .. })
         ));
     }
 
-    pub async fn handoff_passes_the_lease_without_a_new_attempt(s: SharedStore) {
+    pub async fn handoff_passes_the_lease_without_a_new_attempt(s: SharedStore, _clock: Clock) {
         let p = create(&s, vec![task("a", &[], 0), task("b", &["a"], 0)]).await;
-        let t = s.claim_next("scheduler", LEASE, T0).await.unwrap().unwrap();
+        let t = s.claim_next("scheduler", LEASE).await.unwrap().unwrap();
         assert_eq!(t.attempt, 1);
-        match s
-            .claim(&p, "a", "worker-1", Some("scheduler"), LEASE, T0 + 10)
+        let expires = match s
+            .claim(&p, "a", "worker-1", Some("scheduler"), LEASE)
             .await
             .unwrap()
         {
             ClaimOutcome::Claimed(t) => {
                 assert_eq!(t.lease_owner.as_deref(), Some("worker-1"));
                 assert_eq!(t.attempt, 1);
-                assert_eq!(t.lease_expires_ms, Some(T0 + 1010));
+                assert_eq!(lease_len(&t), LEASE_MS);
+                t.lease_expires_ms.unwrap()
             }
             other => panic!("handoff: {other:?}"),
-        }
+        };
         // The dispatcher no longer holds it, so a second handoff finds it held.
         assert_eq!(
-            s.claim(&p, "a", "worker-2", Some("scheduler"), LEASE, T0 + 20)
+            s.claim(&p, "a", "worker-2", Some("scheduler"), LEASE)
                 .await
                 .unwrap(),
             ClaimOutcome::Held {
                 owner: "worker-1".into(),
-                expires_ms: T0 + 1010
+                expires_ms: expires
             }
         );
         // A redelivered claim by the same worker keeps the attempt.
-        assert_eq!(claim_ok(&s, &p, "a", "worker-1", T0 + 30).await, 1);
-        assert!(!s.renew(&p, "a", "scheduler", LEASE, T0 + 40).await.unwrap());
+        assert_eq!(claim_ok(&s, &p, "a", "worker-1").await, 1);
+        assert!(!s
+            .renew(&p, "a", &Fence::holder("scheduler", 1), LEASE)
+            .await
+            .unwrap());
         assert_eq!(
-            s.claim(&p, "b", "worker-1", None, LEASE, T0).await.unwrap(),
+            s.claim(&p, "b", "worker-1", None, LEASE).await.unwrap(),
             ClaimOutcome::NotClaimable(TaskState::Pending)
         );
         assert!(matches!(
-            s.claim(&p, "zz", "worker-1", None, LEASE, T0).await,
+            s.claim(&p, "zz", "worker-1", None, LEASE).await,
             Err(StoreError::UnknownTask { .. })
         ));
     }
 
-    pub async fn fail_blocks_transitive_dependents_and_finishes_the_plan(s: SharedStore) {
+    pub async fn a_worker_paused_past_its_lease_cannot_overwrite_its_successor(
+        s: SharedStore,
+        clock: Clock,
+    ) {
+        let p = create(&s, vec![task("a", &[], 0), task("b", &[], 0)]).await;
+        let old = match s.claim(&p, "a", "w1", None, LEASE).await.unwrap() {
+            ClaimOutcome::Claimed(t) => Fence::of(&t),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(old, Fence::holder("w1", 1));
+        // w1 is paused past its lease; w2 takes the task over.
+        clock.advance(LEASE * 2).await;
+        let new = match s.claim(&p, "a", "w2", None, LEASE).await.unwrap() {
+            ClaimOutcome::Claimed(t) => Fence::of(&t),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(new, Fence::holder("w2", 2));
+        // w1 resumes: none of its writes land.
+        assert!(!s.renew(&p, "a", &old, LEASE).await.unwrap());
+        match s.mark_built(&p, "a", &old, "h-old").await {
+            Err(StoreError::StaleClaim {
+                attempt: 1,
+                current_attempt: 2,
+                current_owner: Some(o),
+                state: TaskState::Leased,
+                ..
+            }) if o == "w2" => {}
+            other => panic!("expected StaleClaim naming w2's attempt 2, got {other:?}"),
+        }
+        assert_stale(
+            s.requeue(&p, "a", &old, TaskClass::Fix, Some("x".into()))
+                .await,
+            "requeue by the old holder",
+        );
+        assert_stale(
+            s.complete(&p, "a", &Fence::attempt(1), "h-old").await,
+            "task.done of the old attempt",
+        );
+        assert_stale(
+            s.fail(&p, "a", &Fence::attempt(1), "old failure").await,
+            "failure of the old attempt",
+        );
+        assert_stale(
+            s.mark_built(&p, "a", &Fence::holder("w1", 2), "h-old")
+                .await,
+            "the current attempt by someone not holding the lease",
+        );
+        assert_stale(
+            s.mark_built(&p, "a", &Fence::attempt(2), "h-old").await,
+            "a build without the holder",
+        );
+        let t = s.task(&p, "a").await.unwrap().unwrap();
+        assert_eq!(
+            (t.state, t.lease_owner.as_deref(), t.artifact.as_deref()),
+            (TaskState::Leased, Some("w2"), None),
+            "w2's claim is untouched"
+        );
+        // w2's writes land; repeating them changes nothing.
+        s.mark_built(&p, "a", &new, "h-new").await.unwrap();
+        s.mark_built(&p, "a", &new, "h-new").await.unwrap();
+        assert_stale(
+            s.mark_built(&p, "a", &new, "h-other").await,
+            "another artifact for a built attempt",
+        );
+        assert_stale(
+            s.mark_built(&p, "a", &old, "h-old").await,
+            "the old holder after the build",
+        );
+        assert_stale(
+            s.requeue(&p, "a", &Fence::attempt(1), TaskClass::Fix, None)
+                .await,
+            "a QA verdict on the old attempt",
+        );
+        assert_stale(
+            s.complete(&p, "a", &Fence::attempt(1), "h-old").await,
+            "task.done of the old attempt",
+        );
+        let done = s
+            .complete(&p, "a", &Fence::attempt(2), "h-new")
+            .await
+            .unwrap();
+        assert!(done.newly_done);
+        let again = s
+            .complete(&p, "a", &Fence::attempt(2), "h-new")
+            .await
+            .unwrap();
+        assert!(!again.newly_done, "done once");
+        assert_stale(
+            s.complete(&p, "a", &Fence::attempt(1), "h-old").await,
+            "a stale task.done after done",
+        );
+        s.mark_built(&p, "a", &new, "h-new").await.unwrap();
+        let t = s.task(&p, "a").await.unwrap().unwrap();
+        assert_eq!(
+            (t.state, t.attempt, t.artifact.as_deref()),
+            (TaskState::Done, 2, Some("h-new"))
+        );
+        assert_eq!(s.plan(&p).await.unwrap().unwrap().done, 1);
+
+        // Reaped back to Ready (not yet claimed again): the old holder's
+        // build is refused, a decision about its attempt still applies.
+        claim_ok(&s, &p, "b", "w1").await;
+        clock.advance(LEASE * 2).await;
+        assert_eq!(
+            s.reap_expired().await.unwrap(),
+            vec![(p.clone(), "b".into())]
+        );
+        assert_stale(
+            s.mark_built(&p, "b", &Fence::holder("w1", 1), "h-b").await,
+            "a build after the reaper",
+        );
+        s.requeue(
+            &p,
+            "b",
+            &Fence::attempt(1),
+            TaskClass::New,
+            Some("retry".into()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(state(&s, &p, "b").await, TaskState::Ready);
+    }
+
+    pub async fn fail_blocks_transitive_dependents_and_finishes_the_plan(
+        s: SharedStore,
+        _clock: Clock,
+    ) {
         let p = create(
             &s,
             vec![
@@ -357,8 +602,11 @@ mod checks {
             ],
         )
         .await;
-        claim_ok(&s, &p, "a", "w", T0).await;
-        let f = s.fail(&p, "a", "boom").await.unwrap();
+        claim_ok(&s, &p, "a", "w").await;
+        let f = s
+            .fail(&p, "a", &fence(&s, &p, "a").await, "boom")
+            .await
+            .unwrap();
         assert!(f.newly_failed);
         assert_eq!(f.blocked, vec!["b", "c", "d"]);
         assert!(!f.plan_finished, "e is still to run");
@@ -368,19 +616,22 @@ mod checks {
         let a = s.task(&p, "a").await.unwrap().unwrap();
         assert_eq!((a.state, a.lease_owner.clone()), (TaskState::Failed, None));
         assert_eq!(a.error.as_deref(), Some("boom"));
-        let again = s.fail(&p, "a", "boom again").await.unwrap();
+        let again = s
+            .fail(&p, "a", &fence(&s, &p, "a").await, "boom again")
+            .await
+            .unwrap();
         assert!(!again.newly_failed && again.blocked.is_empty());
         assert_eq!(
             s.task(&p, "a").await.unwrap().unwrap().error.as_deref(),
             Some("boom")
         );
-        assert!(
-            s.reap_expired(T0 + 10_000).await.unwrap().is_empty(),
-            "lease removed"
-        );
+        assert!(s.reap_expired().await.unwrap().is_empty(), "lease removed");
 
         assert_eq!(drain(&s, "w").await, vec![(p.clone(), "e".to_owned())]);
-        let done = s.complete(&p, "e", "h-e").await.unwrap();
+        let done = s
+            .complete(&p, "e", &fence(&s, &p, "e").await, "h-e")
+            .await
+            .unwrap();
         assert!(done.plan_finished);
         let plan = s.plan(&p).await.unwrap().unwrap();
         assert_eq!(
@@ -388,13 +639,13 @@ mod checks {
             (1, 1, 3, 5)
         );
         assert!(s
-            .fail(&p, "e", "late")
+            .fail(&p, "e", &fence(&s, &p, "e").await, "late")
             .await
             .unwrap_err()
             .to_string()
             .contains("done"));
         assert!(matches!(
-            s.fail(&p, "c", "x").await,
+            s.fail(&p, "c", &fence(&s, &p, "c").await, "x").await,
             Err(StoreError::InvalidState {
                 state: TaskState::Blocked,
                 ..
@@ -402,7 +653,7 @@ mod checks {
         ));
     }
 
-    pub async fn replay_returns_a_failed_task_and_what_it_blocked(s: SharedStore) {
+    pub async fn replay_returns_a_failed_task_and_what_it_blocked(s: SharedStore, _clock: Clock) {
         let p = create(
             &s,
             vec![
@@ -413,14 +664,25 @@ mod checks {
             ],
         )
         .await;
-        claim_ok(&s, &p, "x", "w", T0).await;
-        s.complete(&p, "x", "h-x").await.unwrap();
-        claim_ok(&s, &p, "a", "w", T0).await;
-        s.requeue(&p, "a", TaskClass::Fix, Some("lint".into()))
+        claim_ok(&s, &p, "x", "w").await;
+        s.complete(&p, "x", &fence(&s, &p, "x").await, "h-x")
             .await
             .unwrap();
-        claim_ok(&s, &p, "a", "w", T0).await;
-        let f = s.fail(&p, "a", "gave up").await.unwrap();
+        claim_ok(&s, &p, "a", "w").await;
+        s.requeue(
+            &p,
+            "a",
+            &fence(&s, &p, "a").await,
+            TaskClass::Fix,
+            Some("lint".into()),
+        )
+        .await
+        .unwrap();
+        claim_ok(&s, &p, "a", "w").await;
+        let f = s
+            .fail(&p, "a", &fence(&s, &p, "a").await, "gave up")
+            .await
+            .unwrap();
         assert_eq!(f.blocked, vec!["b", "c"]);
         assert!(matches!(
             s.replay(&p, "b").await,
@@ -442,21 +704,32 @@ mod checks {
         let plan = s.plan(&p).await.unwrap().unwrap();
         assert_eq!((plan.done, plan.failed, plan.blocked), (1, 0, 0));
 
-        assert_eq!(claim_ok(&s, &p, "a", "w", T0).await, 1);
+        assert_eq!(claim_ok(&s, &p, "a", "w").await, 1);
         assert_eq!(
-            s.complete(&p, "a", "h-a").await.unwrap().released,
+            s.complete(&p, "a", &fence(&s, &p, "a").await, "h-a")
+                .await
+                .unwrap()
+                .released,
             vec!["b"]
         );
-        claim_ok(&s, &p, "b", "w", T0).await;
+        claim_ok(&s, &p, "b", "w").await;
         assert_eq!(
-            s.complete(&p, "b", "h-b").await.unwrap().released,
+            s.complete(&p, "b", &fence(&s, &p, "b").await, "h-b")
+                .await
+                .unwrap()
+                .released,
             vec!["c"]
         );
-        claim_ok(&s, &p, "c", "w", T0).await;
-        assert!(s.complete(&p, "c", "h-c").await.unwrap().plan_finished);
+        claim_ok(&s, &p, "c", "w").await;
+        assert!(
+            s.complete(&p, "c", &fence(&s, &p, "c").await, "h-c")
+                .await
+                .unwrap()
+                .plan_finished
+        );
     }
 
-    pub async fn replay_keeps_tasks_blocked_by_another_failure(s: SharedStore) {
+    pub async fn replay_keeps_tasks_blocked_by_another_failure(s: SharedStore, _clock: Clock) {
         // d depends on both a and b; both fail. Replaying a alone must leave d
         // blocked (by b), and replaying b then frees it.
         let p = create(
@@ -468,11 +741,21 @@ mod checks {
             ],
         )
         .await;
-        claim_ok(&s, &p, "a", "w", T0).await;
-        claim_ok(&s, &p, "b", "w", T0).await;
-        assert_eq!(s.fail(&p, "a", "A").await.unwrap().blocked, vec!["d"]);
+        claim_ok(&s, &p, "a", "w").await;
+        claim_ok(&s, &p, "b", "w").await;
+        assert_eq!(
+            s.fail(&p, "a", &fence(&s, &p, "a").await, "A")
+                .await
+                .unwrap()
+                .blocked,
+            vec!["d"]
+        );
         assert!(
-            s.fail(&p, "b", "B").await.unwrap().blocked.is_empty(),
+            s.fail(&p, "b", &fence(&s, &p, "b").await, "B")
+                .await
+                .unwrap()
+                .blocked
+                .is_empty(),
             "d already blocked"
         );
         s.replay(&p, "a").await.unwrap();
@@ -484,11 +767,11 @@ mod checks {
         assert_eq!(s.ready_len().await.unwrap(), 2);
     }
 
-    pub async fn redelivered_create_plan_creates_nothing_twice(s: SharedStore) {
+    pub async fn redelivered_create_plan_creates_nothing_twice(s: SharedStore, _clock: Clock) {
         let id = unique("plan");
         let tasks = vec![task("a", &[], 0), task("b", &["a"], 0)];
         assert!(s.create_plan(plan(&id, 5), tasks.clone()).await.unwrap());
-        claim_ok(&s, &id, "a", "w", T0).await;
+        claim_ok(&s, &id, "a", "w").await;
         let before = s.tasks(&id).await.unwrap();
         let mut other = plan(&id, 6);
         other.name = "changed".into();
@@ -509,7 +792,7 @@ mod checks {
         assert_eq!(s.plans().await.unwrap().len(), 1);
     }
 
-    pub async fn a_bad_plan_creates_nothing(s: SharedStore) {
+    pub async fn a_bad_plan_creates_nothing(s: SharedStore, _clock: Clock) {
         let id = unique("plan");
         let err = s
             .create_plan(
@@ -552,7 +835,7 @@ mod checks {
             .unwrap());
     }
 
-    pub async fn records_round_trip_and_tasks_list_in_path_order(s: SharedStore) {
+    pub async fn records_round_trip_and_tasks_list_in_path_order(s: SharedStore, _clock: Clock) {
         let mut rich = task("src/ü/main.py", &["lib|x.py", "a:b.py"], u32::MAX);
         rich.content = Some("print('héllo')\n\ttabs \"quotes\" \u{1F600}".into());
         rich.executor = Some("openai".into());
@@ -594,73 +877,106 @@ mod checks {
         assert_eq!(lib.content, None);
         // Paths with ':' and '|' are keys like any other.
         assert_eq!(drain(&s, "w").await.len(), 3);
-        s.complete(&p, "lib|x.py", "h").await.unwrap();
-        let done = s.complete(&p, "a:b.py", "h").await.unwrap();
+        s.complete(&p, "lib|x.py", &fence(&s, &p, "lib|x.py").await, "h")
+            .await
+            .unwrap();
+        let done = s
+            .complete(&p, "a:b.py", &fence(&s, &p, "a:b.py").await, "h")
+            .await
+            .unwrap();
         assert_eq!(done.released, vec!["src/ü/main.py"]);
         assert!(s.task(&p, "nope").await.unwrap().is_none());
     }
 
-    pub async fn mark_built_requeue_and_complete_check_the_state(s: SharedStore) {
+    pub async fn mark_built_requeue_and_complete_check_the_state(s: SharedStore, _clock: Clock) {
         let p = create(&s, vec![task("a", &[], 0), task("b", &["a"], 0)]).await;
         let invalid = |r: Result<(), StoreError>, want: TaskState| match r {
             Err(StoreError::InvalidState { state, .. }) => assert_eq!(state, want),
             other => panic!("expected InvalidState({want:?}), got {other:?}"),
         };
-        invalid(s.mark_built(&p, "a", "h").await, TaskState::Ready);
+        assert_stale(
+            s.mark_built(&p, "a", &Fence::holder("w", 0), "h").await,
+            "a build of an unclaimed task",
+        );
         invalid(
-            s.requeue(&p, "b", TaskClass::Fix, None).await,
+            s.mark_built(&p, "b", &Fence::holder("w", 0), "h").await,
             TaskState::Pending,
         );
-        let err = s.complete(&p, "b", "h").await.unwrap_err();
+        invalid(
+            s.requeue(&p, "b", &fence(&s, &p, "b").await, TaskClass::Fix, None)
+                .await,
+            TaskState::Pending,
+        );
+        let err = s
+            .complete(&p, "b", &fence(&s, &p, "b").await, "h")
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("pending"), "{err}");
         assert!(matches!(
-            s.complete(&p, "zz", "h").await,
+            s.complete(&p, "zz", &fence(&s, &p, "zz").await, "h").await,
             Err(StoreError::UnknownTask { .. })
         ));
 
-        claim_ok(&s, &p, "a", "w", T0).await;
-        s.mark_built(&p, "a", "h1").await.unwrap();
+        claim_ok(&s, &p, "a", "w").await;
+        s.mark_built(&p, "a", &fence(&s, &p, "a").await, "h1")
+            .await
+            .unwrap();
         let a = s.task(&p, "a").await.unwrap().unwrap();
         assert_eq!(
             (a.state, a.artifact.as_deref(), a.lease_owner.as_deref()),
             (TaskState::Built, Some("h1"), None)
         );
         assert!(
-            s.reap_expired(T0 + 10_000).await.unwrap().is_empty(),
+            s.reap_expired().await.unwrap().is_empty(),
             "built: no lease"
         );
         assert_eq!(
-            s.claim(&p, "a", "w", None, LEASE, T0).await.unwrap(),
+            s.claim(&p, "a", "w", None, LEASE).await.unwrap(),
             ClaimOutcome::NotClaimable(TaskState::Built)
         );
-        s.requeue(&p, "a", TaskClass::Fix, Some("2 tests failed".into()))
-            .await
-            .unwrap();
+        s.requeue(
+            &p,
+            "a",
+            &fence(&s, &p, "a").await,
+            TaskClass::Fix,
+            Some("2 tests failed".into()),
+        )
+        .await
+        .unwrap();
         let a = s.task(&p, "a").await.unwrap().unwrap();
         assert_eq!(
             (a.state, a.class, a.attempt),
             (TaskState::Ready, TaskClass::Fix, 1)
         );
         assert_eq!(a.error.as_deref(), Some("2 tests failed"));
-        assert_eq!(claim_ok(&s, &p, "a", "w", T0).await, 2);
-        s.requeue(&p, "a", TaskClass::New, None).await.unwrap();
+        assert_eq!(claim_ok(&s, &p, "a", "w").await, 2);
+        s.requeue(&p, "a", &fence(&s, &p, "a").await, TaskClass::New, None)
+            .await
+            .unwrap();
         assert_eq!(s.task(&p, "a").await.unwrap().unwrap().error, None);
-        claim_ok(&s, &p, "a", "w", T0).await;
-        s.mark_built(&p, "a", "h2").await.unwrap();
-        s.complete(&p, "a", "h2").await.unwrap();
-        s.mark_built(&p, "a", "h3").await.unwrap();
+        claim_ok(&s, &p, "a", "w").await;
+        s.mark_built(&p, "a", &fence(&s, &p, "a").await, "h2")
+            .await
+            .unwrap();
+        s.complete(&p, "a", &fence(&s, &p, "a").await, "h2")
+            .await
+            .unwrap();
+        s.mark_built(&p, "a", &fence(&s, &p, "a").await, "h3")
+            .await
+            .unwrap();
         assert_eq!(
             s.task(&p, "a").await.unwrap().unwrap().artifact.as_deref(),
             Some("h2"),
             "a late built after done changes nothing"
         );
         invalid(
-            s.requeue(&p, "a", TaskClass::Fix, None).await,
+            s.requeue(&p, "a", &fence(&s, &p, "a").await, TaskClass::Fix, None)
+                .await,
             TaskState::Done,
         );
     }
 
-    pub async fn plans_are_listed_newest_first(s: SharedStore) {
+    pub async fn plans_are_listed_newest_first(s: SharedStore, _clock: Clock) {
         let old = create_at(&s, vec![task("a", &[], 0)], 100).await;
         let new = create_at(&s, vec![task("a", &[], 0), task("b", &[], 0)], 300).await;
         let mid = create_at(&s, vec![], 200).await;
@@ -692,7 +1008,7 @@ mod checks {
         assert!(s.plan("missing").await.unwrap().is_none());
     }
 
-    pub async fn cache_artifacts_and_counters(s: SharedStore) {
+    pub async fn cache_artifacts_and_counters(s: SharedStore, _clock: Clock) {
         assert_eq!(s.cache_get("k1").await.unwrap(), None);
         s.cache_put("k1", "hash-1").await.unwrap();
         s.cache_put("k1", "hash-2").await.unwrap();
@@ -714,7 +1030,7 @@ mod checks {
         assert_eq!(s.counter("other").await.unwrap(), 0);
     }
 
-    pub async fn kv_collections_put_get_list_delete(s: SharedStore) {
+    pub async fn kv_collections_put_get_list_delete(s: SharedStore, _clock: Clock) {
         s.kv_put("canary", "b", "2", None).await.unwrap();
         s.kv_put("canary", "a", "1", None).await.unwrap();
         s.kv_put("canary", "a", "1bis", None).await.unwrap();
@@ -746,7 +1062,7 @@ mod checks {
         assert!(s.kv_list("never-used").await.unwrap().is_empty());
     }
 
-    pub async fn kv_records_with_a_ttl_expire(s: SharedStore) {
+    pub async fn kv_records_with_a_ttl_expire(s: SharedStore, _clock: Clock) {
         // Long enough that the "not expired yet" check cannot race it.
         let ttl = Some(Duration::from_secs(2));
         s.kv_put("breaker", "short", "open", ttl).await.unwrap();
@@ -915,6 +1231,8 @@ macro_rules! store_suite {
                 duplicate_completion_is_a_no_op,
                 concurrent_claims_hand_each_task_out_exactly_once,
                 expired_lease_makes_task_claimable_again,
+                lease_times_come_from_the_store_clock,
+                a_worker_paused_past_its_lease_cannot_overwrite_its_successor,
                 renew_extends_for_the_owner_and_fails_for_a_stranger,
                 handoff_passes_the_lease_without_a_new_attempt,
                 fail_blocks_transitive_dependents_and_finishes_the_plan,
@@ -938,8 +1256,8 @@ macro_rules! store_suite {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $name() {
-                let store: SharedStore = $make.await;
-                checks::$name(store).await;
+                let (store, clock) = $make.await;
+                checks::$name(store, clock).await;
             }
         )*
     };
@@ -1008,7 +1326,10 @@ async fn redis_corrupt_records_are_errors_not_panics() {
         store.task(&p, "a").await,
         Err(StoreError::Corrupt { .. })
     ));
-    assert!(store.complete(&p, "a", "h").await.is_err());
+    assert!(store
+        .complete(&p, "a", &fence(&store, &p, "a").await, "h")
+        .await
+        .is_err());
 }
 
 /// Restarts the shared Redis while a writer keeps going: calls during the
@@ -1019,19 +1340,22 @@ async fn redis_corrupt_records_are_errors_not_panics() {
 async fn redis_restart_keeps_data_and_the_store_recovers() {
     let ctl = require_env("DEVFLEET_SERVERS_CTL");
     let dir = require_env("DEVFLEET_SERVERS_DIR");
-    let s = redis_store().await;
+    let (s, _) = redis_store().await;
 
     let p = create(
         &s,
         vec![task("a", &[], 2), task("b", &["a"], 0), task("c", &[], 1)],
     )
     .await;
-    claim_ok(&s, &p, "a", "w", T0).await;
+    claim_ok(&s, &p, "a", "w").await;
     assert_eq!(
-        s.complete(&p, "a", "h-a").await.unwrap().released,
+        s.complete(&p, "a", &fence(&s, &p, "a").await, "h-a")
+            .await
+            .unwrap()
+            .released,
         vec!["b"]
     );
-    claim_ok(&s, &p, "b", "w", T0).await;
+    claim_ok(&s, &p, "b", "w").await;
     let art = s.put_artifact(b"print('kept')").await.unwrap();
     s.cache_put("ck", &art).await.unwrap();
     s.incr("before", 7).await.unwrap();
@@ -1130,10 +1454,20 @@ async fn redis_restart_keeps_data_and_the_store_recovers() {
     assert_eq!((plan.done, plan.total), (1, 3));
     assert_eq!(state(&s, &p, "a").await, TaskState::Done);
     // The lease survived: the owner renews it, the scripts reload on demand.
-    assert!(s.renew(&p, "b", "w", LEASE, T0 + 10).await.unwrap());
+    assert!(s
+        .renew(&p, "b", &Fence::holder("w", 1), LEASE)
+        .await
+        .unwrap());
     assert_eq!(drain(&s, "w2").await, vec![(p.clone(), "c".to_owned())]);
-    s.complete(&p, "b", "h-b").await.unwrap();
-    assert!(s.complete(&p, "c", "h-c").await.unwrap().plan_finished);
+    s.complete(&p, "b", &fence(&s, &p, "b").await, "h-b")
+        .await
+        .unwrap();
+    assert!(
+        s.complete(&p, "c", &fence(&s, &p, "c").await, "h-c")
+            .await
+            .unwrap()
+            .plan_finished
+    );
 }
 
 /// Runs `servers.sh <action> <dir> redis`, waiting for it to finish.
@@ -1178,10 +1512,12 @@ impl Drop for BringRedisBack {
 /// store works and every acknowledged write is still there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_after_an_outage_fails_calls_cleanly_then_recovers() {
-    let s = redis_store().await;
+    let (s, _) = redis_store().await;
     let p = create(&s, vec![task("a", &[], 0), task("b", &["a"], 0)]).await;
-    claim_ok(&s, &p, "a", "w", T0).await;
-    s.complete(&p, "a", "h-a").await.unwrap();
+    claim_ok(&s, &p, "a", "w").await;
+    s.complete(&p, "a", &fence(&s, &p, "a").await, "h-a")
+        .await
+        .unwrap();
     s.incr("before", 3).await.unwrap();
 
     let mut guard = BringRedisBack { armed: true };
@@ -1208,7 +1544,7 @@ async fn redis_restart_after_an_outage_fails_calls_cleanly_then_recovers() {
     let claim = within(
         "a claim while Redis is down",
         Duration::from_secs(60),
-        s.claim_next("w", LEASE, T0),
+        s.claim_next("w", LEASE),
     )
     .await;
     assert!(
@@ -1233,11 +1569,12 @@ async fn redis_restart_after_an_outage_fails_calls_cleanly_then_recovers() {
         "nothing applied while down"
     );
     assert_eq!(state(&s, &p, "a").await, TaskState::Done);
-    let b = s
-        .claim_next("w", LEASE, T0)
-        .await
-        .unwrap()
-        .expect("b is ready");
+    let b = s.claim_next("w", LEASE).await.unwrap().expect("b is ready");
     assert_eq!((b.path.as_str(), b.attempt), ("b", 1));
-    assert!(s.complete(&p, "b", "h-b").await.unwrap().plan_finished);
+    assert!(
+        s.complete(&p, "b", &fence(&s, &p, "b").await, "h-b")
+            .await
+            .unwrap()
+            .plan_finished
+    );
 }

@@ -1,6 +1,9 @@
--- claim_next: ARGV[2] owner, ARGV[3] lease expiry ms, ARGV[4] now ms.
+-- claim_next: ARGV[2] owner, ARGV[3] lease ms (the store's clock).
 -- Reply: {'none'} or the leased task's record.
-local owner, expires, now = ARGV[2], ARGV[3], ARGV[4]
+local owner = ARGV[2]
+local now = store_now()
+local expires = ms(now + tonumber(ARGV[3]))
+now = ms(now)
 while true do
   local first = redis.call('ZRANGE', READY, 0, 0)
   if #first == 0 then return {'none'} end

@@ -86,3 +86,31 @@ local function plan_counts(pk)
   if done + failed + blocked == total then finished = '1' end
   return tostring(done), tostring(total), finished
 end
+
+-- The store's clock in ms: Redis TIME (allowed in scripts, whose effects
+-- are replicated), plus the skew a test may set in P:clock_skew_ms (absent
+-- otherwise). Lease times come only from here.
+local function store_now()
+  local t = redis.call('TIME')
+  local skew = tonumber(redis.call('GET', P .. ':clock_skew_ms') or '0') or 0
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + skew
+end
+
+local function ms(n) return string.format('%d', n) end
+
+-- Same as rules::check_fence: the write's attempt is the task's and, if it
+-- names an owner ('' = none) while the task is Leased, that owner holds it.
+local function fence_holds(tk, state, attempt, owner)
+  if (redis.call('HGET', tk, 'attempt') or '0') ~= attempt then return false end
+  if owner ~= '' and state == 'leased'
+      and redis.call('HGET', tk, 'lease_owner') ~= owner then
+    return false
+  end
+  return true
+end
+
+-- The reply for a stale fence: {'stale', state, attempt, lease owner or ''}.
+local function stale_reply(tk, state)
+  return {'stale', state, redis.call('HGET', tk, 'attempt') or '0',
+    redis.call('HGET', tk, 'lease_owner') or ''}
+end

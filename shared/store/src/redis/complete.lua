@@ -1,13 +1,16 @@
--- complete: ARGV[2] plan, [3] path, [4] artifact, [5] now ms.
+-- complete: ARGV[2] plan, [3] path, [4] fence attempt, [5] fence owner
+-- ('' = none), [6] artifact, [7] now ms.
 -- Leased or Built -> Done, releasing dependents whose last unfinished
 -- dependency this was; Done -> no-op.
 -- Reply: {'ok' | 'noop', done, total, finished, released...},
--- {'state', state} or {'unknown_task'}.
-local plan, path, artifact, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+-- {'stale', ...}, {'state', state} or {'unknown_task'}.
+local plan, path, attempt, owner, artifact, now =
+  ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local tk = task_key(plan, path)
 local pk = plan_key(plan)
 local state = redis.call('HGET', tk, 'state')
 if not state then return {'unknown_task'} end
+if not fence_holds(tk, state, attempt, owner) then return stale_reply(tk, state) end
 if state == 'done' then
   local done, total, finished = plan_counts(pk)
   return {'noop', done, total, finished}

@@ -1,13 +1,16 @@
--- fail: ARGV[2] plan, [3] path, [4] error, [5] now ms.
+-- fail: ARGV[2] plan, [3] path, [4] fence attempt, [5] fence owner
+-- ('' = none), [6] error, [7] now ms.
 -- Any non-final state -> Failed; every transitive dependent not yet final
 -- -> Blocked with the cause; Failed -> no-op.
--- Reply: {'ok' | 'noop', finished, blocked...}, {'state', state} or
--- {'unknown_task'}.
-local plan, path, err, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+-- Reply: {'ok' | 'noop', finished, blocked...}, {'stale', ...},
+-- {'state', state} or {'unknown_task'}.
+local plan, path, attempt, owner, err, now =
+  ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local tk = task_key(plan, path)
 local pk = plan_key(plan)
 local state = redis.call('HGET', tk, 'state')
 if not state then return {'unknown_task'} end
+if not fence_holds(tk, state, attempt, owner) then return stale_reply(tk, state) end
 if state == 'failed' then
   local _, _, finished = plan_counts(pk)
   return {'noop', finished}

@@ -1,7 +1,7 @@
--- reap_expired: ARGV[2] now ms. Leases with expiry < now return to Ready
--- (class kept), in (expiry, member) order.
+-- reap_expired: leases with expiry < now (the store's clock) return to
+-- Ready (class kept), in (expiry, member) order.
 -- Reply: {'ok', plan1, path1, plan2, path2, ...}.
-local now = ARGV[2]
+local now = ms(store_now())
 local out = {'ok'}
 local expired = redis.call('ZRANGEBYSCORE', LEASES, '-inf', '(' .. now)
 for _, member in ipairs(expired) do
