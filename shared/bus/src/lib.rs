@@ -24,6 +24,13 @@
 //!   deliveries from a lost connection are redelivered by the broker.
 //! * An undecodable message read with [`Consumer::next_envelope`] is
 //!   dead-lettered at once with the decode error; the consumer keeps going.
+//! * Each delivery says what [`Deadline`] the broker holds it to: none
+//!   (memory), one that [`Delivery::extend`] pushes back (NATS `ack_wait`:
+//!   an in-progress ack), or a fixed one that nothing moves (RabbitMQ's
+//!   node-wide `consumer_timeout`, after which the broker closes the
+//!   channel and redelivers). Long work on a fixed deadline must be settled
+//!   before it (the runtime's consume loop does that once the work is
+//!   guarded elsewhere, e.g. by a claim in the store).
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -90,8 +97,9 @@ pub struct ConsumeOptions {
     /// dead-letters it instead. 0 means never.
     pub max_attempts: u32,
     /// How long a delivery may stay unsettled before the broker assumes the
-    /// consumer died and redelivers it (NATS `ack_wait`; the other backends
-    /// detect a dead consumer by its closed channel and ignore this).
+    /// consumer died and redelivers it (NATS `ack_wait`, restarted by each
+    /// [`Delivery::extend`]; the other backends detect a dead consumer by
+    /// its closed channel and ignore this).
     pub ack_wait: Duration,
 }
 
@@ -169,10 +177,35 @@ pub trait Bus: Send + Sync + 'static {
 /// A shared handle to some bus.
 pub type SharedBus = Arc<dyn Bus>;
 
+/// How long a broker lets a delivery stay unsettled before it presumes the
+/// consumer dead and redelivers the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deadline {
+    /// No deadline: held until settled, dropped, or its consumer closes
+    /// (memory).
+    None,
+    /// [`ConsumeOptions::ack_wait`], restarted by each [`Delivery::extend`]
+    /// (NATS: an in-progress ack).
+    Extendable,
+    /// A deadline set on the broker that the client cannot move (RabbitMQ's
+    /// node-wide `consumer_timeout`, 30 minutes by default): a delivery
+    /// held longer is redelivered and can no longer be settled.
+    Fixed,
+}
+
 /// Backend side of a delivery: the primitives each backend implements.
 /// Consumers use [`Delivery`]'s methods, which hold the shared policy.
 #[async_trait]
 pub trait Settle: Send + Sync {
+    /// The broker's deadline for this delivery (see [`Deadline`]).
+    fn deadline(&self) -> Deadline {
+        Deadline::None
+    }
+    /// Tells the broker the delivery is still being worked on, restarting
+    /// its [`Deadline::Extendable`] deadline; a no-op for other deadlines.
+    async fn extend(&self) -> BusResult<()> {
+        Ok(())
+    }
     /// Removes the message for good.
     async fn ack(self: Box<Self>) -> BusResult<()>;
     /// Redelivers after at least `delay`, as attempt `next_attempt`.
@@ -222,6 +255,18 @@ impl Delivery {
             max_attempts,
             settle,
         }
+    }
+
+    /// The broker's deadline for this delivery.
+    pub fn deadline(&self) -> Deadline {
+        self.settle.deadline()
+    }
+
+    /// Restarts the delivery's deadline when it is
+    /// [`Deadline::Extendable`] (call it more often than
+    /// [`ConsumeOptions::ack_wait`] while working); a no-op otherwise.
+    pub async fn extend(&self) -> BusResult<()> {
+        self.settle.extend().await
     }
 
     /// Acknowledges: the effect of this message is durable.

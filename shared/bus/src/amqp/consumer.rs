@@ -11,8 +11,8 @@ use super::link::{close_in_background, op, short, Fault, Link, Pacer, Session, O
 use super::publish::{publish, Destination};
 use super::topology;
 use crate::{
-    BusError, BusResult, ConsumeOptions, DeadLetterInfo, Delivery, DeliveryStream, Settle,
-    DEAD_LETTER_QUEUE,
+    BusError, BusResult, ConsumeOptions, DeadLetterInfo, Deadline, Delivery, DeliveryStream,
+    Settle, DEAD_LETTER_QUEUE,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -263,6 +263,12 @@ impl AmqpSettle {
 
 #[async_trait]
 impl Settle for AmqpSettle {
+    /// RabbitMQ's `consumer_timeout` (node-wide in 3.10; no per-delivery
+    /// extension exists).
+    fn deadline(&self) -> Deadline {
+        Deadline::Fixed
+    }
+
     async fn ack(mut self: Box<Self>) -> BusResult<()> {
         self.settled = true;
         self.ack_original().await
