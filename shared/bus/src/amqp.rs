@@ -18,6 +18,7 @@ mod consumer;
 mod headers;
 mod link;
 mod listener;
+pub use listener::LISTENER_BUFFER;
 mod publish;
 mod topology;
 

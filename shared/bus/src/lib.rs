@@ -45,8 +45,38 @@ mod url;
 
 pub use url::{connect, BusUrl};
 
-/// The queue every dead-lettered message lands in, with [`DeadLetterInfo`].
+/// The dead-letter queue of the default (empty) namespace; a namespace's
+/// is `<namespace>.devfleet.dlq` (see [`dead_letter_queue_for`]). Each
+/// dead-lettered message lands there with [`DeadLetterInfo`].
 pub const DEAD_LETTER_QUEUE: &str = "devfleet.dlq";
+
+/// Where messages of `queue` are dead-lettered: the dead-letter queue of
+/// its namespace. A queue named `<namespace>.<q>`, where `q` is one of
+/// devfleet's work queues ([`devfleet_protocol::queues::ALL_WORK_QUEUES`],
+/// the names the runtime's `Connections::queue` prefixes), dead-letters to
+/// `<namespace>.devfleet.dlq`; any other queue (a bare work queue, a
+/// queue of no namespace) to [`DEAD_LETTER_QUEUE`]. A dead-letter queue
+/// is its own.
+pub fn dead_letter_queue_for(queue: &str) -> String {
+    if is_dead_letter_queue(queue) {
+        return queue.to_owned();
+    }
+    devfleet_protocol::queues::ALL_WORK_QUEUES
+        .iter()
+        .find_map(|q| {
+            let namespace = queue.strip_suffix(q)?.strip_suffix('.')?;
+            (!namespace.is_empty()).then(|| format!("{namespace}.{DEAD_LETTER_QUEUE}"))
+        })
+        .unwrap_or_else(|| DEAD_LETTER_QUEUE.to_owned())
+}
+
+/// True for [`DEAD_LETTER_QUEUE`] and every namespace's dead-letter queue.
+pub fn is_dead_letter_queue(queue: &str) -> bool {
+    queue == DEAD_LETTER_QUEUE
+        || queue
+            .strip_suffix(DEAD_LETTER_QUEUE)
+            .is_some_and(|ns| ns.len() > 1 && ns.ends_with('.'))
+}
 
 /// Largest payload accepted by [`Bus::publish`], in bytes.
 pub const MAX_PAYLOAD_BYTES: usize = devfleet_protocol::MAX_ENVELOPE_BYTES;
@@ -210,8 +240,9 @@ pub trait Settle: Send + Sync {
     async fn ack(self: Box<Self>) -> BusResult<()>;
     /// Redelivers after at least `delay`, as attempt `next_attempt`.
     async fn redeliver(self: Box<Self>, delay: Duration, next_attempt: u32) -> BusResult<()>;
-    /// Moves the message to [`DEAD_LETTER_QUEUE`] with `info`, durably, then
-    /// removes it from its queue.
+    /// Moves the message to its queue's dead-letter queue
+    /// ([`dead_letter_queue_for`]) with `info`, durably, then removes it
+    /// from its queue.
     async fn dead_letter(self: Box<Self>, info: DeadLetterInfo) -> BusResult<()>;
 }
 
@@ -378,9 +409,17 @@ fn undecodable_reason(err: &DecodeError) -> String {
 pub trait MessageStream: Send {
     /// The next `(subject, payload)`; `None` once closed.
     async fn next(&mut self) -> Option<(String, Bytes)>;
+    /// Broadcasts dropped so far because the reader fell behind (where the
+    /// backend counts them).
+    fn dropped(&self) -> u64 {
+        0
+    }
 }
 
-/// Receives broadcasts. Slow listeners may miss messages (best effort).
+/// Receives broadcasts. Slow listeners may miss messages (best effort):
+/// each backend holds a bounded backlog per listener (AMQP and memory:
+/// 4096 broadcasts, dropping the oldest; NATS: the client's subscription
+/// capacity, dropping the newest) and never buffers without bound.
 pub struct Listener {
     inner: Box<dyn MessageStream>,
 }
@@ -392,6 +431,12 @@ impl Listener {
     /// The next `(subject, payload)`; `None` once the bus closed.
     pub async fn next(&mut self) -> Option<(String, Bytes)> {
         self.inner.next().await
+    }
+
+    /// Broadcasts dropped so far because this listener fell behind (AMQP
+    /// counts them; other backends report 0 and log what they miss).
+    pub fn dropped(&self) -> u64 {
+        self.inner.dropped()
     }
 }
 
@@ -423,6 +468,22 @@ pub async fn publish_envelope(bus: &dyn Bus, queue: &str, envelope: &Envelope) -
 #[cfg(test)]
 mod tests {
     use super::subject_matches;
+
+    #[test]
+    fn each_namespace_has_its_own_dead_letter_queue() {
+        use super::{dead_letter_queue_for as dlq, is_dead_letter_queue};
+        assert_eq!(dlq("work.dev"), "devfleet.dlq");
+        assert_eq!(dlq("team-a.work.dev"), "team-a.devfleet.dlq");
+        assert_eq!(dlq("a.b.task.finally_failed"), "a.b.devfleet.dlq");
+        assert_eq!(dlq("team-a.devfleet.dlq"), "team-a.devfleet.dlq");
+        assert_eq!(dlq("devfleet.dlq"), "devfleet.dlq");
+        // Not a devfleet work queue: the shared one.
+        assert_eq!(dlq("conf-123"), "devfleet.dlq");
+        assert_eq!(dlq(".work.dev"), "devfleet.dlq");
+        assert!(is_dead_letter_queue("x.devfleet.dlq"));
+        assert!(!is_dead_letter_queue("xdevfleet.dlq"));
+        assert!(!is_dead_letter_queue(".devfleet.dlq"));
+    }
 
     #[test]
     fn subject_patterns() {

@@ -964,6 +964,47 @@ mod amqp_restart {
     }
 }
 
+/// RabbitMQ-only: a listener that does not read holds a bounded backlog.
+mod amqp_listener {
+    use super::*;
+    use devfleet_bus::amqp::LISTENER_BUFFER;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_listener_that_falls_behind_keeps_the_newest_broadcasts_and_counts_the_rest() {
+        let bus = amqp_bus().await;
+        let root = unique("conf-backlog");
+        let mut listener = bus.listen(&format!("{root}.>")).await.expect("listen");
+        let extra = 500;
+        let total = LISTENER_BUFFER + extra;
+        let subject = format!("{root}.metrics.x");
+        for i in 0..total {
+            bus.broadcast(&subject, i.to_string().as_bytes())
+                .await
+                .expect("broadcast");
+        }
+        wait_for("the overflow to be counted", SOON, || {
+            let dropped = listener.dropped();
+            async move { (dropped == extra as u64).then_some(()) }
+        })
+        .await;
+        let mut received = Vec::new();
+        while let Ok(Some((_, payload))) = tokio::time::timeout(QUIET, listener.next()).await {
+            received.push(String::from_utf8(payload.to_vec()).unwrap());
+        }
+        assert_eq!(received.len(), LISTENER_BUFFER, "the buffer's worth");
+        assert_eq!(
+            received.first().map(String::as_str),
+            Some(extra.to_string().as_str()),
+            "the oldest were dropped"
+        );
+        assert_eq!(
+            received.last().map(String::as_str),
+            Some((total - 1).to_string().as_str())
+        );
+        assert_eq!(listener.dropped(), extra as u64);
+    }
+}
+
 /// RabbitMQ-only behaviours of connecting.
 mod amqp_connect {
     use super::*;

@@ -24,8 +24,7 @@
 use super::ledger::{self, Ledger};
 use super::{backoff, consumer_config, dead_letter, Inner, CONSUMER};
 use crate::{
-    BusError, BusResult, ConsumeOptions, DeadLetterInfo, Deadline, Delivery, DeliveryStream,
-    Settle, DEAD_LETTER_QUEUE,
+    BusError, BusResult, ConsumeOptions, DeadLetterInfo, Deadline, Delivery, DeliveryStream, Settle,
 };
 use async_nats::jetstream::{self, AckKind};
 use async_nats::{StatusCode, Subscriber};
@@ -144,7 +143,7 @@ impl NatsDeliveries {
         // Nothing moves messages out of the dead-letter queue itself. The
         // mover subscribes before our first pull request, so it cannot miss
         // an advisory that request causes.
-        let mover = if queue == DEAD_LETTER_QUEUE {
+        let mover = if crate::is_dead_letter_queue(queue) {
             None
         } else {
             Some(

@@ -364,7 +364,6 @@ async fn raw_mode_hands_over_undecodable_payloads() {
     assert!(raw.dead_letter.is_none());
     drained(&connections).await;
     let dlq = connections
-        .bus
         .queue_depth(devfleet_bus::DEAD_LETTER_QUEUE)
         .await
         .unwrap();
