@@ -1186,7 +1186,9 @@ async fn slow_an_integration_shard_longer_than_rabbitmq_consumer_timeout_runs_ex
     stack.routed_pipeline_with(|qa| {
         qa.sandbox.mode = devfleet_qa_worker::SandboxMode::None;
         qa.sandbox.uid_base = None;
-        qa.concurrency = 2;
+        // A slot for the shard and one waiting on each queue, so a
+        // redelivery would be taken at once.
+        qa.concurrency = 3;
     });
     stack.worker(executors, 1, 2);
     let starts = node.dir.join("starts");

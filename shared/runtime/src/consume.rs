@@ -38,8 +38,10 @@
 //! * **Shutdown grace** ([`Consume::grace`]): on shutdown no new delivery
 //!   is taken; in-flight handlers get the grace period to finish and
 //!   settle, then the unfinished ones are dropped and their deliveries
-//!   handed back (unsettled, so the broker redelivers them). Without a
-//!   grace period the loop waits for every handler. Only then is the
+//!   handed back (unsettled, so the broker redelivers them). The grace is
+//!   [`SHUTDOWN_GRACE`] unless the service sets its own (the dev-worker's
+//!   is a setting); Kubernetes' `terminationGracePeriodSeconds` must
+//!   exceed it (`scripts/validate-deploy.sh` checks). Only then is the
 //!   consumer closed, so nothing in flight is redelivered early.
 //! * **Backoff** ([`Consume::backoff`]): the delay of [`Settlement::Retry`]
 //!   and of consumer restarts; [`Backoff::HANDLER`] by default.
@@ -402,6 +404,12 @@ pub struct Source {
     pub concurrency: usize,
 }
 
+/// The shutdown grace of a consume loop that sets none: in-flight
+/// handlers get this long to finish before their deliveries are handed
+/// back. Kept below Kubernetes' default `terminationGracePeriodSeconds`
+/// (30 s), with room to close connections.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
 /// A consume loop being configured; [`Consume::run`] or
 /// [`Consume::run_raw`] runs it. See the module docs for the options.
 pub struct Consume {
@@ -411,13 +419,13 @@ pub struct Consume {
     slots: Arc<Slots>,
     read_ahead: Option<u32>,
     backoff: Backoff,
-    grace: Option<Duration>,
+    grace: Duration,
 }
 
 impl Consume {
     /// A loop on a logical queue (namespace applied by [`Connections`]):
     /// one handler at a time, default consumer options,
-    /// [`Backoff::HANDLER`], and a shutdown that waits for every handler.
+    /// [`Backoff::HANDLER`], and a shutdown grace of [`SHUTDOWN_GRACE`].
     pub fn new(connections: Connections, queue: &str) -> Self {
         Self {
             connections,
@@ -426,7 +434,7 @@ impl Consume {
             slots: Slots::new(1),
             read_ahead: None,
             backoff: Backoff::HANDLER,
-            grace: None,
+            grace: SHUTDOWN_GRACE,
         }
     }
 
@@ -468,7 +476,7 @@ impl Consume {
     /// them and hand their deliveries back. `Duration::ZERO` hands them
     /// back at once.
     pub fn grace(mut self, grace: Duration) -> Self {
-        self.grace = Some(grace);
+        self.grace = grace;
         self
     }
 
@@ -618,19 +626,17 @@ impl Consume {
             }
         };
         tracker.close();
-        match self.grace {
-            None => tracker.wait().await,
-            Some(grace) => {
-                if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-                    tracing::warn!(
-                        %queue,
-                        running = tracker.len(),
-                        "shutdown grace ran out; handing back unfinished deliveries"
-                    );
-                    hard_stop.cancel();
-                    tracker.wait().await;
-                }
-            }
+        if tokio::time::timeout(self.grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                %queue,
+                running = tracker.len(),
+                "shutdown grace ran out; handing back unfinished deliveries"
+            );
+            hard_stop.cancel();
+            tracker.wait().await;
         }
         // Closing the consumer returns every unsettled delivery to the broker.
         drop(consumer);
@@ -744,8 +750,8 @@ impl<S, H> Job<S, H> {
 }
 
 /// Consumes `source` until `shutdown` with a handler that needs nothing
-/// but the envelope: [`Consume`] with a fixed concurrency and no grace
-/// period (shutdown waits for in-flight handlers).
+/// but the envelope: [`Consume`] with a fixed concurrency and the default
+/// shutdown grace ([`SHUTDOWN_GRACE`]).
 pub async fn consume<S, H, Fut>(
     source: Source,
     state: Arc<S>,

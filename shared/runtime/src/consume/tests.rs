@@ -870,3 +870,26 @@ async fn on_nats_a_handler_longer_than_ack_wait_runs_exactly_once() {
         .unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 1, "ran exactly once");
 }
+
+/// Every loop drains within a bounded time on shutdown unless its service
+/// sets its own grace (scale-in: Kubernetes kills the pod after its
+/// `terminationGracePeriodSeconds`, which validate-deploy checks against
+/// this).
+#[test]
+fn a_loop_without_a_grace_of_its_own_gets_the_default_shutdown_grace() {
+    let connections = Connections::in_memory();
+    assert_eq!(
+        Consume::new(connections.clone(), queues::TASK_DONE).grace,
+        SHUTDOWN_GRACE
+    );
+    assert_eq!(
+        Consume::new(connections, queues::TASK_DONE)
+            .grace(Duration::ZERO)
+            .grace,
+        Duration::ZERO
+    );
+    assert!(
+        SHUTDOWN_GRACE < Duration::from_secs(30),
+        "below Kubernetes' default"
+    );
+}
