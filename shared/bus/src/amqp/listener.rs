@@ -63,7 +63,7 @@ impl Buffer {
             state.dropped += 1;
             let dropped = state.dropped;
             drop(state);
-            if dropped == 1 || dropped % 1000 == 0 {
+            if dropped == 1 || dropped.is_multiple_of(1000) {
                 tracing::warn!(
                     %pattern,
                     dropped,
