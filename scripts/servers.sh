@@ -12,12 +12,15 @@
 #                                          SIGKILL one (it stays down)
 #        scripts/servers.sh up DIR rabbitmq|nats|redis
 #                                          start one that is down
-# DIR/env holds the DEVFLEET_*_URL exports; source it. `start` takes
+# DIR/env holds the DEVFLEET_*_URL exports; source it. A RabbitMQ node
+# reads DIR/rabbitmq/rabbitmq.conf (written with defaults when missing) and
+# DIR/rabbitmq/advanced.config when present, so `up` after writing them
+# starts a node with its own settings. `start` takes
 # REDIS_PORT, NATS_PORT, RABBIT_PORT, RABBIT_DIST_PORT, EPMD_PORT from the
 # environment when set, else picks free ports.
 set -euo pipefail
 
-usage() { sed -n '5,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '5,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
 need_packages() {
   local missing=()
@@ -92,6 +95,8 @@ rabbit_env() {
   export RABBITMQ_PID_FILE=$dir/rabbitmq/rabbit.pid
   export RABBITMQ_ENABLED_PLUGINS_FILE=$dir/rabbitmq/enabled_plugins
   export RABBITMQ_CONFIG_FILE=$dir/rabbitmq/rabbitmq
+  # Optional (Erlang terms): settings rabbitmq.conf has no key for.
+  export RABBITMQ_ADVANCED_CONFIG_FILE=$dir/rabbitmq/advanced.config
   export ERL_EPMD_PORT=$EPMD_PORT
 }
 

@@ -228,6 +228,50 @@ def check_workloads(docs, secrets, bins, variables):
     return deployments
 
 
+def runtime_grace():
+    """The consume loops' default shutdown grace (SHUTDOWN_GRACE), seconds."""
+    text = open("shared/runtime/src/consume.rs").read()
+    m = re.search(r"pub const SHUTDOWN_GRACE: Duration = Duration::from_secs\((\d+)\);", text)
+    if not m:
+        problem("shared/runtime/src/consume.rs", "no `pub const SHUTDOWN_GRACE` (has it moved?)")
+        return 0
+    return int(m.group(1))
+
+
+# Seconds a pod needs beyond its service's shutdown grace to close its
+# connections and exit.
+GRACE_MARGIN = 10
+
+
+def check_grace_periods(deployments, configmaps):
+    """terminationGracePeriodSeconds covers each service's shutdown grace: a
+    DEVFLEET_*_SHUTDOWN_GRACE_SECONDS setting of the service (the
+    container's env, else the ConfigMap, else its default), else the
+    runtime's SHUTDOWN_GRACE."""
+    default = runtime_grace()
+    for binary, (path, d, c) in sorted(deployments.items()):
+        settings = f"services/{binary}/src/settings.rs"
+        text = open(settings).read() if os.path.exists(settings) else ""
+        m = re.search(r'env = "(DEVFLEET_[A-Z_]+_SHUTDOWN_GRACE_SECONDS)", default_value = "(\d+)"', text)
+        grace, source = default, "the runtime's SHUTDOWN_GRACE"
+        if m:
+            name, grace, source = m.group(1), int(m.group(2)), m.group(1)
+            env = {e["name"]: e.get("value") for e in c.get("env") or []}
+            configured = env.get(name)
+            if configured is None:
+                for data in configmaps.values():
+                    configured = data.get(name, configured)
+            if configured is not None:
+                grace = int(float(configured))
+        period = d["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+        if period < grace + GRACE_MARGIN:
+            problem(
+                f"{path}: Deployment {binary}",
+                f"terminationGracePeriodSeconds {period} must be at least {grace + GRACE_MARGIN} "
+                f"({source} = {grace} s plus {GRACE_MARGIN} s to exit)",
+            )
+
+
 def check_keda(docs, secrets, deployments, queues):
     auths = {}
     for path, d in docs:
@@ -557,6 +601,8 @@ def main():
     generated = check_kustomization(docs)
     secrets = secret_keys(docs, generated)
     deployments = check_workloads(docs, secrets, bins, variables)
+    configmaps = {d["metadata"]["name"]: d.get("data") or {} for _, d in docs if d.get("kind") == "ConfigMap"}
+    check_grace_periods(deployments, configmaps)
     check_keda(docs, secrets, deployments, work_queues())
     check_k8s_durability(docs)
     check_rabbitmq_code()

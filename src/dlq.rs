@@ -35,8 +35,8 @@ pub enum DlqCommand {
         #[command(flatten)]
         connect: ConnectArgs,
     },
-    /// Forget every dead letter (and empty the broker's devfleet.dlq when
-    /// the stack has no namespace).
+    /// Forget every dead letter, and empty the namespace's dead-letter
+    /// queue on the broker (devfleet.dlq, or NAMESPACE.devfleet.dlq).
     Purge {
         /// Do not ask for confirmation.
         #[arg(long)]
@@ -70,17 +70,12 @@ pub async fn run(command: DlqCommand) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
             let purged = dlq::purge(&connections).await?;
-            match purged.bus_messages {
-                Some(n) => println!(
-                    "purged {} dead letter(s) from the index and {n} message(s) from devfleet.dlq",
-                    purged.entries
-                ),
-                None => println!(
-                    "purged {} dead letter(s) from the index (devfleet.dlq is shared by every \
-                     namespace on the broker and was left alone)",
-                    purged.entries
-                ),
-            }
+            println!(
+                "purged {} dead letter(s) from the index and {} message(s) from {}",
+                purged.entries,
+                purged.bus_messages,
+                connections.queue(devfleet_bus::DEAD_LETTER_QUEUE)
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

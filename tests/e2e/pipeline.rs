@@ -86,30 +86,37 @@ impl Stack {
     /// Connections in a fresh namespace: its own queues and, on Redis, its
     /// own key prefix (`devfleet:<namespace>`, as `ConnectArgs` makes it).
     async fn new(backend: Backend) -> Stack {
+        match backend {
+            Backend::Memory => {
+                devfleet_telemetry::init_for_tests();
+                Stack::with(Connections::in_memory().with_namespace(unique("t")))
+            }
+            Backend::Real => Stack::on_broker(&devfleet_testkit::amqp_url()).await,
+            Backend::Nats => Stack::on_broker(&devfleet_testkit::nats_url()).await,
+        }
+    }
+
+    /// Connections to the broker at `url` and the test Redis, in a fresh
+    /// namespace.
+    async fn on_broker(url: &str) -> Stack {
         devfleet_telemetry::init_for_tests();
         let namespace = unique("t");
-        let connections = match backend {
-            Backend::Memory => Connections::in_memory().with_namespace(namespace),
-            Backend::Real | Backend::Nats => {
-                let url = match backend {
-                    Backend::Nats => devfleet_testkit::nats_url(),
-                    _ => devfleet_testkit::amqp_url(),
-                };
-                let bus = devfleet_bus::connect(&url).await.expect("the broker");
-                let store = devfleet_store::connect_with_prefix(
-                    &devfleet_testkit::redis_url(),
-                    &format!("devfleet:{namespace}"),
-                )
-                .await
-                .expect("Redis");
-                Connections {
-                    broadcast: bus.clone(),
-                    bus,
-                    store,
-                    namespace,
-                }
-            }
-        };
+        let bus = devfleet_bus::connect(url).await.expect("the broker");
+        let store = devfleet_store::connect_with_prefix(
+            &devfleet_testkit::redis_url(),
+            &format!("devfleet:{namespace}"),
+        )
+        .await
+        .expect("Redis");
+        Stack::with(Connections {
+            broadcast: bus.clone(),
+            bus,
+            store,
+            namespace,
+        })
+    }
+
+    fn with(connections: Connections) -> Stack {
         Stack {
             connections,
             shutdown: CancellationToken::new(),
@@ -135,6 +142,11 @@ impl Stack {
 
     /// The scheduler as deployed, the router and a qa-worker.
     fn routed_pipeline(&mut self) {
+        self.routed_pipeline_with(|_| {});
+    }
+
+    /// [`Stack::routed_pipeline`] with the qa-worker's config changed by `qa`.
+    fn routed_pipeline_with(&mut self, qa: impl FnOnce(&mut devfleet_qa_worker::Config)) {
         let config = self.scheduler_config();
         assert!(!config.direct_routing, "the seam is off by default");
         self.services
@@ -145,9 +157,10 @@ impl Stack {
         router.index_bus_dlq = false;
         self.services
             .spawn(devfleet_router::run(router, self.shutdown.clone()));
-        let qa = devfleet_qa_worker::Config::new(self.connections.clone());
+        let mut config = devfleet_qa_worker::Config::new(self.connections.clone());
+        qa(&mut config);
         self.services
-            .spawn(devfleet_qa_worker::run(qa, self.shutdown.clone()));
+            .spawn(devfleet_qa_worker::run(config, self.shutdown.clone()));
     }
 
     fn worker(&mut self, executors: Executors, min: u32, max: u32) {
@@ -1090,5 +1103,116 @@ async fn dev_breaker_open_dispatches_nothing_half_open_admits_exactly_the_probes
     runs.dedup();
     assert_eq!(runs.len(), 6, "every task ran once");
     assert_eq!(rec.runs().len(), 6);
+    stack.stop().await;
+}
+
+/// A RabbitMQ node of the test's own (`scripts/servers.sh up`, its own
+/// ports and data) with `consumer_timeout = 60000`, and the channel tick
+/// that checks it every second instead of every minute (RabbitMQ 3.10
+/// checks the timeout on that tick only), so a delivery held unsettled for
+/// a minute is taken back within about 61 s. Killed on drop.
+struct TimeoutNode {
+    dir: std::path::PathBuf,
+    url: String,
+}
+
+impl TimeoutNode {
+    fn start() -> TimeoutNode {
+        let dir = std::env::temp_dir().join(unique("consumer-timeout"));
+        std::fs::create_dir_all(dir.join("rabbitmq")).unwrap();
+        // Five distinct free ports, held until all are picked.
+        let held: Vec<std::net::TcpListener> = (0..5)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let ports: Vec<u16> = held
+            .iter()
+            .map(|l| l.local_addr().unwrap().port())
+            .collect();
+        drop(held);
+        let names = [
+            "REDIS_PORT",
+            "NATS_PORT",
+            "RABBIT_PORT",
+            "RABBIT_DIST_PORT",
+            "EPMD_PORT",
+        ];
+        let file: String = names
+            .iter()
+            .zip(&ports)
+            .map(|(name, port)| format!("{name}={port}\n"))
+            .collect();
+        std::fs::write(dir.join("ports"), file).unwrap();
+        std::fs::write(
+            dir.join("rabbitmq/rabbitmq.conf"),
+            "disk_free_limit.absolute = 50MB\nlog.console = false\nconsumer_timeout = 60000\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("rabbitmq/advanced.config"),
+            "[{rabbit, [{channel_tick_interval, 1000}]}].\n",
+        )
+        .unwrap();
+        let node = TimeoutNode {
+            url: format!("amqp://guest:guest@127.0.0.1:{}/%2f", ports[2]),
+            dir,
+        };
+        let status = std::process::Command::new(crate::support::repo().join("scripts/servers.sh"))
+            .args(["up", node.dir.to_str().unwrap(), "rabbitmq"])
+            .status()
+            .expect("running scripts/servers.sh");
+        assert!(
+            status.success(),
+            "the test's own RabbitMQ node did not start"
+        );
+        node
+    }
+}
+
+impl Drop for TimeoutNode {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(crate::support::repo().join("scripts/servers.sh"))
+            .args(["kill", self.dir.to_str().unwrap_or_default(), "rabbitmq"])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Long work vs RabbitMQ's `consumer_timeout`: an integration shard that
+/// outlives it by 20 s runs exactly once and the plan succeeds (before the
+/// fix the broker took the delivery back after a minute and a second
+/// worker slot ran the shard again). The step appends a line to a file
+/// each time it starts; the qa-worker runs it unsandboxed to reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_an_integration_shard_longer_than_rabbitmq_consumer_timeout_runs_exactly_once() {
+    let node = TimeoutNode::start();
+    let mut stack = Stack::on_broker(&node.url).await;
+    let (_, executors) = builtin_recorder();
+    stack.routed_pipeline_with(|qa| {
+        qa.sandbox.mode = devfleet_qa_worker::SandboxMode::None;
+        qa.sandbox.uid_base = None;
+        // A slot for the shard and one waiting on each queue, so a
+        // redelivery would be taken at once.
+        qa.concurrency = 3;
+    });
+    stack.worker(executors, 1, 2);
+    let starts = node.dir.join("starts");
+    let step = IntegrationStep {
+        name: "outlives-the-consumer-timeout".into(),
+        run: format!("sh -c 'echo started >> {}; sleep 80'", starts.display()),
+        shard: None,
+        timeout_seconds: Some(200),
+    };
+    let plan = with_stages(python_tasks(2), vec![step], None);
+    stack.submit(&plan).await;
+    let record = stack
+        .finished(&plan.plan_id, Duration::from_secs(240))
+        .await;
+    assert_eq!(record.status, PlanStatus::Succeeded, "{record:?}");
+    let started = std::fs::read_to_string(&starts).unwrap_or_default();
+    assert_eq!(
+        started.lines().count(),
+        1,
+        "the shard ran exactly once: {started:?}"
+    );
     stack.stop().await;
 }

@@ -8,7 +8,7 @@
 //! `task.done` in the store. Each test has its own namespace and store
 //! prefix.
 
-use devfleet_bus::ConsumeOptions;
+use devfleet_bus::{ConsumeOptions, DEAD_LETTER_QUEUE};
 use devfleet_contracts::breaker::{self, Phase};
 use devfleet_protocol::{
     now_ms, queues, Envelope, Escalation, Message, PlanStatus, Stage, TaskBuilt, TaskClass,
@@ -777,6 +777,21 @@ async fn undecodable_messages_are_indexed_in_the_dlq_then_listed_and_purged_by_t
     let mut config = router_config(&c);
     config.index_bus_dlq = true;
     let services = Services::start(config, None);
+    // Another namespace on the same broker dead-letters a message of its
+    // own (no router runs there): it stays in that namespace's DLQ.
+    let other = c.clone().with_namespace(unique("busdlq-other"));
+    let other_queue = other.queue(queues::TASK_BUILT);
+    other.bus.publish(&other_queue, b"other").await.unwrap();
+    let mut consumer = other
+        .consume(queues::TASK_BUILT, ConsumeOptions::default())
+        .await
+        .unwrap();
+    let delivery = within("the other namespace's message", SOON, consumer.next())
+        .await
+        .unwrap()
+        .unwrap();
+    delivery.dead_letter("the other namespace's").await.unwrap();
+    drop(consumer);
     let queue = c.queue(queues::TASK_BUILT);
     c.bus.publish(&queue, b"\x93not an envelope").await.unwrap();
 
@@ -793,13 +808,36 @@ async fn undecodable_messages_are_indexed_in_the_dlq_then_listed_and_purged_by_t
     assert!(entry.kind.is_none());
     assert!(entry.payload.is_some());
 
+    let entries = dlq::list(c.store.as_ref()).await.unwrap();
+    assert_eq!(
+        entries.len(),
+        1,
+        "only this namespace's letter: {entries:?}"
+    );
+    let mut theirs = other
+        .consume(DEAD_LETTER_QUEUE, ConsumeOptions::default())
+        .await
+        .unwrap();
+    let letter = within("the other namespace's dead letter", SOON, theirs.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&letter.payload[..], b"other");
+    let info = letter.dead_letter.clone().expect("dead-letter info");
+    assert_eq!(info.queue, other_queue);
+    drop(letter);
+    drop(theirs);
+
     let purged = dlq::purge(&c).await.unwrap();
     assert_eq!(purged.entries, 1);
-    assert_eq!(
-        purged.bus_messages, None,
-        "a namespaced stack leaves the shared DLQ alone"
-    );
+    assert_eq!(purged.bus_messages, 0, "the indexer took it out already");
     assert!(dlq::list(c.store.as_ref()).await.unwrap().is_empty());
+    let purged = dlq::purge(&other).await.unwrap();
+    assert_eq!(
+        (purged.entries, purged.bus_messages),
+        (0, 1),
+        "the other namespace's letter was in its own DLQ"
+    );
     services.stop().await;
 }
 

@@ -27,6 +27,15 @@
 //! VM) that wakes up after another worker took the task over gets
 //! `StaleClaim` from the store and publishes nothing, so it can never
 //! overwrite the newer attempt's artifact or state.
+//!
+//! Long tasks vs the broker's deadline: on NATS the consume loop extends
+//! the delivery while the task runs. RabbitMQ's `consumer_timeout` cannot
+//! be extended, so there the delivery is acked as soon as the claim is
+//! durable ([`Inflight::guarded`]); from then on the lease is the only
+//! guarantee: renewed while building, and when this worker dies it expires
+//! and the scheduler's reaper makes the task Ready and dispatches it again.
+//! (After that early ack a failure to announce a Built task is not retried
+//! by a redelivery; the scheduler's watchdog re-announces stuck Built tasks.)
 
 use crate::cache_key::{cache_key, CacheKeyInput};
 use crate::executor::{ExecError, ExecInput};
@@ -108,13 +117,14 @@ async fn handle(worker: Arc<Worker>, envelope: Envelope, inflight: Inflight) -> 
             plan_id: &work.plan_id,
             path: &work.path,
         };
-        process(&worker, &work, inflight.attempt()).await
+        process(&worker, &work, &inflight).await
     }
     .instrument(span)
     .await
 }
 
-async fn process(worker: &Worker, work: &TaskWork, delivery_attempt: u32) -> Settlement {
+async fn process(worker: &Worker, work: &TaskWork, inflight: &Inflight) -> Settlement {
+    let delivery_attempt = inflight.attempt();
     let store = &worker.connections.store;
     let claim = store
         .claim(
@@ -144,6 +154,8 @@ async fn process(worker: &Worker, work: &TaskWork, delivery_attempt: u32) -> Set
         }
         Err(e) => return Settlement::from_store_error("claiming the task", e),
     };
+    // The lease guards the task from here on (see the module docs).
+    inflight.guarded().await;
     run_claimed(worker, record).await
 }
 

@@ -258,7 +258,7 @@ async fn poll(gateway: &Gateway, tracker: &mut StateTracker) -> Snapshot {
     s.dlq_depth = read(
         "depth of the dead-letter queue",
         &mut errors,
-        c.bus.queue_depth(devfleet_bus::DEAD_LETTER_QUEUE),
+        c.queue_depth(devfleet_bus::DEAD_LETTER_QUEUE),
     )
     .await;
     s.ready = read("ready set", &mut errors, store.ready_len()).await;

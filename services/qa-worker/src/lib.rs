@@ -122,15 +122,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .slots(slots.clone())
             .grace(Duration::ZERO)
     };
-    parts.spawn(consume(queues::WORK_QA).run(
-        worker.clone(),
-        shutdown.clone(),
-        |worker, envelope, _| qa::handle_qa(worker, envelope),
-    ));
+    parts.spawn(consume(queues::WORK_QA).run(worker.clone(), shutdown.clone(), qa::handle_qa));
     parts.spawn(consume(queues::WORK_INTEGRATION).run(
         worker.clone(),
         shutdown.clone(),
-        |worker, envelope, _| shard::handle_integration(worker, envelope),
+        shard::handle_integration,
     ));
     parts.spawn(report_health(worker.clone(), n, shutdown.clone()));
     let mut result = Ok(());

@@ -9,14 +9,18 @@ use devfleet_protocol::metrics::QaCheckTiming;
 use devfleet_protocol::{
     queues, CheckResult, Envelope, Message, QaResult, QaWork, Stage, TaskFailed,
 };
-use devfleet_runtime::consume::{self, Settlement};
+use devfleet_runtime::consume::{self, Inflight, Settlement};
 use devfleet_store::{StoreError, TaskState};
 use std::sync::Arc;
 use std::time::Duration;
 
 use devfleet_protocol::trim_text as trim;
 
-pub(crate) async fn handle_qa(worker: Arc<Worker>, envelope: Envelope) -> Settlement {
+pub(crate) async fn handle_qa(
+    worker: Arc<Worker>,
+    envelope: Envelope,
+    inflight: Inflight,
+) -> Settlement {
     let Message::QaWork(work) = envelope.message else {
         return consume::unexpected(&envelope, queues::WORK_QA);
     };
@@ -38,6 +42,9 @@ pub(crate) async fn handle_qa(worker: Arc<Worker>, envelope: Envelope) -> Settle
         );
         return Settlement::Ack;
     }
+    // Checks may outlive RabbitMQ's consumer_timeout: settle there now (a
+    // worker dying from here on leaves the task Built, for the watchdog).
+    inflight.guarded().await;
     let result = match check_file(&worker, &work).await {
         Ok(r) => r,
         Err(CheckError::Store(e)) => {

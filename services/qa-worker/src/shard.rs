@@ -13,11 +13,15 @@ use devfleet_protocol::trim_text as trim;
 use devfleet_protocol::{
     queues, Envelope, IntegrationResult, IntegrationStep, IntegrationWork, Message,
 };
-use devfleet_runtime::consume::{self, Settlement};
+use devfleet_runtime::consume::{self, Inflight, Settlement};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub(crate) async fn handle_integration(worker: Arc<Worker>, envelope: Envelope) -> Settlement {
+pub(crate) async fn handle_integration(
+    worker: Arc<Worker>,
+    envelope: Envelope,
+    inflight: Inflight,
+) -> Settlement {
     let Message::IntegrationWork(work) = envelope.message else {
         return consume::unexpected(&envelope, queues::WORK_INTEGRATION);
     };
@@ -27,6 +31,10 @@ pub(crate) async fn handle_integration(worker: Arc<Worker>, envelope: Envelope) 
             work.step.name, work.shard_index, work.shard_count
         ));
     }
+    // Shards may outlive RabbitMQ's consumer_timeout: settle there now (a
+    // worker dying from here on leaves the plan integrating, for the
+    // watchdog).
+    inflight.guarded().await;
     let result = match run_shard(&worker, &work).await {
         Ok(r) => r,
         Err(CheckError::Store(e)) => {

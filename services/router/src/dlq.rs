@@ -10,7 +10,9 @@
 //!   Replay returns the task to the ready set with its attempts and history
 //!   reset, unblocks its dependents, and reopens a failed plan.
 //! * **message**: the bus dead-lettered a message (undecodable, or past its
-//!   delivery limit) into `devfleet.dlq`; the router's indexer moved it
+//!   delivery limit) into its namespace's dead-letter queue
+//!   (`devfleet.dlq`, or `<namespace>.devfleet.dlq`; see
+//!   [`devfleet_bus::dead_letter_queue_for`]); the router's indexer moved it
 //!   here with its [`DeadLetterInfo`] and payload. Replay publishes the
 //!   payload again to the queue it came from.
 //!
@@ -287,13 +289,13 @@ async fn replay_task(store: &dyn TaskStore, plan_id: &str, path: &str) -> anyhow
 pub struct Purged {
     /// Index entries removed.
     pub entries: usize,
-    /// Messages removed from the broker's `devfleet.dlq` (`None` when it
-    /// was left alone: it is shared by every namespace on the broker).
-    pub bus_messages: Option<u64>,
+    /// Messages removed from the namespace's dead-letter queue on the
+    /// broker.
+    pub bus_messages: u64,
 }
 
-/// Removes every index entry, and the messages still waiting in the bus
-/// dead-letter queue when this stack owns it (empty namespace).
+/// Removes every index entry, and the messages still waiting in the
+/// namespace's bus dead-letter queue.
 pub async fn purge(connections: &Connections) -> anyhow::Result<Purged> {
     let store = connections.store.as_ref();
     let mut purged = Purged::default();
@@ -302,15 +304,12 @@ pub async fn purge(connections: &Connections) -> anyhow::Result<Purged> {
             purged.entries += 1;
         }
     }
-    if connections.namespace.is_empty() {
-        purged.bus_messages = Some(
-            connections
-                .bus
-                .purge(DEAD_LETTER_QUEUE)
-                .await
-                .context("purging the bus dead-letter queue")?,
-        );
-    }
+    let queue = connections.queue(DEAD_LETTER_QUEUE);
+    purged.bus_messages = connections
+        .bus
+        .purge(&queue)
+        .await
+        .with_context(|| format!("purging the bus dead-letter queue {queue}"))?;
     Ok(purged)
 }
 

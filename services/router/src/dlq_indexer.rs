@@ -1,11 +1,13 @@
-//! Moves bus dead letters (`devfleet.dlq`) into the store's DLQ index, so
-//! `devfleet dlq list` shows them beside dead-lettered tasks.
+//! Moves bus dead letters into the store's DLQ index, so `devfleet dlq
+//! list` shows them beside dead-lettered tasks.
 //!
-//! The broker's dead-letter queue is shared by every namespace on it. A
-//! router of the empty namespace indexes every dead letter; a namespaced
-//! one indexes those dead-lettered from its own queues (`<namespace>.…`)
-//! and hands any other back (unsettled, after a short hold so it does not
-//! spin) for the router, or test, it belongs to.
+//! Each namespace has its own dead-letter queue on the broker
+//! (`<namespace>.devfleet.dlq`, `devfleet.dlq` for the empty one; see
+//! [`devfleet_bus::dead_letter_queue_for`]), and the router reads its own.
+//! Should a letter of another namespace's queues turn up (letters left in
+//! the shared `devfleet.dlq` by older versions are read by the empty
+//! namespace only), it is handed back (unsettled, after a short hold so it
+//! does not spin) for the router it belongs to.
 
 use crate::dlq;
 use crate::Router;
@@ -24,9 +26,7 @@ const READ_AHEAD: u32 = 8;
 /// Indexes bus dead letters until `stop`. On `stop` a dead letter being
 /// held or indexed is handed back at once (indexing is idempotent).
 pub(crate) async fn run(router: Arc<Router>, stop: CancellationToken) -> anyhow::Result<()> {
-    // The dead-letter queue is not namespaced: read it by its broker name.
-    let connections = router.connections.clone().with_namespace("");
-    Consume::new(connections, DEAD_LETTER_QUEUE)
+    Consume::new(router.connections.clone(), DEAD_LETTER_QUEUE)
         .options(ConsumeOptions::default())
         .concurrency(1)
         .read_ahead(READ_AHEAD)

@@ -18,6 +18,8 @@ mod consumer;
 mod headers;
 mod link;
 mod listener;
+pub use listener::LISTENER_BUFFER;
+pub use topology::DEAD_LETTER_DELIVERY_LIMIT;
 mod publish;
 mod topology;
 

@@ -24,6 +24,13 @@
 //!   deliveries from a lost connection are redelivered by the broker.
 //! * An undecodable message read with [`Consumer::next_envelope`] is
 //!   dead-lettered at once with the decode error; the consumer keeps going.
+//! * Each delivery says what [`Deadline`] the broker holds it to: none
+//!   (memory), one that [`Delivery::extend`] pushes back (NATS `ack_wait`:
+//!   an in-progress ack), or a fixed one that nothing moves (RabbitMQ's
+//!   node-wide `consumer_timeout`, after which the broker closes the
+//!   channel and redelivers). Long work on a fixed deadline must be settled
+//!   before it (the runtime's consume loop does that once the work is
+//!   guarded elsewhere, e.g. by a claim in the store).
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -38,8 +45,38 @@ mod url;
 
 pub use url::{connect, BusUrl};
 
-/// The queue every dead-lettered message lands in, with [`DeadLetterInfo`].
+/// The dead-letter queue of the default (empty) namespace; a namespace's
+/// is `<namespace>.devfleet.dlq` (see [`dead_letter_queue_for`]). Each
+/// dead-lettered message lands there with [`DeadLetterInfo`].
 pub const DEAD_LETTER_QUEUE: &str = "devfleet.dlq";
+
+/// Where messages of `queue` are dead-lettered: the dead-letter queue of
+/// its namespace. A queue named `<namespace>.<q>`, where `q` is one of
+/// devfleet's work queues ([`devfleet_protocol::queues::ALL_WORK_QUEUES`],
+/// the names the runtime's `Connections::queue` prefixes), dead-letters to
+/// `<namespace>.devfleet.dlq`; any other queue (a bare work queue, a
+/// queue of no namespace) to [`DEAD_LETTER_QUEUE`]. A dead-letter queue
+/// is its own.
+pub fn dead_letter_queue_for(queue: &str) -> String {
+    if is_dead_letter_queue(queue) {
+        return queue.to_owned();
+    }
+    devfleet_protocol::queues::ALL_WORK_QUEUES
+        .iter()
+        .find_map(|q| {
+            let namespace = queue.strip_suffix(q)?.strip_suffix('.')?;
+            (!namespace.is_empty()).then(|| format!("{namespace}.{DEAD_LETTER_QUEUE}"))
+        })
+        .unwrap_or_else(|| DEAD_LETTER_QUEUE.to_owned())
+}
+
+/// True for [`DEAD_LETTER_QUEUE`] and every namespace's dead-letter queue.
+pub fn is_dead_letter_queue(queue: &str) -> bool {
+    queue == DEAD_LETTER_QUEUE
+        || queue
+            .strip_suffix(DEAD_LETTER_QUEUE)
+            .is_some_and(|ns| ns.len() > 1 && ns.ends_with('.'))
+}
 
 /// Largest payload accepted by [`Bus::publish`], in bytes.
 pub const MAX_PAYLOAD_BYTES: usize = devfleet_protocol::MAX_ENVELOPE_BYTES;
@@ -90,8 +127,9 @@ pub struct ConsumeOptions {
     /// dead-letters it instead. 0 means never.
     pub max_attempts: u32,
     /// How long a delivery may stay unsettled before the broker assumes the
-    /// consumer died and redelivers it (NATS `ack_wait`; the other backends
-    /// detect a dead consumer by its closed channel and ignore this).
+    /// consumer died and redelivers it (NATS `ack_wait`, restarted by each
+    /// [`Delivery::extend`]; the other backends detect a dead consumer by
+    /// its closed channel and ignore this).
     pub ack_wait: Duration,
 }
 
@@ -169,16 +207,42 @@ pub trait Bus: Send + Sync + 'static {
 /// A shared handle to some bus.
 pub type SharedBus = Arc<dyn Bus>;
 
+/// How long a broker lets a delivery stay unsettled before it presumes the
+/// consumer dead and redelivers the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deadline {
+    /// No deadline: held until settled, dropped, or its consumer closes
+    /// (memory).
+    None,
+    /// [`ConsumeOptions::ack_wait`], restarted by each [`Delivery::extend`]
+    /// (NATS: an in-progress ack).
+    Extendable,
+    /// A deadline set on the broker that the client cannot move (RabbitMQ's
+    /// node-wide `consumer_timeout`, 30 minutes by default): a delivery
+    /// held longer is redelivered and can no longer be settled.
+    Fixed,
+}
+
 /// Backend side of a delivery: the primitives each backend implements.
 /// Consumers use [`Delivery`]'s methods, which hold the shared policy.
 #[async_trait]
 pub trait Settle: Send + Sync {
+    /// The broker's deadline for this delivery (see [`Deadline`]).
+    fn deadline(&self) -> Deadline {
+        Deadline::None
+    }
+    /// Tells the broker the delivery is still being worked on, restarting
+    /// its [`Deadline::Extendable`] deadline; a no-op for other deadlines.
+    async fn extend(&self) -> BusResult<()> {
+        Ok(())
+    }
     /// Removes the message for good.
     async fn ack(self: Box<Self>) -> BusResult<()>;
     /// Redelivers after at least `delay`, as attempt `next_attempt`.
     async fn redeliver(self: Box<Self>, delay: Duration, next_attempt: u32) -> BusResult<()>;
-    /// Moves the message to [`DEAD_LETTER_QUEUE`] with `info`, durably, then
-    /// removes it from its queue.
+    /// Moves the message to its queue's dead-letter queue
+    /// ([`dead_letter_queue_for`]) with `info`, durably, then removes it
+    /// from its queue.
     async fn dead_letter(self: Box<Self>, info: DeadLetterInfo) -> BusResult<()>;
 }
 
@@ -222,6 +286,18 @@ impl Delivery {
             max_attempts,
             settle,
         }
+    }
+
+    /// The broker's deadline for this delivery.
+    pub fn deadline(&self) -> Deadline {
+        self.settle.deadline()
+    }
+
+    /// Restarts the delivery's deadline when it is
+    /// [`Deadline::Extendable`] (call it more often than
+    /// [`ConsumeOptions::ack_wait`] while working); a no-op otherwise.
+    pub async fn extend(&self) -> BusResult<()> {
+        self.settle.extend().await
     }
 
     /// Acknowledges: the effect of this message is durable.
@@ -333,9 +409,17 @@ fn undecodable_reason(err: &DecodeError) -> String {
 pub trait MessageStream: Send {
     /// The next `(subject, payload)`; `None` once closed.
     async fn next(&mut self) -> Option<(String, Bytes)>;
+    /// Broadcasts dropped so far because the reader fell behind (where the
+    /// backend counts them).
+    fn dropped(&self) -> u64 {
+        0
+    }
 }
 
-/// Receives broadcasts. Slow listeners may miss messages (best effort).
+/// Receives broadcasts. Slow listeners may miss messages (best effort):
+/// each backend holds a bounded backlog per listener (AMQP and memory:
+/// 4096 broadcasts, dropping the oldest; NATS: the client's subscription
+/// capacity, dropping the newest) and never buffers without bound.
 pub struct Listener {
     inner: Box<dyn MessageStream>,
 }
@@ -347,6 +431,12 @@ impl Listener {
     /// The next `(subject, payload)`; `None` once the bus closed.
     pub async fn next(&mut self) -> Option<(String, Bytes)> {
         self.inner.next().await
+    }
+
+    /// Broadcasts dropped so far because this listener fell behind (AMQP
+    /// counts them; other backends report 0 and log what they miss).
+    pub fn dropped(&self) -> u64 {
+        self.inner.dropped()
     }
 }
 
@@ -388,6 +478,22 @@ pub async fn publish_envelope(bus: &dyn Bus, queue: &str, envelope: &Envelope) -
 #[cfg(test)]
 mod tests {
     use super::subject_matches;
+
+    #[test]
+    fn each_namespace_has_its_own_dead_letter_queue() {
+        use super::{dead_letter_queue_for as dlq, is_dead_letter_queue};
+        assert_eq!(dlq("work.dev"), "devfleet.dlq");
+        assert_eq!(dlq("team-a.work.dev"), "team-a.devfleet.dlq");
+        assert_eq!(dlq("a.b.task.finally_failed"), "a.b.devfleet.dlq");
+        assert_eq!(dlq("team-a.devfleet.dlq"), "team-a.devfleet.dlq");
+        assert_eq!(dlq("devfleet.dlq"), "devfleet.dlq");
+        // Not a devfleet work queue: the shared one.
+        assert_eq!(dlq("conf-123"), "devfleet.dlq");
+        assert_eq!(dlq(".work.dev"), "devfleet.dlq");
+        assert!(is_dead_letter_queue("x.devfleet.dlq"));
+        assert!(!is_dead_letter_queue("xdevfleet.dlq"));
+        assert!(!is_dead_letter_queue(".devfleet.dlq"));
+    }
 
     #[test]
     fn subject_patterns() {

@@ -7,8 +7,9 @@
 //! message which keeps crashing its consumers. Nothing survives the process.
 
 use crate::{
-    subject_matches, Bus, BusError, BusResult, ConsumeOptions, Consumer, DeadLetterInfo, Delivery,
-    DeliveryStream, Listener, MessageStream, Settle, DEAD_LETTER_QUEUE, MAX_PAYLOAD_BYTES,
+    dead_letter_queue_for, is_dead_letter_queue, subject_matches, Bus, BusError, BusResult,
+    ConsumeOptions, Consumer, DeadLetterInfo, Delivery, DeliveryStream, Listener, MessageStream,
+    Settle, MAX_PAYLOAD_BYTES,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -135,7 +136,7 @@ impl Shared {
             for mut message in messages.into_iter().rev() {
                 message.attempt += 1;
                 message.returns += 1;
-                if queue != DEAD_LETTER_QUEUE && message.returns > DELIVERY_LIMIT {
+                if !is_dead_letter_queue(queue) && message.returns > DELIVERY_LIMIT {
                     dead.push(message);
                 } else {
                     q.ready.push_front(message);
@@ -144,7 +145,7 @@ impl Shared {
             q.changed.notify_waiters();
         }
         if !dead.is_empty() {
-            let dlq = queues.entry(DEAD_LETTER_QUEUE.to_owned()).or_default();
+            let dlq = queues.entry(dead_letter_queue_for(queue)).or_default();
             for message in dead.into_iter().rev() {
                 let info = DeadLetterInfo {
                     queue: queue.to_owned(),
@@ -437,7 +438,7 @@ impl Settle for MemorySettle {
     async fn dead_letter(mut self: Box<Self>, info: DeadLetterInfo) -> BusResult<()> {
         let message = self.take()?;
         self.holder.shared.push_back(
-            DEAD_LETTER_QUEUE,
+            &dead_letter_queue_for(&self.holder.queue),
             Message {
                 dead_letter: Some(info),
                 ..Message::new(message.payload)

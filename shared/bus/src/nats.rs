@@ -11,7 +11,7 @@
 //! * All consumers of a queue share one durable pull consumer, `workers`,
 //!   with explicit acks. Work-queue retention allows one consumer per
 //!   subject, and competing workers are exactly one logical consumer.
-//! * [`DEAD_LETTER_QUEUE`] is an ordinary queue of that shape; each
+//! * Each dead-letter queue ([`crate::dead_letter_queue_for`]) is an ordinary queue of that shape; each
 //!   dead-lettered copy carries its [`DeadLetterInfo`](crate::DeadLetterInfo)
 //!   in `Devfleet-Dlq-*` headers (module `dead_letter`).
 //! * Broadcasts are core NATS subjects: nothing is stored.
@@ -63,8 +63,7 @@ mod dead_letter;
 mod ledger;
 
 use crate::{
-    Bus, BusError, BusResult, ConsumeOptions, Consumer, Listener, MessageStream, DEAD_LETTER_QUEUE,
-    MAX_PAYLOAD_BYTES,
+    Bus, BusError, BusResult, ConsumeOptions, Consumer, Listener, MessageStream, MAX_PAYLOAD_BYTES,
 };
 use async_nats::jetstream::{self, consumer::pull, stream};
 use async_nats::{HeaderMap, Subscriber};
@@ -546,7 +545,7 @@ fn consumer_config(queue: &str, options: &ConsumeOptions) -> pull::Config {
 /// still ends. The dead-letter queue itself has no limit: there is nowhere
 /// further to move a message to.
 fn max_deliver(queue: &str, max_attempts: u32) -> i64 {
-    if queue == DEAD_LETTER_QUEUE {
+    if crate::is_dead_letter_queue(queue) {
         -1
     } else if max_attempts == 0 {
         DEFAULT_MAX_DELIVER

@@ -74,6 +74,15 @@ impl TestBus {
         name
     }
 
+    /// `name`, cleaned up after the test like [`TestBus::queue`]'s.
+    pub fn named(&self, name: String) -> String {
+        self.queues
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(name.clone());
+        name
+    }
+
     /// What to run after the test, kept apart from the bus because the
     /// test consumes the bus.
     fn finisher(&self) -> impl std::future::Future<Output = ()> {
@@ -404,6 +413,42 @@ pub async fn dead_letter_records_origin_and_reason(bus: TestBus) {
     assert_eq!(info.reason, "invalid plan reference");
     assert_eq!(info.attempts, 1);
     assert_quiet(&mut consumer, "a dead-lettered message came back").await;
+}
+
+/// Each namespace's work queues dead-letter into the namespace's own
+/// dead-letter queue (`<namespace>.devfleet.dlq`): two namespaces' dead
+/// letters never mix.
+pub async fn each_namespace_dead_letters_into_its_own_queue(bus: TestBus) {
+    let namespaces = [unique(QUEUE_PREFIX), unique(QUEUE_PREFIX)];
+    for ns in &namespaces {
+        let queue = bus.named(format!("{ns}.{}", devfleet_protocol::queues::WORK_DEV));
+        bus.named(format!("{ns}.{DEAD_LETTER_QUEUE}"));
+        bus.publish(&queue, ns.as_bytes()).await.expect("publish");
+        let mut consumer = bus.consume(&queue, options()).await.expect("consume");
+        next(&mut consumer)
+            .await
+            .dead_letter("bad in its namespace")
+            .await
+            .expect("dead-letter");
+    }
+    for ns in &namespaces {
+        let dlq = format!("{ns}.{DEAD_LETTER_QUEUE}");
+        assert_eq!(
+            devfleet_bus::dead_letter_queue_for(&format!("{ns}.work.dev")),
+            dlq
+        );
+        let mut consumer = bus.consume(&dlq, options()).await.expect("consume");
+        let letter = next(&mut consumer).await;
+        assert_eq!(
+            &letter.payload[..],
+            ns.as_bytes(),
+            "{dlq} holds its own letter"
+        );
+        let info = letter.dead_letter.clone().expect("dead-letter info");
+        assert_eq!(info.queue, format!("{ns}.work.dev"));
+        letter.ack().await.expect("ack");
+        assert_quiet(&mut consumer, "another namespace's letter").await;
+    }
 }
 
 /// An undecodable message read as an envelope goes to the dead-letter
@@ -871,6 +916,7 @@ macro_rules! conformance_suite {
                 retry_waits_at_least_its_delay,
                 retries_past_max_attempts_are_dead_lettered,
                 dead_letter_records_origin_and_reason,
+                each_namespace_dead_letters_into_its_own_queue,
                 undecodable_message_is_dead_lettered_and_skipped,
                 queue_depth_and_purge,
                 crash_looping_message_is_dead_lettered,
@@ -961,6 +1007,128 @@ mod amqp_restart {
         )
         .await;
         finish.await;
+    }
+}
+
+/// RabbitMQ-only: a listener that does not read holds a bounded backlog.
+mod amqp_listener {
+    use super::*;
+    use devfleet_bus::amqp::LISTENER_BUFFER;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_listener_that_falls_behind_keeps_the_newest_broadcasts_and_counts_the_rest() {
+        let bus = amqp_bus().await;
+        let root = unique("conf-backlog");
+        let mut listener = bus.listen(&format!("{root}.>")).await.expect("listen");
+        let extra = 500;
+        let total = LISTENER_BUFFER + extra;
+        let subject = format!("{root}.metrics.x");
+        for i in 0..total {
+            bus.broadcast(&subject, i.to_string().as_bytes())
+                .await
+                .expect("broadcast");
+        }
+        wait_for("the overflow to be counted", SOON, || {
+            let dropped = listener.dropped();
+            async move { (dropped == extra as u64).then_some(()) }
+        })
+        .await;
+        let mut received = Vec::new();
+        while let Ok(Some((_, payload))) = tokio::time::timeout(QUIET, listener.next()).await {
+            received.push(String::from_utf8(payload.to_vec()).unwrap());
+        }
+        assert_eq!(received.len(), LISTENER_BUFFER, "the buffer's worth");
+        assert_eq!(
+            received.first().map(String::as_str),
+            Some(extra.to_string().as_str()),
+            "the oldest were dropped"
+        );
+        assert_eq!(
+            received.last().map(String::as_str),
+            Some((total - 1).to_string().as_str())
+        );
+        assert_eq!(listener.dropped(), extra as u64);
+    }
+}
+
+/// RabbitMQ-only: the arguments dead-letter queues are declared with.
+mod amqp_dead_letter_queues {
+    use super::*;
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+
+    async fn channel() -> (lapin::Connection, lapin::Channel) {
+        let url = devfleet_testkit::amqp_url();
+        let connection = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+            .await
+            .expect("connect with lapin");
+        let channel = connection.create_channel().await.expect("a channel");
+        (connection, channel)
+    }
+
+    fn quorum(limit: Option<i64>) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+        if let Some(limit) = limit {
+            args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
+        }
+        args
+    }
+
+    async fn declare(name: &str, args: FieldTable) -> lapin::Result<()> {
+        let (connection, channel) = channel().await;
+        let result = channel
+            .queue_declare(name.into(), QueueDeclareOptions::durable(), args)
+            .await
+            .map(drop);
+        let _ = connection.close(200, "done".into()).await;
+        result
+    }
+
+    /// A new dead-letter queue gets an explicit `x-delivery-limit` (so
+    /// RabbitMQ 4.x does not apply its default of 20): the broker refuses a
+    /// redeclare without it, and accepts one with it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_dead_letter_queue_is_declared_with_an_explicit_delivery_limit() {
+        let bus = amqp_bus().await;
+        let ns = unique(QUEUE_PREFIX);
+        let queue = bus.named(format!("{ns}.{}", devfleet_protocol::queues::WORK_DEV));
+        let dlq = bus.named(format!("{ns}.{DEAD_LETTER_QUEUE}"));
+        bus.publish(&queue, b"x").await.expect("publish");
+        let limit = devfleet_bus::amqp::DEAD_LETTER_DELIVERY_LIMIT;
+        declare(&dlq, quorum(Some(limit)))
+            .await
+            .expect("the same arguments are accepted");
+        let err = declare(&dlq, quorum(None))
+            .await
+            .expect_err("a redeclare without the limit is refused");
+        assert!(err.to_string().contains("PRECONDITION"), "{err}");
+    }
+
+    /// A dead-letter queue declared by an older version (no limit) is kept:
+    /// work queues of its namespace still work, and their dead letters
+    /// still land there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_older_dead_letter_queue_without_the_limit_is_kept_and_used() {
+        let bus = amqp_bus().await;
+        let ns = unique(QUEUE_PREFIX);
+        let queue = bus.named(format!("{ns}.{}", devfleet_protocol::queues::WORK_DEV));
+        let dlq = bus.named(format!("{ns}.{DEAD_LETTER_QUEUE}"));
+        declare(&dlq, quorum(None)).await.expect("an old-style DLQ");
+        bus.publish(&queue, b"old").await.expect("publish");
+        let mut consumer = bus.consume(&queue, options()).await.expect("consume");
+        next(&mut consumer)
+            .await
+            .dead_letter("kept")
+            .await
+            .expect("dead-letter into the old queue");
+        let mut letters = bus.consume(&dlq, options()).await.expect("consume the DLQ");
+        let letter = next(&mut letters).await;
+        assert_eq!(&letter.payload[..], b"old");
+        letter.ack().await.expect("ack");
     }
 }
 

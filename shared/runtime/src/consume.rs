@@ -26,11 +26,22 @@
 //!   its delivery as soon as its effect is durable (a claim recorded in the
 //!   store) and go on working; what it returns afterwards is then ignored,
 //!   so a delivery is never settled twice.
+//! * **Long work vs the broker's deadline** (see
+//!   [`devfleet_bus::Deadline`]): while a handler runs, the loop extends
+//!   its delivery every [`extend_every`] of the queue's `ack_wait` (NATS:
+//!   in-progress acks), so work longer than `ack_wait` is not redelivered
+//!   while it runs. RabbitMQ's `consumer_timeout` cannot be extended: a
+//!   handler whose work is guarded by the store (a claim with a lease)
+//!   calls [`Inflight::guarded`], which acks the delivery at once on such a
+//!   bus, and the lease (renewed while working, reaped when the worker
+//!   dies) takes over the broker's role.
 //! * **Shutdown grace** ([`Consume::grace`]): on shutdown no new delivery
 //!   is taken; in-flight handlers get the grace period to finish and
 //!   settle, then the unfinished ones are dropped and their deliveries
-//!   handed back (unsettled, so the broker redelivers them). Without a
-//!   grace period the loop waits for every handler. Only then is the
+//!   handed back (unsettled, so the broker redelivers them). The grace is
+//!   [`SHUTDOWN_GRACE`] unless the service sets its own (the dev-worker's
+//!   is a setting); Kubernetes' `terminationGracePeriodSeconds` must
+//!   exceed it (`scripts/validate-deploy.sh` checks). Only then is the
 //!   consumer closed, so nothing in flight is redelivered early.
 //! * **Backoff** ([`Consume::backoff`]): the delay of [`Settlement::Retry`]
 //!   and of consumer restarts; [`Backoff::HANDLER`] by default.
@@ -60,7 +71,7 @@ use crate::backoff::Backoff;
 use crate::Connections;
 use bytes::Bytes;
 use devfleet_bus::{
-    BusError, BusResult, ConsumeOptions, Consumer, DeadLetterInfo, Delivery, RetryOutcome,
+    BusError, BusResult, ConsumeOptions, Consumer, DeadLetterInfo, Deadline, Delivery, RetryOutcome,
 };
 use devfleet_protocol::Envelope;
 use devfleet_store::StoreError;
@@ -272,12 +283,13 @@ pub struct RawDelivery {
     pub dead_letter: Option<DeadLetterInfo>,
 }
 
-/// The handler's hold on its delivery: its attempt, and a way to settle it
+/// The handler's hold on its delivery: its attempt, and ways to settle it
 /// before the handler returns.
 #[derive(Clone)]
 pub struct Inflight {
-    delivery: Arc<Mutex<Option<Delivery>>>,
+    delivery: Arc<tokio::sync::Mutex<Option<Delivery>>>,
     attempt: u32,
+    deadline: Deadline,
     backoff: Backoff,
 }
 
@@ -285,16 +297,14 @@ impl Inflight {
     fn new(delivery: Delivery, backoff: Backoff) -> Self {
         Self {
             attempt: delivery.attempt,
-            delivery: Arc::new(Mutex::new(Some(delivery))),
+            deadline: delivery.deadline(),
+            delivery: Arc::new(tokio::sync::Mutex::new(Some(delivery))),
             backoff,
         }
     }
 
-    fn take(&self) -> Option<Delivery> {
-        self.delivery
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+    async fn take(&self) -> Option<Delivery> {
+        self.delivery.lock().await.take()
     }
 
     /// The delivery attempt (1 on first delivery).
@@ -307,7 +317,7 @@ impl Inflight {
     /// handler returns later is then ignored. Returns `false` if it was
     /// settled already.
     pub async fn settle_now(&self, settlement: Settlement) -> bool {
-        match self.take() {
+        match self.take().await {
             Some(delivery) => {
                 settle_with(delivery, settlement, &self.backoff).await;
                 true
@@ -316,19 +326,70 @@ impl Inflight {
         }
     }
 
+    /// Declares the work guarded outside the broker from now on: a claim
+    /// with a lease is durable in the store (an expired lease gets the
+    /// work redone), or something else re-announces it if this worker
+    /// dies. On a bus whose deadline cannot be extended
+    /// ([`Deadline::Fixed`], RabbitMQ's `consumer_timeout`) the delivery is
+    /// acked now, so work that outlives the broker's deadline is not
+    /// redelivered and run a second time; what the handler returns later is
+    /// then ignored. On other buses nothing changes: the loop keeps an
+    /// [`Deadline::Extendable`] deadline extended and the handler's
+    /// settlement applies. Returns `true` if it settled the delivery now.
+    pub async fn guarded(&self) -> bool {
+        match self.deadline {
+            Deadline::Fixed => {
+                tracing::debug!("work guarded by the store; settling its delivery now");
+                self.settle_now(Settlement::Ack).await
+            }
+            Deadline::Extendable | Deadline::None => false,
+        }
+    }
+
+    /// Extends an [`Deadline::Extendable`] delivery every `every` until it
+    /// is settled; never returns (pending once settled or when there is
+    /// nothing to extend).
+    async fn keep_alive(&self, every: Duration) -> std::convert::Infallible {
+        if self.deadline != Deadline::Extendable {
+            return std::future::pending().await;
+        }
+        loop {
+            tokio::time::sleep(every).await;
+            let held = self.delivery.lock().await;
+            let Some(delivery) = held.as_ref() else {
+                drop(held);
+                return std::future::pending().await;
+            };
+            if let Err(e) = delivery.extend().await {
+                // The next one may get through before the deadline.
+                tracing::warn!(error = %e, "extending a delivery's deadline failed");
+            }
+        }
+    }
+
     /// Settles with what the handler returned, unless settled early.
     async fn finish(&self, settlement: Settlement) {
-        match self.take() {
+        match self.take().await {
             Some(delivery) => settle_with(delivery, settlement, &self.backoff).await,
             None if settlement != Settlement::Ack => {
-                tracing::debug!(
+                tracing::warn!(
                     ?settlement,
-                    "delivery settled early; ignoring the handler's later settlement"
+                    "delivery settled early; the store's lease or a re-announcement redoes the work, not the broker"
                 );
             }
             None => {}
         }
     }
+}
+
+/// How often a handler's [`Deadline::Extendable`] delivery is extended: a
+/// third of `ack_wait` (so two extensions may be lost), at least 100 ms;
+/// 10 s for the server's default (zero).
+pub fn extend_every(ack_wait: Duration) -> Duration {
+    if ack_wait.is_zero() {
+        return Duration::from_secs(10);
+    }
+    (ack_wait / 3).max(Duration::from_millis(100))
 }
 
 /// Where a consume loop reads and how: the options of [`Consume`] in one
@@ -343,6 +404,12 @@ pub struct Source {
     pub concurrency: usize,
 }
 
+/// The shutdown grace of a consume loop that sets none: in-flight
+/// handlers get this long to finish before their deliveries are handed
+/// back. Kept below Kubernetes' default `terminationGracePeriodSeconds`
+/// (30 s), with room to close connections.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
 /// A consume loop being configured; [`Consume::run`] or
 /// [`Consume::run_raw`] runs it. See the module docs for the options.
 pub struct Consume {
@@ -352,13 +419,13 @@ pub struct Consume {
     slots: Arc<Slots>,
     read_ahead: Option<u32>,
     backoff: Backoff,
-    grace: Option<Duration>,
+    grace: Duration,
 }
 
 impl Consume {
     /// A loop on a logical queue (namespace applied by [`Connections`]):
     /// one handler at a time, default consumer options,
-    /// [`Backoff::HANDLER`], and a shutdown that waits for every handler.
+    /// [`Backoff::HANDLER`], and a shutdown grace of [`SHUTDOWN_GRACE`].
     pub fn new(connections: Connections, queue: &str) -> Self {
         Self {
             connections,
@@ -367,7 +434,7 @@ impl Consume {
             slots: Slots::new(1),
             read_ahead: None,
             backoff: Backoff::HANDLER,
-            grace: None,
+            grace: SHUTDOWN_GRACE,
         }
     }
 
@@ -409,7 +476,7 @@ impl Consume {
     /// them and hand their deliveries back. `Duration::ZERO` hands them
     /// back at once.
     pub fn grace(mut self, grace: Duration) -> Self {
-        self.grace = Some(grace);
+        self.grace = grace;
         self
     }
 
@@ -552,25 +619,24 @@ impl Consume {
                         shutdown: shutdown.clone(),
                         hard_stop: hard_stop.clone(),
                         backoff,
+                        extend_every: extend_every(options.ack_wait),
                     };
                     tracker.spawn(job.run(input, delivery, slot));
                 }
             }
         };
         tracker.close();
-        match self.grace {
-            None => tracker.wait().await,
-            Some(grace) => {
-                if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-                    tracing::warn!(
-                        %queue,
-                        running = tracker.len(),
-                        "shutdown grace ran out; handing back unfinished deliveries"
-                    );
-                    hard_stop.cancel();
-                    tracker.wait().await;
-                }
-            }
+        if tokio::time::timeout(self.grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                %queue,
+                running = tracker.len(),
+                "shutdown grace ran out; handing back unfinished deliveries"
+            );
+            hard_stop.cancel();
+            tracker.wait().await;
         }
         // Closing the consumer returns every unsettled delivery to the broker.
         drop(consumer);
@@ -641,6 +707,7 @@ struct Job<S, H> {
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
     backoff: Backoff,
+    extend_every: Duration,
 }
 
 impl<S, H> Job<S, H> {
@@ -667,10 +734,12 @@ impl<S, H> Job<S, H> {
         let handler = self.handler;
         let hard_stop = self.hard_stop;
         let state = self.state;
+        let every = self.extend_every;
         async move {
             let settlement = tokio::select! {
                 s = handler(state, input, inflight.clone()) => s,
                 _ = hard_stop.cancelled() => Settlement::HandBack("the shutdown grace ran out".into()),
+                never = inflight.keep_alive(every) => match never {},
             };
             inflight.finish(settlement).await;
         }
@@ -681,8 +750,8 @@ impl<S, H> Job<S, H> {
 }
 
 /// Consumes `source` until `shutdown` with a handler that needs nothing
-/// but the envelope: [`Consume`] with a fixed concurrency and no grace
-/// period (shutdown waits for in-flight handlers).
+/// but the envelope: [`Consume`] with a fixed concurrency and the default
+/// shutdown grace ([`SHUTDOWN_GRACE`]).
 pub async fn consume<S, H, Fut>(
     source: Source,
     state: Arc<S>,

@@ -11,8 +11,8 @@ use super::link::{close_in_background, op, short, Fault, Link, Pacer, Session, O
 use super::publish::{publish, Destination};
 use super::topology;
 use crate::{
-    BusError, BusResult, ConsumeOptions, DeadLetterInfo, Delivery, DeliveryStream, Settle,
-    DEAD_LETTER_QUEUE,
+    dead_letter_queue_for, is_dead_letter_queue, BusError, BusResult, ConsumeOptions,
+    DeadLetterInfo, Deadline, Delivery, DeliveryStream, Settle,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -115,7 +115,7 @@ impl AmqpStream {
 
     fn delivery(&self, delivery: lapin::message::Delivery) -> Delivery {
         let attempt = headers::attempt(&delivery.properties, delivery.redelivered);
-        let dead_letter = if self.queue == DEAD_LETTER_QUEUE {
+        let dead_letter = if is_dead_letter_queue(&self.queue) {
             headers::dead_letter_info(&delivery.properties)
         } else {
             None
@@ -263,6 +263,12 @@ impl AmqpSettle {
 
 #[async_trait]
 impl Settle for AmqpSettle {
+    /// RabbitMQ's `consumer_timeout` (node-wide in 3.10; no per-delivery
+    /// extension exists).
+    fn deadline(&self) -> Deadline {
+        Deadline::Fixed
+    }
+
     async fn ack(mut self: Box<Self>) -> BusResult<()> {
         self.settled = true;
         self.ack_original().await
@@ -283,11 +289,9 @@ impl Settle for AmqpSettle {
     }
 
     async fn dead_letter(mut self: Box<Self>, info: DeadLetterInfo) -> BusResult<()> {
-        self.move_to(
-            Destination::Queue(DEAD_LETTER_QUEUE),
-            headers::for_dead_letter(&info),
-        )
-        .await
+        let dlq = dead_letter_queue_for(&self.queue);
+        self.move_to(Destination::Queue(&dlq), headers::for_dead_letter(&info))
+            .await
     }
 }
 

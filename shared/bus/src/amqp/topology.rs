@@ -4,16 +4,26 @@
 //!
 //! * Work queue `q`: durable quorum queue; messages it gives up on (more
 //!   than [`DELIVERY_LIMIT`] returns, i.e. a crash loop) are dead-lettered
-//!   by the broker to [`DEAD_LETTER_QUEUE`].
-//! * [`DEAD_LETTER_QUEUE`]: durable quorum queue, no limit.
+//!   by the broker to its namespace's dead-letter queue
+//!   ([`dead_letter_queue_for`]).
+//! * Dead-letter queues ([`DEAD_LETTER_QUEUE`](crate::DEAD_LETTER_QUEUE), `<namespace>.devfleet.dlq`):
+//!   durable quorum queues with an explicit `x-delivery-limit` of
+//!   [`DEAD_LETTER_DELIVERY_LIMIT`] (in effect none): the DLQ indexer hands
+//!   letters back unsettled, and RabbitMQ 4.x would otherwise apply its
+//!   default limit of 20 and drop them (a dead-letter queue has nowhere
+//!   further to send them). A queue declared before this argument existed
+//!   keeps its old arguments (a redeclare with new ones would fail with
+//!   PRECONDITION_FAILED, so declarations run on a channel of their own and
+//!   that failure is logged, not fatal): set the limit by policy there,
+//!   see docs/OPERATIONS.md.
 //! * `devfleet.delay.<q>.<ms>`: durable quorum queue with message TTL `ms`
 //!   that dead-letters expired messages back to `q`; holds retries.
 //! * `devfleet.broadcast`: durable topic exchange; every listener binds its
 //!   own exclusive, auto-delete queue to it.
 
-use super::link::{op, short, Fault, Link, Session};
+use super::link::{close_in_background, op, short, Fault, Link, Session};
 use crate::memory::DELIVERY_LIMIT;
-use crate::DEAD_LETTER_QUEUE;
+use crate::{dead_letter_queue_for, is_dead_letter_queue};
 use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::ExchangeKind;
@@ -84,9 +94,23 @@ fn dead_letter_to(args: &mut FieldTable, routing_key: &str) {
     args.insert("x-overflow".into(), text("reject-publish"));
 }
 
-fn work_queue_arguments() -> FieldTable {
+/// Returns a dead letter may be handed back before a RabbitMQ 4.x quorum
+/// queue drops it: high enough never to be reached. (RabbitMQ 3.x refuses
+/// the `-1` that 4.x reads as "no limit".)
+pub const DEAD_LETTER_DELIVERY_LIMIT: i64 = 1_000_000_000;
+
+pub(super) fn dead_letter_queue_arguments() -> FieldTable {
     let mut args = quorum_arguments();
-    dead_letter_to(&mut args, DEAD_LETTER_QUEUE);
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(DEAD_LETTER_DELIVERY_LIMIT),
+    );
+    args
+}
+
+fn work_queue_arguments(name: &str) -> FieldTable {
+    let mut args = quorum_arguments();
+    dead_letter_to(&mut args, &dead_letter_queue_for(name));
     args.insert(
         "x-delivery-limit".into(),
         AMQPValue::LongLongInt(i64::from(DELIVERY_LIMIT)),
@@ -104,6 +128,10 @@ fn delay_queue_arguments(target: &str, bucket_ms: u64) -> FieldTable {
     args
 }
 
+/// Declares queue `name` on a channel of its own, once per connection. A
+/// queue that exists with other arguments (declared by an older version)
+/// is kept as it is, with a warning: the broker refuses the redeclare with
+/// PRECONDITION_FAILED and closes that channel, not the caller's.
 async fn declare(
     link: &Link,
     session: &Session,
@@ -113,22 +141,36 @@ async fn declare(
     if link.is_declared(session.generation, name) {
         return Ok(());
     }
-    op(
+    let own = link.open_channel().await?;
+    let declared = op(
         "queue.declare",
-        session
-            .channel
+        own.channel
             .queue_declare(short(name)?, QueueDeclareOptions::durable(), arguments),
     )
-    .await?;
+    .await;
+    close_in_background(own.channel, "declared");
+    match declared {
+        Ok(_) => {}
+        Err(Fault::Permanent(reason)) if reason.contains("PRECONDITION") => {
+            tracing::warn!(
+                queue = name,
+                %reason,
+                "the queue exists with older arguments; keeping it (see docs/OPERATIONS.md, 'RabbitMQ queue arguments')"
+            );
+        }
+        Err(fault) => return Err(fault),
+    }
     link.mark_declared(session.generation, name);
     Ok(())
 }
 
-/// Declares a work queue (or the dead-letter queue) and what it needs.
+/// Declares a work queue (or a dead-letter queue) and its namespace's
+/// dead-letter queue.
 pub(super) async fn declare_queue(link: &Link, session: &Session, name: &str) -> Result<(), Fault> {
-    declare(link, session, DEAD_LETTER_QUEUE, quorum_arguments()).await?;
-    if name != DEAD_LETTER_QUEUE {
-        declare(link, session, name, work_queue_arguments()).await?;
+    let dlq = dead_letter_queue_for(name);
+    declare(link, session, &dlq, dead_letter_queue_arguments()).await?;
+    if !is_dead_letter_queue(name) {
+        declare(link, session, name, work_queue_arguments(name)).await?;
     }
     Ok(())
 }

@@ -24,8 +24,7 @@
 use super::ledger::{self, Ledger};
 use super::{backoff, consumer_config, dead_letter, Inner, CONSUMER};
 use crate::{
-    BusError, BusResult, ConsumeOptions, DeadLetterInfo, Delivery, DeliveryStream, Settle,
-    DEAD_LETTER_QUEUE,
+    BusError, BusResult, ConsumeOptions, DeadLetterInfo, Deadline, Delivery, DeliveryStream, Settle,
 };
 use async_nats::jetstream::{self, AckKind};
 use async_nats::{StatusCode, Subscriber};
@@ -144,7 +143,7 @@ impl NatsDeliveries {
         // Nothing moves messages out of the dead-letter queue itself. The
         // mover subscribes before our first pull request, so it cannot miss
         // an advisory that request causes.
-        let mover = if queue == DEAD_LETTER_QUEUE {
+        let mover = if crate::is_dead_letter_queue(queue) {
             None
         } else {
             Some(
@@ -478,6 +477,23 @@ impl Drop for NatsSettle {
 
 #[async_trait]
 impl Settle for NatsSettle {
+    fn deadline(&self) -> Deadline {
+        Deadline::Extendable
+    }
+
+    /// An in-progress ack (`+WPI`): the server restarts the message's
+    /// `ack_wait`. Sent without waiting for a reply; a lost one is made up
+    /// by the next.
+    async fn extend(&self) -> BusResult<()> {
+        self.message
+            .ack_with(AckKind::Progress)
+            .await
+            .map_err(|e| BusError::Settle {
+                queue: self.queue.clone(),
+                reason: format!("in-progress ack: {e}"),
+            })
+    }
+
     /// ACK, confirmed by the server: the message is removed from the stream.
     async fn ack(mut self: Box<Self>) -> BusResult<()> {
         self.begin()?;

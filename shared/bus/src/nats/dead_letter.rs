@@ -20,7 +20,7 @@
 //! undelivered (best effort, logged by nobody).
 
 use super::{backoff, stream_name, Inner, CONSUMER};
-use crate::{BusResult, DeadLetterInfo, DEAD_LETTER_QUEUE};
+use crate::{dead_letter_queue_for, BusResult, DeadLetterInfo};
 use async_nats::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -59,7 +59,7 @@ pub(super) async fn store(
     headers.insert(ATTEMPTS, info.attempts.to_string().as_str());
     headers.insert(AT_MS, info.at_ms.to_string().as_str());
     inner
-        .publish_confirmed(DEAD_LETTER_QUEUE, headers, payload)
+        .publish_confirmed(&dead_letter_queue_for(&info.queue), headers, payload)
         .await
 }
 

@@ -210,3 +210,42 @@ async fn close_ends_consumers_and_listeners_and_rejects_calls() {
         Err(BusError::Closed)
     ));
 }
+
+#[tokio::test]
+async fn an_extended_delivery_outlives_its_ack_wait_without_being_redelivered() {
+    let bus = bus().await;
+    let queue = unique("nats-extend");
+    bus.publish(&queue, b"long work").await.expect("publish");
+    let options = ConsumeOptions::default().ack_wait(Duration::from_secs(1));
+    let mut worker = bus.consume(&queue, options.clone()).await.expect("consume");
+    let delivery = next(&mut worker, "the message").await;
+    assert_eq!(delivery.deadline(), crate::Deadline::Extendable);
+    // A second worker waits for a redelivery while the first works for
+    // three times the ack_wait, extending the deadline as it goes.
+    let mut other = bus.consume(&queue, options).await.expect("consume");
+    let redelivered = tokio::time::timeout(Duration::from_secs(3), async {
+        let extend = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                delivery.extend().await.expect("extend");
+            }
+        };
+        tokio::select! {
+            d = other.next() => d,
+            never = extend => never,
+        }
+    })
+    .await;
+    assert!(
+        redelivered.is_err(),
+        "redelivered while being extended: {redelivered:?}"
+    );
+    delivery
+        .ack()
+        .await
+        .expect("ack after the deadline was extended");
+    wait_for("the message to be gone", WAIT, || async {
+        (bus.queue_depth(&queue).await.ok()? == 0).then_some(())
+    })
+    .await;
+}

@@ -1,6 +1,7 @@
 use super::*;
 use devfleet_protocol::{queues, Message, TaskDone};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
 use tokio::sync::{mpsc, Semaphore};
 
 const WITHIN: Duration = Duration::from_secs(10);
@@ -363,7 +364,6 @@ async fn raw_mode_hands_over_undecodable_payloads() {
     assert!(raw.dead_letter.is_none());
     drained(&connections).await;
     let dlq = connections
-        .bus
         .queue_depth(devfleet_bus::DEAD_LETTER_QUEUE)
         .await
         .unwrap();
@@ -568,4 +568,328 @@ async fn slots_wait_for_a_release_and_follow_resizes() {
         .await
         .unwrap()
         .unwrap();
+}
+
+// ---- long work vs the broker's deadline ------------------------------------
+
+/// What the loop did to the deliveries of a [`Tracked`] bus, in order.
+type Log = Arc<Mutex<Vec<&'static str>>>;
+
+fn entries(log: &Log) -> Vec<&'static str> {
+    log.lock().unwrap().clone()
+}
+
+/// A memory bus whose deliveries claim `deadline` and log what the loop
+/// does to them (extend, ack, ...), so the settlement logic can be
+/// checked without a broker's clock.
+struct Tracked {
+    inner: devfleet_bus::memory::MemoryBus,
+    deadline: Deadline,
+    log: Log,
+}
+
+struct TrackedStream {
+    inner: Consumer,
+    deadline: Deadline,
+    log: Log,
+}
+
+struct TrackedSettle {
+    inner: Delivery,
+    deadline: Deadline,
+    log: Log,
+}
+
+impl TrackedSettle {
+    fn note(&self, what: &'static str) {
+        self.log.lock().unwrap().push(what);
+    }
+}
+
+#[async_trait::async_trait]
+impl devfleet_bus::Settle for TrackedSettle {
+    fn deadline(&self) -> Deadline {
+        self.deadline
+    }
+    async fn extend(&self) -> BusResult<()> {
+        self.note("extend");
+        Ok(())
+    }
+    async fn ack(self: Box<Self>) -> BusResult<()> {
+        self.note("ack");
+        self.inner.ack().await
+    }
+    async fn redeliver(self: Box<Self>, delay: Duration, _next: u32) -> BusResult<()> {
+        self.note("redeliver");
+        self.inner.retry(delay, "retry").await.map(drop)
+    }
+    async fn dead_letter(self: Box<Self>, info: DeadLetterInfo) -> BusResult<()> {
+        self.note("dead_letter");
+        self.inner.dead_letter(&info.reason).await
+    }
+}
+
+#[async_trait::async_trait]
+impl devfleet_bus::DeliveryStream for TrackedStream {
+    async fn next(&mut self) -> Option<BusResult<Delivery>> {
+        let delivery = match self.inner.next().await? {
+            Ok(d) => d,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(Ok(Delivery::new(
+            delivery.queue.clone(),
+            delivery.payload.clone(),
+            delivery.attempt,
+            delivery.dead_letter.clone(),
+            0,
+            Box::new(TrackedSettle {
+                inner: delivery,
+                deadline: self.deadline,
+                log: self.log.clone(),
+            }),
+        )))
+    }
+}
+
+#[async_trait::async_trait]
+impl devfleet_bus::Bus for Tracked {
+    fn backend(&self) -> &'static str {
+        "tracked"
+    }
+    async fn publish(&self, queue: &str, payload: &[u8]) -> BusResult<()> {
+        self.inner.publish(queue, payload).await
+    }
+    async fn consume(&self, queue: &str, options: ConsumeOptions) -> BusResult<Consumer> {
+        let inner = self.inner.consume(queue, options).await?;
+        Ok(Consumer::new(
+            queue,
+            Box::new(TrackedStream {
+                inner,
+                deadline: self.deadline,
+                log: self.log.clone(),
+            }),
+        ))
+    }
+    async fn queue_depth(&self, queue: &str) -> BusResult<u64> {
+        self.inner.queue_depth(queue).await
+    }
+    async fn purge(&self, queue: &str) -> BusResult<u64> {
+        self.inner.purge(queue).await
+    }
+    async fn broadcast(&self, subject: &str, payload: &[u8]) -> BusResult<()> {
+        self.inner.broadcast(subject, payload).await
+    }
+    async fn listen(&self, pattern: &str) -> BusResult<devfleet_bus::Listener> {
+        self.inner.listen(pattern).await
+    }
+    async fn close(&self) {
+        self.inner.close().await
+    }
+}
+
+fn tracked(deadline: Deadline) -> (Connections, Log) {
+    let log = Log::default();
+    let bus: devfleet_bus::SharedBus = Arc::new(Tracked {
+        inner: devfleet_bus::memory::MemoryBus::new(),
+        deadline,
+        log: log.clone(),
+    });
+    let connections = Connections {
+        broadcast: bus.clone(),
+        bus,
+        ..Connections::in_memory()
+    };
+    (connections, log)
+}
+
+/// Runs one handler over a tracked bus with `ack_wait`; returns the log
+/// once the handler ran, its delivery was settled and the loop stopped.
+async fn run_tracked<F, Fut>(deadline: Deadline, ack_wait: Duration, handler: F) -> (Log, u32)
+where
+    F: Fn(Log, Inflight) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Settlement> + Send + 'static,
+{
+    let (connections, log) = tracked(deadline);
+    publish_done(&connections, &["a"]).await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let calls = calls.clone();
+        let handler = Arc::new(handler);
+        Consume::new(connections.clone(), queues::TASK_DONE)
+            .options(ConsumeOptions::default().ack_wait(ack_wait))
+            .run(
+                Arc::new(log.clone()),
+                shutdown.clone(),
+                move |log, _, inflight| {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    handler.clone()(Log::clone(&log), inflight)
+                },
+            )
+    });
+    eventually("the delivery to be settled", || {
+        entries(&log)
+            .iter()
+            .any(|e| ["ack", "redeliver", "dead_letter"].contains(e))
+    })
+    .await;
+    drained(&connections).await;
+    shutdown.cancel();
+    tokio::time::timeout(WITHIN, running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    (log, calls.load(Ordering::SeqCst))
+}
+
+#[tokio::test]
+async fn an_extendable_delivery_is_extended_while_its_handler_runs_and_then_settled() {
+    let (log, calls) = run_tracked(
+        Deadline::Extendable,
+        Duration::from_millis(300),
+        |log, inflight: Inflight| async move {
+            // Work "longer than ack_wait": until the loop extended three times.
+            eventually("three extensions", || {
+                entries(&log).iter().filter(|e| **e == "extend").count() >= 3
+            })
+            .await;
+            assert!(!inflight.guarded().await, "an extendable delivery is kept");
+            Settlement::Ack
+        },
+    )
+    .await;
+    let log = entries(&log);
+    assert_eq!(calls, 1);
+    assert_eq!(log.last(), Some(&"ack"), "{log:?}");
+    assert_eq!(log.iter().filter(|e| **e == "ack").count(), 1, "{log:?}");
+    assert!(log.iter().all(|e| ["extend", "ack"].contains(e)), "{log:?}");
+}
+
+#[tokio::test]
+async fn a_guarded_delivery_on_a_fixed_deadline_is_acked_at_once_and_never_extended() {
+    let (log, calls) = run_tracked(
+        Deadline::Fixed,
+        Duration::from_millis(300),
+        |log, inflight: Inflight| async move {
+            assert!(entries(&log).is_empty(), "nothing settled before the claim");
+            assert!(inflight.guarded().await, "settled early");
+            assert_eq!(entries(&log), ["ack"], "acked as soon as guarded");
+            assert!(!inflight.guarded().await, "only once");
+            // Later failures do not redeliver it: the store's lease redoes
+            // the work if this worker dies.
+            Settlement::Retry("after the early ack".into())
+        },
+    )
+    .await;
+    assert_eq!(calls, 1);
+    assert_eq!(entries(&log), ["ack"]);
+}
+
+#[tokio::test]
+async fn without_guard_a_fixed_deadline_delivery_is_settled_by_the_handler() {
+    let (log, calls) = run_tracked(
+        Deadline::Fixed,
+        Duration::from_millis(300),
+        |log, _inflight: Inflight| async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert!(entries(&log).is_empty(), "{:?}", entries(&log));
+            Settlement::DeadLetter("bad".into())
+        },
+    )
+    .await;
+    assert_eq!(calls, 1);
+    assert_eq!(entries(&log), ["dead_letter"]);
+}
+
+#[test]
+fn extensions_come_three_times_per_ack_wait() {
+    assert_eq!(
+        extend_every(Duration::from_secs(30)),
+        Duration::from_secs(10)
+    );
+    assert_eq!(
+        extend_every(Duration::from_millis(30)),
+        Duration::from_millis(100)
+    );
+    assert_eq!(extend_every(Duration::ZERO), Duration::from_secs(10));
+}
+
+/// On a real NATS server: a handler working three times its queue's
+/// `ack_wait` runs once, and its delivery is acked.
+#[tokio::test]
+async fn on_nats_a_handler_longer_than_ack_wait_runs_exactly_once() {
+    let url = std::env::var("DEVFLEET_NATS_URL").expect("DEVFLEET_NATS_URL (scripts/servers.sh)");
+    let bus = devfleet_bus::connect(&url).await.expect("NATS");
+    let connections = Connections {
+        broadcast: bus.clone(),
+        bus,
+        ..Connections::in_memory()
+    }
+    .with_namespace(format!("long-{}", std::process::id()));
+    connections
+        .bus
+        .purge(&connections.queue(queues::TASK_DONE))
+        .await
+        .ok();
+    publish_done(&connections, &["long"]).await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let calls = calls.clone();
+        Consume::new(connections.clone(), queues::TASK_DONE)
+            .options(ConsumeOptions::default().ack_wait(Duration::from_secs(1)))
+            .concurrency(2)
+            .run(Arc::new(done_tx), shutdown.clone(), move |done, _, _| {
+                let calls = calls.clone();
+                async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    let _ = done.send(());
+                    Settlement::Ack
+                }
+            })
+    });
+    tokio::time::timeout(WITHIN, done_rx.recv())
+        .await
+        .expect("the handler to finish")
+        .expect("the loop to run");
+    tokio::time::timeout(WITHIN, async {
+        while connections.queue_depth(queues::TASK_DONE).await.unwrap() != 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the queue to drain");
+    shutdown.cancel();
+    tokio::time::timeout(WITHIN, running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "ran exactly once");
+}
+
+/// Every loop drains within a bounded time on shutdown unless its service
+/// sets its own grace (scale-in: Kubernetes kills the pod after its
+/// `terminationGracePeriodSeconds`, which validate-deploy checks against
+/// this).
+#[test]
+fn a_loop_without_a_grace_of_its_own_gets_the_default_shutdown_grace() {
+    let connections = Connections::in_memory();
+    assert_eq!(
+        Consume::new(connections.clone(), queues::TASK_DONE).grace,
+        SHUTDOWN_GRACE
+    );
+    assert_eq!(
+        Consume::new(connections, queues::TASK_DONE)
+            .grace(Duration::ZERO)
+            .grace,
+        Duration::ZERO
+    );
+    assert!(
+        SHUTDOWN_GRACE < Duration::from_secs(30),
+        "below Kubernetes' default"
+    );
 }
