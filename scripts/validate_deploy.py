@@ -203,6 +203,7 @@ def check_workloads(docs, secrets, bins, variables):
         sc = (d["spec"]["template"]["spec"].get("securityContext") or {})
         if not sc.get("runAsNonRoot"):
             problem(where, "must run as non-root")
+        check_grace(where, d["spec"]["template"]["spec"], c)
         if binary == "metrics-gateway":
             for probe in ("readinessProbe", "livenessProbe"):
                 if ((c.get(probe) or {}).get("httpGet") or {}).get("path") != "/healthz":
@@ -218,6 +219,29 @@ def check_workloads(docs, secrets, bins, variables):
     if "metrics-gateway" not in services:
         problem("deploy/k8s", "no Service for metrics-gateway")
     return deployments
+
+
+def check_grace(where, pod, container):
+    """A service's own shutdown grace (a DEVFLEET_*_SHUTDOWN_GRACE_SECONDS in
+    its env) must end before Kubernetes kills the pod, or work still running
+    is killed with SIGKILL instead of being finished or handed back."""
+    if "terminationGracePeriodSeconds" in pod:
+        kill_after = float(pod["terminationGracePeriodSeconds"])
+    else:
+        kill_after = 30.0  # the Kubernetes default
+    for e in container.get("env") or []:
+        if e["name"].endswith("_SHUTDOWN_GRACE_SECONDS") and "value" in e:
+            try:
+                grace = float(e["value"])
+            except ValueError:
+                problem(where, f"{e['name']}={e['value']!r} is not a number of seconds")
+                continue
+            if kill_after <= grace:
+                problem(where, f"terminationGracePeriodSeconds ({kill_after:g}) must exceed {e['name']} ({grace:g})")
+    if container.get("command", [None])[0] == "qa-worker" and not any(
+        e["name"] == "DEVFLEET_QA_SHUTDOWN_GRACE_SECONDS" for e in container.get("env") or []
+    ):
+        problem(where, "must set DEVFLEET_QA_SHUTDOWN_GRACE_SECONDS (below terminationGracePeriodSeconds)")
 
 
 def check_keda(docs, secrets, deployments, queues):
