@@ -42,7 +42,7 @@ need_tools() {
   command -v curl >/dev/null 2>&1 || missing+=(curl)
   command -v python3 >/dev/null 2>&1 || missing+=(python3)
   command -v setsid >/dev/null 2>&1 || missing+=(util-linux)
-  # The QA sandbox; without it qa-worker runs checks unisolated (and says so).
+  # The QA sandbox; without it qa-worker refuses to start.
   command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]}"

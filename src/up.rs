@@ -34,7 +34,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let plan = args.plan.as_deref().map(publish::read_plan).transpose()?;
     let connections = Connections::in_memory();
     let shutdown = devfleet_runtime::shutdown_on_signals();
-    let (mut services, gateway) = spawn_services(&connections, &shutdown)?;
+    let (mut services, gateway) = spawn_services(&connections, &shutdown).await?;
     eprintln!("devfleet up: all services running in one process (in-memory bus and store)");
     eprintln!("  dashboard: http://{gateway}/   metrics: http://{gateway}/metrics");
 
@@ -89,7 +89,7 @@ fn settings<S: clap::Args>(service: &'static str) -> anyhow::Result<S> {
 /// Starts every service's `run` on the shared connections, each configured
 /// from the environment like its binary and checked before any starts;
 /// returns the gateway's address.
-fn spawn_services(
+async fn spawn_services(
     connections: &Connections,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(JoinSet<anyhow::Result<()>>, std::net::SocketAddr)> {
@@ -101,7 +101,7 @@ fn spawn_services(
     scheduler.direct_routing = false;
     let dev_worker = settings::<devfleet_dev_worker::Settings>("dev-worker")?.into_config(c())?;
     let router = settings::<devfleet_router::settings::Settings>("router")?.into_config(c());
-    let qa_worker =
+    let mut qa_worker =
         settings::<devfleet_qa_worker::settings::Settings>("qa-worker")?.into_config(c())?;
     let canary = settings::<devfleet_canary::settings::Settings>("canary")?.into_config(c());
     let gateway = settings::<devfleet_metrics_gateway::Settings>("metrics-gateway")?
@@ -114,6 +114,7 @@ fn spawn_services(
     qa_worker.validate().context("qa-worker settings")?;
     canary.validate().context("canary settings")?;
     gateway.validate().context("metrics-gateway settings")?;
+    qa_sandbox(&mut qa_worker.sandbox, &dev_worker.executors).await?;
 
     let s = || shutdown.clone();
     let mut set = JoinSet::new();
@@ -126,4 +127,52 @@ fn spawn_services(
     let addr = gateway.addr;
     set.spawn(devfleet_metrics_gateway::run(gateway, s()));
     Ok((set, addr))
+}
+
+/// Decides whether the embedded qa-worker may run checks without a sandbox.
+///
+/// It may only when nothing it checks is generated: the dev-worker's only
+/// executors are `builtin` (a task's `content`, verbatim) and `simulate`
+/// (a file naming the task), so QA runs code that came verbatim from the
+/// plan itself; `up` then says so. With an executor that writes generated
+/// code (`command`, `openai`) and no working sandbox it refuses, with the
+/// sandbox's error naming the fix. An operator's explicit
+/// `DEVFLEET_QA_ALLOW_UNSANDBOXED=true` stands either way.
+async fn qa_sandbox(
+    sandbox: &mut devfleet_qa_worker::SandboxSettings,
+    executors: &devfleet_dev_worker::Executors,
+) -> anyhow::Result<()> {
+    use devfleet_protocol::ExecutorKind;
+    if sandbox.allow_unsandboxed {
+        return Ok(());
+    }
+    let err = match devfleet_qa_worker::Sandbox::detect(sandbox.clone(), 1).await {
+        Ok(_) => return Ok(()),
+        Err(err) => err,
+    };
+    let Some(unavailable) = err.downcast_ref::<devfleet_qa_worker::Unavailable>() else {
+        return Err(err.context("qa-worker sandbox"));
+    };
+    let mut generated: Vec<&str> = executors
+        .kinds()
+        .filter(|k| !matches!(k, ExecutorKind::Builtin | ExecutorKind::Simulate))
+        .map(ExecutorKind::as_str)
+        .collect();
+    generated.sort_unstable();
+    if !generated.is_empty() {
+        anyhow::bail!(
+            "{unavailable}.\n`devfleet up` is configured with the {} executor (DEVFLEET_COMMAND, \
+             DEVFLEET_OPENAI_*), which writes generated code, so it will not check that code \
+             without a sandbox",
+            generated.join(" and ")
+        );
+    }
+    eprintln!(
+        "devfleet up: QA checks run WITHOUT a sandbox ({}): allowed only because the executors \
+         here (builtin, simulate) write nothing but the plan's own content, so checks run only \
+         code that came verbatim from the plan. Install bubblewrap to sandbox them (docs/QA.md).",
+        unavailable.problem
+    );
+    sandbox.allow_unsandboxed = true;
+    Ok(())
 }

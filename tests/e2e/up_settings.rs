@@ -10,8 +10,14 @@ use std::time::{Duration, Instant};
 /// fails the test if it is still running after 30 s (settings were
 /// accepted and the services started).
 fn up(vars: &[(&str, &str)]) -> Output {
+    up_with(&[], vars, Duration::from_secs(30))
+}
+
+/// Runs `devfleet up ARGS` with only `vars` among the `DEVFLEET_*`
+/// variables; fails the test if it is still running after `limit`.
+fn up_with(args: &[&str], vars: &[(&str, &str)], limit: Duration) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_devfleet"));
-    command.arg("up");
+    command.arg("up").args(args);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("DEVFLEET_") {
             command.env_remove(key);
@@ -24,7 +30,7 @@ fn up(vars: &[(&str, &str)]) -> Output {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = command.spawn().expect("starting devfleet up");
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + limit;
     loop {
         if child.try_wait().expect("waiting for devfleet up").is_some() {
             return child
@@ -37,7 +43,7 @@ fn up(vars: &[(&str, &str)]) -> Output {
                 .wait_with_output()
                 .expect("reading devfleet up's output");
             panic!(
-                "devfleet up accepted settings it should refuse: {}",
+                "devfleet up still ran after {limit:?} (accepted settings it should refuse?): {}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
@@ -89,4 +95,35 @@ fn up_treats_an_empty_variable_as_unset() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("DEVFLEET_ROUTER_MAX_FAILURES"), "{err}");
     assert!(!err.contains("invalid value ''"), "{err}");
+}
+
+/// A bubblewrap that always fails: the QA sandbox cannot start.
+const BROKEN_BWRAP: (&str, &str) = ("DEVFLEET_QA_BWRAP", "/bin/false");
+
+#[test]
+fn up_refuses_to_check_generated_code_without_a_sandbox() {
+    let out = up(&[BROKEN_BWRAP, ("DEVFLEET_COMMAND", "cat")]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("the QA sandbox cannot start"), "{err}");
+    assert!(err.contains("install bubblewrap"), "{err}");
+    assert!(err.contains("DEVFLEET_QA_ALLOW_UNSANDBOXED=true"), "{err}");
+    assert!(err.contains("the command executor"), "{err}");
+}
+
+#[test]
+fn up_runs_only_the_plans_own_code_unsandboxed_and_says_so() {
+    let plan = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello/plan.yaml");
+    let out = up_with(
+        &["--plan", plan, "--exit-when-done"],
+        &[BROKEN_BWRAP],
+        Duration::from_secs(300),
+    );
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("devfleet up: QA checks run WITHOUT a sandbox")
+            && err.contains("code that came verbatim from the plan"),
+        "{err}"
+    );
 }

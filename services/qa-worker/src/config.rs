@@ -1,7 +1,7 @@
 //! The qa-worker's settings.
 
 use crate::checks::{self, CheckSpec};
-use crate::sandbox::SandboxSettings;
+use crate::sandbox::{SandboxMode, SandboxSettings};
 use devfleet_runtime::Connections;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,6 +25,9 @@ pub struct Config {
     pub work_dir: PathBuf,
     /// Longest diagnostics text put on a QA result (and so on a fix task).
     pub diagnostics_bytes: usize,
+    /// On shutdown, how long running checks and shards get to finish;
+    /// then they are killed and their deliveries handed back.
+    pub shutdown_grace: Duration,
     /// Deliveries of one message (transient failures) before it is
     /// dead-lettered.
     pub max_handler_attempts: u32,
@@ -47,6 +50,11 @@ impl Config {
             !self.check_timeout.is_zero() && !self.integration_timeout.is_zero(),
             "--check-timeout-seconds (DEVFLEET_QA_CHECK_TIMEOUT_SECONDS) and \
              --integration-timeout-seconds (DEVFLEET_QA_INTEGRATION_TIMEOUT_SECONDS) must be positive"
+        );
+        anyhow::ensure!(
+            self.sandbox.mode != SandboxMode::None || self.sandbox.allow_unsandboxed,
+            "--sandbox none (DEVFLEET_QA_SANDBOX=none) runs checks of generated code without \
+             isolation; set --allow-unsandboxed (DEVFLEET_QA_ALLOW_UNSANDBOXED=true) to confirm"
         );
         for c in &self.checks {
             checks::validate(c)?;

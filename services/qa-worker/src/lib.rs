@@ -25,8 +25,12 @@
 //! # Guarantees
 //!
 //! * A delivery is acked only after its result is confirmed by the broker;
-//!   on shutdown, running checks are killed and their deliveries handed
-//!   back for another worker.
+//!   on shutdown no new work is taken, running checks get the shutdown
+//!   grace to finish, and those still running then are killed and their
+//!   deliveries handed back (unsettled, never reported passed or failed)
+//!   for another worker.
+//! * Checks never run unsandboxed unless the operator allowed it
+//!   ([`sandbox`], "Failing closed").
 //! * Up to `concurrency` checks or shards run at once (both queues' consume
 //!   loops share one set of slots), each on its own slot (with its own
 //!   sandbox uid when running as root).
@@ -63,7 +67,7 @@ pub mod workspace;
 
 pub use checks::CheckSpec;
 pub use config::Config;
-pub use sandbox::{Limits, Sandbox, SandboxMode, SandboxSettings};
+pub use sandbox::{Limits, Sandbox, SandboxMode, SandboxSettings, Unavailable};
 
 /// What every part of a running worker shares.
 struct Worker {
@@ -80,7 +84,10 @@ struct Worker {
 }
 
 /// Runs the service until `shutdown` is cancelled. Checks still running
-/// then are killed and their deliveries handed back.
+/// then get [`Config::shutdown_grace`] to finish; those that do not are
+/// killed and their deliveries handed back. Fails at start when the
+/// sandbox cannot start ([`sandbox::Unavailable`]) and unsandboxed runs are
+/// not allowed.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.validate()?;
     std::fs::create_dir_all(&config.work_dir).map_err(|e| {
@@ -114,13 +121,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let options = ConsumeOptions::default()
         .max_attempts(config.max_handler_attempts)
         .ack_wait(config.integration_timeout + Duration::from_secs(60));
-    // On shutdown running checks are killed and their deliveries handed
-    // back at once, for another worker.
+    // On shutdown no new work is taken; running checks get the grace
+    // period to finish and settle, then are killed and their deliveries
+    // handed back, for another worker. The shutdown token never reaches a
+    // check itself.
     let consume = |queue: &str| {
         Consume::new(config.connections.clone(), queue)
             .options(options.clone())
             .slots(slots.clone())
-            .grace(Duration::ZERO)
+            .grace(config.shutdown_grace)
     };
     parts.spawn(consume(queues::WORK_QA).run(worker.clone(), shutdown.clone(), qa::handle_qa));
     parts.spawn(consume(queues::WORK_INTEGRATION).run(
@@ -160,7 +169,8 @@ async fn report_health(
                 isolation: isolation.to_owned(),
                 healthy: isolation != "none",
                 warning: (isolation == "none").then(|| {
-                    "QA checks run without filesystem or network isolation (bubblewrap missing)"
+                    "QA checks run without filesystem or network isolation \
+                     (DEVFLEET_QA_ALLOW_UNSANDBOXED=true: the sandbox could not start)"
                         .to_owned()
                 }),
                 slots: slots as u64,

@@ -13,8 +13,16 @@
 //!   bound at `/workspace`, is the only writable path. The environment is
 //!   cleared (`PATH`, `HOME`, `TMPDIR`, `LANG` and the caller's variables).
 //! * **resource limits** (`setrlimit` in the child before exec, inherited
-//!   by everything it starts): CPU seconds, address space, processes, file
-//!   size, open files, no core dumps.
+//!   by everything it starts): CPU seconds, address space (per process),
+//!   file size, open files, no core dumps; and a process limit (below).
+//! * **a process limit that holds**: RLIMIT_NPROC counts the processes of
+//!   a user, so it must not be set on the worker's own uid (it would count
+//!   the worker's threads and every other slot's checks). As root each slot
+//!   has a uid of its own (below). Not as root (every shipped image), the
+//!   limit is set *inside* the sandbox's user namespace (`prlimit` run by
+//!   bwrap before the command): the kernel counts processes per user
+//!   namespace and uid, so it counts only that sandbox's processes, while
+//!   the namespace as a whole stays under the worker's own limit.
 //! * **a separate uid per slot** when the worker runs as root: each slot
 //!   leases a uid from `uid_base` up that no other worker on the host holds
 //!   (an exclusive `flock` on `$TMPDIR/devfleet-qa-uids/<uid>`), and the
@@ -25,9 +33,16 @@
 //! * **a wall timeout**: the process group is killed (and with bubblewrap
 //!   the PID namespace dies with it).
 //!
-//! Without bubblewrap the limits, uid and timeout still apply but there is
-//! no filesystem or network isolation; the worker logs that loudly at
-//! start and reports it in its metrics.
+//! # Failing closed
+//!
+//! [`Sandbox::detect`] tries the sandbox at start by running `true` in it
+//! exactly as a check would run. When that fails (bwrap missing, user
+//! namespaces blocked, …) the worker refuses to start, with an error naming
+//! the fix ([`Unavailable`]), unless the operator opted out
+//! (`DEVFLEET_QA_ALLOW_UNSANDBOXED=true`): then the limits, uid and timeout
+//! still apply but there is no filesystem or network isolation (and, not
+//! as root, no process limit); the worker logs that loudly at start and
+//! reports it in its metrics.
 
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
@@ -63,8 +78,9 @@ pub struct Limits {
     pub cpu_seconds: u64,
     /// Address space, bytes (RLIMIT_AS).
     pub memory_bytes: u64,
-    /// Processes/threads of the slot's sandbox uid (RLIMIT_NPROC; applied
-    /// only with per-slot uids, i.e. when the worker runs as root).
+    /// Processes and threads of one sandbox (RLIMIT_NPROC: as root on the
+    /// slot's own uid, otherwise inside the sandbox's user namespace; not
+    /// applied when running unsandboxed and not as root).
     pub processes: u64,
     /// Largest file it may write, bytes (RLIMIT_FSIZE).
     pub file_size_bytes: u64,
@@ -90,11 +106,13 @@ impl Default for Limits {
 /// Which isolation to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SandboxMode {
-    /// bubblewrap when it is installed and works, else limits only (logged loudly).
+    /// bubblewrap; when it cannot start, refuse to start unless unsandboxed
+    /// runs are allowed ([`SandboxSettings::allow_unsandboxed`]).
     Auto,
-    /// bubblewrap or refuse to start.
+    /// bubblewrap or refuse to start, even when unsandboxed runs are allowed.
     Bwrap,
-    /// Limits and timeout only: no filesystem or network isolation.
+    /// Limits and timeout only, no filesystem or network isolation: only
+    /// with [`SandboxSettings::allow_unsandboxed`].
     None,
 }
 
@@ -111,6 +129,12 @@ pub struct SandboxSettings {
     pub extra_ro_binds: Vec<PathBuf>,
     /// `PATH` inside.
     pub path: String,
+    /// The bubblewrap program; `None` looks for `bwrap` on the system
+    /// `PATH`.
+    pub bwrap: Option<PathBuf>,
+    /// Run checks without a sandbox when it cannot start (dangerous: the
+    /// checks run generated code with the worker's filesystem and network).
+    pub allow_unsandboxed: bool,
 }
 
 impl Default for SandboxSettings {
@@ -121,8 +145,75 @@ impl Default for SandboxSettings {
             uid_base: Some(3_000_000),
             extra_ro_binds: Vec::new(),
             path: DEFAULT_PATH.to_owned(),
+            bwrap: None,
+            allow_unsandboxed: false,
         }
     }
+}
+
+/// Where the system's own programs (`bwrap`, `prlimit`) are looked for.
+const SYSTEM_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// The sandbox cannot start, and unsandboxed runs are not allowed: the
+/// error names the problem and the fixes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the QA sandbox cannot start: {problem}{blocked}. QA checks run untrusted, generated code, \
+     so the qa-worker refuses to run them unsandboxed. To fix it: install bubblewrap \
+     (Debian/Ubuntu: apt-get install bubblewrap; or point DEVFLEET_QA_BWRAP at it) and allow \
+     unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1 where that exists, \
+     user.max_user_namespaces > 0, and on Ubuntu 23.10+ kernel.apparmor_restrict_unprivileged_userns=0 \
+     or an AppArmor profile for bwrap; in a container, seccomp and AppArmor profiles that allow \
+     them, see docs/QA.md). Or, knowing that checks then run with the worker's files and network, \
+     opt out with DEVFLEET_QA_ALLOW_UNSANDBOXED=true",
+    blocked = blocked_clause(.blockers)
+)]
+pub struct Unavailable {
+    /// What failed (bwrap missing, its trial run's error).
+    pub problem: String,
+    /// Kernel settings found blocking user namespaces ([`userns_blockers`]).
+    pub blockers: Vec<String>,
+}
+
+fn blocked_clause(blockers: &[String]) -> String {
+    if blockers.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (this platform blocks user namespaces: {})",
+            blockers.join(", ")
+        )
+    }
+}
+
+/// The kernel settings under `proc_sys` (normally `/proc/sys`) that keep
+/// unprivileged processes from creating user namespaces, each as
+/// `name = value`; empty when none does (or none can be read).
+pub fn userns_blockers(proc_sys: &Path) -> Vec<String> {
+    let read = |rel: &str| {
+        std::fs::read_to_string(proc_sys.join(rel))
+            .ok()
+            .map(|v| v.trim().to_owned())
+    };
+    let mut found = Vec::new();
+    for (rel, name, blocking) in [
+        (
+            "kernel/unprivileged_userns_clone",
+            "kernel.unprivileged_userns_clone",
+            "0",
+        ),
+        ("user/max_user_namespaces", "user.max_user_namespaces", "0"),
+        (
+            "kernel/apparmor_restrict_unprivileged_userns",
+            "kernel.apparmor_restrict_unprivileged_userns",
+            "1",
+        ),
+    ] {
+        if read(rel).as_deref() == Some(blocking) {
+            found.push(format!("{name} = {blocking}"));
+        }
+    }
+    found
 }
 
 /// How a command ended.
@@ -148,11 +239,22 @@ pub struct Outcome {
     pub output: String,
     pub truncated: bool,
     pub duration: Duration,
+    /// The resource limit it most likely ran into, named with its setting
+    /// (see [`limit_reached`]).
+    pub limit: Option<String>,
 }
 
 impl Outcome {
-    /// One line describing how it ended.
+    /// One line describing how it ended (and which limit it hit, if any).
     pub fn describe(&self) -> String {
+        let how = self.how();
+        match &self.limit {
+            Some(limit) => format!("{how}: {limit}"),
+            None => how,
+        }
+    }
+
+    fn how(&self) -> String {
         match &self.exit {
             Exit::Success => "exit 0".into(),
             Exit::Code(c) => format!("exit {c}"),
@@ -176,11 +278,64 @@ fn signal_hint(signal: i32) -> &'static str {
     }
 }
 
+/// The resource limit a command that did not succeed most likely ran
+/// into, judged from how it ended and the messages runtimes print when a
+/// limit refuses them (`fork`/thread creation refused with EAGAIN, failed
+/// allocations); named with the setting that raises it.
+pub fn limit_reached(exit: &Exit, output: &str, limits: &Limits) -> Option<String> {
+    const MIB: u64 = 1024 * 1024;
+    if matches!(exit, Exit::Success | Exit::SpawnFailed(_)) {
+        return None;
+    }
+    let lower = output.to_lowercase();
+    let any = |needles: &[&str]| needles.iter().any(|n| lower.contains(n));
+    let processes = (lower.contains("fork")
+        && any(&[
+            "resource temporarily unavailable",
+            "cannot fork",
+            "can't fork",
+        ]))
+        || any(&["can't start new thread", "failed to spawn thread"]);
+    let memory = any(&[
+        "memoryerror",
+        "cannot allocate memory",
+        "out of memory",
+        "bad_alloc",
+        "memory allocation of",
+    ]);
+    if processes {
+        Some(format!(
+            "the process limit ({} processes per sandbox, DEVFLEET_QA_PROCESSES) was reached",
+            limits.processes
+        ))
+    } else if memory {
+        Some(format!(
+            "the memory limit ({} MiB of address space per process, DEVFLEET_QA_MEMORY_MB) was reached",
+            limits.memory_bytes / MIB
+        ))
+    } else if matches!(exit, Exit::Signal(libc::SIGXFSZ)) || lower.contains("file too large") {
+        Some(format!(
+            "the file size limit ({} MiB, DEVFLEET_QA_FILE_SIZE_MB) was reached",
+            limits.file_size_bytes / MIB
+        ))
+    } else if matches!(exit, Exit::Signal(libc::SIGXCPU)) {
+        Some(format!(
+            "the CPU time limit ({} s per process, DEVFLEET_QA_CPU_SECONDS) was reached",
+            limits.cpu_seconds
+        ))
+    } else {
+        None
+    }
+}
+
 /// A ready-to-use sandbox: the isolation found at start and the limits.
 #[derive(Debug, Clone)]
 pub struct Sandbox {
     settings: SandboxSettings,
     bwrap: Option<PathBuf>,
+    /// `prlimit`, run inside bwrap to set the process limit in the
+    /// sandbox's own user namespace (not running as root).
+    prlimit: Option<PathBuf>,
     /// The sandbox uid of each slot (only when running as root), leased
     /// host-wide for as long as this sandbox lives.
     uids: std::sync::Arc<Vec<UidLease>>,
@@ -227,10 +382,15 @@ fn lease_uids(base: u32, count: usize) -> std::io::Result<Vec<UidLease>> {
 }
 
 impl Sandbox {
-    /// Finds bubblewrap per the mode and checks it works (a trial run of
-    /// `/bin/true`), and leases a sandbox uid for each of `slots` slots when
-    /// running as root. `SandboxMode::Bwrap` without a working bwrap is an
-    /// error.
+    /// Finds bubblewrap per the mode and checks it works by running `true`
+    /// in it exactly as a check would run; leases a sandbox uid for each of
+    /// `slots` slots when running as root.
+    ///
+    /// Fails closed: a sandbox that cannot start is an [`Unavailable`]
+    /// error, unless [`SandboxSettings::allow_unsandboxed`] is set and the
+    /// mode is not [`SandboxMode::Bwrap`] (then checks run without
+    /// isolation, logged loudly). [`SandboxMode::None`] needs that opt-out
+    /// too.
     pub async fn detect(settings: SandboxSettings, slots: usize) -> anyhow::Result<Sandbox> {
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
@@ -241,53 +401,84 @@ impl Sandbox {
         let mut sandbox = Sandbox {
             settings,
             bwrap: None,
+            prlimit: None,
             uids: std::sync::Arc::new(uids),
         };
-        if sandbox.settings.mode == SandboxMode::None {
-            return Ok(sandbox);
-        }
-        let found = find_program("bwrap", "/usr/local/bin:/usr/bin:/bin");
-        let problem = match found {
-            None => Some("bwrap (bubblewrap) is not installed".to_owned()),
-            Some(path) => {
-                sandbox.bwrap = Some(path);
-                let dir = std::env::temp_dir().join(format!(
-                    "devfleet-bwrap-probe-{}",
-                    uuid::Uuid::new_v4().simple()
-                ));
-                let trial = async {
-                    std::fs::create_dir_all(&dir)?;
-                    sandbox.prepare_workspace(&dir, 0)?;
-                    let out = sandbox
-                        .run(0, &["true".to_owned()], &dir, &[], Duration::from_secs(20))
-                        .await;
-                    Ok::<_, std::io::Error>(out)
-                }
-                .await;
-                let _ = std::fs::remove_dir_all(&dir);
-                match trial {
-                    Ok(o) if o.exit == Exit::Success => None,
-                    Ok(o) => Some(format!(
-                        "bwrap does not work here: {}: {}",
-                        o.describe(),
-                        o.output.trim()
-                    )),
-                    Err(e) => Some(format!("cannot try bwrap: {e}")),
-                }
-            }
+        let problem = match sandbox.settings.mode {
+            SandboxMode::None => "DEVFLEET_QA_SANDBOX=none".to_owned(),
+            SandboxMode::Auto | SandboxMode::Bwrap => match sandbox.try_bwrap(root).await {
+                Ok(()) => return Ok(sandbox),
+                Err(problem) => problem,
+            },
         };
-        if let Some(problem) = problem {
-            sandbox.bwrap = None;
-            if sandbox.settings.mode == SandboxMode::Bwrap {
-                anyhow::bail!("DEVFLEET_QA_SANDBOX=bwrap but {problem}");
-            }
-            tracing::error!(
-                %problem,
-                "QA checks will run WITHOUT a sandbox: no filesystem or network isolation, \
-                 only resource limits and timeouts. Install bubblewrap to fix this."
-            );
+        sandbox.bwrap = None;
+        sandbox.prlimit = None;
+        let unavailable = Unavailable {
+            problem,
+            blockers: userns_blockers(Path::new("/proc/sys")),
+        };
+        if sandbox.settings.mode == SandboxMode::Bwrap {
+            anyhow::bail!("DEVFLEET_QA_SANDBOX=bwrap: {unavailable}");
         }
+        if !sandbox.settings.allow_unsandboxed {
+            return Err(unavailable.into());
+        }
+        tracing::error!(
+            problem = %unavailable.problem,
+            blockers = %unavailable.blockers.join(", "),
+            "QA checks will run WITHOUT a sandbox (DEVFLEET_QA_ALLOW_UNSANDBOXED=true): \
+             no filesystem or network isolation{}, only resource limits and timeouts",
+            if root { "" } else { " and no process limit" }
+        );
         Ok(sandbox)
+    }
+
+    /// Sets up bubblewrap (and, not as root, `prlimit` for the process
+    /// limit) and tries it; the error says what failed.
+    async fn try_bwrap(&mut self, root: bool) -> Result<(), String> {
+        let bwrap = match &self.settings.bwrap {
+            Some(path) => {
+                find_program(&path.display().to_string(), SYSTEM_PATH).ok_or_else(|| {
+                    format!(
+                        "DEVFLEET_QA_BWRAP={} is not an executable file",
+                        path.display()
+                    )
+                })?
+            }
+            None => find_program("bwrap", SYSTEM_PATH)
+                .ok_or_else(|| "bwrap (bubblewrap) is not installed".to_owned())?,
+        };
+        self.bwrap = Some(bwrap);
+        if !root {
+            self.prlimit = Some(find_program("prlimit", SYSTEM_PATH).ok_or_else(|| {
+                "prlimit (util-linux), which sets the process limit inside the sandbox, \
+                 is not installed"
+                    .to_owned()
+            })?);
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "devfleet-bwrap-probe-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let trial = async {
+            std::fs::create_dir_all(&dir)?;
+            self.prepare_workspace(&dir, 0)?;
+            let out = self
+                .run(0, &["true".to_owned()], &dir, &[], Duration::from_secs(20))
+                .await;
+            Ok::<_, std::io::Error>(out)
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&dir);
+        match trial {
+            Ok(o) if o.exit == Exit::Success => Ok(()),
+            Ok(o) => Err(format!(
+                "a trial run of `true` in bwrap failed ({}): {}",
+                o.describe(),
+                o.output.trim()
+            )),
+            Err(e) => Err(format!("cannot try bwrap: {e}")),
+        }
     }
 
     /// `bwrap` or `none`: for logs and metrics.
@@ -362,6 +553,7 @@ impl Sandbox {
                 output: String::new(),
                 truncated: false,
                 duration: Duration::ZERO,
+                limit: None,
             };
         };
         let inside = self.workspace_inside(workspace);
@@ -378,7 +570,15 @@ impl Sandbox {
             Some(bwrap) => {
                 let mut c = tokio::process::Command::new(bwrap);
                 c.args(self.bwrap_args(workspace, &base_env));
-                c.arg("--").arg(program).args(args);
+                c.arg("--");
+                if let Some(prlimit) = &self.prlimit {
+                    // Set inside the new user namespace, so it counts only
+                    // this sandbox's processes (module docs).
+                    c.arg(prlimit)
+                        .arg(format!("--nproc={0}:{0}", limits.processes))
+                        .arg("--");
+                }
+                c.arg(program).args(args);
                 c.env_clear();
                 c
             }
@@ -399,6 +599,7 @@ impl Sandbox {
             .kill_on_drop(true)
             .process_group(0);
         let cap = limits.output_bytes;
+        let limits_seen = limits.clone();
         let ids = self.ids(slot);
         // SAFETY: the closure runs in the forked child before exec and only
         // calls async-signal-safe functions (setrlimit, setgroups, setgid,
@@ -414,6 +615,7 @@ impl Sandbox {
                     output: String::new(),
                     truncated: false,
                     duration: started.elapsed(),
+                    limit: None,
                 }
             }
         };
@@ -461,11 +663,13 @@ impl Sandbox {
         if st || et {
             output.push_str("\n… (output truncated)");
         }
+        let limit = limit_reached(&exit, &output, &limits_seen);
         Outcome {
             exit,
             output,
             truncated: st || et,
             duration: started.elapsed(),
+            limit,
         }
     }
 
@@ -702,5 +906,385 @@ mod tests {
         assert_eq!(out.exit, Exit::Code(3), "{}", out.output);
         assert!(out.truncated);
         assert!(out.output.len() < 200);
+    }
+
+    /// Settings whose bubblewrap is a program that always fails.
+    fn broken_bwrap() -> SandboxSettings {
+        SandboxSettings {
+            bwrap: Some(PathBuf::from("/bin/false")),
+            ..SandboxSettings::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_that_cannot_start_is_refused_with_the_fix() {
+        let err = Sandbox::detect(broken_bwrap(), 1).await.unwrap_err();
+        let unavailable = err.downcast_ref::<Unavailable>().expect("an Unavailable");
+        assert!(unavailable.problem.contains("trial run"), "{err}");
+        let message = err.to_string();
+        for fix in [
+            "install bubblewrap",
+            "DEVFLEET_QA_BWRAP",
+            "kernel.unprivileged_userns_clone=1",
+            "user.max_user_namespaces",
+            "kernel.apparmor_restrict_unprivileged_userns=0",
+            "DEVFLEET_QA_ALLOW_UNSANDBOXED=true",
+        ] {
+            assert!(message.contains(fix), "'{fix}' missing from: {message}");
+        }
+
+        let missing = SandboxSettings {
+            bwrap: Some(PathBuf::from("/nonexistent/bwrap")),
+            ..SandboxSettings::default()
+        };
+        let err = Sandbox::detect(missing, 1).await.unwrap_err().to_string();
+        assert!(
+            err.contains("/nonexistent/bwrap is not an executable"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_operator_may_opt_out_of_the_sandbox_except_in_bwrap_mode() {
+        let allowed = SandboxSettings {
+            allow_unsandboxed: true,
+            ..broken_bwrap()
+        };
+        let sandbox = Sandbox::detect(allowed.clone(), 1).await.unwrap();
+        assert_eq!(sandbox.isolation(), "none");
+        let dir = std::env::temp_dir().join(format!("qa-unit-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        sandbox.prepare_workspace(&dir, 0).unwrap();
+        let out = sandbox
+            .run(0, &["true".to_owned()], &dir, &[], Duration::from_secs(20))
+            .await;
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(out.exit, Exit::Success, "{}", out.output);
+
+        let required = SandboxSettings {
+            mode: SandboxMode::Bwrap,
+            ..allowed
+        };
+        let err = Sandbox::detect(required, 1).await.unwrap_err().to_string();
+        assert!(err.starts_with("DEVFLEET_QA_SANDBOX=bwrap"), "{err}");
+
+        let none = SandboxSettings {
+            mode: SandboxMode::None,
+            ..SandboxSettings::default()
+        };
+        let err = Sandbox::detect(none, 1).await.unwrap_err().to_string();
+        assert!(err.contains("DEVFLEET_QA_ALLOW_UNSANDBOXED=true"), "{err}");
+    }
+
+    #[test]
+    fn kernel_settings_that_block_user_namespaces_are_named() {
+        let root =
+            std::env::temp_dir().join(format!("qa-sysctl-{}", uuid::Uuid::new_v4().simple()));
+        let write = |rel: &str, value: &str| {
+            let p = root.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, value).unwrap();
+        };
+        write("kernel/unprivileged_userns_clone", "1\n");
+        write("user/max_user_namespaces", "15000\n");
+        assert!(userns_blockers(&root).is_empty());
+        write("kernel/unprivileged_userns_clone", "0\n");
+        write("user/max_user_namespaces", "0\n");
+        write("kernel/apparmor_restrict_unprivileged_userns", "1\n");
+        assert_eq!(
+            userns_blockers(&root),
+            [
+                "kernel.unprivileged_userns_clone = 0",
+                "user.max_user_namespaces = 0",
+                "kernel.apparmor_restrict_unprivileged_userns = 1"
+            ]
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+        let err = Unavailable {
+            problem: "bwrap failed".into(),
+            blockers: vec!["user.max_user_namespaces = 0".into()],
+        };
+        assert!(err.to_string().contains(
+            "bwrap failed (this platform blocks user namespaces: user.max_user_namespaces = 0)"
+        ));
+    }
+
+    #[test]
+    fn the_limit_a_command_ran_into_is_named_with_its_setting() {
+        let limits = Limits::default();
+        let named = |exit: Exit, output: &str| limit_reached(&exit, output, &limits);
+        let fork = "  File \"b.py\", line 3, in <module>\n    os.fork()\nBlockingIOError: [Errno 11] Resource temporarily unavailable";
+        assert!(named(Exit::Code(1), fork)
+            .unwrap()
+            .contains("DEVFLEET_QA_PROCESSES"));
+        assert!(named(Exit::Timeout, "sh: 1: Cannot fork\n")
+            .unwrap()
+            .contains("64 processes"));
+        assert!(named(Exit::Code(1), "MemoryError\n")
+            .unwrap()
+            .contains("2048 MiB"));
+        assert!(named(Exit::Signal(libc::SIGXFSZ), "")
+            .unwrap()
+            .contains("DEVFLEET_QA_FILE_SIZE_MB"));
+        assert_eq!(named(Exit::Code(1), "AssertionError\n"), None);
+        assert_eq!(
+            named(Exit::Success, "MemoryError"),
+            None,
+            "only failures hit limits"
+        );
+    }
+
+    /// Limits of the outer cap every non-root test runs under: if the
+    /// sandbox's own limits fail, these still keep the machine usable.
+    const OUTER_PROCESSES: u64 = 256;
+    const OUTER_ADDRESS_SPACE: u64 = 3 * 1024 * 1024 * 1024;
+    /// The user the non-root tests run as when the tests run as root.
+    const NOBODY: u32 = 65_534;
+
+    /// Runs the ignored test `name` of this test binary as a non-root user
+    /// (nobody, when running as root) under the outer cap (`prlimit` on
+    /// processes and address space, and a wall deadline), and checks that
+    /// it ran and passed.
+    fn run_capped_as_non_root(name: &str) {
+        use std::os::unix::process::CommandExt as _;
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = std::process::Command::new("prlimit");
+        cmd.arg(format!("--nproc={OUTER_PROCESSES}"))
+            .arg(format!("--as={OUTER_ADDRESS_SPACE}"))
+            .arg("--")
+            .arg(exe)
+            .args([
+                "--exact",
+                name,
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env_clear()
+            .env("PATH", DEFAULT_PATH)
+            .env("TMPDIR", "/tmp")
+            .env("HOME", "/tmp")
+            .current_dir("/tmp")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            cmd.uid(NOBODY).gid(NOBODY);
+        }
+        let mut child = cmd.spawn().expect("starting the capped test");
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        println!("{stdout}\n{stderr}");
+        assert!(out.status.success(), "{name} failed: {stdout}\n{stderr}");
+        assert!(stdout.contains("1 passed"), "{name} did not run: {stdout}");
+    }
+
+    #[test]
+    fn a_fork_bomb_as_a_non_root_user_stops_at_the_sandbox_process_limit() {
+        run_capped_as_non_root("sandbox::tests::non_root::fork_bomb");
+    }
+
+    #[test]
+    fn an_allocation_bomb_as_a_non_root_user_stops_at_the_memory_limit() {
+        run_capped_as_non_root("sandbox::tests::non_root::allocation_bomb");
+    }
+
+    /// Run only by the tests above, as a non-root user under the outer cap.
+    mod non_root {
+        use super::super::*;
+        use super::{OUTER_ADDRESS_SPACE, OUTER_PROCESSES};
+
+        /// Refuses to go on unless this process is not root and runs under
+        /// the outer cap: the bombs must never run bare.
+        fn ensure_capped() {
+            let mut rl = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit into a valid struct; geteuid has no preconditions.
+            let (nproc, root) = unsafe {
+                libc::getrlimit(libc::RLIMIT_NPROC, &mut rl);
+                (rl.rlim_cur, libc::geteuid() == 0)
+            };
+            let mut as_rl = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: as above.
+            unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut as_rl) };
+            assert!(
+                !root && nproc <= OUTER_PROCESSES && as_rl.rlim_cur <= OUTER_ADDRESS_SPACE,
+                "run only under the outer cap, by the non-root tests of sandbox::tests"
+            );
+        }
+
+        async fn sandbox(limits: Limits) -> (Sandbox, PathBuf) {
+            ensure_capped();
+            let settings = SandboxSettings {
+                mode: SandboxMode::Bwrap,
+                limits,
+                ..SandboxSettings::default()
+            };
+            let sandbox = Sandbox::detect(settings, 1).await.unwrap();
+            let dir =
+                std::env::temp_dir().join(format!("qa-bomb-{}", uuid::Uuid::new_v4().simple()));
+            std::fs::create_dir_all(&dir).unwrap();
+            (sandbox, dir)
+        }
+
+        fn words(w: &[&str]) -> Vec<String> {
+            w.iter().map(|s| s.to_string()).collect()
+        }
+
+        const FORK_BOMB: &str = "\
+import os, sys, time
+top = os.getpid()
+while True:
+    try:
+        pid = os.fork()
+    except OSError as e:
+        if os.getpid() != top:
+            time.sleep(60)
+            os._exit(0)
+        procs = len([p for p in os.listdir('/proc') if p.isdigit()])
+        print(f'processes={procs}', flush=True)
+        raise
+";
+
+        #[tokio::test]
+        #[ignore = "run as a non-root user under an outer cap by a_fork_bomb_as_a_non_root_user_stops_at_the_sandbox_process_limit"]
+        async fn fork_bomb() {
+            const LIMIT: u64 = 16;
+            let (sandbox, dir) = sandbox(Limits {
+                processes: LIMIT,
+                ..Limits::default()
+            })
+            .await;
+            // The worker holds more threads than a sandbox may have
+            // processes: the limit must not count them.
+            let (hold, held) = std::sync::mpsc::channel::<()>();
+            let held = std::sync::Arc::new(std::sync::Mutex::new(held));
+            let threads: Vec<_> = (0..2 * LIMIT)
+                .map(|_| {
+                    let held = held.clone();
+                    std::thread::spawn(move || {
+                        let _ = held.lock().map(|r| r.recv());
+                    })
+                })
+                .collect();
+            std::fs::write(dir.join("bomb.py"), FORK_BOMB).unwrap();
+            let out = sandbox
+                .run(
+                    0,
+                    &words(&["python3", "bomb.py"]),
+                    &dir,
+                    &[],
+                    Duration::from_secs(60),
+                )
+                .await;
+            println!("{}\n{}", out.describe(), out.output);
+            let procs: u64 = out
+                .output
+                .lines()
+                .find_map(|l| l.strip_prefix("processes="))
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no process count: {}", out.output));
+            assert!(
+                procs <= LIMIT,
+                "{procs} processes in a sandbox limited to {LIMIT}"
+            );
+            assert_eq!(out.exit, Exit::Code(1), "{}", out.output);
+            assert!(
+                out.describe()
+                    .contains("process limit (16 processes per sandbox, DEVFLEET_QA_PROCESSES)"),
+                "{}",
+                out.describe()
+            );
+            // The worker lives on and can still run checks.
+            let ok = sandbox
+                .run(
+                    0,
+                    &words(&["python3", "-c", "print('fine')"]),
+                    &dir,
+                    &[],
+                    Duration::from_secs(60),
+                )
+                .await;
+            assert_eq!(ok.exit, Exit::Success, "{}", ok.output);
+            drop(hold);
+            for t in threads {
+                t.join().unwrap();
+            }
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+
+        const ALLOCATION_BOMB: &str = "\
+held = []
+while len(held) < 64:
+    held.append(bytearray(32 * 1024 * 1024))
+    print(f'allocated={len(held) * 32}', flush=True)
+";
+
+        #[tokio::test]
+        #[ignore = "run as a non-root user under an outer cap by an_allocation_bomb_as_a_non_root_user_stops_at_the_memory_limit"]
+        async fn allocation_bomb() {
+            const LIMIT_MIB: u64 = 256;
+            let (sandbox, dir) = sandbox(Limits {
+                memory_bytes: LIMIT_MIB * 1024 * 1024,
+                ..Limits::default()
+            })
+            .await;
+            std::fs::write(dir.join("bomb.py"), ALLOCATION_BOMB).unwrap();
+            let out = sandbox
+                .run(
+                    0,
+                    &words(&["python3", "bomb.py"]),
+                    &dir,
+                    &[],
+                    Duration::from_secs(60),
+                )
+                .await;
+            println!("{}\n{}", out.describe(), out.output);
+            let most: u64 = out
+                .output
+                .lines()
+                .filter_map(|l| l.strip_prefix("allocated="))
+                .filter_map(|n| n.trim().parse().ok())
+                .max()
+                .unwrap_or(0);
+            assert!(
+                most < LIMIT_MIB,
+                "allocated {most} MiB under a {LIMIT_MIB} MiB limit"
+            );
+            assert_eq!(out.exit, Exit::Code(1), "{}", out.output);
+            assert!(out.output.contains("MemoryError"), "{}", out.output);
+            assert!(
+                out.describe().contains(
+                    "memory limit (256 MiB of address space per process, DEVFLEET_QA_MEMORY_MB)"
+                ),
+                "{}",
+                out.describe()
+            );
+            let ok = sandbox
+                .run(
+                    0,
+                    &words(&["python3", "-c", "print('fine')"]),
+                    &dir,
+                    &[],
+                    Duration::from_secs(60),
+                )
+                .await;
+            assert_eq!(ok.exit, Exit::Success, "{}", ok.output);
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
     }
 }

@@ -16,9 +16,21 @@ pub struct Settings {
     /// Check configuration (YAML or JSON); replaces the default checks.
     #[arg(long, env = "DEVFLEET_QA_CHECKS")]
     pub checks: Option<PathBuf>,
-    /// Isolation: auto (bubblewrap when it works), bwrap (required) or none.
+    /// Isolation: auto (bubblewrap; without it, refuse unless
+    /// --allow-unsandboxed), bwrap (required) or none (needs --allow-unsandboxed).
     #[arg(long, env = "DEVFLEET_QA_SANDBOX", value_enum, default_value = "auto")]
     pub sandbox: SandboxMode,
+    /// DANGEROUS: run checks of generated code without a sandbox when
+    /// bubblewrap cannot start (no filesystem or network isolation).
+    #[arg(long, env = "DEVFLEET_QA_ALLOW_UNSANDBOXED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_unsandboxed: bool,
+    /// The bubblewrap program [default: bwrap on the system PATH].
+    #[arg(long, env = "DEVFLEET_QA_BWRAP")]
+    pub bwrap: Option<PathBuf>,
+    /// On shutdown, how long running checks and shards get to finish before
+    /// they are killed and their work handed back, in seconds.
+    #[arg(long, env = "DEVFLEET_QA_SHUTDOWN_GRACE_SECONDS", default_value = "30", value_parser = seconds)]
+    pub shutdown_grace_seconds: Duration,
     /// Checks and integration shards run at once [default: CPUs, 2..8].
     #[arg(long, env = "DEVFLEET_QA_CONCURRENCY")]
     pub concurrency: Option<usize>,
@@ -106,7 +118,10 @@ impl Settings {
                 uid_base: Some(self.uid_base),
                 extra_ro_binds: self.ro_binds,
                 path: self.path,
+                bwrap: self.bwrap,
+                allow_unsandboxed: self.allow_unsandboxed,
             },
+            shutdown_grace: self.shutdown_grace_seconds,
             concurrency: self.concurrency.unwrap_or_else(|| {
                 std::thread::available_parallelism()
                     .map(|n| n.get())
@@ -134,6 +149,8 @@ mod tests {
         assert_eq!(config.check_timeout, Duration::from_secs(60));
         assert_eq!(config.integration_timeout, Duration::from_secs(600));
         assert_eq!(config.diagnostics_bytes, 8 * 1024);
+        assert_eq!(config.shutdown_grace, Duration::from_secs(30));
+        assert!(!config.sandbox.allow_unsandboxed, "fails closed by default");
         assert!((2..=8).contains(&config.concurrency));
     }
 }

@@ -440,3 +440,176 @@ async fn integration_shards_run_in_parallel() {
     );
     stop(stop_token, set).await;
 }
+
+/// A check that says it started (a file in its workspace) and then waits
+/// for the test to let it finish (another file).
+const WAITS_FOR_GO: &str = "import os, time\nopen('started', 'w').close()\nwhile not os.path.exists('go'):\n    time.sleep(0.2)\nprint('finished')\n";
+
+/// A worker that runs each `.py` file, one at a time, with its workspaces
+/// in a folder of the test's own, and this shutdown grace.
+fn draining_config(c: &Connections, grace: Duration) -> Config {
+    let mut config = Config::new(c.clone());
+    config.concurrency = 1;
+    config.shutdown_grace = grace;
+    config.work_dir = std::env::temp_dir().join(unique("qa-drain"));
+    config.checks = vec![CheckSpec {
+        name: "run".into(),
+        extensions: vec!["py".into()],
+        run: "python3 {file}".into(),
+        optional: false,
+        timeout_seconds: Some(600),
+    }];
+    config
+}
+
+/// Waits until a check of the worker wrote `started` in its workspace;
+/// returns the workspace (on the host).
+async fn started_workspace(work_dir: &std::path::Path) -> std::path::PathBuf {
+    devfleet_testkit::wait_for("the check to start", SOON, || async {
+        std::fs::read_dir(work_dir)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|ws| ws.join("started").exists())
+    })
+    .await
+}
+
+fn qa_work(plan_id: &str, artifacts: &BTreeMap<String, String>, path: &str) -> QaWork {
+    QaWork {
+        plan_id: plan_id.into(),
+        path: path.into(),
+        attempt: 1,
+        artifact: artifacts[path].clone(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_shutdown_a_running_check_finishes_within_the_grace_and_no_new_work_is_taken() {
+    let c = connections("drain").await;
+    let files = vec![
+        ("slow.py", WAITS_FOR_GO.to_owned()),
+        ("next.py", "print('next')\n".to_owned()),
+    ];
+    let (plan_id, artifacts) = built_plan(&c, &files).await;
+    let config = draining_config(&c, Duration::from_secs(600));
+    let work_dir = config.work_dir.clone();
+    let mut results = c
+        .consume(queues::QA_RESULTS, ConsumeOptions::default())
+        .await
+        .unwrap();
+    let (stop_token, mut set) = start(config);
+    c.publish(queues::WORK_QA, qa_work(&plan_id, &artifacts, "slow.py"))
+        .await
+        .unwrap();
+    let workspace = started_workspace(&work_dir).await;
+    // Waiting for the only slot: must not be taken once shutdown begins.
+    c.publish(queues::WORK_QA, qa_work(&plan_id, &artifacts, "next.py"))
+        .await
+        .unwrap();
+
+    stop_token.cancel();
+    std::fs::write(workspace.join("go"), "").unwrap();
+    let result = within("the running check's result", SOON, async {
+        loop {
+            let (env, delivery) = results.next_envelope().await.unwrap().unwrap();
+            delivery.ack().await.unwrap();
+            if let Message::QaResult(r) = env.message {
+                return r;
+            }
+        }
+    })
+    .await;
+    assert_eq!(result.path, "slow.py");
+    assert!(result.passed, "{result:?}");
+    within("the worker to stop", SOON, async {
+        while let Some(r) = set.join_next().await {
+            r.expect("worker panicked").expect("worker failed");
+        }
+    })
+    .await;
+
+    // The finished check was acked; the waiting work is still queued.
+    let mut work = c
+        .consume(queues::WORK_QA, ConsumeOptions::default())
+        .await
+        .unwrap();
+    let (env, delivery) = within("the untaken work", SOON, work.next_envelope())
+        .await
+        .unwrap()
+        .unwrap();
+    delivery.ack().await.unwrap();
+    let Message::QaWork(left) = env.message else {
+        panic!("unexpected {env:?}")
+    };
+    assert_eq!(left.path, "next.py");
+    let _ = std::fs::remove_dir_all(&work_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_check_still_running_when_the_grace_ends_is_killed_and_its_work_handed_back() {
+    let c = connections("handback").await;
+    let (plan_id, artifacts) = built_plan(&c, &[("slow.py", WAITS_FOR_GO.to_owned())]).await;
+    let config = draining_config(&c, Duration::from_secs(1));
+    let work_dir = config.work_dir.clone();
+    let (stop_token, set) = start(config);
+    c.publish(queues::WORK_QA, qa_work(&plan_id, &artifacts, "slow.py"))
+        .await
+        .unwrap();
+    let workspace = started_workspace(&work_dir).await;
+    within("the worker to stop", SOON, stop(stop_token, set)).await;
+    assert!(
+        !workspace.exists(),
+        "the check was killed and its workspace removed"
+    );
+    // Handed back, neither passed nor failed: delivered again, unsettled.
+    let mut work = c
+        .consume(queues::WORK_QA, ConsumeOptions::default())
+        .await
+        .unwrap();
+    let (env, delivery) = within("the handed-back work", SOON, work.next_envelope())
+        .await
+        .unwrap()
+        .unwrap();
+    delivery.ack().await.unwrap();
+    let Message::QaWork(back) = env.message else {
+        panic!("unexpected {env:?}")
+    };
+    assert_eq!(back.path, "slow.py");
+    let mut results = c
+        .consume(queues::QA_RESULTS, ConsumeOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), results.next_envelope())
+            .await
+            .is_err(),
+        "no verdict was published for the killed check"
+    );
+    let _ = std::fs::remove_dir_all(&work_dir);
+}
+
+#[tokio::test]
+async fn a_worker_whose_sandbox_cannot_start_refuses_to_run() {
+    let mut config = Config::new(Connections::in_memory());
+    config.sandbox.bwrap = Some("/bin/false".into());
+    let err = devfleet_qa_worker::run(config.clone(), CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(
+        err.downcast_ref::<devfleet_qa_worker::Unavailable>()
+            .is_some(),
+        "{err:#}"
+    );
+    assert!(
+        err.to_string()
+            .contains("DEVFLEET_QA_ALLOW_UNSANDBOXED=true"),
+        "{err:#}"
+    );
+
+    // Opted out, it runs (until told to stop).
+    config.sandbox.allow_unsandboxed = true;
+    let stop = CancellationToken::new();
+    stop.cancel();
+    devfleet_qa_worker::run(config, stop).await.unwrap();
+}

@@ -118,6 +118,11 @@ impl Executors {
         self
     }
 
+    /// Every kind this worker can run, in no particular order.
+    pub fn kinds(&self) -> impl Iterator<Item = ExecutorKind> + '_ {
+        self.by_kind.keys().copied()
+    }
+
     /// The kind used for tasks that name none.
     pub fn default_kind(&self) -> ExecutorKind {
         self.default
