@@ -604,6 +604,67 @@ async fn an_unknown_profile_fails_the_deployment_and_reports_it_to_the_plan() {
     replica.stop().await;
 }
 
+/// A rollout ships what the pipeline built: the profile's command finds the
+/// plan's Done artifacts (from Redis) written out in `DEVFLEET_DEPLOY_TREE`,
+/// at every stage.
+#[tokio::test]
+async fn a_plans_deployment_hands_its_built_tree_to_the_command() {
+    use devfleet_protocol::PlanStatus;
+    use devfleet_store::{NewTask, PlanRecord};
+    let ns = unique("canary");
+    let connections = connections(&ns).await;
+    let service = TestService::start(GOOD).await;
+    let store = &connections.store;
+    let plan_id = unique("plan");
+    let files = [("app/main.py", "print('v2')\n"), ("VERSION", "2.0.0\n")];
+    let tasks = files
+        .iter()
+        .map(|(path, _)| NewTask {
+            path: path.to_string(),
+            spec: "s".into(),
+            content: None,
+            depends_on: vec![],
+            priority: 0,
+            estimate: 1,
+            executor: None,
+        })
+        .collect();
+    let plan = PlanRecord::new(&plan_id, "p", PlanStatus::Deploying, 0);
+    assert!(store.create_plan(plan, tasks).await.unwrap());
+    for _ in files {
+        let task = store
+            .claim_next("test", Duration::from_secs(60), 0)
+            .await
+            .unwrap()
+            .expect("a ready task");
+        let content = files.iter().find(|(p, _)| *p == task.path).unwrap().1;
+        let hash = store.put_artifact(content.as_bytes()).await.unwrap();
+        store.complete(&plan_id, &task.path, &hash).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = dir.path().join("shipped");
+    register_profile(format!(
+        "ship: {{ command: [/bin/sh, -c, 'echo \"$1 $(cat $DEVFLEET_DEPLOY_TREE/VERSION) $(cat {{tree}}/app/main.py)\" >> {}', sh, '{{weight}}'] }}\n",
+        shipped.display()
+    ));
+    let replica = Replica::start(fast_config(connections.clone(), "r1"));
+    let id = unique("web");
+    let spec = spec(
+        &[50, 100],
+        1,
+        Handler::profile("ship"),
+        json_health(&service),
+    );
+    request_for(&connections, &id, Some(&plan_id), spec).await;
+    let rec = wait_final(&connections, &id, Duration::from_secs(30)).await;
+    assert_eq!(rec.status, Status::Promoted, "{rec:#?}");
+    assert_eq!(
+        std::fs::read_to_string(&shipped).unwrap(),
+        "50 2.0.0 print('v2')\n100 2.0.0 print('v2')\n"
+    );
+    replica.stop().await;
+}
+
 /// A plan's health URL outside the operator's allowed networks is never
 /// read: the reads fail naming the setting, and the deployment rolls back.
 #[tokio::test]
