@@ -383,6 +383,24 @@ hook:
     }
 
     #[test]
+    fn the_shipped_profile_files_load_and_the_flask_plan_names_its_profile() {
+        let deploy = Profiles::parse(include_str!("../../../deploy/canary-profiles.yaml")).unwrap();
+        assert_eq!(deploy, Profiles::default());
+        let flask = Profiles::parse(include_str!(
+            "../../../examples/flask-todo/canary-profiles.yaml"
+        ))
+        .unwrap();
+        let plan =
+            devfleet_protocol::Plan::parse(include_str!("../../../examples/flask-todo/plan.yaml"))
+                .unwrap();
+        let deploy = plan.deploy.expect("the flask example deploys");
+        let (profile, _) = flask.resolve("deploy.shift", &deploy.shift).unwrap();
+        assert!(
+            matches!(&profile.action, Action::Command(argv) if argv.contains(&"{weight}".to_owned()))
+        );
+    }
+
+    #[test]
     fn placeholders_fill_in_one_pass() {
         let value = |n: &str| match n {
             "a" => Some("{b}".to_owned()),
