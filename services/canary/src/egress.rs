@@ -109,7 +109,8 @@ impl std::str::FromStr for AllowList {
             .split(',')
             .filter(|n| !n.trim().is_empty())
             .map(str::parse)
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, String>>()
+            .map_err(|e| format!("{e} (DEVFLEET_CANARY_ALLOWED_NETWORKS)"))?;
         Ok(AllowList { networks })
     }
 }
