@@ -121,7 +121,8 @@ start_replica() { # service index
     . "$dir/env"
     # The router runs, so the scheduler must not route too.
     [ "$svc" = scheduler ] && export DEVFLEET_SCHEDULER_DIRECT_ROUTING=false
-    # Relative canary handler commands (./shift.sh) resolve against the checkout.
+    # Relative programs of canary profiles (examples/…/shift.sh) resolve
+    # against the checkout.
     cd "$root"
     exec setsid "$bin/$svc" </dev/null >>"$log" 2>&1
   ) &
@@ -253,6 +254,9 @@ cmd_up() {
   echo "$gateway" >"$dir/gateway"
   "$servers_ctl" start "$dir/servers"
 
+  # A stack on loopback, like `devfleet up`: plans' health sources are local
+  # unless the operator says otherwise.
+  export DEVFLEET_CANARY_ALLOWED_NETWORKS=${DEVFLEET_CANARY_ALLOWED_NETWORKS:-127.0.0.0/8,::1/128}
   # What every service gets: the settings given at `up` (kept for `scale`),
   # then the stack's own connection settings.
   (umask 077; export -p | grep -E '^declare -x (DEVFLEET_[A-Z0-9_]+|OPENAI_API_KEY|RUST_LOG|OTEL_[A-Z_]+)=' \

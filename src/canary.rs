@@ -24,7 +24,10 @@ pub struct CanaryArgs {
 #[derive(clap::Subcommand)]
 enum CanaryCommand {
     /// Start a deployment from a deploy spec (YAML/JSON, optionally with
-    /// `id:` and `plan_id:`) or from a plan file's `deploy:` section.
+    /// `id:` and `plan_id:`) or from a plan file's `deploy:` section. Its
+    /// handlers name profiles of the canary service (its
+    /// DEVFLEET_CANARY_PROFILES file); with a plan id, command profiles get
+    /// that plan's built files.
     Start(StartArgs),
     /// Every deployment's stage, weight and health; one deployment's history.
     Status(StatusArgs),

@@ -103,7 +103,12 @@ async fn spawn_services(
     let router = settings::<devfleet_router::settings::Settings>("router")?.into_config(c());
     let mut qa_worker =
         settings::<devfleet_qa_worker::settings::Settings>("qa-worker")?.into_config(c())?;
-    let canary = settings::<devfleet_canary::settings::Settings>("canary")?.into_config(c());
+    let mut canary = settings::<devfleet_canary::settings::Settings>("canary")?.into_config(c())?;
+    // One machine: plans' health sources are on loopback unless the operator
+    // said otherwise.
+    if canary.allowed_networks.is_empty() {
+        canary.allowed_networks = devfleet_canary::AllowList::loopback();
+    }
     let gateway = settings::<devfleet_metrics_gateway::Settings>("metrics-gateway")?
         .into_config(c())
         .with_token_from_env()

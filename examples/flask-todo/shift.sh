@@ -7,6 +7,11 @@
 set -eu
 weight=${1:?usage: shift.sh WEIGHT [SERVICE_URL]}
 url=${2:-http://127.0.0.1:9000}
+# What the pipeline built (the canary writes it out for each call); a real
+# handler would ship it before moving traffic.
+if [ -n "${DEVFLEET_DEPLOY_TREE:-}" ]; then
+  echo "shift.sh: $(find "$DEVFLEET_DEPLOY_TREE" -type f | wc -l) files built by plan ${DEVFLEET_DEPLOY_PLAN_ID:-?}" >&2
+fi
 exec python3 -c '
 import sys, urllib.request
 url, weight = sys.argv[1].rstrip("/"), sys.argv[2]

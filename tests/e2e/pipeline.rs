@@ -741,7 +741,7 @@ deploy:
   stages: [20, 100]
   stage_seconds: 5
   check_seconds: 1
-  shift: { command: "./shift.sh {deployment} {weight}" }
+  shift: { profile: lb, params: { pool: web } }
   health: { url: "http://127.0.0.1:9/stats" }
 "#,
     )

@@ -173,6 +173,13 @@ async fn native_stack_builds_the_flask_example_and_its_tests_pass() {
         .replace("127.0.0.1:9000", &service_addr);
     let plan_path = root.join("plan.yaml");
     std::fs::write(&plan_path, plan).unwrap();
+    // The canary's operator-owned profile the plan names, aimed at the same
+    // service.
+    let profiles = std::fs::read_to_string(repo().join("examples/flask-todo/canary-profiles.yaml"))
+        .unwrap()
+        .replace("127.0.0.1:9000", &service_addr);
+    let profiles_path = root.join("canary-profiles.yaml");
+    std::fs::write(&profiles_path, profiles).unwrap();
 
     // Up: servers on free ports, debug binaries, the gateway on a free port.
     let gateway = free_addr();
@@ -180,6 +187,7 @@ async fn native_stack_builds_the_flask_example_and_its_tests_pass() {
     up.args(["up", "dev-worker=2"])
         .env("DEVFLEET_STACK_DIR", &state)
         .env("DEVFLEET_PROFILE", "debug")
+        .env("DEVFLEET_CANARY_PROFILES", &profiles_path)
         .env("DEVFLEET_GATEWAY_ADDR", &gateway);
     if let Some(bin) = fresh_bin_dir() {
         up.env("DEVFLEET_BIN_DIR", bin);

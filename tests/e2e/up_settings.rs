@@ -127,3 +127,30 @@ fn up_runs_only_the_plans_own_code_unsandboxed_and_says_so() {
         "{err}"
     );
 }
+
+#[test]
+fn up_refuses_a_canary_profile_file_it_cannot_use_naming_the_variable() {
+    let dir = std::env::temp_dir().join(format!("devfleet-up-profiles-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("profiles.yaml");
+    std::fs::write(&bad, "lb: { command: [set-weight, '{colour}'] }\n").unwrap();
+    for (path, needle) in [
+        (bad.to_str().unwrap(), "{colour}"),
+        ("/nonexistent/profiles.yaml", "reading the canary profiles"),
+    ] {
+        let out = up(&[("DEVFLEET_CANARY_PROFILES", path)]);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains("DEVFLEET_CANARY_PROFILES") && err.contains(needle),
+            "{path}: {err}"
+        );
+    }
+    let bad_networks = up(&[("DEVFLEET_CANARY_ALLOWED_NETWORKS", "10.0.0.0/33")]);
+    let err = stderr(&bad_networks);
+    assert!(
+        !bad_networks.status.success() && err.contains("DEVFLEET_CANARY_ALLOWED_NETWORKS"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -170,6 +170,11 @@ impl Driver {
     }
 
     async fn shift(&mut self) -> Step {
+        if self.record.stage == 0 && self.record.weight == 0 {
+            if let Err(reason) = self.preflight() {
+                return self.refuse(reason).await;
+            }
+        }
         let weight = self.record.target_weight();
         let handler = self.record.spec.shift.clone();
         let attempts = self.ctx.config.handler_attempts;
@@ -362,6 +367,40 @@ impl Driver {
         self.persist().await
     }
 
+    /// Before any traffic moves: the plan's handlers must name profiles
+    /// this canary has, with parameters they accept.
+    fn preflight(&self) -> Result<(), String> {
+        let spec = &self.record.spec;
+        self.ctx
+            .handlers
+            .check(Action::Shift, &spec.shift)
+            .map_err(|e| e.to_string())?;
+        if let Some(rollback) = &spec.rollback {
+            self.ctx
+                .handlers
+                .check(Action::Rollback, rollback)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Ends a deployment that cannot start: nothing was shifted, so there
+    /// is nothing to roll back; the record says `rolled_back` at 0 % with
+    /// the reason, and a plan's deployment reports it (the plan fails).
+    async fn refuse(&mut self, reason: String) -> Step {
+        let now = devfleet_protocol::now_ms();
+        let reason = format!("refused before any traffic moved: {reason}");
+        self.record.status = Status::RolledBack;
+        self.record.weight = 0;
+        self.record.reason = Some(reason.clone());
+        self.record.finished_ms = Some(now);
+        self.record.transition("refused", Some(reason.clone()), now);
+        self.persist().await?;
+        tracing::warn!(%reason, "deployment refused");
+        self.emit("refused", Some(&reason)).await;
+        Ok(())
+    }
+
     // ---- rolling back ------------------------------------------------------
 
     async fn manual_rollback(&mut self, request: ControlRequest) -> Step {
@@ -534,7 +573,10 @@ impl Driver {
             self.record
                 .transition("handler_failed", Some(error.to_string()), now);
             self.emit("handler_failed", Some(&error.to_string())).await;
-            if attempt >= attempts {
+            // A refused profile (unknown, bad params) will not change for a
+            // shift; a rollback keeps trying, so a fixed configuration
+            // takes traffic back.
+            if attempt >= attempts || (action == Action::Shift && error.is_refusal()) {
                 return Ok(Err(error));
             }
             // Let `status` show the failure while we wait.

@@ -13,7 +13,11 @@
 //! * Prometheus's query API: the two configured PromQL queries, each
 //!   expected to give one number (`{deployment}` and `{interval}` in them
 //!   are replaced first).
+//!
+//! Both come from the plan, so every request goes through the operator's
+//! allow-list of networks ([`crate::egress`]).
 
+use crate::egress::AllowList;
 use crate::handler::error_chain;
 use crate::record::{Bucket, Counters};
 use devfleet_protocol::HealthSource;
@@ -62,17 +66,20 @@ pub struct QueryContext<'a> {
 #[derive(Clone)]
 pub struct HealthClient {
     http: reqwest::Client,
+    allow: AllowList,
     timeout: Duration,
 }
 
 impl HealthClient {
-    /// A client whose reads give up after `timeout`.
-    pub fn new(timeout: Duration) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .build()
-            .map_err(|e| anyhow::anyhow!("cannot build the health HTTP client: {e}"))?;
-        Ok(Self { http, timeout })
+    /// A client whose reads give up after `timeout` and connect only to
+    /// addresses in `allow`.
+    pub fn new(timeout: Duration, allow: AllowList) -> anyhow::Result<Self> {
+        let http = allow.client(timeout)?;
+        Ok(Self {
+            http,
+            allow,
+            timeout,
+        })
     }
 
     /// Reads `source` once. For a counter endpoint, `previous` is the
@@ -133,9 +140,19 @@ impl HealthClient {
             url: url.to_owned(),
             reason: error_chain(&e),
         };
+        let parsed = reqwest::Url::parse(url).map_err(|e| HealthError::Request {
+            url: url.to_owned(),
+            reason: format!("not a URL: {e}"),
+        })?;
+        self.allow
+            .check_url(&parsed)
+            .map_err(|reason| HealthError::Request {
+                url: url.to_owned(),
+                reason,
+            })?;
         let mut response = self
             .http
-            .get(url)
+            .get(parsed)
             .timeout(timeout)
             .send()
             .await
@@ -180,6 +197,9 @@ impl HealthClient {
             url.set_path(&path);
         }
         url.query_pairs_mut().append_pair("query", query);
+        self.allow
+            .check_url(&url)
+            .map_err(|reason| fail(format!("GET {base} refused: {reason}")))?;
         let response = self
             .http
             .get(url.clone())

@@ -24,22 +24,28 @@
 //! See `docs/CANARY.md` for the operator's view.
 
 use devfleet_runtime::Connections;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 pub mod classify;
 pub mod control;
 mod driver;
+pub mod egress;
 pub mod handler;
 pub mod health;
 mod intake;
 pub mod lease;
+pub mod profile;
 pub mod record;
 pub mod request;
 pub mod settings;
 mod supervisor;
+mod tree;
 
 pub use control::{request_rollback, ControlError};
+pub use egress::AllowList;
+pub use profile::Profiles;
 pub use record::{Classification, DeploymentRecord, HealthCheck, Status};
 pub use request::{parse_start_file, validate_request, RequestError, StartFile};
 
@@ -81,13 +87,17 @@ pub struct Config {
     /// Deliveries of one `deploy.requested` message that fail on the store
     /// before it is dead-lettered.
     pub max_attempts: u32,
+    /// The handler profiles plans may name (operator-owned).
+    pub profiles: Arc<Profiles>,
+    /// Networks plans' health URLs may connect to.
+    pub allowed_networks: AllowList,
 }
 
 impl Config {
     /// Defaults for a service on `connections` (those of
     /// [`settings::Settings`], no environment).
     pub fn new(connections: Connections) -> Self {
-        settings::Settings::default().into_config(connections)
+        settings::Settings::default().defaults_config(connections)
     }
 
     /// Checks the settings; errors name the setting.

@@ -17,7 +17,11 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args: Args = devfleet_runtime::settings::parse();
-    devfleet_runtime::serve("canary", &args.connect, |connections, shutdown| {
-        devfleet_canary::run(args.settings.into_config(connections), shutdown)
-    })
+    devfleet_runtime::serve(
+        "canary",
+        &args.connect,
+        |connections, shutdown| async move {
+            devfleet_canary::run(args.settings.into_config(connections)?, shutdown).await
+        },
+    )
 }

@@ -335,9 +335,7 @@ mod tests {
             stages: vec![10, 50, 100],
             stage_seconds: 1,
             check_seconds: 1,
-            shift: Handler::Command {
-                command: "true {weight}".into(),
-            },
+            shift: Handler::profile("lb"),
             rollback: None,
             health: HealthSource::Url {
                 url: "http://127.0.0.1:1/stats".into(),

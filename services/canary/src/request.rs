@@ -5,7 +5,7 @@
 //! at top level) with an optional `id` and `plan_id`, or a whole plan with
 //! a `deploy:` section (its name becomes the prefix of a generated id).
 
-use devfleet_protocol::{DeployRequested, DeploySpec, Handler, HealthSource, Plan};
+use devfleet_protocol::{DeployRequested, DeploySpec, HealthSource, Plan};
 
 /// Longest deployment id accepted, in bytes.
 pub const MAX_ID_BYTES: usize = 100;
@@ -63,9 +63,11 @@ pub fn validate_id(id: &str) -> Result<(), RequestError> {
     Ok(())
 }
 
-/// Checks a spec beyond [`DeploySpec::validate`]: the last stage is 100,
-/// handler commands split into a program and arguments, URLs are http(s),
-/// Prometheus queries are not empty, the latency limit is positive.
+/// Checks a spec beyond [`DeploySpec::validate`] (which checks the
+/// handlers' profile names and params): the last stage is 100, health URLs
+/// are http(s), Prometheus queries are not empty, the latency limit is
+/// positive. Whether the profiles exist is up to the canary service that
+/// runs the deployment (its operator owns them).
 pub fn validate_spec(spec: &DeploySpec) -> Result<(), String> {
     spec.validate()?;
     if spec.stages.last() != Some(&100) {
@@ -73,10 +75,6 @@ pub fn validate_spec(spec: &DeploySpec) -> Result<(), String> {
             "the last stage must be 100 (promotion), got {:?}",
             spec.stages
         ));
-    }
-    validate_handler("shift", &spec.shift)?;
-    if let Some(rollback) = &spec.rollback {
-        validate_handler("rollback", rollback)?;
     }
     match &spec.health {
         HealthSource::Url { url } => validate_url("health.url", url)?,
@@ -101,20 +99,6 @@ pub fn validate_spec(spec: &DeploySpec) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-fn validate_handler(what: &str, handler: &Handler) -> Result<(), String> {
-    match handler {
-        Handler::Command { command } => {
-            let argv = shell_words::split(command)
-                .map_err(|e| format!("{what}.command '{command}' does not split: {e}"))?;
-            if argv.first().is_none_or(|p| p.is_empty()) {
-                return Err(format!("{what}.command is empty"));
-            }
-            Ok(())
-        }
-        Handler::Webhook { webhook } => validate_url(&format!("{what}.webhook"), webhook),
-    }
 }
 
 fn validate_url(what: &str, url: &str) -> Result<(), String> {
@@ -227,7 +211,7 @@ id: web-7
 stages: [10, 50, 100]
 stage_seconds: 5
 check_seconds: 1
-shift: { command: "./shift.sh {deployment} {weight}" }
+shift: { profile: lb, params: { pool: web } }
 health: { url: "http://127.0.0.1:9000/stats" }
 "#;
 
@@ -242,7 +226,7 @@ health: { url: "http://127.0.0.1:9000/stats" }
     #[test]
     fn json_spec_without_id_takes_defaults() {
         let f = parse_start_file(
-            r#"{"shift":{"webhook":"http://127.0.0.1:1/shift"},"health":{"url":"http://127.0.0.1:1/s"}}"#,
+            r#"{"shift":{"profile":"lb"},"health":{"url":"http://127.0.0.1:1/s"}}"#,
         )
         .unwrap();
         assert_eq!(f.id, None);
@@ -260,7 +244,7 @@ tasks:
   - path: a.py
     spec: s
 deploy:
-  shift: { webhook: "http://127.0.0.1:1/shift" }
+  shift: { profile: lb }
   health: { prometheus: "http://127.0.0.1:9090", error_rate: "x", latency_p95_ms: "y" }
 "#,
         )
@@ -316,22 +300,19 @@ deploy:
             ("thresholds: { max_latency_ms: 0 }\n", "max_latency_ms"),
         ];
         for (extra, needle) in cases {
-            let text = format!(
-                "shift: {{ command: \"x {{weight}}\" }}\nhealth: {{ url: \"http://h/s\" }}\n{extra}"
-            );
+            let text =
+                format!("shift: {{ profile: x }}\nhealth: {{ url: \"http://h/s\" }}\n{extra}");
             let err = parse_start_file(&text).unwrap_err().to_string();
             assert!(err.contains(needle), "{extra}: {err}");
         }
-        let bad_cmd = "shift: { command: \"x 'unclosed\" }\nhealth: { url: \"http://h/s\" }\n";
-        assert!(parse_start_file(bad_cmd)
-            .unwrap_err()
-            .to_string()
-            .contains("shift.command"));
-        let bad_url = "shift: { webhook: \"ftp://h\" }\nhealth: { url: \"http://h/s\" }\n";
+        let raw = "shift: { command: \"sh -c env\" }\nhealth: { url: \"http://h/s\" }\n";
+        let err = parse_start_file(raw).unwrap_err().to_string();
+        assert!(err.contains("DEVFLEET_CANARY_PROFILES"), "{err}");
+        let bad_url = "shift: { profile: x }\nhealth: { url: \"ftp://h\" }\n";
         assert!(parse_start_file(bad_url)
             .unwrap_err()
             .to_string()
-            .contains("shift.webhook"));
+            .contains("health.url"));
     }
 
     #[test]

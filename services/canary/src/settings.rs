@@ -2,9 +2,13 @@
 //! settings and their defaults are written (see
 //! `devfleet_runtime::settings` for the naming scheme).
 
+use crate::egress::AllowList;
+use crate::profile::Profiles;
 use crate::Config;
 use devfleet_runtime::settings::seconds;
 use devfleet_runtime::Connections;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Canary settings (everything but the connections).
@@ -44,6 +48,16 @@ pub struct Settings {
     /// Seconds between looks for an operator's rollback request.
     #[arg(long, env = "DEVFLEET_CANARY_CONTROL_POLL_SECONDS", default_value = "1", value_parser = seconds)]
     pub control_poll_seconds: Duration,
+    /// YAML file of the handler profiles plans may name (operator-owned:
+    /// the programs and webhooks that shift traffic) [default: none, so
+    /// every deployment fails naming this setting].
+    #[arg(long, env = "DEVFLEET_CANARY_PROFILES")]
+    pub profiles: Option<PathBuf>,
+    /// Comma-separated IP networks (`10.0.0.0/8,::1/128`) that plans'
+    /// health and Prometheus URLs may connect to, checked on the resolved
+    /// address and every redirect [default: none].
+    #[arg(long, env = "DEVFLEET_CANARY_ALLOWED_NETWORKS", default_value = "")]
+    pub allowed_networks: AllowList,
 }
 
 impl Default for Settings {
@@ -55,8 +69,21 @@ impl Default for Settings {
 
 impl Settings {
     /// The service configuration these settings describe (checked by
-    /// [`Config::validate`] when the service runs).
-    pub fn into_config(self, connections: Connections) -> Config {
+    /// [`Config::validate`] when the service runs); reads the profile file.
+    pub fn into_config(self, connections: Connections) -> anyhow::Result<Config> {
+        let profiles = match &self.profiles {
+            Some(path) => Profiles::load(path)?,
+            None => Profiles::default(),
+        };
+        Ok(self.config_with(connections, profiles))
+    }
+
+    /// The configuration of settings that name no file (the defaults).
+    pub(crate) fn defaults_config(self, connections: Connections) -> Config {
+        self.config_with(connections, Profiles::default())
+    }
+
+    fn config_with(self, connections: Connections, profiles: Profiles) -> Config {
         Config {
             connections,
             instance: self
@@ -73,6 +100,8 @@ impl Settings {
             retain: self.retain_seconds,
             control_poll: self.control_poll_seconds,
             max_attempts: 10,
+            profiles: Arc::new(profiles),
+            allowed_networks: self.allowed_networks,
         }
     }
 }

@@ -25,8 +25,12 @@ pub(crate) struct Ctx {
 
 pub(crate) async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let ctx = Arc::new(Ctx {
-        health: HealthClient::new(config.health_timeout)?,
-        handlers: Handlers::new(config.handler_timeout)?,
+        health: HealthClient::new(config.health_timeout, config.allowed_networks.clone())?,
+        handlers: Handlers::new(
+            config.handler_timeout,
+            config.profiles.clone(),
+            config.connections.store.clone(),
+        )?,
         metrics: config.connections.metrics(config.instance.clone()),
         leases: Leases::new(
             config.connections.store.clone(),

@@ -9,7 +9,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use devfleet_bus::ConsumeOptions;
 use devfleet_canary::record::{self, DeploymentRecord};
-use devfleet_canary::{Classification, Config, Status};
+use devfleet_canary::{AllowList, Classification, Config, Profiles, Status};
 use devfleet_protocol::{
     queues, DeployRequested, DeploySpec, Envelope, Handler, HealthSource, Message, Thresholds,
 };
@@ -85,6 +85,10 @@ impl TestService {
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        register_profile(format!(
+            "hook-{}: {{ webhook: 'http://{addr}/shift' }}\n",
+            addr.port()
+        ));
         let stop = CancellationToken::new();
         let s = stop.clone();
         tokio::spawn(async move {
@@ -254,8 +258,30 @@ async fn connections(namespace: &str) -> Connections {
     connect_args(namespace).connect().await.unwrap()
 }
 
+/// The handler profiles of this test process, as the operator's file
+/// would hold them: every test service registers its shift webhook, every
+/// command handler its command; replicas get them all.
+static PROFILES: Mutex<String> = Mutex::new(String::new());
+
+fn register_profile(yaml: String) {
+    PROFILES.lock().unwrap().push_str(&yaml);
+}
+
+fn profiles() -> Profiles {
+    Profiles::parse(&PROFILES.lock().unwrap()).unwrap()
+}
+
+/// The registered profiles in a file, for a canary process.
+fn profiles_file(dir: &Path) -> PathBuf {
+    let path = dir.join("profiles.yaml");
+    std::fs::write(&path, PROFILES.lock().unwrap().as_bytes()).unwrap();
+    path
+}
+
 fn fast_config(connections: Connections, instance: &str) -> Config {
     let mut config = Config::new(connections);
+    config.profiles = Arc::new(profiles());
+    config.allowed_networks = AllowList::loopback();
     config.instance = instance.to_owned();
     config.scan_interval = Duration::from_millis(200);
     config.lease_ttl = Duration::from_secs(3);
@@ -307,10 +333,9 @@ fn spec(stages: &[u8], stage_seconds: u64, shift: Handler, health: HealthSource)
     }
 }
 
+/// The service's shift webhook profile (registered when it started).
 fn webhook(service: &TestService) -> Handler {
-    Handler::Webhook {
-        webhook: service.url("/shift"),
-    }
+    Handler::profile(format!("hook-{}", service.addr.port()))
 }
 
 fn json_health(service: &TestService) -> HealthSource {
@@ -362,14 +387,17 @@ fn command_handler(dir: &Path, log_name: &str) -> (Handler, PathBuf) {
     let script = dir.join("shift.sh");
     std::fs::write(&script, "#!/bin/sh\necho \"$1 $2\" >> \"$3\"\n").unwrap();
     let log = dir.join(log_name);
-    let handler = Handler::Command {
-        command: format!(
-            "/bin/sh '{}' {{deployment}} {{weight}} '{}'",
-            script.display(),
-            log.display()
-        ),
-    };
-    (handler, log)
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let name = format!(
+        "log-{}",
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    );
+    register_profile(format!(
+        "{name}: {{ command: [/bin/sh, '{}', '{{deployment}}', '{{weight}}', '{}'] }}\n",
+        script.display(),
+        log.display()
+    ));
+    (Handler::profile(name), log)
 }
 
 fn logged_weights(log: &Path, id: &str) -> Vec<u8> {
@@ -525,6 +553,142 @@ async fn a_plans_rollout_reports_its_outcome_on_deploy_finished_and_ends_no_plan
     assert!(
         back.message.contains("rolled back") && back.message.contains("error rate"),
         "{back:?}"
+    );
+    replica.stop().await;
+}
+
+/// A plan names a profile the operator never configured: the deployment
+/// ends at once with a reason naming it and the fix, no handler runs, and
+/// the plan hears of it (the scheduler then fails it).
+#[tokio::test]
+async fn an_unknown_profile_fails_the_deployment_and_reports_it_to_the_plan() {
+    let ns = unique("canary");
+    let connections = connections(&ns).await;
+    let service = TestService::start(GOOD).await;
+    let mut reports = connections
+        .consume(queues::DEPLOY_FINISHED, ConsumeOptions::default())
+        .await
+        .unwrap();
+    let replica = Replica::start(fast_config(connections.clone(), "r1"));
+    let id = unique("web");
+    let mut spec = spec(&[50, 100], 1, webhook(&service), json_health(&service));
+    spec.shift = Handler::profile("curl-the-metadata-service");
+    request_for(&connections, &id, Some("plan-u"), spec).await;
+
+    let (envelope, delivery) =
+        tokio::time::timeout(Duration::from_secs(30), reports.next_envelope())
+            .await
+            .expect("a deploy.finished report")
+            .unwrap()
+            .unwrap();
+    delivery.ack().await.unwrap();
+    let Message::DeployFinished(report) = envelope.message else {
+        panic!("not a deploy report: {}", envelope.kind());
+    };
+    assert_eq!(
+        (report.plan_id.as_str(), report.promoted),
+        ("plan-u", false)
+    );
+    assert!(
+        report.message.contains("'curl-the-metadata-service'")
+            && report.message.contains("DEVFLEET_CANARY_PROFILES"),
+        "{report:?}"
+    );
+    let rec = wait_final(&connections, &id, Duration::from_secs(10)).await;
+    assert_eq!(
+        (rec.status, rec.weight),
+        (Status::RolledBack, 0),
+        "{rec:#?}"
+    );
+    assert!(service.calls(&id).is_empty(), "no handler ran");
+    replica.stop().await;
+}
+
+/// A rollout ships what the pipeline built: the profile's command finds the
+/// plan's Done artifacts (from Redis) written out in `DEVFLEET_DEPLOY_TREE`,
+/// at every stage.
+#[tokio::test]
+async fn a_plans_deployment_hands_its_built_tree_to_the_command() {
+    use devfleet_protocol::PlanStatus;
+    use devfleet_store::{NewTask, PlanRecord};
+    let ns = unique("canary");
+    let connections = connections(&ns).await;
+    let service = TestService::start(GOOD).await;
+    let store = &connections.store;
+    let plan_id = unique("plan");
+    let files = [("app/main.py", "print('v2')\n"), ("VERSION", "2.0.0\n")];
+    let tasks = files
+        .iter()
+        .map(|(path, _)| NewTask {
+            path: path.to_string(),
+            spec: "s".into(),
+            content: None,
+            depends_on: vec![],
+            priority: 0,
+            estimate: 1,
+            executor: None,
+        })
+        .collect();
+    let plan = PlanRecord::new(&plan_id, "p", PlanStatus::Deploying, 0);
+    assert!(store.create_plan(plan, tasks).await.unwrap());
+    for _ in files {
+        let task = store
+            .claim_next("test", Duration::from_secs(60), 0)
+            .await
+            .unwrap()
+            .expect("a ready task");
+        let content = files.iter().find(|(p, _)| *p == task.path).unwrap().1;
+        let hash = store.put_artifact(content.as_bytes()).await.unwrap();
+        store.complete(&plan_id, &task.path, &hash).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = dir.path().join("shipped");
+    register_profile(format!(
+        "ship: {{ command: [/bin/sh, -c, 'echo \"$1 $(cat $DEVFLEET_DEPLOY_TREE/VERSION) $(cat {{tree}}/app/main.py)\" >> {}', sh, '{{weight}}'] }}\n",
+        shipped.display()
+    ));
+    let replica = Replica::start(fast_config(connections.clone(), "r1"));
+    let id = unique("web");
+    let spec = spec(
+        &[50, 100],
+        1,
+        Handler::profile("ship"),
+        json_health(&service),
+    );
+    request_for(&connections, &id, Some(&plan_id), spec).await;
+    let rec = wait_final(&connections, &id, Duration::from_secs(30)).await;
+    assert_eq!(rec.status, Status::Promoted, "{rec:#?}");
+    assert_eq!(
+        std::fs::read_to_string(&shipped).unwrap(),
+        "50 2.0.0 print('v2')\n100 2.0.0 print('v2')\n"
+    );
+    replica.stop().await;
+}
+
+/// A plan's health URL outside the operator's allowed networks is never
+/// read: the reads fail naming the setting, and the deployment rolls back.
+#[tokio::test]
+async fn a_health_url_outside_the_allowed_networks_is_refused() {
+    let ns = unique("canary");
+    let connections = connections(&ns).await;
+    let service = TestService::start(GOOD).await;
+    let mut config = fast_config(connections.clone(), "r1");
+    config.allowed_networks = "10.0.0.0/8".parse().unwrap();
+    config.failure_limit = 2;
+    let replica = Replica::start(config);
+    let id = unique("web");
+    request(
+        &connections,
+        &id,
+        spec(&[50, 100], 1, webhook(&service), json_health(&service)),
+    )
+    .await;
+    let rec = wait_final(&connections, &id, Duration::from_secs(30)).await;
+    assert_eq!(rec.status, Status::RolledBack, "{rec:#?}");
+    let reason = rec.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("DEVFLEET_CANARY_ALLOWED_NETWORKS") && reason.contains("127.0.0.1"),
+        "{reason}"
     );
     replica.stop().await;
 }
@@ -842,9 +1006,12 @@ async fn replicas_share_deployments_and_take_over_from_one_that_stops() {
     drop(r2);
 }
 
-/// Spawns the real `canary` binary on `namespace`.
-fn spawn_canary_process(namespace: &str) -> tokio::process::Child {
+/// Spawns the real `canary` binary on `namespace`, with the profiles in
+/// `profiles` (a file) and loopback health sources allowed.
+fn spawn_canary_process(namespace: &str, profiles: &Path) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_canary"))
+        .env("DEVFLEET_CANARY_PROFILES", profiles)
+        .env("DEVFLEET_CANARY_ALLOWED_NETWORKS", "127.0.0.0/8,::1/128")
         .env_remove("DEVFLEET_NATS_URL")
         .env("DEVFLEET_BUS", "amqp")
         .env("DEVFLEET_AMQP_URL", amqp_url())
@@ -867,7 +1034,7 @@ async fn killed_canary_process_resumes_at_the_same_stage_with_its_time() {
     let dir = tempfile::tempdir().unwrap();
     let (shift, log) = command_handler(dir.path(), "shift.log");
     let id = unique("crash");
-    let mut child = spawn_canary_process(&ns);
+    let mut child = spawn_canary_process(&ns, &profiles_file(dir.path()));
     request(
         &connections,
         &id,
@@ -890,7 +1057,7 @@ async fn killed_canary_process_resumes_at_the_same_stage_with_its_time() {
     assert_eq!(at_kill.stage, 2);
     assert!(at_kill.stage_elapsed_ms >= 2000);
 
-    let mut child = spawn_canary_process(&ns);
+    let mut child = spawn_canary_process(&ns, &profiles_file(dir.path()));
     let rec = wait_final(&connections, &id, Duration::from_secs(60)).await;
     child.start_kill().unwrap();
     child.wait().await.unwrap();
@@ -1108,7 +1275,8 @@ pub async fn bench_one_process_drives_many_deployments() {
     let ns = unique("canary-bench");
     let connections = connections(&ns).await;
     let service = TestService::start(GOOD).await;
-    let mut child = spawn_canary_process(&ns);
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_canary_process(&ns, &profiles_file(dir.path()));
     let pid = child.id().unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let cpu_idle_start = cpu_seconds(pid);

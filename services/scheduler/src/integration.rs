@@ -288,7 +288,8 @@ mod tests {
     }
 
     const TWO_STEPS: &str = "integration:\n  - { name: unit, run: 'python3 -m pytest', shard: 2 }\n  - { name: smoke, run: 'python3 smoke.py' }\n";
-    const DEPLOY: &str = "deploy:\n  shift: { command: './shift.sh {weight}' }\n  health: { url: 'http://127.0.0.1:9/stats' }\n";
+    const DEPLOY: &str =
+        "deploy:\n  shift: { profile: lb }\n  health: { url: 'http://127.0.0.1:9/stats' }\n";
 
     #[tokio::test]
     async fn finishing_a_plan_twice_enters_integration_once() {

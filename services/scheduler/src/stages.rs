@@ -140,7 +140,7 @@ tasks:
 integration:
   - { name: unit, run: "python3 -m pytest -q", shard: 2 }
 deploy:
-  shift: { command: "./shift.sh {weight}" }
+  shift: { profile: lb }
   health: { url: "http://127.0.0.1:9000/stats" }
 "#,
         )

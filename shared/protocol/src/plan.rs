@@ -5,14 +5,14 @@
 //! [`from_yaml_value_strict`]), so a typo never silently changes behaviour.
 //! The same types travel inside messages, where unknown fields are ignored
 //! instead (the crate's compatibility rule): the strictness is in the
-//! parsing functions, not in the types. The untagged [`Handler`] and
-//! [`HealthSource`] are the exception: their exact fields tell the shapes
-//! apart, so a field added to one is a new shape (a breaking change).
+//! parsing functions, not in the types. The untagged [`HealthSource`] is
+//! the exception: its exact fields tell the shapes apart, so a field added
+//! to one is a new shape (a breaking change).
 //! [`Plan::parse`] checks everything that can be checked without the import
 //! graph; cycles and parsed imports are the analyzer's job.
 
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 // Upper bounds on every field that sizes work, checked by
 // [`Plan::validate`] before anything is created. Together they keep a valid
@@ -172,14 +172,154 @@ fn default_check_seconds() -> u64 {
     30
 }
 
-/// How traffic is shifted or rolled back.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged, deny_unknown_fields)]
-pub enum Handler {
-    /// A program; `{weight}` and `{deployment}` are substituted per argument.
-    Command { command: String },
-    /// An HTTP POST of JSON.
-    Webhook { webhook: String },
+/// Longest handler profile name, in bytes.
+pub const MAX_PROFILE_NAME_BYTES: usize = 64;
+/// Most parameters one handler may give its profile.
+pub const MAX_HANDLER_PARAMS: usize = 32;
+/// Longest handler parameter name, in bytes.
+pub const MAX_PARAM_NAME_BYTES: usize = 64;
+/// Longest handler parameter value, in bytes.
+pub const MAX_PARAM_VALUE_BYTES: usize = 256;
+
+/// How traffic is shifted or rolled back: a named profile of the canary
+/// service (operator-owned configuration) and the parameters the plan
+/// fills in. A plan never names a program or a webhook itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "HandlerDoc")]
+pub struct Handler {
+    /// Name of a profile configured on the canary (`DEVFLEET_CANARY_PROFILES`).
+    pub profile: String,
+    /// Values of parameters the profile declares.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, String>,
+}
+
+impl Handler {
+    /// A handler naming `profile` with no parameters.
+    pub fn profile(profile: impl Into<String>) -> Self {
+        Self {
+            profile: profile.into(),
+            params: BTreeMap::new(),
+        }
+    }
+
+    /// Adds a parameter.
+    pub fn param(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.params.insert(name.into(), value.into());
+        self
+    }
+
+    /// Checks the profile name and the parameters' names and values: names
+    /// are `[a-z0-9_.-]` (parameters: `[a-z][a-z0-9_]*`), values are at
+    /// most [`MAX_PARAM_VALUE_BYTES`] of ASCII letters, digits and
+    /// `. _ - : / = , @ +`, and do not start with `-` (no value can pass
+    /// for an option of the profile's program).
+    pub fn validate(&self) -> Result<(), String> {
+        let name = &self.profile;
+        if name.is_empty()
+            || name.len() > MAX_PROFILE_NAME_BYTES
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
+        {
+            return Err(format!(
+                "profile '{name}' is not a profile name (1 to {MAX_PROFILE_NAME_BYTES} of a-z, 0-9, '_', '.', '-')"
+            ));
+        }
+        if self.params.len() > MAX_HANDLER_PARAMS {
+            return Err(format!(
+                "{} params; the limit is {MAX_HANDLER_PARAMS}",
+                self.params.len()
+            ));
+        }
+        for (key, value) in &self.params {
+            validate_param_name(key)?;
+            validate_param_value(key, value)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks a handler parameter name: `[a-z][a-z0-9_]*`, at most
+/// [`MAX_PARAM_NAME_BYTES`].
+pub fn validate_param_name(key: &str) -> Result<(), String> {
+    let ok = key.len() <= MAX_PARAM_NAME_BYTES
+        && key.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "param '{key}' is not a parameter name (a-z, then a-z, 0-9 or '_'; at most {MAX_PARAM_NAME_BYTES} bytes)"
+        ))
+    }
+}
+
+/// Checks a handler parameter value (see [`Handler::validate`]).
+pub fn validate_param_value(key: &str, value: &str) -> Result<(), String> {
+    if value.len() > MAX_PARAM_VALUE_BYTES {
+        return Err(format!(
+            "param '{key}' is longer than {MAX_PARAM_VALUE_BYTES} bytes"
+        ));
+    }
+    if value.starts_with('-') {
+        return Err(format!("param '{key}' must not start with '-'"));
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-:/=,@+".contains(&b))
+    {
+        return Err(format!(
+            "param '{key}' value '{value}': use only ASCII letters, digits and . _ - : / = , @ +"
+        ));
+    }
+    Ok(())
+}
+
+/// What a handler may be written as; turned into a [`Handler`] or an error
+/// that says how to move a raw command or webhook into a profile.
+#[derive(Deserialize)]
+struct HandlerDoc {
+    #[serde(default)]
+    profile: Option<String>,
+    #[serde(default)]
+    params: BTreeMap<String, String>,
+    #[serde(default)]
+    command: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    webhook: Option<serde::de::IgnoredAny>,
+}
+
+impl TryFrom<HandlerDoc> for Handler {
+    type Error = String;
+    fn try_from(doc: HandlerDoc) -> Result<Self, String> {
+        let raw = if doc.command.is_some() {
+            Some("command")
+        } else if doc.webhook.is_some() {
+            Some("webhook")
+        } else {
+            None
+        };
+        if let Some(raw) = raw {
+            return Err(format!(
+                "a plan cannot give the canary a `{raw}:` to run (it would run on the canary host \
+                 with the canary's credentials); move it into a profile of the canary's \
+                 operator-owned profile file (DEVFLEET_CANARY_PROFILES) and name that profile \
+                 here: `{{ profile: NAME, params: {{...}} }}` (see docs/CANARY.md)"
+            ));
+        }
+        let Some(profile) = doc.profile else {
+            return Err(
+                "a handler names a canary profile: `{ profile: NAME, params: {...} }`".into(),
+            );
+        };
+        Ok(Handler {
+            profile,
+            params: doc.params,
+        })
+    }
 }
 
 /// Where health is read from.
@@ -497,6 +637,10 @@ impl DeploySpec {
         if self.check_seconds == 0 {
             return Err("check_seconds must be at least 1".into());
         }
+        self.shift.validate().map_err(|e| format!("shift: {e}"))?;
+        if let Some(rollback) = &self.rollback {
+            rollback.validate().map_err(|e| format!("rollback: {e}"))?;
+        }
         let t = &self.thresholds;
         if !(0.0..=1.0).contains(&t.degraded_error_rate)
             || !(0.0..=1.0).contains(&t.rollback_error_rate)
@@ -609,8 +753,8 @@ deploy:
   stages: [10, 50, 100]
   stage_seconds: 5
   check_seconds: 1
-  shift: { command: "./shift.sh {weight}" }
-  rollback: { command: "./shift.sh 0" }
+  shift: { profile: lb, params: { pool: web-eu } }
+  rollback: { profile: lb-reset }
   health: { url: "http://127.0.0.1:9000/stats" }
   thresholds: { degraded_error_rate: 0.05, rollback_error_rate: 0.10, max_latency_ms: 200 }
 "#;
@@ -622,7 +766,8 @@ deploy:
         assert_eq!(plan.executor, Some(ExecutorKind::Builtin));
         let deploy = plan.deploy.unwrap();
         assert_eq!(deploy.stages, vec![10, 50, 100]);
-        assert!(matches!(deploy.shift, Handler::Command { .. }));
+        assert_eq!(deploy.shift, Handler::profile("lb").param("pool", "web-eu"));
+        assert_eq!(deploy.rollback, Some(Handler::profile("lb-reset")));
         assert!(matches!(deploy.health, HealthSource::Url { .. }));
     }
 
@@ -659,14 +804,14 @@ colour: red
             (
                 "deploy:
   colour: red
-  shift: { command: s }
+  shift: { profile: s }
   health: { url: u }
 ",
                 "deploy.colour",
             ),
             (
                 "deploy:
-  shift: { command: s }
+  shift: { profile: s }
   health: { url: u }
   thresholds: { colour: red }
 ",
@@ -685,16 +830,55 @@ colour: red
             assert!(err.to_string().contains(path), "{typo}: {err}");
         }
         let spec: serde_yaml::Value =
-            serde_yaml::from_str("shift: { command: s }\nhealth: { url: u }\nstage_secs: 3\n")
+            serde_yaml::from_str("shift: { profile: s }\nhealth: { url: u }\nstage_secs: 3\n")
                 .unwrap();
         let err = from_yaml_value_strict::<DeploySpec>(spec).unwrap_err();
         assert!(err.to_string().contains("stage_secs"), "{err}");
         // A handler's shape stays closed: an extra field is no known shape.
         let err = Plan::parse(
-            "name: x\ntasks:\n  - { path: a.py, spec: s }\ndeploy:\n  shift: { command: s, colour: red }\n  health: { url: u }\n",
+            "name: x\ntasks:\n  - { path: a.py, spec: s }\ndeploy:\n  shift: { profile: s, colour: red }\n  health: { url: u }\n",
         )
         .unwrap_err();
         assert!(matches!(err, PlanError::Syntax(_)), "{err}");
+    }
+
+    #[test]
+    fn a_plan_cannot_name_a_command_or_webhook_and_is_told_to_use_a_profile() {
+        for raw in [
+            "shift: { command: 'curl http://169.254.169.254/' }",
+            "shift: { webhook: 'http://10.0.0.1/' }",
+            "shift: { profile: ok }\n  rollback: { command: 'sh -c env' }",
+        ] {
+            let text = format!(
+                "name: x\ntasks:\n  - {{ path: a.py, spec: s }}\ndeploy:\n  {raw}\n  health: {{ url: u }}\n"
+            );
+            let err = Plan::parse(&text).unwrap_err().to_string();
+            assert!(
+                err.contains("DEVFLEET_CANARY_PROFILES") && err.contains("profile: NAME"),
+                "{raw}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn handler_params_are_checked() {
+        for (params, needle) in [
+            ("{ weight: '--rm' }", "must not start with '-'"),
+            ("{ x: 'a b' }", "use only"),
+            ("{ x: '$(id)' }", "use only"),
+            ("{ X: a }", "not a parameter name"),
+        ] {
+            let text = format!(
+                "name: x\ntasks:\n  - {{ path: a.py, spec: s }}\ndeploy:\n  shift: {{ profile: p, params: {params} }}\n  health: {{ url: u }}\n"
+            );
+            let err = Plan::parse(&text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{params}: {err}");
+        }
+        let err = Plan::parse(
+            "name: x\ntasks:\n  - { path: a.py, spec: s }\ndeploy:\n  shift: { profile: 'Bad Name' }\n  health: { url: u }\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("not a profile name"), "{err}");
     }
 
     #[test]

@@ -112,12 +112,8 @@ fn deploy_spec() -> DeploySpec {
         stages: vec![10, 50, 100],
         stage_seconds: 30,
         check_seconds: 5,
-        shift: Handler::Command {
-            command: "shift {weight}".into(),
-        },
-        rollback: Some(Handler::Webhook {
-            webhook: "http://127.0.0.1:9/rollback".into(),
-        }),
+        shift: Handler::profile("lb").param("pool", "web"),
+        rollback: Some(Handler::profile("lb-reset")),
         health: HealthSource::Url {
             url: "http://127.0.0.1:9/health".into(),
         },
