@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2317  # cleanup/table run from a trap, pause_worker as a fault command
 # The fault suite: on the native stack of scripts/stack.sh (real RabbitMQ,
 # Redis and NATS; every service its own process), one plan of a few hundred
 # simulated tasks per bus runs while faults are injected one after another:
@@ -24,7 +25,7 @@
 # Exit status 0 only when every fault and every check passed.
 set -euo pipefail
 
-usage() { sed -n '13,24p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '14,25p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 say() { echo "chaos: $*" >&2; }
 die() { say "$*"; exit 1; }
 
@@ -61,6 +62,9 @@ while read -r v; do unset "$v"; done < <(compgen -e | grep -E '^(DEVFLEET_|OTEL_
 work=${CHAOS_DIR:-$(mktemp -d /tmp/devfleet-chaos.XXXXXX)}
 mkdir -p "$work"
 work=$(cd "$work" && pwd)
+# RabbitMQ runs as its own user and must reach its data below (mktemp made
+# the directory private).
+chmod 755 "$work"
 
 # The lease is short so a paused worker loses its tasks within seconds; the
 # dispatch lease and the router's retry grace are short so work whose holder
@@ -109,7 +113,7 @@ cleanup() {
   local rc=$?
   set +e
   [ -n "$stopped" ] && DEVFLEET_STACK_DIR=$active "$stack_ctl" signal "$stopped" CONT >/dev/null 2>&1
-  if [ -n "$active" ] && [ "$keep" = 1 ] && [ $failed = 1 ]; then
+  if [ -n "$active" ] && [ "$keep" = 1 ] && [ "$failed" = 1 ]; then
     say "the stack is still running: eval \"\$(DEVFLEET_STACK_DIR=$active scripts/stack.sh env)\"; stop it with DEVFLEET_STACK_DIR=$active scripts/stack.sh down"
   elif [ -n "$active" ]; then
     DEVFLEET_STACK_DIR=$active "$stack_ctl" down >/dev/null 2>&1
@@ -117,8 +121,8 @@ cleanup() {
   fi
   table
   say "logs of every service and server: $work/*/logs, $work/*/servers/*.log"
-  if [ $rc -eq 0 ] && [ $failed = 1 ]; then rc=1; fi
-  exit $rc
+  if [ "$rc" -eq 0 ] && [ "$failed" = 1 ]; then rc=1; fi
+  exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -165,6 +169,7 @@ PY
 #                        ("path state attempt owner updated_ms" lines)
 #   stuck FILE           the lines of FILE (an `inflight` answer) whose task has
 #                        not changed since
+#   busy                 how many tasks are leased or built
 #   summary              "status total done states attempts"
 #   notdone WINDOWS      the tasks not done, each with the fault it went
 #                        still during (WINDOWS: "start_ms end_ms label" lines)
@@ -196,6 +201,8 @@ elif cmd == "stuck":
         if line.strip() in now:
             path, state, attempt, owner, ms = line.split()
             print(f"{path} {state} since {when(int(ms))} (attempt {attempt}, owner {owner})")
+elif cmd == "busy":
+    print(sum(t["state"] in ("leased", "built") for t in tasks))
 elif cmd == "summary":
     states = collections.Counter(t["state"] for t in tasks)
     print(plan["status"], plan["total"], states.get("done", 0),
@@ -242,6 +249,19 @@ wait_done() { # count seconds
   local deadline=$((SECONDS + $2))
   while [ $SECONDS -lt $deadline ]; do
     if poll && { [ "$done_now" -ge "$1" ] || final "$status_now"; }; then return 0; fi
+    sleep 0.5
+  done
+  return 1
+}
+
+# Waits until at least $1 tasks are in flight (leased or built), so a fault
+# lands on work; false on timeout or when the plan ended.
+wait_busy() { # count seconds
+  local deadline=$((SECONDS + $2)) n
+  while [ $SECONDS -lt $deadline ]; do
+    n=$(plan_json 2>/dev/null | tasks_py busy 2>/dev/null) || n=0
+    [ "$n" -ge "$1" ] && return 0
+    poll && final "$status_now" && return 1
     sleep 0.5
   done
   return 1
@@ -481,8 +501,9 @@ run_bus() {
       record "$bus" "$label" FAIL "not injected: the plan stalled at $done_now/$tasks done before it"
       continue
     fi
-    if final "$status_now"; then
-      record "$bus" "$label" FAIL "not injected: the plan already ended ($status_now) at $done_now/$tasks"
+    if ! wait_busy 4 $((plan_timeout - (SECONDS - t0))); then
+      poll || true
+      record "$bus" "$label" FAIL "not injected: no work in flight ($status_now, $done_now/$tasks done)"
       continue
     fi
     # shellcheck disable=SC2086
@@ -498,13 +519,18 @@ run_bus() {
     sleep 1
   done
   check_plan
-  if [ "$keep" = 1 ] && [ $failed = 1 ]; then exit 1; fi
+  if [ "$keep" = 1 ] && [ "$failed" = 1 ]; then exit 1; fi
   say "[$bus] plan over in $((SECONDS - t0)) s; stopping the stack"
   stack down >/dev/null 2>&1 || true
   drop_data "$dir"
   active=
 }
 
-for b in "${buses[@]}"; do run_bus "$b"; done
-[ $failed = 0 ] || exit 1
-say "every fault survived, every check passed"
+main() {
+  for b in "${buses[@]}"; do run_bus "$b"; done
+  [ "$failed" = 0 ] || exit 1
+  say "every fault survived, every check passed"
+}
+
+# On one line, so that bash has read the whole script before it runs it.
+main; exit
