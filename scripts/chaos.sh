@@ -109,9 +109,13 @@ table() {
   echo
 }
 
+# The script's own output, for the trap: it may fire while a fault's
+# output is redirected to a file.
+exec 3>&1 4>&2
 cleanup() {
   local rc=$?
   set +e
+  exec 1>&3 2>&4
   [ -n "$stopped" ] && DEVFLEET_STACK_DIR=$active "$stack_ctl" signal "$stopped" CONT >/dev/null 2>&1
   if [ -n "$active" ] && [ "$keep" = 1 ] && [ "$failed" = 1 ]; then
     say "the stack is still running: eval \"\$(DEVFLEET_STACK_DIR=$active scripts/stack.sh env)\"; stop it with DEVFLEET_STACK_DIR=$active scripts/stack.sh down"
@@ -312,7 +316,9 @@ fault() { # label logs command...
   local label=$1 logs=$2 start=$SECONDS start_ms end_ms out dead stuck n=0 snap
   shift 2
   start_ms=$(now_ms)
-  if ! out=$("$@" 2>&1); then
+  # Not in a subshell: the command may set `stopped` and `paused_*`.
+  if ! "$@" >"$dir/fault.out" 2>&1; then
+    out=$(cat "$dir/fault.out")
     windows+=("$start_ms $(now_ms) $label")
     record "$bus" "$label" FAIL "the fault itself failed: $(echo "$out" | tail -n 1)"
     echo "$out" | tail -n 20 >&2
@@ -341,7 +347,7 @@ fault() { # label logs command...
     # shellcheck disable=SC2086
     show_logs $logs
   elif dead=$(all_alive); then
-    record "$bus" "$label" ok "$n tasks in flight moved on in $((SECONDS - start)) s; $done_now/$tasks done"
+    record "$bus" "$label" ok "$n tasks in flight moved on in $((SECONDS - start)) s; $done_now/$tasks done$(paused_note)"
   else
     record "$bus" "$label" FAIL "dead after the fault: $dead"
     # shellcheck disable=SC2086
@@ -351,8 +357,20 @@ fault() { # label logs command...
 
 selected() { [ -z "$only" ] || [[ $1 =~ $only ]]; }
 
+# What the paused worker did with the tasks it lost, from its log.
+paused_log='' paused_from=0
+paused_note() {
+  [ -n "$paused_log" ] || return 0
+  local n
+  n=$(tail -n +"$paused_from" "$paused_log" | grep -ac 'lost the lease' || true)
+  paused_log=''
+  echo "; the resumed worker found $n leases lost"
+}
+
 pause_worker() { # replica: SIGSTOP for three leases, then SIGCONT
-  stack signal "$1" STOP
+  paused_log=$dir/logs/$1.log
+  paused_from=$(($(wc -l <"$paused_log") + 1))
+  stack signal "$1" STOP || return 1
   stopped=$1
   sleep $((lease * 3))
   stack signal "$1" CONT
@@ -392,8 +410,8 @@ leftovers() {
 # The checks once the plan ended (or timed out).
 check_plan() {
   local json status total n_done states executions
-  if ! json=$(plan_json 2>&1); then
-    record "$bus" "plan status readable" FAIL "$(echo "$json" | tail -n 1)"
+  if ! json=$(plan_json 2>"$dir/status.err"); then
+    record "$bus" "plan status readable" FAIL "$(tail -n 1 "$dir/status.err")"
     return
   fi
   read -r status total n_done states executions < <(tasks_py summary <<<"$json")
@@ -417,8 +435,8 @@ check_plan() {
   fi
 
   local dlq
-  if ! dlq=$(cli dlq list --json 2>&1); then
-    record "$bus" "DLQ empty" FAIL "$(echo "$dlq" | tail -n 1)"
+  if ! dlq=$(cli dlq list --json 2>"$dir/dlq.err"); then
+    record "$bus" "DLQ empty" FAIL "$(tail -n 1 "$dir/dlq.err")"
   elif [ "$(python3 -c 'import json, sys; print(len(json.load(sys.stdin)))' <<<"$dlq")" = 0 ]; then
     record "$bus" "DLQ empty" ok ""
   else
@@ -477,8 +495,8 @@ run_bus() {
   # the submission waits in the broker.
   local analyzer="analyzer SIGKILL, plan submitted, restart"
   selected "$analyzer" && stack signal analyzer.1 KILL
-  if ! submitted=$(cli publish "$dir/plan.yaml" --json 2>&1); then
-    record "$bus" "publish" FAIL "$(echo "$submitted" | tail -n 1)"
+  if ! submitted=$(cli publish "$dir/plan.yaml" --json 2>"$dir/publish.err"); then
+    record "$bus" "publish" FAIL "$(tail -n 1 "$dir/publish.err")"
     return
   fi
   plan_id=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["plan_id"])' <<<"$submitted")

@@ -410,10 +410,12 @@ cmd_restart() { # WHAT [--kill]
       else
         "$servers_ctl" restart "$dir/servers" "$what"
       fi
+      say "restarted $what"
       return
       ;;
   esac
-  mapfile -t list < <(targets "$what")
+  local found; found=$(targets "$what") || exit 1
+  [ -z "$found" ] || mapfile -t list <<<"$found"
   [ ${#list[@]} -gt 0 ] || die "no replica of $what is running (scripts/stack.sh scale $what 1)"
   for t in "${list[@]}"; do
     p=$(pid_in "$(pidfile "${t% *}" "${t#* }")")
@@ -436,7 +438,7 @@ cmd_signal() { # SERVICE.N SIGNAL
   [ $# -eq 2 ] || usage
   load_state
   [[ $1 =~ ^[a-z-]+\.[0-9]+$ ]] || die "signal takes one replica, SERVICE.N (got '$1')"
-  local t p; t=$(targets "$1"); p=$(pid_in "$(pidfile "${t% *}" "${t#* }")")
+  local t p; t=$(targets "$1") || exit 1; p=$(pid_in "$(pidfile "${t% *}" "${t#* }")")
   alive "$p" || die "$1 is not running"
   kill -s "$2" "$p" || die "cannot send $2 to $1 (pid $p)"
 }
