@@ -19,7 +19,7 @@
 # and logs go; default a new /tmp/devfleet-chaos.XXXXXX, kept: logs of every
 # service and server), CHAOS_PLAN_TIMEOUT_SECONDS (per plan, default 240),
 # CHAOS_RECOVER_TIMEOUT_SECONDS (for in-flight tasks to move on after a
-# fault, default 30), CHAOS_ONLY (an extended regex: inject only the faults
+# fault, default 45), CHAOS_ONLY (an extended regex: inject only the faults
 # whose label matches, e.g. 'SIGSTOP|redis'), CHAOS_KEEP=1 (leave a failing
 # stack running to look at; the script says how to stop it), CHAOS_RUST_LOG.
 # Exit status 0 only when every fault and every check passed.
@@ -48,7 +48,7 @@ if ! [[ $tasks =~ ^[0-9]+$ ]] || [ "$tasks" -lt 40 ]; then
   die "CHAOS_TASKS must be a number of at least 40, got '$tasks'"
 fi
 plan_timeout=${CHAOS_PLAN_TIMEOUT_SECONDS:-240}
-recover_timeout=${CHAOS_RECOVER_TIMEOUT_SECONDS:-30}
+recover_timeout=${CHAOS_RECOVER_TIMEOUT_SECONDS:-45}
 only=${CHAOS_ONLY:-}
 keep=${CHAOS_KEEP:-0}
 for t in "$plan_timeout" "$recover_timeout"; do [[ $t =~ ^[0-9]+$ ]] || die "timeouts are whole seconds, got '$t'"; done
@@ -173,7 +173,7 @@ PY
 #                        ("path state attempt owner updated_ms" lines)
 #   stuck FILE           the lines of FILE (an `inflight` answer) whose task has
 #                        not changed since
-#   busy                 how many tasks are leased or built
+#   busy STATES          how many tasks are in one of STATES (comma separated)
 #   summary              "status total done states attempts"
 #   notdone WINDOWS      the tasks not done, each with the fault it went
 #                        still during (WINDOWS: "start_ms end_ms label" lines)
@@ -206,7 +206,7 @@ elif cmd == "stuck":
             path, state, attempt, owner, ms = line.split()
             print(f"{path} {state} since {when(int(ms))} (attempt {attempt}, owner {owner})")
 elif cmd == "busy":
-    print(sum(t["state"] in ("leased", "built") for t in tasks))
+    print(sum(t["state"] in arg.split(",") for t in tasks))
 elif cmd == "summary":
     states = collections.Counter(t["state"] for t in tasks)
     print(plan["status"], plan["total"], states.get("done", 0),
@@ -258,12 +258,13 @@ wait_done() { # count seconds
   return 1
 }
 
-# Waits until at least $1 tasks are in flight (leased or built), so a fault
-# lands on work; false on timeout or when the plan ended.
-wait_busy() { # count seconds
+# Waits until at least $1 tasks are in one of the states $3 (e.g.
+# leased,built), so a fault lands on work; false on timeout or when the
+# plan ended.
+wait_busy() { # count seconds states
   local deadline=$((SECONDS + $2)) n
   while [ $SECONDS -lt $deadline ]; do
-    n=$(plan_json 2>/dev/null | tasks_py busy 2>/dev/null) || n=0
+    n=$(plan_json 2>/dev/null | tasks_py busy "$3" 2>/dev/null) || n=0
     [ "$n" -ge "$1" ] && return 0
     poll && final "$status_now" && return 1
     sleep 0.5
@@ -347,7 +348,8 @@ fault() { # label logs command...
     # shellcheck disable=SC2086
     show_logs $logs
   elif dead=$(all_alive); then
-    record "$bus" "$label" ok "$n tasks in flight moved on in $((SECONDS - start)) s; $done_now/$tasks done$(paused_note)"
+    paused_note
+    record "$bus" "$label" ok "$n tasks in flight moved on in $((SECONDS - start)) s; $done_now/$tasks done$note"
   else
     record "$bus" "$label" FAIL "dead after the fault: $dead"
     # shellcheck disable=SC2086
@@ -357,14 +359,16 @@ fault() { # label logs command...
 
 selected() { [ -z "$only" ] || [[ $1 =~ $only ]]; }
 
-# What the paused worker did with the tasks it lost, from its log.
-paused_log='' paused_from=0
+# What the paused worker did with the tasks it lost, from its log, in
+# `note` (empty after any other fault).
+paused_log='' paused_from=0 note=''
 paused_note() {
+  note=''
   [ -n "$paused_log" ] || return 0
   local n
   n=$(tail -n +"$paused_from" "$paused_log" | grep -ac 'lost the lease' || true)
   paused_log=''
-  echo "; the resumed worker found $n leases lost"
+  note="; the resumed worker found $n leases lost"
 }
 
 pause_worker() { # replica: SIGSTOP for three leases, then SIGCONT
@@ -377,19 +381,22 @@ pause_worker() { # replica: SIGSTOP for three leases, then SIGCONT
   stopped=
 }
 
-# The faults after the analyzer's, each injected once the plan is that far:
-# "label|logs to show|command".
+# The faults after the analyzer's, each injected once the plan is that far
+# and enough tasks are in the states it concerns: "label|logs to show|
+# count:states|command". The qa-worker is killed once several tasks are
+# built, so it holds QA work when it dies.
 mid_run_faults() {
-  echo "scheduler SIGKILL+restart|scheduler|stack restart scheduler.1 --kill"
-  echo "dev-worker.1 SIGKILL+restart|dev-worker.1 scheduler|stack restart dev-worker.1 --kill"
-  echo "qa-worker SIGKILL+restart|qa-worker router|stack restart qa-worker.1 --kill"
-  echo "router SIGKILL+restart|router|stack restart router.1 --kill"
-  echo "metrics-gateway SIGKILL+restart|metrics-gateway|stack restart metrics-gateway.1 --kill"
-  echo "dev-worker.2 SIGSTOP $((lease * 3)) s (lease ${lease} s)|dev-worker.2 scheduler router|pause_worker dev-worker.2"
-  echo "redis restart|redis scheduler router dev-worker|stack restart redis"
+  local any=4:leased,built
+  echo "scheduler SIGKILL+restart|scheduler|$any|stack restart scheduler.1 --kill"
+  echo "dev-worker.1 SIGKILL+restart|dev-worker.1 scheduler|4:leased|stack restart dev-worker.1 --kill"
+  echo "qa-worker SIGKILL+restart|qa-worker router|3:built|stack restart qa-worker.1 --kill"
+  echo "router SIGKILL+restart|router|$any|stack restart router.1 --kill"
+  echo "metrics-gateway SIGKILL+restart|metrics-gateway|$any|stack restart metrics-gateway.1 --kill"
+  echo "dev-worker.2 SIGSTOP $((lease * 3)) s (lease ${lease} s)|dev-worker.2 scheduler router|4:leased|pause_worker dev-worker.2"
+  echo "redis restart|redis scheduler router dev-worker|$any|stack restart redis"
   case $bus in
-    amqp) echo "rabbitmq restart|rabbitmq scheduler router dev-worker qa-worker|stack restart rabbitmq" ;;
-    nats) echo "nats restart|nats scheduler router dev-worker qa-worker|stack restart nats" ;;
+    amqp) echo "rabbitmq restart|rabbitmq scheduler router dev-worker qa-worker|$any|stack restart rabbitmq" ;;
+    nats) echo "nats restart|nats scheduler router dev-worker qa-worker|$any|stack restart nats" ;;
   esac
 }
 
@@ -425,13 +432,17 @@ check_plan() {
 
   # Done transitions: the scheduler's counter and the plan's count move
   # once per transition in the store; the debug log names each task.
-  local counted=$(($(completed_counter) - counter_before)) dup
-  dup=$(cat "$dir"/logs/scheduler.*.log | { grep -a "completion: task done plan_id=\"$plan_id\"" || true; } \
-    | sed -nE 's/.*completion: task done .*path="([^"]+)".*/\1/p' | sort | uniq -d | head -n 5 | paste -sd' ')
-  if [ "$n_done" = "$tasks" ] && [ "$counted" = "$tasks" ] && [ -z "$dup" ]; then
-    record "$bus" "every task Done exactly once" ok "$counted Done transitions; $executions attempts"
+  # (A scheduler killed between a transition and its log line logs fewer;
+  # none at all means the line changed and this check went blind.)
+  local counted=$(($(completed_counter) - counter_before)) logged dup
+  logged=$(cat "$dir"/logs/scheduler.*.log | { grep -a "completion: task done plan_id=\"$plan_id\"" || true; } \
+    | sed -nE 's/.*completion: task done .*path="([^"]+)".*/\1/p')
+  dup=$(echo "$logged" | sort | uniq -d | head -n 5 | paste -sd' ')
+  logged=$(echo "$logged" | grep -c . || true)
+  if [ "$n_done" = "$tasks" ] && [ "$counted" = "$tasks" ] && [ -z "$dup" ] && [ "$logged" -gt 0 ]; then
+    record "$bus" "every task Done exactly once" ok "$counted Done transitions ($logged logged); $executions attempts"
   else
-    record "$bus" "every task Done exactly once" FAIL "$n_done/$tasks tasks Done, $counted Done transitions counted${dup:+, twice: $dup}; $executions attempts"
+    record "$bus" "every task Done exactly once" FAIL "$n_done/$tasks tasks Done, $counted Done transitions counted, $logged logged${dup:+, twice: $dup}; $executions attempts"
   fi
 
   local dlq
@@ -505,12 +516,12 @@ run_bus() {
     fault "$analyzer" "analyzer scheduler" stack restart analyzer.1
   fi
 
-  local faults=() f i=0 n label logs action at
+  local faults=() f i=0 n label logs busy action at
   mapfile -t faults < <(mid_run_faults)
   n=${#faults[@]}
   for f in "${faults[@]}"; do
     i=$((i + 1))
-    IFS='|' read -r label logs action <<<"$f"
+    IFS='|' read -r label logs busy action <<<"$f"
     selected "$label" || continue
     at=$((tasks * i / (n + 2)))
     # A fault before that stranded work can hold the plan up; the next one
@@ -519,9 +530,9 @@ run_bus() {
       record "$bus" "$label" FAIL "not injected: the plan stalled at $done_now/$tasks done before it"
       continue
     fi
-    if ! wait_busy 4 $((plan_timeout - (SECONDS - t0))); then
+    if ! wait_busy "${busy%%:*}" $((plan_timeout - (SECONDS - t0))) "${busy#*:}"; then
       poll || true
-      record "$bus" "$label" FAIL "not injected: no work in flight ($status_now, $done_now/$tasks done)"
+      record "$bus" "$label" FAIL "not injected: never ${busy%%:*} tasks ${busy#*:} ($status_now, $done_now/$tasks done)"
       continue
     fi
     # shellcheck disable=SC2086
