@@ -12,6 +12,11 @@
 #        scripts/stack.sh logs SERVICE [-f]    logs of SERVICE (all replicas), or of
 #                                              SERVICE.N, rabbitmq, redis, nats
 #        scripts/stack.sh env                  print the DEVFLEET_* exports
+#        scripts/stack.sh restart WHAT [--kill] stop WHAT (SIGTERM with the grace, or
+#                                              SIGKILL) and start it again: SERVICE.N
+#                                              (same replica and log), SERVICE (every
+#                                              replica), rabbitmq, redis or nats
+#        scripts/stack.sh signal SERVICE.N SIG send a signal (STOP, CONT, KILL...) to a replica
 # SERVICE: analyzer scheduler dev-worker qa-worker router canary metrics-gateway
 #
 # Environment: DEVFLEET_STACK_DIR (state), DEVFLEET_PROFILE=release|debug
@@ -24,7 +29,7 @@ set -euo pipefail
 
 SERVICES=(analyzer scheduler dev-worker qa-worker router canary metrics-gateway)
 
-usage() { sed -n '8,15p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '8,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 say() { echo "stack: $*" >&2; }
 die() { say "$*"; exit 1; }
 
@@ -34,7 +39,13 @@ stop_seconds=${DEVFLEET_STACK_STOP_SECONDS:-${DEVFLEET_STACK_STOP_SECS:-40}}
 servers_ctl=$root/scripts/servers.sh
 
 is_service() { local s; for s in "${SERVICES[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
-alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+# A zombie (killed, not yet reaped by whoever adopted it) counts as dead.
+alive() {
+  [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null || return 1
+  local stat; stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
+  stat=${stat##*) }
+  [ "${stat%% *}" != Z ]
+}
 pid_in() { cat "$1" 2>/dev/null || true; }
 
 need_tools() {
@@ -131,7 +142,8 @@ start_replica() { # service index
 
 stop_pids() { # pid... : SIGTERM, wait for the grace, then SIGKILL
   local p left deadline=$((SECONDS + stop_seconds))
-  for p in "$@"; do kill -TERM "$p" 2>/dev/null || true; done
+  # CONT: a stopped process (SIGSTOP) acts on the TERM only once resumed.
+  for p in "$@"; do kill -TERM "$p" 2>/dev/null || true; kill -CONT "$p" 2>/dev/null || true; done
   while :; do
     left=()
     for p in "$@"; do alive "$p" && left+=("$p"); done
@@ -371,6 +383,76 @@ cmd_logs() {
   fi
 }
 
+# The replicas WHAT names, as "SERVICE INDEX" lines: SERVICE.N, or every
+# replica of SERVICE.
+targets() {
+  local what=$1 svc i
+  if [[ $what =~ ^([a-z-]+)\.([0-9]+)$ ]]; then
+    svc=${BASH_REMATCH[1]}; i=${BASH_REMATCH[2]}
+    is_service "$svc" || die "unknown service '$svc' (one of: ${SERVICES[*]})"
+    [ -f "$(pidfile "$svc" "$i")" ] || die "no replica $what (scripts/stack.sh status lists them)"
+    echo "$svc $i"
+  else
+    is_service "$what" || die "unknown service '$what' (one of: ${SERVICES[*]} rabbitmq redis nats, or SERVICE.N)"
+    for i in $(replicas "$what"); do echo "$what $i"; done
+  fi
+}
+
+# Fails, with the end of its log, when a replica just started is dead.
+check_started() { # "SERVICE INDEX"...
+  local t svc i
+  sleep 1
+  for t in "$@"; do
+    svc=${t% *}; i=${t#* }
+    alive "$(pid_in "$(pidfile "$svc" "$i")")" || { say "$svc.$i exited at start:"; last_run "$(logfile "$svc" "$i")" >&2; return 1; }
+  done
+}
+
+cmd_restart() { # WHAT [--kill]
+  local what=${1:-} how=${2:-} t p pids=() list=()
+  if [ -z "$what" ] || [ $# -gt 2 ]; then usage; fi
+  [ -z "$how" ] || [ "$how" = --kill ] || usage
+  load_state
+  case $what in
+    rabbitmq | redis | nats)
+      if [ "$how" = --kill ]; then
+        "$servers_ctl" kill "$dir/servers" "$what" && "$servers_ctl" up "$dir/servers" "$what"
+      else
+        "$servers_ctl" restart "$dir/servers" "$what"
+      fi
+      say "restarted $what"
+      return
+      ;;
+  esac
+  local found; found=$(targets "$what") || exit 1
+  [ -z "$found" ] || mapfile -t list <<<"$found"
+  [ ${#list[@]} -gt 0 ] || die "no replica of $what is running (scripts/stack.sh scale $what 1)"
+  for t in "${list[@]}"; do
+    p=$(pid_in "$(pidfile "${t% *}" "${t#* }")")
+    alive "$p" && pids+=("$p")
+  done
+  if [ ${#pids[@]} -gt 0 ]; then
+    if [ "$how" = --kill ]; then
+      kill -KILL "${pids[@]}" 2>/dev/null || true
+      for p in "${pids[@]}"; do while alive "$p"; do sleep 0.05; done; done
+    else
+      stop_pids "${pids[@]}"
+    fi
+  fi
+  for t in "${list[@]}"; do start_replica "${t% *}" "${t#* }"; done
+  check_started "${list[@]}"
+  say "restarted ${list[*]/ /.}"
+}
+
+cmd_signal() { # SERVICE.N SIGNAL
+  [ $# -eq 2 ] || usage
+  load_state
+  [[ $1 =~ ^[a-z-]+\.[0-9]+$ ]] || die "signal takes one replica, SERVICE.N (got '$1')"
+  local t p; t=$(targets "$1") || exit 1; p=$(pid_in "$(pidfile "${t% *}" "${t#* }")")
+  alive "$p" || die "$1 is not running"
+  kill -s "$2" "$p" || die "cannot send $2 to $1 (pid $p)"
+}
+
 cmd=${1:-}
 [ -n "$cmd" ] || usage
 shift
@@ -382,14 +464,14 @@ case $cmd in
     [ $# -eq 2 ] || usage
     load_state
     scale_to "$1" "$2"
-    sleep 1
-    for i in $(replicas "$1"); do
-      alive "$(pid_in "$(pidfile "$1" "$i")")" || { say "$1.$i exited at start:"; last_run "$(logfile "$1" "$i")" >&2; exit 1; }
-    done
+    mapfile -t started < <(for i in $(replicas "$1"); do echo "$1 $i"; done)
+    check_started ${started[@]+"${started[@]}"}
     say "$1: $(replicas "$1" | wc -l) replicas"
     ;;
   logs) cmd_logs "$@" ;;
   env) load_state; print_env ;;
+  restart) cmd_restart "$@" ;;
+  signal) cmd_signal "$@" ;;
   -h | --help | help) usage ;;
   *) usage ;;
 esac
