@@ -610,7 +610,7 @@ async fn an_unknown_profile_fails_the_deployment_and_reports_it_to_the_plan() {
 #[tokio::test]
 async fn a_plans_deployment_hands_its_built_tree_to_the_command() {
     use devfleet_protocol::PlanStatus;
-    use devfleet_store::{NewTask, PlanRecord};
+    use devfleet_store::{Fence, NewTask, PlanRecord};
     let ns = unique("canary");
     let connections = connections(&ns).await;
     let service = TestService::start(GOOD).await;
@@ -633,13 +633,16 @@ async fn a_plans_deployment_hands_its_built_tree_to_the_command() {
     assert!(store.create_plan(plan, tasks).await.unwrap());
     for _ in files {
         let task = store
-            .claim_next("test", Duration::from_secs(60), 0)
+            .claim_next("test", Duration::from_secs(60))
             .await
             .unwrap()
             .expect("a ready task");
         let content = files.iter().find(|(p, _)| *p == task.path).unwrap().1;
         let hash = store.put_artifact(content.as_bytes()).await.unwrap();
-        store.complete(&plan_id, &task.path, &hash).await.unwrap();
+        store
+            .complete(&plan_id, &task.path, &Fence::of(&task), &hash)
+            .await
+            .unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
     let shipped = dir.path().join("shipped");

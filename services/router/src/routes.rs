@@ -718,6 +718,7 @@ mod tests {
             Settlement::Ack
         );
         assert_eq!(dev_window(&r).await, Counts { ok: 0, err: 1 });
+    }
 
     fn plain_router(connections: Connections) -> Router {
         let config = Config::new(connections.clone());
@@ -743,11 +744,14 @@ mod tests {
         let plan = PlanRecord::new("p", "p", PlanStatus::Running, now_ms());
         assert!(store.create_plan(plan, vec![task]).await.unwrap());
         let claimed = store
-            .claim_next("w", Duration::from_secs(30), now_ms())
+            .claim_next("w", Duration::from_secs(30))
             .await
             .unwrap()
             .unwrap();
-        store.mark_built("p", "a.py", "h").await.unwrap();
+        store
+            .mark_built("p", "a.py", &Fence::of(&claimed), "h")
+            .await
+            .unwrap();
         let work = QaWork {
             plan_id: "p".into(),
             path: "a.py".into(),
@@ -812,7 +816,7 @@ mod tests {
             ..Connections::in_memory()
         };
         let (key, json) = parked_built_task(&stalled).await;
-        let stalled_router = router(stalled.clone());
+        let stalled_router = plain_router(stalled.clone());
         // The router stops (its future is dropped) while the publish waits
         // for the broker's confirm.
         tokio::select! {
@@ -829,7 +833,9 @@ mod tests {
             store: stalled.store.clone(),
             ..Connections::in_memory()
         };
-        release_parked(&plain_router(working.clone())).await.unwrap();
+        release_parked(&plain_router(working.clone()))
+            .await
+            .unwrap();
         assert_eq!(working.queue_depth(queues::WORK_QA).await.unwrap(), 1);
         assert!(working.store.kv_list(QA_PARKED).await.unwrap().is_empty());
     }
@@ -852,7 +858,9 @@ mod tests {
             store: broken.store.clone(),
             ..Connections::in_memory()
         };
-        release_parked(&plain_router(working.clone())).await.unwrap();
+        release_parked(&plain_router(working.clone()))
+            .await
+            .unwrap();
         assert_eq!(working.queue_depth(queues::WORK_QA).await.unwrap(), 1);
         assert!(working.store.kv_list(QA_PARKED).await.unwrap().is_empty());
     }

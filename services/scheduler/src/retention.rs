@@ -227,7 +227,7 @@ mod tests {
     use super::*;
     use devfleet_protocol::{now_ms, PlanStatus};
     use devfleet_store::memory::MemoryStore;
-    use devfleet_store::{NewTask, PlanRecord};
+    use devfleet_store::{ClaimOutcome, Fence, NewTask, PlanRecord};
 
     /// A plan whose one task completed with the artifact holding `bytes`.
     async fn plan_with_artifact(store: &dyn TaskStore, id: &str, bytes: &[u8]) -> String {
@@ -235,12 +235,16 @@ mod tests {
         let plan = PlanRecord::new(id, id, PlanStatus::Running, now_ms());
         assert!(store.create_plan(plan, vec![task]).await.unwrap());
         let hash = store.put_artifact(bytes).await.unwrap();
-        store
-            .claim(id, "a.py", "w", None, Duration::from_secs(30), now_ms())
+        let ClaimOutcome::Claimed(claimed) = store
+            .claim(id, "a.py", "w", None, Duration::from_secs(30))
             .await
-            .unwrap();
-        store.mark_built(id, "a.py", &hash).await.unwrap();
-        store.complete(id, "a.py", &hash).await.unwrap();
+            .unwrap()
+        else {
+            panic!("the task is ready");
+        };
+        let fence = Fence::of(&claimed);
+        store.mark_built(id, "a.py", &fence, &hash).await.unwrap();
+        store.complete(id, "a.py", &fence, &hash).await.unwrap();
         hash
     }
 

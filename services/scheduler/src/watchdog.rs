@@ -175,6 +175,7 @@ async fn built_tasks(
                     artifact,
                     cache_hit: false,
                     executor: REANNOUNCED_EXECUTOR.to_owned(),
+                    reannounced: true,
                     duration_ms: 0,
                 },
             )
@@ -258,6 +259,7 @@ mod tests {
     };
     use devfleet_runtime::consume::Settlement;
     use devfleet_runtime::Connections;
+    use devfleet_store::Fence;
     use std::time::Duration;
 
     const TASK: &str = "a.py";
@@ -288,12 +290,15 @@ mod tests {
         let settled = intake::handle(shared.clone(), Envelope::new(analyzed)).await;
         assert_eq!(settled, Settlement::Ack);
         let store = &shared.connections.store;
-        store
-            .claim_next("w", Duration::from_secs(30), now_ms())
+        let claimed = store
+            .claim_next("w", Duration::from_secs(30))
             .await
             .unwrap()
             .unwrap();
-        store.mark_built(id, TASK, "h").await.unwrap();
+        store
+            .mark_built(id, TASK, &Fence::of(&claimed), "h")
+            .await
+            .unwrap();
     }
 
     /// A time past the stall threshold of anything written now.
@@ -375,7 +380,8 @@ mod tests {
         built_plan(&shared, "p2", "").await;
         // The scheduler stopped between the completion and the plan's end.
         let store = &shared.connections.store;
-        assert!(store.complete("p2", TASK, "h").await.unwrap().plan_finished);
+        let done = store.complete("p2", TASK, &Fence::attempt(1), "h").await;
+        assert!(done.unwrap().plan_finished);
         assert_eq!(status(&shared, "p2").await, PlanStatus::Running);
         assert_eq!(
             sweep(&shared, now_ms()).await.unwrap().finished,
@@ -395,7 +401,7 @@ mod tests {
             "integration:\n  - { name: unit, run: 'true', shard: 2 }\n",
         )
         .await;
-        completion::complete(&shared, "p3", TASK, "h")
+        completion::complete(&shared, "p3", TASK, 1, "h")
             .await
             .unwrap();
         assert_eq!(status(&shared, "p3").await, PlanStatus::Integrating);

@@ -1125,7 +1125,7 @@ mod checks {
 
     // Compare-and-delete and retention.
 
-    pub async fn kv_delete_if_removes_only_the_value_it_names(s: SharedStore) {
+    pub async fn kv_delete_if_removes_only_the_value_it_names(s: SharedStore, _clock: Clock) {
         s.kv_put("parked", "k", "v1", None).await.unwrap();
         assert!(!s.kv_delete_if("parked", "k", "v0").await.unwrap());
         assert!(!s.kv_delete_if("parked", "absent", "v1").await.unwrap());
@@ -1140,12 +1140,15 @@ mod checks {
         assert!(!s.kv_delete_if("parked", "k", "v1").await.unwrap());
     }
 
-    pub async fn delete_plan_collects_only_finished_plans_older_than_the_cutoff(s: SharedStore) {
+    pub async fn delete_plan_collects_only_finished_plans_older_than_the_cutoff(
+        s: SharedStore,
+        clock: Clock,
+    ) {
         let live = create(&s, vec![task("a", &[], 0), task("b", &["a"], 0)]).await;
         let done = create(&s, vec![task("a", &[], 0), task("b", &[], 0)]).await;
         // One of the finished plan's tasks still holds a lease, the other
         // is still Ready (a plan that failed early): both go with it.
-        s.claim(&done, "a", "w", None, LEASE, T0).await.unwrap();
+        s.claim(&done, "a", "w", None, LEASE).await.unwrap();
         s.set_plan_status(&done, PlanStatus::Failed, None)
             .await
             .unwrap();
@@ -1173,8 +1176,9 @@ mod checks {
             vec![(live.clone(), "a".to_owned())],
             "the collected plan left nothing in the ready set"
         );
+        clock.advance(LEASE * 2).await;
         assert_eq!(
-            s.reap_expired(T0 + 10_000).await.unwrap(),
+            s.reap_expired().await.unwrap(),
             vec![(live.clone(), "a".to_owned())],
             "nor in the lease set"
         );
@@ -1183,6 +1187,7 @@ mod checks {
 
     pub async fn cache_entries_and_artifacts_are_deleted_only_if_older_than_the_cutoff(
         s: SharedStore,
+        _clock: Clock,
     ) {
         let hash = s.put_artifact(b"shared bytes").await.unwrap();
         s.cache_put("k1", &hash).await.unwrap();
