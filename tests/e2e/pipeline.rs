@@ -1190,6 +1190,9 @@ async fn slow_an_integration_shard_longer_than_rabbitmq_consumer_timeout_runs_ex
     stack.routed_pipeline_with(|qa| {
         qa.sandbox.mode = devfleet_qa_worker::SandboxMode::None;
         qa.sandbox.uid_base = None;
+        qa.sandbox.allow_unsandboxed = true;
+        // Settle well before the node's 60 s consumer_timeout.
+        qa.settle_after = Duration::from_secs(10);
         // A slot for the shard and one waiting on each queue, so a
         // redelivery would be taken at once.
         qa.concurrency = 3;

@@ -28,6 +28,10 @@ pub struct Config {
     /// On shutdown, how long running checks and shards get to finish;
     /// then they are killed and their deliveries handed back.
     pub shutdown_grace: Duration,
+    /// On RabbitMQ, a check or shard still running after this settles its
+    /// delivery early, so it does not outlive the broker's
+    /// `consumer_timeout` and run twice; keep it below that timeout.
+    pub settle_after: Duration,
     /// Deliveries of one message (transient failures) before it is
     /// dead-lettered.
     pub max_handler_attempts: u32,

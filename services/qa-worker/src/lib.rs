@@ -55,6 +55,11 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+/// How long a QA or integration delivery a worker holds stays unsettled
+/// before NATS gives it to another worker, were this one to die: the
+/// consume loop extends it every third of this while the work runs.
+const QA_ACK_WAIT: Duration = Duration::from_secs(30);
+
 pub mod checks;
 mod config;
 pub mod integration;
@@ -79,6 +84,8 @@ struct Worker {
     integration_timeout: Duration,
     work_dir: PathBuf,
     diagnostics_bytes: usize,
+    /// On RabbitMQ, work running this long settles its delivery early.
+    settle_after: Duration,
     /// Sandbox slot numbers (each maps to a sandbox uid).
     slots: slots::SlotPool,
 }
@@ -107,6 +114,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         integration_timeout: config.integration_timeout,
         work_dir: config.work_dir.clone(),
         diagnostics_bytes: config.diagnostics_bytes,
+        settle_after: config.settle_after,
         slots: slots::SlotPool::new(n as u32),
     });
     tracing::info!(
@@ -120,7 +128,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut parts = JoinSet::new();
     let options = ConsumeOptions::default()
         .max_attempts(config.max_handler_attempts)
-        .ack_wait(config.integration_timeout + Duration::from_secs(60));
+        // Short: the consume loop extends a delivery (NATS in-progress
+        // acks) while its check or shard runs, so `ack_wait` need not cover
+        // the longest work; it is how soon what a killed worker held comes
+        // back.
+        .ack_wait(QA_ACK_WAIT);
     // On shutdown no new work is taken; running checks get the grace
     // period to finish and settle, then are killed and their deliveries
     // handed back, for another worker. The shutdown token never reaches a

@@ -42,9 +42,11 @@ pub(crate) async fn handle_qa(
         );
         return Settlement::Ack;
     }
-    // Checks may outlive RabbitMQ's consumer_timeout: settle there now (a
-    // worker dying from here on leaves the task Built, for the watchdog).
-    inflight.guarded().await;
+    // Checks may outlive RabbitMQ's consumer_timeout: a check still running
+    // after `settle_after` settles its delivery there (a worker dying from
+    // then on leaves the task Built, for the watchdog); a shorter one keeps
+    // it, so a dead worker's check is redelivered at once.
+    let _guard = inflight.guard_after(worker.settle_after);
     let result = match check_file(&worker, &work).await {
         Ok(r) => r,
         Err(CheckError::Store(e)) => {

@@ -31,6 +31,11 @@ pub struct Settings {
     /// they are killed and their work handed back, in seconds.
     #[arg(long, env = "DEVFLEET_QA_SHUTDOWN_GRACE_SECONDS", default_value = "30", value_parser = seconds)]
     pub shutdown_grace_seconds: Duration,
+    /// On RabbitMQ, a check or shard still running after this many seconds
+    /// settles its delivery early (the watchdog redoes it if this worker
+    /// dies); keep it below the broker's consumer_timeout (30 min default).
+    #[arg(long, env = "DEVFLEET_QA_SETTLE_AFTER_SECONDS", default_value = "300", value_parser = seconds)]
+    pub settle_after_seconds: Duration,
     /// Checks and integration shards run at once [default: CPUs, 2..8].
     #[arg(long, env = "DEVFLEET_QA_CONCURRENCY")]
     pub concurrency: Option<usize>,
@@ -122,6 +127,7 @@ impl Settings {
                 allow_unsandboxed: self.allow_unsandboxed,
             },
             shutdown_grace: self.shutdown_grace_seconds,
+            settle_after: self.settle_after_seconds,
             concurrency: self.concurrency.unwrap_or_else(|| {
                 std::thread::available_parallelism()
                     .map(|n| n.get())

@@ -31,10 +31,10 @@ pub(crate) async fn handle_integration(
             work.step.name, work.shard_index, work.shard_count
         ));
     }
-    // Shards may outlive RabbitMQ's consumer_timeout: settle there now (a
-    // worker dying from here on leaves the plan integrating, for the
-    // watchdog).
-    inflight.guarded().await;
+    // Shards may outlive RabbitMQ's consumer_timeout: one still running
+    // after `settle_after` settles its delivery there (a worker dying from
+    // then on leaves the plan integrating, for the watchdog).
+    let _guard = inflight.guard_after(worker.settle_after);
     let result = match run_shard(&worker, &work).await {
         Ok(r) => r,
         Err(CheckError::Store(e)) => {

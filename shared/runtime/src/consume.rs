@@ -293,6 +293,15 @@ pub struct Inflight {
     backoff: Backoff,
 }
 
+/// The timer of [`Inflight::guard_after`]; dropping it stops the timer.
+pub struct GuardTimer(tokio::task::JoinHandle<()>);
+
+impl Drop for GuardTimer {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl Inflight {
     fn new(delivery: Delivery, backoff: Backoff) -> Self {
         Self {
@@ -344,6 +353,19 @@ impl Inflight {
             }
             Deadline::Extendable | Deadline::None => false,
         }
+    }
+
+    /// Like [`Inflight::guarded`], but only once the work has run for
+    /// `after`: short work keeps its broker delivery (a worker that dies is
+    /// redelivered at once), and only work that may approach a fixed
+    /// deadline is settled early. The timer stops when the returned guard
+    /// is dropped (keep it alive for the work's duration).
+    pub fn guard_after(&self, after: Duration) -> GuardTimer {
+        let inflight = self.clone();
+        GuardTimer(tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            inflight.guarded().await;
+        }))
     }
 
     /// Extends an [`Deadline::Extendable`] delivery every `every` until it

@@ -787,6 +787,41 @@ async fn a_guarded_delivery_on_a_fixed_deadline_is_acked_at_once_and_never_exten
 }
 
 #[tokio::test]
+async fn a_guard_timer_settles_only_work_that_outlives_it() {
+    // Long work: the timer fires while the handler still runs.
+    let (log, calls) = run_tracked(
+        Deadline::Fixed,
+        Duration::from_millis(300),
+        |log, inflight: Inflight| async move {
+            let _guard = inflight.guard_after(Duration::from_millis(50));
+            eventually("the timer to settle the delivery", || {
+                entries(&log) == ["ack"]
+            })
+            .await;
+            Settlement::Retry("after the early ack".into())
+        },
+    )
+    .await;
+    assert_eq!(calls, 1);
+    assert_eq!(entries(&log), ["ack"]);
+    // Short work: the handler's own settlement applies, the timer is gone.
+    let (log, calls) = run_tracked(
+        Deadline::Fixed,
+        Duration::from_millis(300),
+        |log, inflight: Inflight| async move {
+            let guard = inflight.guard_after(Duration::from_millis(200));
+            drop(guard);
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            assert!(entries(&log).is_empty(), "{:?}", entries(&log));
+            Settlement::DeadLetter("bad".into())
+        },
+    )
+    .await;
+    assert_eq!(calls, 1);
+    assert_eq!(entries(&log), ["dead_letter"]);
+}
+
+#[tokio::test]
 async fn without_guard_a_fixed_deadline_delivery_is_settled_by_the_handler() {
     let (log, calls) = run_tracked(
         Deadline::Fixed,
