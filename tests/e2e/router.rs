@@ -203,7 +203,7 @@ async fn dev_worker(
             .await
             .unwrap();
         let ClaimOutcome::Claimed(task) = claim else {
-            delivery.ack().await.unwrap();
+            ack(delivery).await;
             continue;
         };
         let previous = match &task.artifact {
@@ -272,7 +272,17 @@ async fn dev_worker(
                 .unwrap();
             }
         }
-        delivery.ack().await.unwrap();
+        ack(delivery).await;
+    }
+}
+
+/// Acks as a worker would. A channel the broker closed meanwhile (RabbitMQ
+/// 3.10 can close a connection with INTERNAL_ERROR when a consumer subscribes
+/// to a quorum queue whose replica is still starting) means the broker
+/// redelivers the message, as it would to a real worker: the harness goes on.
+async fn ack(delivery: devfleet_bus::Delivery) {
+    if let Err(e) = delivery.ack().await {
+        eprintln!("harness: ack lost ({e}); the broker redelivers");
     }
 }
 
@@ -300,7 +310,7 @@ async fn completer(c: Connections, stop: CancellationToken) {
             )
             .await
             .unwrap();
-        delivery.ack().await.unwrap();
+        ack(delivery).await;
     }
 }
 
@@ -986,7 +996,7 @@ async fn qa_errors_open_the_qa_breaker_which_parks_qa_work_until_a_probe_succeed
             tokio::select! {
                 n = work_qa.next_envelope() => {
                     let (env, delivery) = n.unwrap().unwrap();
-                    delivery.ack().await.unwrap();
+                    ack(delivery).await;
                     let Message::QaWork(w) = env.message else { panic!("not QA work") };
                     received.push((now_ms(), w.path.clone()));
                     c.publish(queues::QA_RESULTS, devfleet_protocol::QaResult {
@@ -1003,7 +1013,7 @@ async fn qa_errors_open_the_qa_breaker_which_parks_qa_work_until_a_probe_succeed
                     let (env, delivery) = n.unwrap().unwrap();
                     let Message::TaskDone(d) = env.message else { panic!("not task.done") };
                     c.store.complete(&d.plan_id, &d.path, &devfleet_store::Fence::attempt(d.attempt), &d.artifact).await.unwrap();
-                    delivery.ack().await.unwrap();
+                    ack(delivery).await;
                     finished.insert(d.path);
                 }
             }
