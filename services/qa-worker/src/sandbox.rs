@@ -1041,12 +1041,22 @@ mod tests {
     /// The user the non-root tests run as when the tests run as root.
     const NOBODY: u32 = 65_534;
 
-    /// Runs the ignored test `name` of this test binary as a non-root user
-    /// (nobody, when running as root) under the outer cap (`prlimit` on
-    /// processes and address space, and a wall deadline), and checks that
-    /// it ran and passed.
-    fn run_capped_as_non_root(name: &str) {
+    /// Set in the environment of the re-executed test binary: the test then
+    /// runs its body (the bomb) instead of spawning itself again.
+    const CAPPED_CHILD: &str = "DEVFLEET_TEST_CAPPED_CHILD";
+
+    /// Runs `body` as a non-root user (nobody, when the tests run as root)
+    /// under the outer cap (`prlimit` on processes and address space, and a
+    /// wall deadline): the test binary re-executes itself with only the test
+    /// `name` selected and [`CAPPED_CHILD`] set, and that child runs `body`.
+    /// The parent checks that the child ran the test and that it passed.
+    fn capped_as_non_root(name: &str, body: impl FnOnce()) {
         use std::os::unix::process::CommandExt as _;
+        if std::env::var_os(CAPPED_CHILD).is_some() {
+            non_root::ensure_capped();
+            body();
+            return;
+        }
         let exe = std::env::current_exe().unwrap();
         let mut cmd = std::process::Command::new("prlimit");
         cmd.arg(format!("--nproc={OUTER_PROCESSES}"))
@@ -1055,8 +1065,7 @@ mod tests {
             .arg(exe)
             .args([
                 "--exact",
-                name,
-                "--ignored",
+                &format!("sandbox::tests::{name}"),
                 "--nocapture",
                 "--test-threads=1",
             ])
@@ -1064,6 +1073,7 @@ mod tests {
             .env("PATH", DEFAULT_PATH)
             .env("TMPDIR", "/tmp")
             .env("HOME", "/tmp")
+            .env(CAPPED_CHILD, "1")
             .current_dir("/tmp")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -1088,24 +1098,39 @@ mod tests {
         assert!(stdout.contains("1 passed"), "{name} did not run: {stdout}");
     }
 
+    /// Runs a bomb (an async body) on a runtime of its own.
+    fn block_on(body: impl std::future::Future<Output = ()>) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(body);
+    }
+
     #[test]
     fn a_fork_bomb_as_a_non_root_user_stops_at_the_sandbox_process_limit() {
-        run_capped_as_non_root("sandbox::tests::non_root::fork_bomb");
+        capped_as_non_root(
+            "a_fork_bomb_as_a_non_root_user_stops_at_the_sandbox_process_limit",
+            || block_on(non_root::fork_bomb()),
+        );
     }
 
     #[test]
     fn an_allocation_bomb_as_a_non_root_user_stops_at_the_memory_limit() {
-        run_capped_as_non_root("sandbox::tests::non_root::allocation_bomb");
+        capped_as_non_root(
+            "an_allocation_bomb_as_a_non_root_user_stops_at_the_memory_limit",
+            || block_on(non_root::allocation_bomb()),
+        );
     }
 
-    /// Run only by the tests above, as a non-root user under the outer cap.
+    /// The bombs, run only by the tests above in their capped child process.
     mod non_root {
         use super::super::*;
         use super::{OUTER_ADDRESS_SPACE, OUTER_PROCESSES};
 
         /// Refuses to go on unless this process is not root and runs under
         /// the outer cap: the bombs must never run bare.
-        fn ensure_capped() {
+        pub(super) fn ensure_capped() {
             let mut rl = libc::rlimit {
                 rlim_cur: 0,
                 rlim_max: 0,
@@ -1145,6 +1170,37 @@ mod tests {
             w.iter().map(|s| s.to_string()).collect()
         }
 
+        /// Runs `script` as `bomb.py` in `dir` in the sandbox, printing what
+        /// it did.
+        async fn run_bomb(sandbox: &Sandbox, dir: &Path, script: &str) -> Outcome {
+            std::fs::write(dir.join("bomb.py"), script).unwrap();
+            let out = sandbox
+                .run(
+                    0,
+                    &words(&["python3", "bomb.py"]),
+                    dir,
+                    &[],
+                    Duration::from_secs(60),
+                )
+                .await;
+            println!("{}\n{}", out.describe(), out.output);
+            out
+        }
+
+        /// After a bomb, the worker lives on and can still run checks.
+        async fn still_runs_checks(sandbox: &Sandbox, dir: &Path) {
+            let ok = sandbox
+                .run(
+                    0,
+                    &words(&["python3", "-c", "print('fine')"]),
+                    dir,
+                    &[],
+                    Duration::from_secs(60),
+                )
+                .await;
+            assert_eq!(ok.exit, Exit::Success, "{}", ok.output);
+        }
+
         const FORK_BOMB: &str = "\
 import os, sys, time
 top = os.getpid()
@@ -1160,9 +1216,7 @@ while True:
         raise
 ";
 
-        #[tokio::test]
-        #[ignore = "run as a non-root user under an outer cap by a_fork_bomb_as_a_non_root_user_stops_at_the_sandbox_process_limit"]
-        async fn fork_bomb() {
+        pub(super) async fn fork_bomb() {
             const LIMIT: u64 = 16;
             let (sandbox, dir) = sandbox(Limits {
                 processes: LIMIT,
@@ -1181,17 +1235,7 @@ while True:
                     })
                 })
                 .collect();
-            std::fs::write(dir.join("bomb.py"), FORK_BOMB).unwrap();
-            let out = sandbox
-                .run(
-                    0,
-                    &words(&["python3", "bomb.py"]),
-                    &dir,
-                    &[],
-                    Duration::from_secs(60),
-                )
-                .await;
-            println!("{}\n{}", out.describe(), out.output);
+            let out = run_bomb(&sandbox, &dir, FORK_BOMB).await;
             let procs: u64 = out
                 .output
                 .lines()
@@ -1209,17 +1253,7 @@ while True:
                 "{}",
                 out.describe()
             );
-            // The worker lives on and can still run checks.
-            let ok = sandbox
-                .run(
-                    0,
-                    &words(&["python3", "-c", "print('fine')"]),
-                    &dir,
-                    &[],
-                    Duration::from_secs(60),
-                )
-                .await;
-            assert_eq!(ok.exit, Exit::Success, "{}", ok.output);
+            still_runs_checks(&sandbox, &dir).await;
             drop(hold);
             for t in threads {
                 t.join().unwrap();
@@ -1234,26 +1268,14 @@ while len(held) < 64:
     print(f'allocated={len(held) * 32}', flush=True)
 ";
 
-        #[tokio::test]
-        #[ignore = "run as a non-root user under an outer cap by an_allocation_bomb_as_a_non_root_user_stops_at_the_memory_limit"]
-        async fn allocation_bomb() {
+        pub(super) async fn allocation_bomb() {
             const LIMIT_MIB: u64 = 256;
             let (sandbox, dir) = sandbox(Limits {
                 memory_bytes: LIMIT_MIB * 1024 * 1024,
                 ..Limits::default()
             })
             .await;
-            std::fs::write(dir.join("bomb.py"), ALLOCATION_BOMB).unwrap();
-            let out = sandbox
-                .run(
-                    0,
-                    &words(&["python3", "bomb.py"]),
-                    &dir,
-                    &[],
-                    Duration::from_secs(60),
-                )
-                .await;
-            println!("{}\n{}", out.describe(), out.output);
+            let out = run_bomb(&sandbox, &dir, ALLOCATION_BOMB).await;
             let most: u64 = out
                 .output
                 .lines()
@@ -1274,16 +1296,7 @@ while len(held) < 64:
                 "{}",
                 out.describe()
             );
-            let ok = sandbox
-                .run(
-                    0,
-                    &words(&["python3", "-c", "print('fine')"]),
-                    &dir,
-                    &[],
-                    Duration::from_secs(60),
-                )
-                .await;
-            assert_eq!(ok.exit, Exit::Success, "{}", ok.output);
+            still_runs_checks(&sandbox, &dir).await;
             std::fs::remove_dir_all(&dir).unwrap();
         }
     }
