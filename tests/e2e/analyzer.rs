@@ -105,26 +105,38 @@ async fn analyzer_turns_a_submitted_plan_into_a_dag_over_rabbitmq() {
 
 #[tokio::test]
 async fn analyzer_records_a_rejected_plan_with_the_reason() {
+    // Bypasses `Plan::parse`, as a buggy or hostile publisher would.
+    let message = rejection_of(plan(vec![task("a.py", "", &["missing.py"])])).await;
+    assert!(
+        message.contains("a.py") && message.contains("missing.py"),
+        "{message}"
+    );
+}
+
+/// Runs an analyzer over RabbitMQ, submits `plan`, waits until the plan is
+/// recorded Rejected and returns the reason recorded.
+async fn rejection_of(plan: Plan) -> String {
     let connections = real_connections(BusKind::Amqp).await;
     let shutdown = CancellationToken::new();
     let service = tokio::spawn(devfleet_analyzer::service::run(
         devfleet_analyzer::service::Config::new(connections.clone()),
         shutdown.clone(),
     ));
-    // Bypasses `Plan::parse`, as a buggy or hostile publisher would.
-    let plan_id = unique("bad");
-    let bad = PlanSubmitted {
-        plan_id: plan_id.clone(),
-        plan: plan(vec![task("a.py", "", &["missing.py"])]),
-    };
+    let plan_id = unique("rejected");
     connections
-        .publish(queues::PLANS_SUBMITTED, bad)
+        .publish(
+            queues::PLANS_SUBMITTED,
+            PlanSubmitted {
+                plan_id: plan_id.clone(),
+                plan,
+            },
+        )
         .await
         .unwrap();
     let store = connections.store.clone();
     let record = wait_for(
         "the rejection in the store",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || {
             let store = store.clone();
             let plan_id = plan_id.clone();
@@ -133,16 +145,12 @@ async fn analyzer_records_a_rejected_plan_with_the_reason() {
     )
     .await;
     assert_eq!(record.status, PlanStatus::Rejected);
-    let message = record.message.unwrap_or_default();
-    assert!(
-        message.contains("a.py") && message.contains("missing.py"),
-        "{message}"
-    );
     shutdown.cancel();
     within("analyzer shutdown", Duration::from_secs(10), service)
         .await
         .unwrap()
         .unwrap();
+    record.message.unwrap_or_default()
 }
 
 /// Runs an analyzer on `connections`, submits `plan` and returns what it
@@ -269,44 +277,10 @@ async fn an_analysis_too_large_for_the_bus_rejects_the_plan_instead_of_retrying(
         .collect();
     let plan = plan(tasks);
     plan.validate().expect("within the plan limits");
-    let connections = real_connections(BusKind::Amqp).await;
-    let shutdown = CancellationToken::new();
-    let service = tokio::spawn(devfleet_analyzer::service::run(
-        devfleet_analyzer::service::Config::new(connections.clone()),
-        shutdown.clone(),
-    ));
-    let plan_id = unique("huge");
-    connections
-        .publish(
-            queues::PLANS_SUBMITTED,
-            PlanSubmitted {
-                plan_id: plan_id.clone(),
-                plan,
-            },
-        )
-        .await
-        .unwrap();
-    let store = connections.store.clone();
-    let record = wait_for(
-        "the rejection in the store",
-        Duration::from_secs(60),
-        || {
-            let store = store.clone();
-            let plan_id = plan_id.clone();
-            async move { store.plan(&plan_id).await.unwrap() }
-        },
-    )
-    .await;
-    assert_eq!(record.status, PlanStatus::Rejected);
-    let message = record.message.unwrap_or_default();
+    let message = rejection_of(plan).await;
     assert!(
         message.contains("the bus carries at most")
             && message.contains(&devfleet_protocol::MAX_ENVELOPE_BYTES.to_string()),
         "{message}"
     );
-    shutdown.cancel();
-    within("analyzer shutdown", Duration::from_secs(10), service)
-        .await
-        .unwrap()
-        .unwrap();
 }

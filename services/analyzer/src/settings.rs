@@ -17,12 +17,7 @@ pub struct Settings {
     pub workdir: Option<PathBuf>,
 }
 
-impl Default for Settings {
-    /// The clap defaults, no environment.
-    fn default() -> Self {
-        devfleet_runtime::settings::defaults()
-    }
-}
+devfleet_runtime::default_settings!(Settings);
 
 impl Settings {
     /// The service configuration these settings describe.

@@ -60,12 +60,7 @@ pub struct Settings {
     pub allowed_networks: AllowList,
 }
 
-impl Default for Settings {
-    /// The clap defaults, no environment.
-    fn default() -> Self {
-        devfleet_runtime::settings::defaults()
-    }
-}
+devfleet_runtime::default_settings!(Settings);
 
 impl Settings {
     /// The service configuration these settings describe (checked by

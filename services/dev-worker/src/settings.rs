@@ -97,12 +97,7 @@ pub struct ExecutorArgs {
     pub simulate_seed: u64,
 }
 
-impl Default for Settings {
-    /// The clap defaults, no environment.
-    fn default() -> Self {
-        devfleet_runtime::settings::defaults()
-    }
-}
+devfleet_runtime::default_settings!(Settings);
 
 impl Settings {
     /// The service configuration these settings describe, with the

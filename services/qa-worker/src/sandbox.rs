@@ -1170,6 +1170,37 @@ mod tests {
             w.iter().map(|s| s.to_string()).collect()
         }
 
+        /// Runs `script` as `bomb.py` in `dir` in the sandbox, printing what
+        /// it did.
+        async fn run_bomb(sandbox: &Sandbox, dir: &Path, script: &str) -> Outcome {
+            std::fs::write(dir.join("bomb.py"), script).unwrap();
+            let out = sandbox
+                .run(
+                    0,
+                    &words(&["python3", "bomb.py"]),
+                    dir,
+                    &[],
+                    Duration::from_secs(60),
+                )
+                .await;
+            println!("{}\n{}", out.describe(), out.output);
+            out
+        }
+
+        /// After a bomb, the worker lives on and can still run checks.
+        async fn still_runs_checks(sandbox: &Sandbox, dir: &Path) {
+            let ok = sandbox
+                .run(
+                    0,
+                    &words(&["python3", "-c", "print('fine')"]),
+                    dir,
+                    &[],
+                    Duration::from_secs(60),
+                )
+                .await;
+            assert_eq!(ok.exit, Exit::Success, "{}", ok.output);
+        }
+
         const FORK_BOMB: &str = "\
 import os, sys, time
 top = os.getpid()
@@ -1204,17 +1235,7 @@ while True:
                     })
                 })
                 .collect();
-            std::fs::write(dir.join("bomb.py"), FORK_BOMB).unwrap();
-            let out = sandbox
-                .run(
-                    0,
-                    &words(&["python3", "bomb.py"]),
-                    &dir,
-                    &[],
-                    Duration::from_secs(60),
-                )
-                .await;
-            println!("{}\n{}", out.describe(), out.output);
+            let out = run_bomb(&sandbox, &dir, FORK_BOMB).await;
             let procs: u64 = out
                 .output
                 .lines()
@@ -1232,17 +1253,7 @@ while True:
                 "{}",
                 out.describe()
             );
-            // The worker lives on and can still run checks.
-            let ok = sandbox
-                .run(
-                    0,
-                    &words(&["python3", "-c", "print('fine')"]),
-                    &dir,
-                    &[],
-                    Duration::from_secs(60),
-                )
-                .await;
-            assert_eq!(ok.exit, Exit::Success, "{}", ok.output);
+            still_runs_checks(&sandbox, &dir).await;
             drop(hold);
             for t in threads {
                 t.join().unwrap();
@@ -1264,17 +1275,7 @@ while len(held) < 64:
                 ..Limits::default()
             })
             .await;
-            std::fs::write(dir.join("bomb.py"), ALLOCATION_BOMB).unwrap();
-            let out = sandbox
-                .run(
-                    0,
-                    &words(&["python3", "bomb.py"]),
-                    &dir,
-                    &[],
-                    Duration::from_secs(60),
-                )
-                .await;
-            println!("{}\n{}", out.describe(), out.output);
+            let out = run_bomb(&sandbox, &dir, ALLOCATION_BOMB).await;
             let most: u64 = out
                 .output
                 .lines()
@@ -1295,16 +1296,7 @@ while len(held) < 64:
                 "{}",
                 out.describe()
             );
-            let ok = sandbox
-                .run(
-                    0,
-                    &words(&["python3", "-c", "print('fine')"]),
-                    &dir,
-                    &[],
-                    Duration::from_secs(60),
-                )
-                .await;
-            assert_eq!(ok.exit, Exit::Success, "{}", ok.output);
+            still_runs_checks(&sandbox, &dir).await;
             std::fs::remove_dir_all(&dir).unwrap();
         }
     }

@@ -83,12 +83,7 @@ pub struct Settings {
     pub diagnostics_kb: usize,
 }
 
-impl Default for Settings {
-    /// The clap defaults, no environment.
-    fn default() -> Self {
-        devfleet_runtime::settings::defaults()
-    }
-}
+devfleet_runtime::default_settings!(Settings);
 
 impl Settings {
     /// The service configuration these settings describe, reading the

@@ -212,20 +212,11 @@ async fn create(shared: &Shared, plan: PlanAnalyzed) -> Settlement {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use devfleet_protocol::{AnalyzedTask, ExecutorKind, Plan};
+    use devfleet_protocol::{ExecutorKind, Plan};
 
     #[test]
     fn tasks_inherit_the_plan_executor_unless_they_name_one() {
-        let task = |path: &str, executor| AnalyzedTask {
-            path: path.into(),
-            spec: "s".into(),
-            content: None,
-            depends_on: vec![],
-            estimate: 1,
-            priority: 1,
-            batch: 0,
-            executor,
-        };
+        let task = crate::test_plans::task;
         let plan = PlanAnalyzed {
             plan_id: "p1".into(),
             plan: Plan {
@@ -236,7 +227,10 @@ mod tests {
                 integration: vec![],
                 deploy: None,
             },
-            tasks: vec![task("a", None), task("b", Some(ExecutorKind::Builtin))],
+            tasks: vec![
+                task("a", None, None),
+                task("b", None, Some(ExecutorKind::Builtin)),
+            ],
             critical_path_length: 1,
             critical_path: vec!["a".into()],
         };
@@ -248,26 +242,12 @@ mod tests {
     /// An analyzed plan no analyzer would have let through: one task, and
     /// an integration step of `u32::MAX` shards.
     fn hostile() -> PlanAnalyzed {
-        let plan = Plan::parse(
-            "name: n\ntasks:\n  - { path: a.py, spec: s }\nintegration:\n  - { name: unit, run: pytest }\n",
-        )
-        .unwrap();
-        let mut analyzed = PlanAnalyzed {
-            plan_id: devfleet_testkit::unique("hostile"),
-            tasks: vec![AnalyzedTask {
-                path: "a.py".into(),
-                spec: "s".into(),
-                content: None,
-                depends_on: vec![],
-                estimate: 1,
-                priority: 1,
-                batch: 0,
-                executor: None,
-            }],
-            plan,
-            critical_path_length: 1,
-            critical_path: vec!["a.py".into()],
-        };
+        let mut analyzed = crate::test_plans::one_task(
+            &devfleet_testkit::unique("hostile"),
+            "a.py",
+            None,
+            "integration:\n  - { name: unit, run: pytest }\n",
+        );
         analyzed.plan.integration[0].shard = Some(u32::MAX);
         analyzed
     }

@@ -216,7 +216,7 @@ mod tests {
     use super::*;
     use crate::{completion, intake};
     use devfleet_bus::ConsumeOptions;
-    use devfleet_protocol::{AnalyzedTask, Plan, PlanAnalyzed, PlanStatus};
+    use devfleet_protocol::{PlanAnalyzed, PlanStatus};
     use devfleet_runtime::Connections;
     use std::time::Duration;
 
@@ -225,26 +225,7 @@ mod tests {
     /// A one-task plan with the given `integration:`/`deploy:` YAML,
     /// created through intake and with its task completed.
     async fn done_plan(shared: &Arc<Shared>, id: &str, stages_yaml: &str) -> PlanAnalyzed {
-        let plan = Plan::parse(&format!(
-            "name: t\ntasks:\n  - {{ path: {TASK}, spec: s, content: 'x = 1' }}\n{stages_yaml}"
-        ))
-        .unwrap();
-        let analyzed = PlanAnalyzed {
-            plan_id: id.into(),
-            plan,
-            tasks: vec![AnalyzedTask {
-                path: TASK.into(),
-                spec: "s".into(),
-                content: Some("x = 1".into()),
-                depends_on: vec![],
-                estimate: 1,
-                priority: 1,
-                batch: 0,
-                executor: None,
-            }],
-            critical_path_length: 1,
-            critical_path: vec![TASK.into()],
-        };
+        let analyzed = crate::test_plans::one_task(id, TASK, Some("x = 1"), stages_yaml);
         let settled = intake::handle(shared.clone(), Envelope::new(analyzed.clone())).await;
         assert_eq!(settled, Settlement::Ack);
         let store = &shared.connections.store;

@@ -77,6 +77,8 @@ pub mod reaper;
 pub mod retention;
 pub mod settings;
 pub mod stages;
+#[cfg(test)]
+mod test_plans;
 pub mod watchdog;
 
 /// Store counter of tasks this pipeline completed: it grows by

@@ -40,12 +40,7 @@ pub struct Settings {
     pub retention_interval_seconds: Duration,
 }
 
-impl Default for Settings {
-    /// The clap defaults, no environment.
-    fn default() -> Self {
-        devfleet_runtime::settings::defaults()
-    }
-}
+devfleet_runtime::default_settings!(Settings);
 
 impl Settings {
     /// The service configuration these settings describe (checked by

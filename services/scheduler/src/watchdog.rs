@@ -254,9 +254,7 @@ mod tests {
     use super::*;
     use crate::{completion, direct_router, intake};
     use devfleet_bus::ConsumeOptions;
-    use devfleet_protocol::{
-        AnalyzedTask, Envelope, IntegrationResult, Message, Plan, PlanAnalyzed,
-    };
+    use devfleet_protocol::{Envelope, IntegrationResult, Message};
     use devfleet_runtime::consume::Settlement;
     use devfleet_runtime::Connections;
     use devfleet_store::Fence;
@@ -267,26 +265,7 @@ mod tests {
     /// A one-task plan with the given `integration:` YAML, created through
     /// intake, its task leased and Built with artifact `h`.
     async fn built_plan(shared: &Arc<Shared>, id: &str, stages_yaml: &str) {
-        let plan = Plan::parse(&format!(
-            "name: t\ntasks:\n  - {{ path: {TASK}, spec: s }}\n{stages_yaml}"
-        ))
-        .unwrap();
-        let analyzed = PlanAnalyzed {
-            plan_id: id.into(),
-            plan,
-            tasks: vec![AnalyzedTask {
-                path: TASK.into(),
-                spec: "s".into(),
-                content: None,
-                depends_on: vec![],
-                estimate: 1,
-                priority: 1,
-                batch: 0,
-                executor: None,
-            }],
-            critical_path_length: 1,
-            critical_path: vec![TASK.into()],
-        };
+        let analyzed = crate::test_plans::one_task(id, TASK, None, stages_yaml);
         let settled = intake::handle(shared.clone(), Envelope::new(analyzed)).await;
         assert_eq!(settled, Settlement::Ack);
         let store = &shared.connections.store;

@@ -307,6 +307,20 @@ pub fn from_env<S: clap::Args>(name: &'static str) -> Result<S, clap::Error> {
     S::from_arg_matches(&matches)
 }
 
+/// Implements `Default` for a service's settings struct as its clap
+/// defaults, reading no environment ([`defaults`]).
+#[macro_export]
+macro_rules! default_settings {
+    ($settings:ty) => {
+        impl Default for $settings {
+            /// The clap defaults, no environment.
+            fn default() -> Self {
+                $crate::settings::defaults()
+            }
+        }
+    };
+}
+
 /// A settings struct with every field at its clap default, reading no
 /// environment: what `Config::new` starts from.
 ///
