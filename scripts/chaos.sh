@@ -332,7 +332,7 @@ fault() { # label logs command...
   snap=$dir/inflight.$start_ms
   local deadline=$((SECONDS + recover_timeout))
   # Redis may still be loading: the snapshot is retried.
-  until plan_json 2>/dev/null | tasks_py inflight $((start_ms - 10000)) >"$snap"; do
+  until plan_json 2>/dev/null | tasks_py inflight $((start_ms - 10000)) >"$snap" 2>/dev/null; do
     [ $SECONDS -lt "$deadline" ] || break
     sleep 0.5
   done

@@ -4,6 +4,8 @@
 //! `scripts/test.sh` exports. A missing variable is a test failure with a
 //! message saying how to run the suite, never a silent skip.
 
+pub mod openai;
+
 use std::future::Future;
 use std::time::{Duration, Instant};
 
