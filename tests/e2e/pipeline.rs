@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use devfleet_bus::ConsumeOptions;
 use devfleet_contracts::breaker::{self, BreakerState, Phase};
 use devfleet_dev_worker::executor::simulate::{Simulate, SimulateSettings};
-use devfleet_dev_worker::{ExecError, ExecInput, Executor, Executors, ScalePolicy};
+use devfleet_dev_worker::{ExecError, ExecInput, ExecOutput, Executor, Executors, ScalePolicy};
 use devfleet_protocol::{
     queues, AnalyzedTask, DeployFinished, Envelope, ExecutorKind, IntegrationStep, Message, Plan,
     PlanAnalyzed, PlanStatus,
@@ -70,7 +70,7 @@ impl Executor for Recording {
         self.inner.identity()
     }
 
-    async fn run(&self, input: &ExecInput) -> Result<String, ExecError> {
+    async fn run(&self, input: &ExecInput) -> Result<ExecOutput, ExecError> {
         self.runs.lock().unwrap().push(input.path.clone());
         self.inner.run(input).await
     }

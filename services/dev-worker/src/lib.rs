@@ -55,7 +55,7 @@ pub mod settings;
 mod work;
 
 pub use autoscale::ScalePolicy;
-pub use executor::{ExecError, ExecInput, Executor, Executors};
+pub use executor::{ExecError, ExecInput, ExecOutput, Executor, Executors};
 pub use settings::Settings;
 
 /// Store counter: tasks answered from the result cache.

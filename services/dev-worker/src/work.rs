@@ -425,7 +425,7 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
         }
     }
     let input = exec_input(worker, record, &dependencies).await?;
-    let text = match tokio::time::timeout(worker.exec_timeout, executor.run(&input)).await {
+    let output = match tokio::time::timeout(worker.exec_timeout, executor.run(&input)).await {
         Ok(result) => result.map_err(BuildError::Exec)?,
         Err(_) => {
             return Err(BuildError::Exec(ExecError::retryable(format!(
@@ -434,7 +434,7 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
             ))))
         }
     };
-    let artifact = store.put_artifact(text.as_bytes()).await?;
+    let artifact = store.put_artifact(output.text.as_bytes()).await?;
     Ok(Built {
         artifact,
         cache_hit: false,
@@ -516,5 +516,6 @@ async fn exec_input(
         diagnostics: if again { record.error.clone() } else { None },
         previous,
         dependencies: deps,
+        workspace: None,
     })
 }

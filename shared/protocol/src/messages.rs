@@ -128,6 +128,26 @@ impl TaskBuilt {
     }
 }
 
+/// Tokens and cost of one model call (or one agent run), as an executor
+/// reports it: from the API's `usage`, from what an agent profile reports,
+/// else a configured per-run estimate (`estimated`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    /// The provider's configured name (`""` when the executor has none).
+    #[serde(default)]
+    pub provider: String,
+    /// The model that answered (or the agent profile's name).
+    pub model: String,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    /// Cost from the provider's price table, US dollars.
+    #[serde(default)]
+    pub cost_usd: f64,
+    /// Not counted by the provider: estimated by devfleet.
+    #[serde(default)]
+    pub estimated: bool,
+}
+
 /// The `executor` of a [`TaskBuilt`] the scheduler's watchdog announced
 /// again (not a new build: no executor ran).
 pub const REANNOUNCED_EXECUTOR: &str = "watchdog";

@@ -4,7 +4,7 @@
 //! the pipeline itself). Its output depends on `content` alone, so a change
 //! of spec reruns the task but, with identical output, no dependent.
 
-use super::{ExecError, ExecInput, Executor};
+use super::{ExecError, ExecInput, ExecOutput, Executor};
 use async_trait::async_trait;
 
 /// See the module docs.
@@ -17,8 +17,8 @@ impl Executor for Builtin {
         "builtin/1".to_owned()
     }
 
-    async fn run(&self, input: &ExecInput) -> Result<String, ExecError> {
-        input.content.clone().ok_or_else(|| {
+    async fn run(&self, input: &ExecInput) -> Result<ExecOutput, ExecError> {
+        input.content.clone().map(ExecOutput::file).ok_or_else(|| {
             ExecError::fatal(format!(
                 "task '{}' has no content: the builtin executor writes a task's `content` \
                  verbatim; give the task content, or choose another executor \
@@ -38,7 +38,7 @@ mod tests {
     async fn writes_content_verbatim() {
         let mut input = test_input("a.py");
         input.content = Some("print('hi')\n".into());
-        assert_eq!(Builtin.run(&input).await.unwrap(), "print('hi')\n");
+        assert_eq!(Builtin.run(&input).await.unwrap().text, "print('hi')\n");
     }
 
     #[tokio::test]

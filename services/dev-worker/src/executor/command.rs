@@ -19,7 +19,7 @@
 //! whole group is killed when the attempt ends, times out (the worker drops
 //! the future) or the worker shuts down.
 
-use super::{ExecError, ExecInput, Executor};
+use super::{ExecError, ExecInput, ExecOutput, Executor};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -71,7 +71,7 @@ impl Executor for CommandExecutor {
         )
     }
 
-    async fn run(&self, input: &ExecInput) -> Result<String, ExecError> {
+    async fn run(&self, input: &ExecInput) -> Result<ExecOutput, ExecError> {
         let dir = ScratchDir::create()
             .map_err(|e| ExecError::retryable(format!("cannot create a scratch directory: {e}")))?;
         let output_file = dir.path().join("output");
@@ -139,6 +139,7 @@ impl Executor for CommandExecutor {
             None => stdout,
         };
         String::from_utf8(bytes)
+            .map(ExecOutput::file)
             .map_err(|_| ExecError::fatal(format!("'{program}' produced a file that is not UTF-8")))
     }
 }
@@ -269,7 +270,7 @@ mod tests {
     async fn stdout_is_the_file_and_the_task_arrives_as_json_on_stdin() {
         let mut input = test_input("app/x.py");
         input.spec = "$(touch /tmp/pwned); `rm -rf /`".into();
-        let out = sh("cat").run(&input).await.unwrap();
+        let out = sh("cat").run(&input).await.unwrap().text;
         let json: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(json["path"], "app/x.py");
         assert_eq!(json["spec"], input.spec);
@@ -282,7 +283,8 @@ mod tests {
         )
         .run(&test_input("a.py"))
         .await
-        .unwrap();
+        .unwrap()
+        .text;
         assert_eq!(out, "file for a.py");
     }
 

@@ -14,9 +14,10 @@
 //! on drop (the command executor kills its process group).
 
 use async_trait::async_trait;
-use devfleet_protocol::{ExecutorKind, TaskClass};
+use devfleet_protocol::{ExecutorKind, TaskClass, Usage};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 pub mod builtin;
@@ -46,6 +47,35 @@ pub struct ExecInput {
     pub previous: Option<String>,
     /// The generated text of every dependency, by path.
     pub dependencies: BTreeMap<String, String>,
+    /// The task's workspace, prepared by the worker (base snapshot plus
+    /// the dependencies' artifacts), in which an agent works; `None` when
+    /// the worker prepared none (the executor makes its own scratch
+    /// directory if it needs one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<PathBuf>,
+}
+
+/// What one executor run produced.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExecOutput {
+    /// The text of the task's own file.
+    pub text: String,
+    /// Other paths the run changed, relative to the project root: the new
+    /// text, or `None` for a file it deleted. The worker accepts them only
+    /// where the task declares it writes them, and reports the rest.
+    pub other_files: BTreeMap<String, Option<String>>,
+    /// What the run used, one entry per model call (or agent run).
+    pub usage: Vec<Usage>,
+}
+
+impl ExecOutput {
+    /// Just the task's file, no other change, no usage (builtin, simulate).
+    pub fn file(text: impl Into<String>) -> Self {
+        Self {
+            text: text.into(),
+            ..Self::default()
+        }
+    }
 }
 
 /// Why an executor produced no file.
@@ -85,9 +115,18 @@ pub trait Executor: Send + Sync {
     /// cache key: change it and cached results are no longer reused.
     fn identity(&self) -> String;
 
-    /// Produces the file's text. Must be cancel-safe: the worker drops the
-    /// future on timeout or shutdown.
-    async fn run(&self, input: &ExecInput) -> Result<String, ExecError>;
+    /// The most one run of `input` may use (prompt estimate plus the
+    /// largest completion), reserved against the plan's budget before the
+    /// run and reconciled with the reported usage after it. `None`: the
+    /// executor spends nothing that is budgeted (builtin, simulate).
+    fn estimate(&self, input: &ExecInput) -> Option<Usage> {
+        let _ = input;
+        None
+    }
+
+    /// Produces the file (and any other change, and what it used). Must be
+    /// cancel-safe: the worker drops the future on timeout or shutdown.
+    async fn run(&self, input: &ExecInput) -> Result<ExecOutput, ExecError>;
 }
 
 /// The executors a worker can run, by kind, and its default kind.
@@ -176,6 +215,7 @@ pub(crate) fn test_input(path: &str) -> ExecInput {
         diagnostics: None,
         previous: None,
         dependencies: BTreeMap::new(),
+        workspace: None,
     }
 }
 

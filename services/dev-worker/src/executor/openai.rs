@@ -11,7 +11,7 @@
 //! other 4xx failing for good, the API key never shown) is the shared
 //! `devfleet-llm` client.
 
-use super::{ExecError, ExecInput, Executor};
+use super::{ExecError, ExecInput, ExecOutput, Executor};
 use async_trait::async_trait;
 pub use devfleet_llm::{
     extract_file, ApiKey, ChatSettings as OpenAiSettings, DEFAULT_BASE_URL, DEFAULT_MODEL,
@@ -63,7 +63,7 @@ impl Executor for OpenAi {
         )
     }
 
-    async fn run(&self, input: &ExecInput) -> Result<String, ExecError> {
+    async fn run(&self, input: &ExecInput) -> Result<ExecOutput, ExecError> {
         let messages = [
             ChatMessage::system(SYSTEM_PROMPT),
             ChatMessage::user(user_prompt(input)),
@@ -73,7 +73,7 @@ impl Executor for OpenAi {
         if file.trim().is_empty() {
             return Err(ExecError::retryable("the model replied with an empty file"));
         }
-        Ok(file)
+        Ok(ExecOutput::file(file))
     }
 }
 
@@ -275,7 +275,7 @@ mod tests {
         input
             .dependencies
             .insert("app/a.py".into(), "A = 41\n".into());
-        let file = executor(base).run(&input).await.unwrap();
+        let file = executor(base).run(&input).await.unwrap().text;
         assert_eq!(file, "from app.a import A\nB = A + 1\n");
         let seen = seen.lock().unwrap();
         let (body, auth) = &seen[0];
@@ -306,7 +306,7 @@ mod tests {
         ])
         .await;
         let started = std::time::Instant::now();
-        let file = executor(base).run(&test_input("x.txt")).await.unwrap();
+        let file = executor(base).run(&test_input("x.txt")).await.unwrap().text;
         assert_eq!(file, "ok\n");
         assert!(
             started.elapsed() >= Duration::from_millis(950),

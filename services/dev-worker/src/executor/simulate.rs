@@ -9,7 +9,7 @@
 //! output changes, so does this file's (and the change propagates
 //! downstream through the result cache the way real output would).
 
-use super::{ExecError, ExecInput, Executor};
+use super::{ExecError, ExecInput, ExecOutput, Executor};
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 use std::time::Duration;
@@ -115,7 +115,7 @@ impl Executor for Simulate {
         "simulate/1".to_owned()
     }
 
-    async fn run(&self, input: &ExecInput) -> Result<String, ExecError> {
+    async fn run(&self, input: &ExecInput) -> Result<ExecOutput, ExecError> {
         let time = self.settings.unit.saturating_mul(input.estimate.max(1));
         if !time.is_zero() {
             tokio::time::sleep(time).await;
@@ -123,7 +123,7 @@ impl Executor for Simulate {
         if let Some(reason) = self.failure(&input.path, input.attempt) {
             return Err(ExecError::retryable(reason));
         }
-        Ok(render(input))
+        Ok(ExecOutput::file(render(input)))
     }
 }
 
