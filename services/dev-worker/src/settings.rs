@@ -4,6 +4,8 @@
 //! them from flags and environment, `devfleet up` from the environment,
 //! and [`crate::Config::new`] takes their defaults.
 
+use crate::executor::command::profile::AgentProfile;
+use crate::executor::command::sandbox::AgentSandbox;
 use crate::executor::command::{CommandExecutor, DEFAULT_OUTPUT_CAP};
 use crate::executor::openai::{ApiKey, OpenAi, OpenAiSettings, DEFAULT_BASE_URL, DEFAULT_MODEL};
 use crate::executor::simulate::{Simulate, SimulateSettings};
@@ -13,6 +15,7 @@ use anyhow::Context as _;
 use devfleet_protocol::ExecutorKind;
 use devfleet_runtime::settings::seconds;
 use devfleet_runtime::Connections;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,6 +77,26 @@ pub struct ExecutorArgs {
     /// Agent command line for the command executor (split like a shell, run without one).
     #[arg(long, env = "DEVFLEET_COMMAND")]
     pub command: Option<String>,
+    /// Agent profile (YAML: command with placeholders, stdin mode, variables,
+    /// read-only paths, timeout, usage) for the command executor; see
+    /// examples/agents/. Instead of DEVFLEET_COMMAND.
+    #[arg(long, env = "DEVFLEET_AGENT_PROFILE")]
+    pub agent_profile: Option<PathBuf>,
+    /// Worker variables the agent may also see (comma-separated names; the
+    /// environment is otherwise cleared).
+    #[arg(long, env = "DEVFLEET_COMMAND_ENV", value_delimiter = ',')]
+    pub command_env: Vec<String>,
+    /// Host paths bound read-only into the agent sandbox (comma-separated),
+    /// e.g. where the agent CLI is installed.
+    #[arg(long, env = "DEVFLEET_COMMAND_RO_BINDS", value_delimiter = ',')]
+    pub command_ro_binds: Vec<PathBuf>,
+    /// The bubblewrap program for the agent sandbox (default: `bwrap` on the system PATH).
+    #[arg(long, env = "DEVFLEET_COMMAND_BWRAP")]
+    pub command_bwrap: Option<PathBuf>,
+    /// Run agents without the sandbox when it cannot start (dangerous: the
+    /// agent then runs with the worker's files and processes).
+    #[arg(long, env = "DEVFLEET_COMMAND_ALLOW_UNSANDBOXED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub command_allow_unsandboxed: bool,
     /// Cap on the command's stdout, stderr and output file, in bytes.
     #[arg(long, alias = "command-output-cap", env = "DEVFLEET_COMMAND_OUTPUT_CAP_BYTES", default_value_t = DEFAULT_OUTPUT_CAP)]
     pub command_output_cap_bytes: usize,
@@ -133,6 +156,50 @@ impl Settings {
 }
 
 impl ExecutorArgs {
+    /// The command executor, when `DEVFLEET_AGENT_PROFILE` or
+    /// `DEVFLEET_COMMAND` is set: sandboxed, or refused with the fix when the
+    /// sandbox cannot start and the operator did not opt out.
+    pub fn command_executor(&self) -> anyhow::Result<Option<CommandExecutor>> {
+        let line = self.command.as_deref().filter(|l| !l.trim().is_empty());
+        let command = match (&self.agent_profile, line) {
+            (Some(_), Some(_)) => anyhow::bail!(
+                "both DEVFLEET_AGENT_PROFILE and DEVFLEET_COMMAND are set: set one (a profile's \
+                 `command:` replaces DEVFLEET_COMMAND)"
+            ),
+            (Some(path), None) => {
+                let profile = AgentProfile::load(path)
+                    .map_err(anyhow::Error::msg)
+                    .context("DEVFLEET_AGENT_PROFILE")?;
+                CommandExecutor::new(profile, self.command_output_cap_bytes)
+            }
+            (None, Some(line)) => {
+                CommandExecutor::from_command_line(line, self.command_output_cap_bytes)
+                    .map_err(anyhow::Error::msg)
+                    .context("DEVFLEET_COMMAND")?
+            }
+            (None, None) => return Ok(None),
+        };
+        let names = self.command_env.iter().map(|n| n.trim().to_owned());
+        let command = command.allow_env(names.filter(|n| !n.is_empty()));
+        let sandbox = match AgentSandbox::detect(
+            self.command_bwrap.as_deref(),
+            self.command_ro_binds.clone(),
+        ) {
+            Ok(sandbox) => Some(sandbox),
+            Err(unavailable) if self.command_allow_unsandboxed => {
+                tracing::error!(
+                    problem = %unavailable.0,
+                    "agents will run WITHOUT a sandbox (DEVFLEET_COMMAND_ALLOW_UNSANDBOXED=true): \
+                     no filesystem, process or network isolation; only a cleared environment \
+                     and the timeout"
+                );
+                None
+            }
+            Err(unavailable) => return Err(unavailable.into()),
+        };
+        Ok(Some(command.sandboxed(sandbox)))
+    }
+
     /// The executors these settings configure. `command` exists when
     /// `DEVFLEET_COMMAND` is set; `openai` when a key is set or the base URL
     /// points somewhere other than OpenAI (local servers need no key).
@@ -156,10 +223,7 @@ impl ExecutorArgs {
                 seed: self.simulate_seed,
             })),
         );
-        if let Some(line) = self.command.as_deref().filter(|l| !l.trim().is_empty()) {
-            let command = CommandExecutor::from_command_line(line, self.command_output_cap_bytes)
-                .map_err(anyhow::Error::msg)
-                .context("DEVFLEET_COMMAND")?;
+        if let Some(command) = self.command_executor()? {
             executors = executors.with(ExecutorKind::Command, Arc::new(command));
         }
         let base_url = self.openai_base_url.trim_end_matches('/');
@@ -223,6 +287,64 @@ mod tests {
             err.contains("DEVFLEET_EXECUTOR") && err.contains("DEVFLEET_COMMAND"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_command_executor_is_sandboxed_or_refused_unless_the_operator_opts_out() {
+        let cli = Cli::try_parse_from(["dev-worker", "--command", "agent"]).unwrap();
+        let command = cli.settings.executors.command_executor().unwrap().unwrap();
+        assert!(command.is_sandboxed());
+        let broken = [
+            "dev-worker",
+            "--command",
+            "agent",
+            "--command-bwrap",
+            "/bin/false",
+        ];
+        let cli = Cli::try_parse_from(broken).unwrap();
+        let err = cli.settings.executors.build().err().unwrap().to_string();
+        assert!(err.contains("the agent sandbox cannot start"), "{err}");
+        assert!(
+            err.contains("DEVFLEET_COMMAND_ALLOW_UNSANDBOXED=true"),
+            "{err}"
+        );
+        let opted_out = [&broken[..], &["--command-allow-unsandboxed", "true"]].concat();
+        let cli = Cli::try_parse_from(opted_out).unwrap();
+        let command = cli.settings.executors.command_executor().unwrap().unwrap();
+        assert!(!command.is_sandboxed());
+    }
+
+    #[test]
+    fn an_agent_profile_configures_the_command_executor() {
+        let dir = std::env::temp_dir().join(format!("devfleet-profile-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("agent.yaml");
+        std::fs::write(
+            &path,
+            "command: [my-agent, '{prompt_file}']\nenv: [MY_KEY]\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let cli = Cli::try_parse_from(["dev-worker", "--agent-profile", p, "--command-env", "A,B"])
+            .unwrap();
+        let command = cli.settings.executors.command_executor().unwrap().unwrap();
+        assert_eq!(command.profile().name, "my-agent");
+        assert_eq!(command.profile().env, ["MY_KEY", "A", "B"]);
+        let both = ["dev-worker", "--agent-profile", p, "--command", "x"];
+        let err = Cli::try_parse_from(both)
+            .unwrap()
+            .settings
+            .executors
+            .build();
+        assert!(err.err().unwrap().to_string().contains("set one"));
+        std::fs::write(&path, "command: [a, '{nope}']").unwrap();
+        let cli = Cli::try_parse_from(["dev-worker", "--agent-profile", p]).unwrap();
+        let err = format!("{:#}", cli.settings.executors.build().err().unwrap());
+        assert!(
+            err.contains("DEVFLEET_AGENT_PROFILE") && err.contains("{nope}"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
