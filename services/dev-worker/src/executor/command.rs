@@ -926,4 +926,55 @@ mod tests {
         assert!(out.text.starts_with("# Task: write `a.py`"), "{}", out.text);
         assert!(out.text.contains("the spec"), "{}", out.text);
     }
+
+    /// aider, installed from PyPI by scripts/test.sh, run through the
+    /// shipped profile, in the sandbox, against the scripted server.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn aider_edits_the_workspace_through_the_shipped_profile() {
+        use devfleet_testkit::openai::{Reply, Rule, ScriptedOpenAi};
+        assert!(
+            Path::new("/opt/devfleet-aider/bin/aider").exists(),
+            "aider is missing: scripts/test.sh installs it (python3 -m venv /opt/devfleet-aider \
+             && /opt/devfleet-aider/bin/pip install aider-chat)"
+        );
+        let written = "from lib.util import X\n\n\ndef main():\n    return X + 41\n";
+        let server = ScriptedOpenAi::start(vec![
+            Rule::any().reply(Reply::file("app/main.py", written).usage(900, 60))
+        ])
+        .await;
+        std::env::set_var("OPENAI_API_BASE", server.base_url());
+        std::env::set_var("OPENAI_API_KEY", "sk-scripted");
+        std::env::set_var("AIDER_MODEL", "openai/scripted-coder");
+        let profile = AgentProfile::load(&agents_dir().join("aider.yaml")).unwrap();
+        let sandbox = AgentSandbox::detect(None, vec![]).expect("bwrap");
+        let aider = CommandExecutor::new(profile, 1 << 20).sandboxed(Some(sandbox));
+        let (ws, input) = workspace_task("main() returns 42 using lib.util.X");
+        let out = aider.run(&input).await.unwrap();
+        assert_eq!(out.text, written);
+        assert_eq!(
+            std::fs::read_to_string(ws.path().join("app/main.py")).unwrap(),
+            written
+        );
+        let requests = server.requests();
+        assert!(!requests.is_empty());
+        assert!(
+            requests
+                .iter()
+                .any(|r| r.prompt().contains("main() returns 42 using lib.util.X")),
+            "aider sent the task prompt"
+        );
+        assert!(requests.iter().all(|r| r.model() == "scripted-coder"));
+        let mut left: Vec<String> = std::fs::read_dir(ws.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["app", "lib"],
+            "aider left no history in the workspace"
+        );
+        let usage = &out.usage[0];
+        assert!(usage.estimated && usage.tokens_in == 4000, "{usage:?}");
+    }
 }

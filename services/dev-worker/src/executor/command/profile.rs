@@ -62,7 +62,9 @@ pub struct AgentProfile {
     pub name: String,
     /// Program and arguments; placeholders: `{prompt_file}`, `{prompt}`,
     /// `{path}`, `{workspace}`, `{task_file}`, `{output_file}`,
-    /// `{usage_file}`, `{attempt}`, `{plan_id}`.
+    /// `{usage_file}`, `{control_dir}` (a private folder outside the
+    /// workspace for the agent's own logs and history), `{attempt}`,
+    /// `{plan_id}`.
     pub command: Vec<String>,
     #[serde(default)]
     pub stdin: StdinMode,
@@ -92,6 +94,7 @@ pub const PLACEHOLDERS: &[&str] = &[
     "task_file",
     "output_file",
     "usage_file",
+    "control_dir",
     "attempt",
     "plan_id",
 ];
@@ -214,6 +217,12 @@ impl Values<'_> {
             "task_file" => self.task_file.display().to_string(),
             "output_file" => self.output_file.display().to_string(),
             "usage_file" => self.usage_file.display().to_string(),
+            "control_dir" => self
+                .usage_file
+                .parent()
+                .unwrap_or(Path::new("/"))
+                .display()
+                .to_string(),
             "attempt" => self.input.attempt.to_string(),
             "plan_id" => self.input.plan_id.clone(),
             _ => return None,
