@@ -2,6 +2,7 @@
 //! Redis started by `scripts/test.sh`). One test binary, one module per
 //! area, so the slow link happens once.
 
+mod agents;
 mod analyzer;
 mod architecture;
 mod pipeline;

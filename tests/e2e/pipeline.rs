@@ -33,7 +33,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Copy, Debug)]
-enum Backend {
+pub(crate) enum Backend {
     Memory,
     /// RabbitMQ + Redis from the environment.
     Real,
@@ -76,8 +76,8 @@ impl Executor for Recording {
     }
 }
 
-struct Stack {
-    connections: Connections,
+pub(crate) struct Stack {
+    pub(crate) connections: Connections,
     shutdown: CancellationToken,
     services: JoinSet<anyhow::Result<()>>,
 }
@@ -85,7 +85,7 @@ struct Stack {
 impl Stack {
     /// Connections in a fresh namespace: its own queues and, on Redis, its
     /// own key prefix (`devfleet:<namespace>`, as `ConnectArgs` makes it).
-    async fn new(backend: Backend) -> Stack {
+    pub(crate) async fn new(backend: Backend) -> Stack {
         match backend {
             Backend::Memory => {
                 devfleet_telemetry::init_for_tests();
@@ -141,7 +141,7 @@ impl Stack {
     }
 
     /// The scheduler as deployed, the router and a qa-worker.
-    fn routed_pipeline(&mut self) {
+    pub(crate) fn routed_pipeline(&mut self) {
         self.routed_pipeline_with(|_| {});
     }
 
@@ -163,7 +163,7 @@ impl Stack {
             .spawn(devfleet_qa_worker::run(config, self.shutdown.clone()));
     }
 
-    fn worker(&mut self, executors: Executors, min: u32, max: u32) {
+    pub(crate) fn worker(&mut self, executors: Executors, min: u32, max: u32) {
         let mut config = devfleet_dev_worker::Config::new(self.connections.clone());
         config.executors = executors;
         config.scale = ScalePolicy {
@@ -179,11 +179,11 @@ impl Stack {
             .spawn(devfleet_dev_worker::run(config, self.shutdown.clone()));
     }
 
-    async fn submit(&self, plan: &PlanAnalyzed) {
+    pub(crate) async fn submit(&self, plan: &PlanAnalyzed) {
         crate::support::submit(&self.connections, plan).await
     }
 
-    async fn finished(&self, plan_id: &str, timeout: Duration) -> PlanRecord {
+    pub(crate) async fn finished(&self, plan_id: &str, timeout: Duration) -> PlanRecord {
         self.plan_where(plan_id, "end", timeout, |p| p.status.is_final())
             .await
     }
@@ -214,7 +214,7 @@ impl Stack {
             .collect()
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         self.shutdown.cancel();
         within("services to stop", Duration::from_secs(30), async {
             while let Some(joined) = self.services.join_next().await {
@@ -226,15 +226,15 @@ impl Stack {
 }
 
 /// One task: path, dependencies, spec, content.
-struct T {
+pub(crate) struct T {
     path: String,
     deps: Vec<String>,
-    spec: String,
+    pub(crate) spec: String,
     content: Option<String>,
     priority: Option<u32>,
 }
 
-fn t<S: AsRef<str>>(path: impl Into<String>, deps: &[S]) -> T {
+pub(crate) fn t<S: AsRef<str>>(path: impl Into<String>, deps: &[S]) -> T {
     let path = path.into();
     T {
         spec: format!("spec of {path}"),
@@ -248,7 +248,7 @@ fn t<S: AsRef<str>>(path: impl Into<String>, deps: &[S]) -> T {
 /// An analyzed plan. Tasks must come after their dependencies; priorities
 /// default to the longest remaining path (every estimate 1), as the
 /// analyzer computes them.
-fn analyzed(tasks: Vec<T>, executor: ExecutorKind) -> PlanAnalyzed {
+pub(crate) fn analyzed(tasks: Vec<T>, executor: ExecutorKind) -> PlanAnalyzed {
     let index: HashMap<&str, usize> = tasks
         .iter()
         .enumerate()

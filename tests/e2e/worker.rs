@@ -282,6 +282,8 @@ async fn a_worker_paused_past_its_lease_cannot_overwrite_the_worker_that_took_ov
             "DEVFLEET_COMMAND",
             r#"sh -c 'sleep 3; printf "built by %s" "$DEVFLEET_DEV_INSTANCE"'"#,
         ),
+        // The agent's environment is cleared but for an allow-list.
+        ("DEVFLEET_COMMAND_ENV", "DEVFLEET_DEV_INSTANCE"),
     ];
     let paused = unique("paused");
     let successor = unique("successor");
