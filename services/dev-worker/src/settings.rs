@@ -80,8 +80,8 @@ pub struct ExecutorArgs {
     /// Agent profile (YAML: command with placeholders, stdin mode, variables,
     /// read-only paths, timeout, usage) for the command executor; see
     /// examples/agents/. Instead of DEVFLEET_COMMAND.
-    #[arg(long, env = "DEVFLEET_AGENT_PROFILE")]
-    pub agent_profile: Option<PathBuf>,
+    #[arg(long, env = "DEVFLEET_COMMAND_PROFILE")]
+    pub command_profile: Option<PathBuf>,
     /// Worker variables the agent may also see (comma-separated names; the
     /// environment is otherwise cleared).
     #[arg(long, env = "DEVFLEET_COMMAND_ENV", value_delimiter = ',')]
@@ -156,20 +156,20 @@ impl Settings {
 }
 
 impl ExecutorArgs {
-    /// The command executor, when `DEVFLEET_AGENT_PROFILE` or
+    /// The command executor, when `DEVFLEET_COMMAND_PROFILE` or
     /// `DEVFLEET_COMMAND` is set: sandboxed, or refused with the fix when the
     /// sandbox cannot start and the operator did not opt out.
     pub fn command_executor(&self) -> anyhow::Result<Option<CommandExecutor>> {
         let line = self.command.as_deref().filter(|l| !l.trim().is_empty());
-        let command = match (&self.agent_profile, line) {
+        let command = match (&self.command_profile, line) {
             (Some(_), Some(_)) => anyhow::bail!(
-                "both DEVFLEET_AGENT_PROFILE and DEVFLEET_COMMAND are set: set one (a profile's \
+                "both DEVFLEET_COMMAND_PROFILE and DEVFLEET_COMMAND are set: set one (a profile's \
                  `command:` replaces DEVFLEET_COMMAND)"
             ),
             (Some(path), None) => {
                 let profile = AgentProfile::load(path)
                     .map_err(anyhow::Error::msg)
-                    .context("DEVFLEET_AGENT_PROFILE")?;
+                    .context("DEVFLEET_COMMAND_PROFILE")?;
                 CommandExecutor::new(profile, self.command_output_cap_bytes)
             }
             (None, Some(line)) => {
@@ -315,7 +315,7 @@ mod tests {
     }
 
     #[test]
-    fn an_agent_profile_configures_the_command_executor() {
+    fn an_command_profile_configures_the_command_executor() {
         let dir = std::env::temp_dir().join(format!("devfleet-profile-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir(&dir).unwrap();
         let path = dir.join("agent.yaml");
@@ -325,12 +325,13 @@ mod tests {
         )
         .unwrap();
         let p = path.to_str().unwrap();
-        let cli = Cli::try_parse_from(["dev-worker", "--agent-profile", p, "--command-env", "A,B"])
-            .unwrap();
+        let cli =
+            Cli::try_parse_from(["dev-worker", "--command-profile", p, "--command-env", "A,B"])
+                .unwrap();
         let command = cli.settings.executors.command_executor().unwrap().unwrap();
         assert_eq!(command.profile().name, "my-agent");
         assert_eq!(command.profile().env, ["MY_KEY", "A", "B"]);
-        let both = ["dev-worker", "--agent-profile", p, "--command", "x"];
+        let both = ["dev-worker", "--command-profile", p, "--command", "x"];
         let err = Cli::try_parse_from(both)
             .unwrap()
             .settings
@@ -338,10 +339,10 @@ mod tests {
             .build();
         assert!(err.err().unwrap().to_string().contains("set one"));
         std::fs::write(&path, "command: [a, '{nope}']").unwrap();
-        let cli = Cli::try_parse_from(["dev-worker", "--agent-profile", p]).unwrap();
+        let cli = Cli::try_parse_from(["dev-worker", "--command-profile", p]).unwrap();
         let err = format!("{:#}", cli.settings.executors.build().err().unwrap());
         assert!(
-            err.contains("DEVFLEET_AGENT_PROFILE") && err.contains("{nope}"),
+            err.contains("DEVFLEET_COMMAND_PROFILE") && err.contains("{nope}"),
             "{err}"
         );
         let _ = std::fs::remove_dir_all(&dir);

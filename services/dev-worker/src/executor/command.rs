@@ -1,7 +1,7 @@
 //! The command executor: runs an agent CLI (or any program) per task, in
 //! the task's workspace, in a sandbox.
 //!
-//! What runs comes from an agent profile ([`profile`]; `DEVFLEET_AGENT_PROFILE`)
+//! What runs comes from an agent profile ([`profile`]; `DEVFLEET_COMMAND_PROFILE`)
 //! or a bare command line (`DEVFLEET_COMMAND`, split like a shell would but
 //! never run through one). Placeholders in the profile's words are filled
 //! per task, each word stays one argument.

@@ -1,5 +1,5 @@
 //! Agent profiles: how one agent CLI is run (a YAML file named by
-//! `DEVFLEET_AGENT_PROFILE`; examples in `examples/agents/`).
+//! `DEVFLEET_COMMAND_PROFILE`; examples in `examples/agents/`).
 //!
 //! A profile names the command (words with `{placeholders}` filled per
 //! task, each word stays one argument: nothing goes through a shell), what
@@ -322,5 +322,20 @@ mod tests {
         assert!(err.contains("unknown variant"), "{err}");
         let err = AgentProfile::parse("command: [a]\ntimeout: 3").unwrap_err();
         assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_profiles_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/agents");
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                let p = AgentProfile::load(&path).unwrap();
+                names.push(p.name);
+            }
+        }
+        names.sort();
+        assert_eq!(names, ["aider", "claude-code", "codex", "my-agent"]);
     }
 }
