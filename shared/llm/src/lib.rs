@@ -74,6 +74,9 @@ pub struct ChatSettings {
     /// Wait between retries when the server gives no `Retry-After`.
     pub backoff: Backoff,
     pub temperature: f32,
+    /// Longest completion asked for (`max_tokens`); `None` sends none (the
+    /// server's default).
+    pub max_tokens: Option<u32>,
 }
 
 impl Default for ChatSettings {
@@ -85,6 +88,7 @@ impl Default for ChatSettings {
             max_requests: 6,
             backoff: Backoff::SLOW,
             temperature: 0.2,
+            max_tokens: None,
         }
     }
 }
@@ -137,6 +141,9 @@ pub struct LlmError {
     pub message: String,
     /// False when trying again cannot help (refused credentials, a 4xx).
     pub retryable: bool,
+    /// The server refused the prompt as longer than the model's context
+    /// window (`context_length_exceeded`): a smaller prompt is the fix.
+    pub context_exceeded: bool,
 }
 
 impl LlmError {
@@ -144,6 +151,7 @@ impl LlmError {
         Self {
             message: message.into(),
             retryable: true,
+            context_exceeded: false,
         }
     }
 
@@ -151,6 +159,7 @@ impl LlmError {
         Self {
             message: message.into(),
             retryable: false,
+            context_exceeded: false,
         }
     }
 }
@@ -166,6 +175,8 @@ pub struct ChatClient {
 struct Request<'a> {
     model: &'a str,
     temperature: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
     messages: &'a [ChatMessage],
 }
 
@@ -198,6 +209,7 @@ impl ChatClient {
         let body = Request {
             model: &self.settings.model,
             temperature: self.settings.temperature,
+            max_tokens: self.settings.max_tokens,
             messages,
         };
         let requests = self.settings.max_requests.max(1);
@@ -248,6 +260,16 @@ impl ChatClient {
                 "the chat completions API refused the credentials ({status}); check \
                  DEVFLEET_OPENAI_API_KEY"
             )));
+        }
+        if status.is_client_error() && is_context_exceeded(&bytes) {
+            return Err(LlmError {
+                context_exceeded: true,
+                ..LlmError::fatal(format!(
+                    "the model refused the prompt as longer than its context window \
+                     ({status}): {}",
+                    excerpt(&bytes)
+                ))
+            });
         }
         if !status.is_success() {
             return Err(LlmError::fatal(format!(
@@ -302,6 +324,17 @@ fn parse_reply(bytes: &[u8]) -> Result<ChatReply, LlmError> {
         finish_reason,
         usage: reply.usage,
     })
+}
+
+/// Whether an error body says the prompt is over the context window: the
+/// code OpenAI (and vLLM) send, or the wording of servers that send no code
+/// (llama.cpp, Ollama: "exceeds the available context size", "maximum
+/// context length").
+fn is_context_exceeded(bytes: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(bytes).to_ascii_lowercase();
+    ["context_length_exceeded", "maximum context length", "context size", "context window"]
+        .iter()
+        .any(|needle| text.contains(needle))
 }
 
 /// `Retry-After` in seconds (the HTTP-date form falls back to the backoff).

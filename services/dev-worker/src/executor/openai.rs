@@ -1,23 +1,36 @@
 //! The openai executor: an OpenAI-compatible chat completions API.
 //!
-//! `POST {base}/chat/completions` with the model and two messages: a system
-//! prompt, and a user prompt holding the path and spec, the skeleton (if
-//! any), the generated code of every dependency, and for a fix the QA
-//! diagnostics and the previous attempt ([`user_prompt`]). The file is the
-//! reply's first fenced code block, else the whole reply
-//! ([`extract_file`]).
+//! `POST {base}/chat/completions` with the model, `max_tokens` and two
+//! messages: a system prompt, and a user prompt holding the path and spec,
+//! the skeleton (if any), the context, and for a fix the QA diagnostics and
+//! the previous attempt ([`user_prompt`]). The file is the reply's first
+//! fenced code block, else the whole reply ([`extract_file`]).
 //!
-//! The HTTP side (retries of 429/5xx honouring `Retry-After`, 401/403 and
-//! other 4xx failing for good, the API key never shown) is the shared
-//! `devfleet-llm` client.
+//! **Context within a budget.** The prompt may use `context_tokens`
+//! (estimated, see [`context::estimate_tokens`]); what the task's own part
+//! leaves goes to its dependencies (transitive, nearest first) and the base
+//! files it imports, whole while they fit, then outlined, then cut
+//! ([`context::choose`]); the prompt lists which were which.
+//!
+//! **Failures.** A reply cut off by `finish_reason: length` is a retryable
+//! failure, never a file. A prompt the server refuses as over its context
+//! window is a non-retryable failure naming `DEVFLEET_OPENAI_CONTEXT_TOKENS`
+//! (the budget is larger than the model's window). The HTTP side (retries
+//! of 429/5xx honouring `Retry-After`, 401/403 and other 4xx failing for
+//! good, the API key never shown) is the shared `devfleet-llm` client.
+//!
+//! **Usage.** Every run reports one [`Usage`]: the provider and model, the
+//! tokens of the API's `usage` (estimated from the prompt and reply when the
+//! server sends none), and the cost from the price table.
 
+use super::context::{self, estimate_tokens, Context, Inclusion, Source};
 use super::{ExecError, ExecInput, ExecOutput, Executor};
 use async_trait::async_trait;
 pub use devfleet_llm::{
     extract_file, ApiKey, ChatSettings as OpenAiSettings, DEFAULT_BASE_URL, DEFAULT_MODEL,
 };
 use devfleet_llm::{ChatClient, ChatMessage, LlmError};
-use devfleet_protocol::TaskClass;
+use devfleet_protocol::{TaskClass, Usage};
 use sha2::{Digest, Sha256};
 
 /// The system prompt. Part of the executor identity (and so of cache keys).
@@ -25,18 +38,94 @@ pub const SYSTEM_PROMPT: &str = "You are a senior software engineer working on o
 larger project. Write the complete file that is asked for, consistent with the files it \
 depends on. Reply with the whole file in a single fenced code block and nothing else.";
 
+/// Default prompt budget, tokens (`DEVFLEET_OPENAI_CONTEXT_TOKENS`).
+pub const DEFAULT_CONTEXT_TOKENS: u64 = 16_000;
+/// Default longest completion, tokens (`DEVFLEET_OPENAI_MAX_TOKENS`).
+pub const DEFAULT_MAX_TOKENS: u32 = 4_096;
+
+/// US dollars per million tokens, prompt and completion.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Price {
+    pub input_per_million: f64,
+    pub output_per_million: f64,
+}
+
+impl Price {
+    /// The cost of `tokens_in` prompt and `tokens_out` completion tokens.
+    pub fn cost(&self, tokens_in: u64, tokens_out: u64) -> f64 {
+        (tokens_in as f64 * self.input_per_million + tokens_out as f64 * self.output_per_million)
+            / 1_000_000.0
+    }
+}
+
 /// See the module docs.
 #[derive(Debug, Clone)]
 pub struct OpenAi {
     client: ChatClient,
+    provider: String,
+    price: Price,
+    context_tokens: u64,
 }
 
 impl OpenAi {
-    /// Builds the HTTP client (rustls).
+    /// Builds the HTTP client (rustls), with no provider name, no price
+    /// and the default prompt budget (see the `with_*` methods).
     pub fn new(settings: OpenAiSettings) -> Result<Self, String> {
         let agent = concat!("devfleet-dev-worker/", env!("CARGO_PKG_VERSION"));
         let client = ChatClient::new(settings, agent).map_err(|e| e.message)?;
-        Ok(Self { client })
+        Ok(Self {
+            client,
+            provider: String::new(),
+            price: Price::default(),
+            context_tokens: DEFAULT_CONTEXT_TOKENS,
+        })
+    }
+
+    /// Names the provider (reported in usage) and its price for this model.
+    pub fn with_provider(mut self, name: impl Into<String>, price: Price) -> Self {
+        self.provider = name.into();
+        self.price = price;
+        self
+    }
+
+    /// Sets the prompt budget, in estimated tokens.
+    pub fn with_context_tokens(mut self, tokens: u64) -> Self {
+        self.context_tokens = tokens;
+        self
+    }
+
+    /// The messages of one run, and the context they hold.
+    fn messages(&self, input: &ExecInput) -> ([ChatMessage; 2], Context) {
+        let own = estimate_tokens(SYSTEM_PROMPT) + estimate_tokens(&user_prompt(input, None));
+        let context = context::choose(input, self.context_tokens.saturating_sub(own));
+        let messages = [
+            ChatMessage::system(SYSTEM_PROMPT),
+            ChatMessage::user(user_prompt(input, Some(&context))),
+        ];
+        (messages, context)
+    }
+
+    fn usage(&self, tokens_in: u64, tokens_out: u64, estimated: bool) -> Usage {
+        Usage {
+            provider: self.provider.clone(),
+            model: self.client.settings().model.clone(),
+            tokens_in,
+            tokens_out,
+            cost_usd: self.price.cost(tokens_in, tokens_out),
+            estimated,
+        }
+    }
+
+    fn error(&self, e: LlmError) -> ExecError {
+        if e.context_exceeded {
+            return ExecError::fatal(format!(
+                "{} (the prompt budget is {} estimated tokens: set \
+                 DEVFLEET_OPENAI_CONTEXT_TOKENS, or the provider's context_tokens, below the \
+                 model's context window minus the completion's max_tokens)",
+                e.message, self.context_tokens
+            ));
+        }
+        e.into()
     }
 }
 
@@ -55,31 +144,79 @@ impl Executor for OpenAi {
         let settings = self.client.settings();
         let prompt = hex::encode(Sha256::digest(SYSTEM_PROMPT.as_bytes()));
         format!(
-            "openai/1:{}@{}:t={}:p={}",
+            "openai/2:{}@{}:t={}:m={}:c={}:p={}",
             settings.model,
             settings.base_url.trim_end_matches('/'),
             settings.temperature,
+            settings.max_tokens.unwrap_or(0),
+            self.context_tokens,
             &prompt[..12]
         )
     }
 
+    fn estimate(&self, input: &ExecInput) -> Option<Usage> {
+        let (messages, _) = self.messages(input);
+        let tokens_in = messages.iter().map(|m| estimate_tokens(&m.content)).sum();
+        let tokens_out = u64::from(
+            self.client
+                .settings()
+                .max_tokens
+                .unwrap_or(DEFAULT_MAX_TOKENS),
+        );
+        Some(self.usage(tokens_in, tokens_out, true))
+    }
+
     async fn run(&self, input: &ExecInput) -> Result<ExecOutput, ExecError> {
-        let messages = [
-            ChatMessage::system(SYSTEM_PROMPT),
-            ChatMessage::user(user_prompt(input)),
-        ];
-        let reply = self.client.complete(&messages).await?;
+        let (messages, context) = self.messages(input);
+        if !context.is_empty() {
+            tracing::debug!(
+                whole = ?context.whole(),
+                outlined = ?context.outlined(),
+                cut = ?context.cut,
+                budget = context.budget,
+                "prompt context"
+            );
+        }
+        let reply = self
+            .client
+            .complete(&messages)
+            .await
+            .map_err(|e| self.error(e))?;
+        if reply.finish_reason.as_deref() == Some("length") {
+            return Err(ExecError::retryable(format!(
+                "the model's reply was cut off at its length limit (finish_reason: length, \
+                 max_tokens {}); raise DEVFLEET_OPENAI_MAX_TOKENS (or the provider's \
+                 max_tokens) if this repeats",
+                self.client
+                    .settings()
+                    .max_tokens
+                    .map_or("unset".to_owned(), |m| m.to_string())
+            )));
+        }
         let file = extract_file(&reply.content);
         if file.trim().is_empty() {
             return Err(ExecError::retryable("the model replied with an empty file"));
         }
-        Ok(ExecOutput::file(file))
+        let usage = match reply.usage {
+            Some(u) => self.usage(u.prompt_tokens, u.completion_tokens, false),
+            None => self.usage(
+                messages.iter().map(|m| estimate_tokens(&m.content)).sum(),
+                estimate_tokens(&reply.content),
+                true,
+            ),
+        };
+        Ok(ExecOutput {
+            text: file,
+            usage: vec![usage],
+            ..ExecOutput::default()
+        })
     }
 }
 
-/// The user message: what to write, what it builds on, and for a fix what
-/// went wrong last time.
-pub fn user_prompt(input: &ExecInput) -> String {
+/// The user message: what to write, what it builds on (`context`; `None`
+/// leaves that part out, to measure the rest), and for a fix what went
+/// wrong last time.
+pub fn user_prompt(input: &ExecInput, context: Option<&Context>) -> String {
     let mut p = format!(
         "Write the file `{}`.\n\nSpecification:\n{}\n",
         input.path, input.spec
@@ -90,11 +227,8 @@ pub fn user_prompt(input: &ExecInput) -> String {
             fence(content)
         ));
     }
-    if !input.dependencies.is_empty() {
-        p.push_str("\nFiles it depends on, already written:\n");
-        for (path, text) in &input.dependencies {
-            p.push_str(&format!("\n### {path}\n{}\n", fence(text)));
-        }
+    if let Some(context) = context.filter(|c| !c.is_empty()) {
+        p.push_str(&context_section(context));
     }
     let is_fix = input.class == TaskClass::Fix;
     if is_fix || input.attempt > 1 {
@@ -118,6 +252,49 @@ pub fn user_prompt(input: &ExecInput) -> String {
         }
     }
     p.push_str("\nReply with the complete file in one fenced code block.\n");
+    p
+}
+
+/// The context part of the prompt: what was included whole, outlined and
+/// cut, then the files nearest first.
+fn context_section(context: &Context) -> String {
+    let list = |paths: &[&str]| {
+        if paths.is_empty() {
+            "none".to_owned()
+        } else {
+            paths.join(", ")
+        }
+    };
+    let cut: Vec<&str> = context.cut.iter().map(String::as_str).collect();
+    let mut p = format!(
+        "\nContext (files this one depends on and existing code it imports, nearest first; \
+         budget {} tokens, about {} used):\n- included whole: {}\n- outlined (signatures \
+         only): {}\n- cut (no room): {}\n",
+        context.budget,
+        context.used,
+        list(&context.whole()),
+        list(&context.outlined()),
+        list(&cut),
+    );
+    for entry in &context.entries {
+        let source = match entry.source {
+            Source::Dependency if entry.distance <= 1 => "dependency, already written".to_owned(),
+            Source::Dependency => format!(
+                "indirect dependency (distance {}), already written",
+                entry.distance
+            ),
+            Source::Base => "existing code".to_owned(),
+        };
+        let (how, text) = match &entry.inclusion {
+            Inclusion::Whole(t) => ("", t),
+            Inclusion::Outline(t) => (", outline", t),
+        };
+        p.push_str(&format!(
+            "\n### {} ({source}{how})\n{}\n",
+            entry.path,
+            fence(text)
+        ));
+    }
     p
 }
 
@@ -158,7 +335,7 @@ mod tests {
         input.attempt = 2;
         input.diagnostics = Some("NameError: B".into());
         input.previous = Some("print(B)\n".into());
-        let p = user_prompt(&input);
+        let p = user_prompt(&input, Some(&context::choose(&input, 10_000)));
         for needle in [
             "app/b.py",
             "a spec",
@@ -169,7 +346,7 @@ mod tests {
         ] {
             assert!(p.contains(needle), "missing {needle} in {p}");
         }
-        let plain = user_prompt(&test_input("app/b.py"));
+        let plain = user_prompt(&test_input("app/b.py"), None);
         assert!(!plain.contains("Diagnostics"));
     }
 
@@ -258,6 +435,7 @@ mod tests {
                 jitter: 0.0,
             },
             temperature: 0.0,
+            max_tokens: Some(100),
         })
         .unwrap()
     }
