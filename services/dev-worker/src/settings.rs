@@ -5,7 +5,10 @@
 //! and [`crate::Config::new`] takes their defaults.
 
 use crate::executor::command::{CommandExecutor, DEFAULT_OUTPUT_CAP};
-use crate::executor::openai::{ApiKey, OpenAi, OpenAiSettings, DEFAULT_BASE_URL, DEFAULT_MODEL};
+use crate::executor::openai::{
+    ApiKey, OpenAi, OpenAiSettings, DEFAULT_BASE_URL, DEFAULT_CONTEXT_TOKENS, DEFAULT_MAX_TOKENS,
+    DEFAULT_MODEL,
+};
 use crate::executor::simulate::{Simulate, SimulateSettings};
 use crate::executor::Executors;
 use crate::{unique_instance, Config, ScalePolicy};
@@ -83,6 +86,13 @@ pub struct ExecutorArgs {
     /// Model name for the openai executor.
     #[arg(long, env = "DEVFLEET_OPENAI_MODEL", default_value = DEFAULT_MODEL)]
     pub openai_model: String,
+    /// Prompt budget of the openai executor, in estimated tokens (bytes / 4):
+    /// context past it is outlined, then cut.
+    #[arg(long, env = "DEVFLEET_OPENAI_CONTEXT_TOKENS", default_value_t = DEFAULT_CONTEXT_TOKENS)]
+    pub openai_context_tokens: u64,
+    /// Longest completion the openai executor asks for (`max_tokens`).
+    #[arg(long, env = "DEVFLEET_OPENAI_MAX_TOKENS", default_value_t = DEFAULT_MAX_TOKENS)]
+    pub openai_max_tokens: u32,
     /// Simulated seconds per unit of a task's estimate.
     #[arg(long, env = "DEVFLEET_SIMULATE_UNIT_SECONDS", default_value = "0.1", value_parser = seconds)]
     pub simulate_unit_seconds: Duration,
@@ -168,10 +178,12 @@ impl ExecutorArgs {
                 base_url: base_url.to_owned(),
                 model: self.openai_model.clone(),
                 api_key,
+                max_tokens: Some(self.openai_max_tokens),
                 ..OpenAiSettings::default()
             })
             .map_err(anyhow::Error::msg)
-            .context("configuring the openai executor")?;
+            .context("configuring the openai executor")?
+            .with_context_tokens(self.openai_context_tokens);
             executors = executors.with(ExecutorKind::Openai, Arc::new(openai));
         }
         // The default must be runnable, or every plan without an executor fails.

@@ -332,9 +332,14 @@ fn parse_reply(bytes: &[u8]) -> Result<ChatReply, LlmError> {
 /// context length").
 fn is_context_exceeded(bytes: &[u8]) -> bool {
     let text = String::from_utf8_lossy(bytes).to_ascii_lowercase();
-    ["context_length_exceeded", "maximum context length", "context size", "context window"]
-        .iter()
-        .any(|needle| text.contains(needle))
+    [
+        "context_length_exceeded",
+        "maximum context length",
+        "context size",
+        "context window",
+    ]
+    .iter()
+    .any(|needle| text.contains(needle))
 }
 
 /// `Retry-After` in seconds (the HTTP-date form falls back to the backoff).

@@ -151,9 +151,10 @@ mod tests {
         let big = format!("def far():\n{}", "    x = 1\n".repeat(200));
         input.dependencies.insert("app/a.py".into(), big);
         input.dependency_distance.insert("app/a.py".into(), 2);
-        input
-            .dependencies
-            .insert("app/b.py".into(), "from app.a import far\nB = far()\n".into());
+        input.dependencies.insert(
+            "app/b.py".into(),
+            "from app.a import far\nB = far()\n".into(),
+        );
         input.dependency_distance.insert("app/b.py".into(), 1);
         input
             .base_files

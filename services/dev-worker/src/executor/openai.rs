@@ -520,3 +520,189 @@ mod tests {
         assert!(!err.message.contains("sk-test"), "{err}");
     }
 }
+
+/// The executor against the test kit's scripted OpenAI-compatible server.
+#[cfg(test)]
+mod scripted {
+    use super::*;
+    use crate::executor::test_input;
+    use devfleet_runtime::backoff::Backoff;
+    use devfleet_testkit::openai::{Reply, Rule, ScriptedOpenAi};
+    use std::time::Duration;
+
+    fn executor(server: &ScriptedOpenAi, context_tokens: u64) -> OpenAi {
+        OpenAi::new(OpenAiSettings {
+            base_url: server.base_url(),
+            model: "m1".into(),
+            api_key: None,
+            max_requests: 2,
+            backoff: Backoff {
+                base: Duration::from_millis(10),
+                factor: 2.0,
+                cap: Duration::from_millis(20),
+                jitter: 0.0,
+            },
+            temperature: 0.0,
+            max_tokens: Some(500),
+        })
+        .unwrap()
+        .with_context_tokens(context_tokens)
+        .with_provider(
+            "local",
+            Price {
+                input_per_million: 2.0,
+                output_per_million: 8.0,
+            },
+        )
+    }
+
+    /// c.py depends on b.py, which depends on a.py (distance 2); c.py
+    /// imports the base file lib/util.py.
+    fn chain() -> ExecInput {
+        let mut input = test_input("app/c.py");
+        input.dependencies.insert(
+            "app/a.py".into(),
+            format!(
+                "class Grand:\n    def far_method(self):\n{}",
+                "        GRAND_BODY = 1\n".repeat(100)
+            ),
+        );
+        input.dependency_distance.insert("app/a.py".into(), 2);
+        input.dependencies.insert(
+            "app/b.py".into(),
+            "from app.a import Grand\nPARENT_CODE = Grand()\n".into(),
+        );
+        input.dependency_distance.insert("app/b.py".into(), 1);
+        input.base_files.insert(
+            "lib/util.py".into(),
+            "def base_helper():\n    return 'BASE_BODY'\n".into(),
+        );
+        input
+    }
+
+    #[tokio::test]
+    async fn the_prompt_holds_transitive_dependencies_and_base_files_whole_within_the_budget() {
+        let server = ScriptedOpenAi::start(vec![
+            Rule::any().reply(Reply::file("app/c.py", "C = 1\n").usage(10, 2))
+        ])
+        .await;
+        executor(&server, 100_000).run(&chain()).await.unwrap();
+        let prompt = server.requests()[0].prompt();
+        for needle in [
+            "PARENT_CODE",
+            "GRAND_BODY",
+            "BASE_BODY",
+            "indirect dependency (distance 2)",
+        ] {
+            assert!(prompt.contains(needle), "missing {needle} in {prompt}");
+        }
+        assert!(
+            prompt.contains("- included whole: app/b.py, lib/util.py, app/a.py"),
+            "{prompt}"
+        );
+        assert!(prompt.contains("- cut (no room): none"), "{prompt}");
+        assert_eq!(server.requests()[0].body["max_tokens"], 500);
+    }
+
+    #[tokio::test]
+    async fn past_the_budget_the_far_dependency_is_outlined() {
+        let server = ScriptedOpenAi::start(vec![Rule::any()]).await;
+        let input = chain();
+        // Room for the task's own prompt and the near files, not for a.py.
+        let own = estimate_tokens(SYSTEM_PROMPT) + estimate_tokens(&user_prompt(&input, None));
+        executor(&server, own + 120).run(&input).await.unwrap();
+        let prompt = server.requests()[0].prompt();
+        assert!(
+            prompt.contains("PARENT_CODE") && prompt.contains("BASE_BODY"),
+            "{prompt}"
+        );
+        assert!(!prompt.contains("GRAND_BODY"), "{prompt}");
+        assert!(prompt.contains("def far_method(self):"), "{prompt}");
+        assert!(
+            prompt.contains("- outlined (signatures only): app/a.py"),
+            "{prompt}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reply_cut_off_at_its_length_is_a_retryable_failure_not_a_file() {
+        let server = ScriptedOpenAi::start(vec![
+            Rule::any().reply(Reply::file("app/c.py", "def half(").finish_reason("length"))
+        ])
+        .await;
+        let err = executor(&server, 10_000).run(&chain()).await.unwrap_err();
+        assert!(err.retryable, "{err}");
+        assert!(
+            err.message.contains("finish_reason: length")
+                && err.message.contains("DEVFLEET_OPENAI_MAX_TOKENS"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_prompt_over_the_context_window_fails_for_good_naming_the_budget() {
+        let server = ScriptedOpenAi::start(vec![Rule::any().reply(Reply::raw(
+            400,
+            serde_json::json!({"error": {"message": "This model's maximum context length is 8192 tokens", "code": "context_length_exceeded"}}),
+        ))])
+        .await;
+        let err = executor(&server, 10_000).run(&chain()).await.unwrap_err();
+        assert!(!err.retryable, "{err}");
+        assert!(
+            err.message.contains("DEVFLEET_OPENAI_CONTEXT_TOKENS"),
+            "{err}"
+        );
+        assert_eq!(server.requests().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn usage_and_cost_are_what_the_server_reported_times_the_prices() {
+        let server = ScriptedOpenAi::start(vec![
+            Rule::any().reply(Reply::file("app/c.py", "C = 1\n").usage(1_000, 250))
+        ])
+        .await;
+        let out = executor(&server, 10_000).run(&chain()).await.unwrap();
+        assert_eq!(out.text, "C = 1\n");
+        let (tokens_in, tokens_out) = server.usage_totals();
+        assert_eq!((tokens_in, tokens_out), (1_000, 250));
+        assert_eq!(
+            out.usage,
+            vec![Usage {
+                provider: "local".into(),
+                model: "m1".into(),
+                tokens_in,
+                tokens_out,
+                cost_usd: (1_000.0 * 2.0 + 250.0 * 8.0) / 1e6,
+                estimated: false,
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn without_reported_usage_it_is_estimated_and_the_estimate_covers_the_maximum_reply() {
+        let server = ScriptedOpenAi::start(vec![Rule::any().reply(Reply::raw(
+            200,
+            serde_json::json!({"choices": [{"message": {"role": "assistant", "content": "```\nC = 1\n```"}, "finish_reason": "stop"}]}),
+        ))])
+        .await;
+        let openai = executor(&server, 10_000);
+        let input = chain();
+        let out = openai.run(&input).await.unwrap();
+        let usage = &out.usage[0];
+        assert!(
+            usage.estimated && usage.tokens_in > 0 && usage.tokens_out > 0,
+            "{usage:?}"
+        );
+        let estimate = openai.estimate(&input).unwrap();
+        assert_eq!(estimate.tokens_in, usage.tokens_in);
+        assert_eq!(estimate.tokens_out, 500);
+        assert_eq!(
+            estimate.cost_usd,
+            Price {
+                input_per_million: 2.0,
+                output_per_million: 8.0
+            }
+            .cost(estimate.tokens_in, 500)
+        );
+    }
+}
