@@ -4,6 +4,7 @@
 
 mod analyzer;
 mod architecture;
+mod openai;
 mod pipeline;
 mod router;
 mod stack;
