@@ -9,6 +9,7 @@ use crate::executor::openai::{
     ApiKey, OpenAi, OpenAiSettings, DEFAULT_BASE_URL, DEFAULT_CONTEXT_TOKENS, DEFAULT_MAX_TOKENS,
     DEFAULT_MODEL,
 };
+use crate::executor::providers::{self, Defaults, ProvidersFile};
 use crate::executor::simulate::{Simulate, SimulateSettings};
 use crate::executor::Executors;
 use crate::{unique_instance, Config, ScalePolicy};
@@ -80,6 +81,11 @@ pub struct ExecutorArgs {
     /// Cap on the command's stdout, stderr and output file, in bytes.
     #[arg(long, alias = "command-output-cap", env = "DEVFLEET_COMMAND_OUTPUT_CAP_BYTES", default_value_t = DEFAULT_OUTPUT_CAP)]
     pub command_output_cap_bytes: usize,
+    /// Providers file of the openai executor (YAML: providers, models,
+    /// prices, limits, fallbacks); replaces the DEVFLEET_OPENAI_BASE_URL,
+    /// _MODEL and _API_KEY settings.
+    #[arg(long, env = "DEVFLEET_PROVIDERS")]
+    pub providers: Option<std::path::PathBuf>,
     /// Base URL of the OpenAI-compatible API.
     #[arg(long, env = "DEVFLEET_OPENAI_BASE_URL", default_value = DEFAULT_BASE_URL)]
     pub openai_base_url: String,
@@ -173,7 +179,20 @@ impl ExecutorArgs {
             executors = executors.with(ExecutorKind::Command, Arc::new(command));
         }
         let base_url = self.openai_base_url.trim_end_matches('/');
-        if api_key.is_some() || base_url != DEFAULT_BASE_URL {
+        if let Some(path) = &self.providers {
+            let file = ProvidersFile::load(path)
+                .map_err(anyhow::Error::msg)
+                .context("DEVFLEET_PROVIDERS")?;
+            let defaults = Defaults {
+                context_tokens: self.openai_context_tokens,
+                max_tokens: self.openai_max_tokens,
+            };
+            let (primary, _fallback) = file.route().map_err(anyhow::Error::msg)?;
+            let openai = providers::executor(primary, defaults, |v| std::env::var(v).ok())
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("DEVFLEET_PROVIDERS={}", path.display()))?;
+            executors = executors.with(ExecutorKind::Openai, Arc::new(openai));
+        } else if api_key.is_some() || base_url != DEFAULT_BASE_URL {
             let openai = OpenAi::new(OpenAiSettings {
                 base_url: base_url.to_owned(),
                 model: self.openai_model.clone(),
@@ -256,5 +275,58 @@ mod tests {
         assert_eq!(config.heartbeat_ttl, Duration::from_secs(10));
         assert!(config.cache);
         assert_eq!(config.executors.default_kind(), ExecutorKind::Builtin);
+    }
+
+    #[tokio::test]
+    async fn a_providers_file_configures_the_model_its_prices_and_its_key_variable() {
+        use devfleet_testkit::openai::{Reply, Rule, ScriptedOpenAi};
+        let server = ScriptedOpenAi::start(vec![
+            Rule::any().reply(Reply::file("a.py", "A = 1\n").usage(2_000_000, 500_000))
+        ])
+        .await;
+        let dir = std::env::temp_dir().join(format!("devfleet-providers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("providers.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "default: local/coder\nproviders:\n  - name: local\n    base_url: {}\n    \
+                 max_tokens: 321\n    models:\n      - name: coder\n        price: \
+                 {{ input_per_million: 1.5, output_per_million: 4 }}\n",
+                server.base_url()
+            ),
+        )
+        .unwrap();
+        let path_arg = path.to_str().unwrap();
+        let cli = Cli::try_parse_from(["dev-worker", "--providers", path_arg]).unwrap();
+        let executors = cli.settings.executors.build_with_key(None).unwrap();
+        let (_, openai) = executors.resolve(Some("openai")).unwrap();
+        let out = openai
+            .run(&crate::executor::test_input("a.py"))
+            .await
+            .unwrap();
+        assert_eq!(out.text, "A = 1\n");
+        let usage = &out.usage[0];
+        assert_eq!(
+            (usage.provider.as_str(), usage.model.as_str()),
+            ("local", "coder")
+        );
+        assert_eq!((usage.tokens_in, usage.tokens_out), (2_000_000, 500_000));
+        assert_eq!(usage.cost_usd, 2.0 * 1.5 + 0.5 * 4.0);
+        let request = &server.requests()[0];
+        assert_eq!(request.model(), "coder");
+        assert_eq!(request.body["max_tokens"], 321);
+
+        std::fs::write(&path, "default: nope\nproviders: []\n").unwrap();
+        let cli = Cli::try_parse_from(["dev-worker", "--providers", path_arg]).unwrap();
+        let err = format!(
+            "{:#}",
+            cli.settings.executors.build_with_key(None).err().unwrap()
+        );
+        assert!(
+            err.contains("DEVFLEET_PROVIDERS") && err.contains("provider/model"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

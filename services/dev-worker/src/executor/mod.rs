@@ -25,6 +25,7 @@ pub mod command;
 pub mod context;
 pub mod openai;
 pub mod outline;
+pub mod providers;
 pub mod simulate;
 
 /// Everything an executor may use to write one file. Serialised as JSON on
