@@ -1,6 +1,7 @@
 //! The `openai` executor through the real scheduler and dev-worker, over
 //! real RabbitMQ and Redis, against the test kit's scripted
-//! OpenAI-compatible server: what reaches the model's prompt.
+//! OpenAI-compatible server: what reaches the model's prompt, and
+//! fleet-wide rate limits across dev-worker processes.
 
 use devfleet_dev_worker::executor::openai::{OpenAi, OpenAiSettings, Price};
 use devfleet_dev_worker::{Executors, ScalePolicy};
@@ -8,6 +9,7 @@ use devfleet_protocol::{AnalyzedTask, ExecutorKind, Plan, PlanAnalyzed, PlanStat
 use devfleet_runtime::Connections;
 use devfleet_testkit::openai::{Reply, Rule, ScriptedOpenAi};
 use devfleet_testkit::{amqp_url, redis_url, unique, within};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -120,6 +122,137 @@ async fn the_prompt_of_a_task_holds_its_transitive_dependencies_generated_code()
     );
     assert!(c.contains("- included whole: app/b.py, app/a.py"), "{c}");
 
+    shutdown.cancel();
+    within("services to stop", Duration::from_secs(30), async {
+        while let Some(joined) = services.join_next().await {
+            joined.expect("service panicked").expect("service failed");
+        }
+    })
+    .await;
+}
+
+/// Connections in a fresh namespace, and a scheduler (direct routing: no
+/// router, built tasks complete directly).
+async fn stack() -> (
+    Connections,
+    CancellationToken,
+    tokio::task::JoinSet<anyhow::Result<()>>,
+) {
+    devfleet_telemetry::init_for_tests();
+    let namespace = unique("t");
+    let bus = devfleet_bus::connect(&amqp_url()).await.expect("RabbitMQ");
+    let store = devfleet_store::connect_with_prefix(&redis_url(), &format!("devfleet:{namespace}"))
+        .await
+        .expect("Redis");
+    let connections = Connections {
+        broadcast: bus.clone(),
+        bus,
+        store,
+        namespace,
+    };
+    let shutdown = CancellationToken::new();
+    let mut services = tokio::task::JoinSet::new();
+    let mut scheduler = devfleet_scheduler::Config::new(connections.clone());
+    scheduler.direct_routing = true;
+    scheduler.dispatch_tick = Duration::from_millis(10);
+    scheduler.reap_interval = Duration::from_millis(100);
+    services.spawn(devfleet_scheduler::run(scheduler, shutdown.clone()));
+    (connections, shutdown, services)
+}
+
+/// Two `dev-worker` processes (three slots each) share a limit of 2
+/// requests per 2-second window through Redis. A token bucket lets at most
+/// `capacity + span × rate` requests start in any span; counting the
+/// server's arrival times over a window W, with W of slack for the time
+/// between taking a token and the request arriving, allows
+/// `2 + (2 s + 2 s) × 1/s = 6`. Unlimited, the twelve requests arrive
+/// within a fraction of a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_worker_processes_together_never_exceed_the_requests_per_minute_limit() {
+    let server = ScriptedOpenAi::start(vec![]).await;
+    let (connections, shutdown, mut services) = stack().await;
+    let dir = std::env::temp_dir().join(unique("providers"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let providers = dir.join("providers.yaml");
+    std::fs::write(
+        &providers,
+        format!(
+            "default: scripted/coder\nproviders:\n  - name: scripted\n    base_url: {}\n    \
+             models:\n      - name: coder\n        limits: {{ requests_per_minute: 2 }}\n",
+            server.base_url()
+        ),
+    )
+    .unwrap();
+    let spawn = |instance: &str| {
+        tokio::process::Command::new(crate::support::service_binary("dev-worker"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "warn")
+            .env("DEVFLEET_BUS", "amqp")
+            .env("DEVFLEET_AMQP_URL", amqp_url())
+            .env("DEVFLEET_REDIS_URL", redis_url())
+            .env("DEVFLEET_NAMESPACE", &connections.namespace)
+            .env("DEVFLEET_DEV_INSTANCE", instance)
+            .env("DEVFLEET_EXECUTOR", "openai")
+            .env("DEVFLEET_PROVIDERS", &providers)
+            .env("DEVFLEET_RATE_WINDOW_SECONDS", "2")
+            .env("DEVFLEET_DEV_MIN_SLOTS", "3")
+            .env("DEVFLEET_DEV_MAX_SLOTS", "3")
+            .env("DEVFLEET_DEV_CACHE", "false")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawning the dev-worker binary")
+    };
+    let mut workers = [spawn("limited-a"), spawn("limited-b")];
+
+    let n = 12;
+    let plan = PlanAnalyzed {
+        plan_id: unique("plan"),
+        plan: Plan {
+            name: "limited".into(),
+            base: None,
+            executor: Some(ExecutorKind::Openai),
+            tasks: vec![],
+            integration: vec![],
+            deploy: None,
+        },
+        tasks: (0..n)
+            .map(|i| task(&format!("f{i}.py"), &[], 1, 0))
+            .collect(),
+        critical_path_length: 1,
+        critical_path: vec![],
+    };
+    crate::support::submit(&connections, &plan).await;
+    let record = crate::support::plan_where(
+        &connections,
+        &plan.plan_id,
+        "end",
+        Duration::from_secs(120),
+        |p| p.status.is_final(),
+    )
+    .await;
+    assert_eq!(record.status, PlanStatus::Succeeded, "{record:?}");
+
+    let times: Vec<Duration> = server.requests().iter().map(|r| r.at).collect();
+    assert_eq!(times.len(), n, "one request per task");
+    let window = Duration::from_secs(2);
+    for start in &times {
+        let in_window = times
+            .iter()
+            .filter(|t| **t >= *start && **t < *start + window)
+            .count();
+        assert!(
+            in_window <= 6,
+            "{in_window} requests arrived within {window:?} of {start:?}: {times:?}"
+        );
+    }
+
+    for worker in &mut workers {
+        let _ = worker.start_kill();
+        let _ = worker.wait().await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     shutdown.cancel();
     within("services to stop", Duration::from_secs(30), async {
         while let Some(joined) = services.join_next().await {

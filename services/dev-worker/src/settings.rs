@@ -10,6 +10,7 @@ use crate::executor::openai::{
     DEFAULT_MODEL,
 };
 use crate::executor::providers::{self, Defaults, ProvidersFile};
+use crate::executor::rate_limit::RateLimiter;
 use crate::executor::simulate::{Simulate, SimulateSettings};
 use crate::executor::Executors;
 use crate::{unique_instance, Config, ScalePolicy};
@@ -17,6 +18,7 @@ use anyhow::Context as _;
 use devfleet_protocol::ExecutorKind;
 use devfleet_runtime::settings::seconds;
 use devfleet_runtime::Connections;
+use devfleet_store::SharedStore;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,6 +88,9 @@ pub struct ExecutorArgs {
     /// _MODEL and _API_KEY settings.
     #[arg(long, env = "DEVFLEET_PROVIDERS")]
     pub providers: Option<std::path::PathBuf>,
+    /// Window of the providers' rate limits (a minute; shorter in tests).
+    #[arg(long, env = "DEVFLEET_RATE_WINDOW_SECONDS", default_value = "60", value_parser = seconds)]
+    pub rate_window_seconds: Duration,
     /// Base URL of the OpenAI-compatible API.
     #[arg(long, env = "DEVFLEET_OPENAI_BASE_URL", default_value = DEFAULT_BASE_URL)]
     pub openai_base_url: String,
@@ -121,7 +126,9 @@ impl Settings {
     /// checked by [`Config::validate`] when the service runs. Errors name
     /// the variable.
     pub fn into_config(self, connections: Connections) -> anyhow::Result<Config> {
-        let executors = self.executors.build()?;
+        let executors = self
+            .executors
+            .build_with(ApiKey::from_env(), Some(connections.store.clone()))?;
         Ok(self.config(connections, executors))
     }
 
@@ -158,6 +165,16 @@ impl ExecutorArgs {
 
     /// [`ExecutorArgs::build`] with the OpenAI key given rather than read.
     pub fn build_with_key(&self, api_key: Option<ApiKey>) -> anyhow::Result<Executors> {
+        self.build_with(api_key, None)
+    }
+
+    /// [`ExecutorArgs::build_with_key`], with the store through which the
+    /// providers' rate limits are shared (`None`: no limits are enforced).
+    pub fn build_with(
+        &self,
+        api_key: Option<ApiKey>,
+        store: Option<SharedStore>,
+    ) -> anyhow::Result<Executors> {
         anyhow::ensure!(
             (0.0..=1.0).contains(&self.simulate_fail_rate),
             "DEVFLEET_SIMULATE_FAIL_RATE must lie in 0..=1, got {}",
@@ -188,9 +205,18 @@ impl ExecutorArgs {
                 max_tokens: self.openai_max_tokens,
             };
             let (primary, _fallback) = file.route().map_err(anyhow::Error::msg)?;
+            let limiter = store.and_then(|store| {
+                RateLimiter::new(
+                    store,
+                    primary.id(),
+                    primary.model.limits,
+                    self.rate_window_seconds,
+                )
+            });
             let openai = providers::executor(primary, defaults, |v| std::env::var(v).ok())
                 .map_err(anyhow::Error::msg)
-                .with_context(|| format!("DEVFLEET_PROVIDERS={}", path.display()))?;
+                .with_context(|| format!("DEVFLEET_PROVIDERS={}", path.display()))?
+                .with_limiter(limiter);
             executors = executors.with(ExecutorKind::Openai, Arc::new(openai));
         } else if api_key.is_some() || base_url != DEFAULT_BASE_URL {
             let openai = OpenAi::new(OpenAiSettings {

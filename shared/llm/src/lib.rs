@@ -206,6 +206,26 @@ impl ChatClient {
     /// Sends the conversation and returns the first choice, retrying busy
     /// and unreachable servers up to `max_requests` requests in all.
     pub async fn complete(&self, messages: &[ChatMessage]) -> Result<ChatReply, LlmError> {
+        self.complete_paced(messages, || async { Ok(()) }, |_| async {})
+            .await
+    }
+
+    /// [`ChatClient::complete`], calling `before` ahead of every request
+    /// (retries too: a rate limiter waits there, or fails the call) and
+    /// `rate_limited` with the `Retry-After` of every 429 (to drain a
+    /// shared limiter), before the client's own wait.
+    pub async fn complete_paced<B, BF, R, RF>(
+        &self,
+        messages: &[ChatMessage],
+        before: B,
+        rate_limited: R,
+    ) -> Result<ChatReply, LlmError>
+    where
+        B: Fn() -> BF,
+        BF: std::future::Future<Output = Result<(), LlmError>>,
+        R: Fn(Option<Duration>) -> RF,
+        RF: std::future::Future<Output = ()>,
+    {
         let body = Request {
             model: &self.settings.model,
             temperature: self.settings.temperature,
@@ -214,10 +234,17 @@ impl ChatClient {
         };
         let requests = self.settings.max_requests.max(1);
         for attempt in 1..=requests {
+            before().await?;
             match self.request(&body, attempt).await? {
                 Ok(reply) => return Ok(reply),
-                Err(delay) if attempt < requests => tokio::time::sleep(delay).await,
-                Err(_) => {}
+                Err(busy) => {
+                    if busy.status == Some(429) {
+                        rate_limited(busy.retry_after).await;
+                    }
+                    if attempt < requests {
+                        tokio::time::sleep(busy.delay).await;
+                    }
+                }
             }
         }
         Err(LlmError::retryable(format!(
@@ -225,12 +252,12 @@ impl ChatClient {
         )))
     }
 
-    /// One request; `Ok(Err(delay))` asks for a retry after `delay`.
+    /// One request; `Ok(Err(busy))` asks for a retry after `busy.delay`.
     async fn request(
         &self,
         body: &Request<'_>,
         attempt: u32,
-    ) -> Result<Result<ChatReply, Duration>, LlmError> {
+    ) -> Result<Result<ChatReply, Busy>, LlmError> {
         let mut request = self.client.post(self.url()).json(body);
         if let Some(key) = &self.settings.api_key {
             request = request.bearer_auth(&key.0);
@@ -239,20 +266,27 @@ impl ChatClient {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e.without_url(), "chat completions request failed");
-                return Ok(Err(self.settings.backoff.delay(attempt)));
+                return Ok(Err(Busy {
+                    status: None,
+                    retry_after: None,
+                    delay: self.settings.backoff.delay(attempt),
+                }));
             }
         };
         let status = response.status();
         if status.as_u16() == 429 || status.is_server_error() {
-            let delay = retry_after(response.headers())
-                .unwrap_or_else(|| self.settings.backoff.delay(attempt))
-                .min(MAX_RETRY_AFTER);
+            let after = retry_after(response.headers()).map(|d| d.min(MAX_RETRY_AFTER));
+            let delay = after.unwrap_or_else(|| self.settings.backoff.delay(attempt));
             tracing::warn!(
                 status = status.as_u16(),
                 ?delay,
                 "chat completions busy; retrying"
             );
-            return Ok(Err(delay));
+            return Ok(Err(Busy {
+                status: Some(status.as_u16()),
+                retry_after: after,
+                delay,
+            }));
         }
         let bytes = read_body(response).await?;
         if status.as_u16() == 401 || status.as_u16() == 403 {
@@ -279,6 +313,14 @@ impl ChatClient {
         }
         parse_reply(&bytes).map(Ok)
     }
+}
+
+/// A request to retry: the status (none: no answer), the server's
+/// `Retry-After`, and the wait before the retry.
+struct Busy {
+    status: Option<u16>,
+    retry_after: Option<Duration>,
+    delay: Duration,
 }
 
 #[derive(Deserialize)]

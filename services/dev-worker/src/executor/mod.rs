@@ -26,6 +26,7 @@ pub mod context;
 pub mod openai;
 pub mod outline;
 pub mod providers;
+pub mod rate_limit;
 pub mod simulate;
 
 /// Everything an executor may use to write one file. Serialised as JSON on

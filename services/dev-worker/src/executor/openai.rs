@@ -24,6 +24,7 @@
 //! server sends none), and the cost from the price table.
 
 use super::context::{self, estimate_tokens, Context, Inclusion, Source};
+use super::rate_limit::RateLimiter;
 use super::{ExecError, ExecInput, ExecOutput, Executor};
 use async_trait::async_trait;
 pub use devfleet_llm::{
@@ -65,6 +66,7 @@ pub struct OpenAi {
     provider: String,
     price: Price,
     context_tokens: u64,
+    limiter: Option<RateLimiter>,
 }
 
 impl OpenAi {
@@ -78,7 +80,19 @@ impl OpenAi {
             provider: String::new(),
             price: Price::default(),
             context_tokens: DEFAULT_CONTEXT_TOKENS,
+            limiter: None,
         })
+    }
+
+    /// Paces every request through fleet-wide rate limits.
+    pub fn with_limiter(mut self, limiter: Option<RateLimiter>) -> Self {
+        self.limiter = limiter;
+        self
+    }
+
+    /// `provider/model`.
+    pub fn target(&self) -> String {
+        format!("{}/{}", self.provider, self.client.settings().model)
     }
 
     /// Names the provider (reported in usage) and its price for this model.
@@ -177,11 +191,28 @@ impl Executor for OpenAi {
                 "prompt context"
             );
         }
-        let reply = self
-            .client
-            .complete(&messages)
-            .await
-            .map_err(|e| self.error(e))?;
+        let reply = match &self.limiter {
+            None => self.client.complete(&messages).await,
+            Some(limiter) => {
+                let tokens = self
+                    .estimate(input)
+                    .map_or(0, |u| u.tokens_in + u.tokens_out);
+                self.client
+                    .complete_paced(
+                        &messages,
+                        || async move {
+                            limiter.acquire(tokens).await.map_err(|e| LlmError {
+                                message: e,
+                                retryable: true,
+                                context_exceeded: false,
+                            })
+                        },
+                        |after| limiter.rate_limited(after),
+                    )
+                    .await
+            }
+        }
+        .map_err(|e| self.error(e))?;
         if reply.finish_reason.as_deref() == Some("length") {
             return Err(ExecError::retryable(format!(
                 "the model's reply was cut off at its length limit (finish_reason: length, \
