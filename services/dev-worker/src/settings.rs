@@ -4,6 +4,7 @@
 //! them from flags and environment, `devfleet up` from the environment,
 //! and [`crate::Config::new`] takes their defaults.
 
+use crate::executor::breaker::Breaker;
 use crate::executor::command::{CommandExecutor, DEFAULT_OUTPUT_CAP};
 use crate::executor::openai::{
     ApiKey, OpenAi, OpenAiSettings, DEFAULT_BASE_URL, DEFAULT_CONTEXT_TOKENS, DEFAULT_MAX_TOKENS,
@@ -204,19 +205,27 @@ impl ExecutorArgs {
                 context_tokens: self.openai_context_tokens,
                 max_tokens: self.openai_max_tokens,
             };
-            let (primary, _fallback) = file.route().map_err(anyhow::Error::msg)?;
-            let limiter = store.and_then(|store| {
-                RateLimiter::new(
-                    store,
-                    primary.id(),
-                    primary.model.limits,
-                    self.rate_window_seconds,
-                )
-            });
-            let openai = providers::executor(primary, defaults, |v| std::env::var(v).ok())
-                .map_err(anyhow::Error::msg)
-                .with_context(|| format!("DEVFLEET_PROVIDERS={}", path.display()))?
-                .with_limiter(limiter);
+            let (primary, fallback) = file.route().map_err(anyhow::Error::msg)?;
+            let build = |target: providers::Target<'_>| {
+                let limiter = store.clone().and_then(|store| {
+                    RateLimiter::new(
+                        store,
+                        target.id(),
+                        target.model.limits,
+                        self.rate_window_seconds,
+                    )
+                });
+                providers::executor(target, defaults, |v| std::env::var(v).ok())
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("DEVFLEET_PROVIDERS={}", path.display()))
+                    .map(|e| e.with_limiter(limiter))
+            };
+            let mut openai = build(primary)?;
+            if let Some(store) = store.clone() {
+                let fallback = fallback.map(build).transpose()?;
+                openai =
+                    openai.with_breaker(Breaker::new(store, primary.id(), file.breaker), fallback);
+            }
             executors = executors.with(ExecutorKind::Openai, Arc::new(openai));
         } else if api_key.is_some() || base_url != DEFAULT_BASE_URL {
             let openai = OpenAi::new(OpenAiSettings {

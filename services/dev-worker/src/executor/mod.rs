@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub mod breaker;
 pub mod builtin;
 pub mod command;
 pub mod context;

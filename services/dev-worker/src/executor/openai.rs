@@ -23,6 +23,7 @@
 //! tokens of the API's `usage` (estimated from the prompt and reply when the
 //! server sends none), and the cost from the price table.
 
+use super::breaker::Breaker;
 use super::context::{self, estimate_tokens, Context, Inclusion, Source};
 use super::rate_limit::RateLimiter;
 use super::{ExecError, ExecInput, ExecOutput, Executor};
@@ -33,6 +34,7 @@ pub use devfleet_llm::{
 use devfleet_llm::{ChatClient, ChatMessage, LlmError};
 use devfleet_protocol::{TaskClass, Usage};
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 
 /// The system prompt. Part of the executor identity (and so of cache keys).
 pub const SYSTEM_PROMPT: &str = "You are a senior software engineer working on one file of a \
@@ -67,6 +69,9 @@ pub struct OpenAi {
     price: Price,
     context_tokens: u64,
     limiter: Option<RateLimiter>,
+    breaker: Option<Breaker>,
+    /// Called while the breaker is open.
+    fallback: Option<Arc<OpenAi>>,
 }
 
 impl OpenAi {
@@ -81,7 +86,17 @@ impl OpenAi {
             price: Price::default(),
             context_tokens: DEFAULT_CONTEXT_TOKENS,
             limiter: None,
+            breaker: None,
+            fallback: None,
         })
+    }
+
+    /// Guards the model with a shared circuit breaker; while it is open
+    /// runs go to `fallback` (or, without one, to the model regardless).
+    pub fn with_breaker(mut self, breaker: Breaker, fallback: Option<OpenAi>) -> Self {
+        self.breaker = Some(breaker);
+        self.fallback = fallback.map(Arc::new);
+        self
     }
 
     /// Paces every request through fleet-wide rate limits.
@@ -181,6 +196,27 @@ impl Executor for OpenAi {
     }
 
     async fn run(&self, input: &ExecInput) -> Result<ExecOutput, ExecError> {
+        let Some(breaker) = &self.breaker else {
+            return self.call(input).await.map_err(|(e, _)| e);
+        };
+        if let Some(fallback) = &self.fallback {
+            if !breaker.allows().await {
+                tracing::debug!(target = %self.target(), fallback = %fallback.target(), "breaker open; calling the fallback");
+                return fallback.run(input).await;
+            }
+        }
+        let result = self.call(input).await;
+        if let Err((_, true)) = &result {
+            breaker.failed().await;
+        }
+        result.map_err(|(e, _)| e)
+    }
+}
+
+impl OpenAi {
+    /// One run against this model. The error says whether it counts
+    /// against the model's health (the server failed, not the reply).
+    async fn call(&self, input: &ExecInput) -> Result<ExecOutput, (ExecError, bool)> {
         let (messages, context) = self.messages(input);
         if !context.is_empty() {
             tracing::debug!(
@@ -212,21 +248,30 @@ impl Executor for OpenAi {
                     .await
             }
         }
-        .map_err(|e| self.error(e))?;
+        .map_err(|e| {
+            let counts = !e.context_exceeded;
+            (self.error(e), counts)
+        })?;
         if reply.finish_reason.as_deref() == Some("length") {
-            return Err(ExecError::retryable(format!(
-                "the model's reply was cut off at its length limit (finish_reason: length, \
+            return Err((
+                ExecError::retryable(format!(
+                    "the model's reply was cut off at its length limit (finish_reason: length, \
                  max_tokens {}); raise DEVFLEET_OPENAI_MAX_TOKENS (or the provider's \
                  max_tokens) if this repeats",
-                self.client
-                    .settings()
-                    .max_tokens
-                    .map_or("unset".to_owned(), |m| m.to_string())
-            )));
+                    self.client
+                        .settings()
+                        .max_tokens
+                        .map_or("unset".to_owned(), |m| m.to_string())
+                )),
+                false,
+            ));
         }
         let file = extract_file(&reply.content);
         if file.trim().is_empty() {
-            return Err(ExecError::retryable("the model replied with an empty file"));
+            return Err((
+                ExecError::retryable("the model replied with an empty file"),
+                false,
+            ));
         }
         let usage = match reply.usage {
             Some(u) => self.usage(u.prompt_tokens, u.completion_tokens, false),
@@ -735,5 +780,61 @@ mod scripted {
             }
             .cost(estimate.tokens_in, 500)
         );
+    }
+
+    #[tokio::test]
+    async fn a_breaker_opens_on_a_failing_model_and_traffic_moves_to_the_fallback() {
+        use crate::executor::breaker::{Breaker, BreakerPolicy};
+        let server = ScriptedOpenAi::start(vec![
+            Rule::when_model("bad").reply(Reply::status(503)),
+            Rule::when_model("good").reply(Reply::file("app/c.py", "C = 1\n").usage(5, 1)),
+        ])
+        .await;
+        let store = devfleet_store::connect_with_prefix(
+            &devfleet_testkit::redis_url(),
+            &format!("devfleet:{}", devfleet_testkit::unique("t")),
+        )
+        .await
+        .expect("Redis");
+        let model = |name: &str| {
+            OpenAi::new(OpenAiSettings {
+                base_url: server.base_url(),
+                model: name.into(),
+                max_requests: 1,
+                max_tokens: Some(100),
+                ..OpenAiSettings::default()
+            })
+            .unwrap()
+            .with_provider("local", Price::default())
+        };
+        let policy = BreakerPolicy {
+            failures: 2,
+            window: Duration::from_secs(60),
+            cooldown: Duration::from_secs(60),
+        };
+        let openai = model("bad").with_breaker(
+            Breaker::new(store.clone(), "local/bad".into(), policy),
+            Some(model("good")),
+        );
+        let input = chain();
+        for _ in 0..2 {
+            let err = openai.run(&input).await.unwrap_err();
+            assert!(err.retryable, "{err}");
+        }
+        // Open now, for every replica sharing the store: a second executor
+        // (another worker) goes to the fallback too.
+        let out = openai.run(&input).await.unwrap();
+        assert_eq!(out.usage[0].model, "good");
+        let other = model("bad").with_breaker(
+            Breaker::new(store, "local/bad".into(), policy),
+            Some(model("good")),
+        );
+        other.run(&input).await.unwrap();
+        let models: Vec<String> = server
+            .requests()
+            .iter()
+            .map(|r| r.model().to_owned())
+            .collect();
+        assert_eq!(models, ["bad", "bad", "good", "good"]);
     }
 }

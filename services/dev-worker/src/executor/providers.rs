@@ -23,6 +23,7 @@
 //! `_MODEL` and `_API_KEY` describe one implicit provider (no prices, no
 //! limits, no fallback).
 
+use super::breaker::BreakerPolicy;
 use super::openai::{ApiKey, OpenAi, OpenAiSettings, Price};
 use serde::Deserialize;
 use std::path::Path;
@@ -33,6 +34,10 @@ use std::path::Path;
 pub struct ProvidersFile {
     /// `provider/model` the executor calls.
     pub default: String,
+    /// When the default model's circuit breaker opens (see
+    /// [`super::breaker`]); defaults: 5 failures in 60 s, 30 s open.
+    #[serde(default)]
+    pub breaker: BreakerPolicy,
     pub providers: Vec<Provider>,
 }
 
