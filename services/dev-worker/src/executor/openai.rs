@@ -837,4 +837,43 @@ mod scripted {
             .collect();
         assert_eq!(models, ["bad", "bad", "good", "good"]);
     }
+
+    #[tokio::test]
+    async fn a_429_drains_the_shared_request_bucket_for_every_replica() {
+        use crate::executor::providers::Limits;
+        use crate::executor::rate_limit::RateLimiter;
+        use devfleet_store::{BucketRate, BucketStep};
+        let server = ScriptedOpenAi::start(vec![
+            Rule::any().times(1).reply(Reply::rate_limited(1)),
+            Rule::any().reply(Reply::file("app/c.py", "C = 1\n")),
+        ])
+        .await;
+        let store = devfleet_store::connect_with_prefix(
+            &devfleet_testkit::redis_url(),
+            &format!("devfleet:{}", devfleet_testkit::unique("t")),
+        )
+        .await
+        .expect("Redis");
+        let window = Duration::from_secs(60);
+        let limits = Limits {
+            requests_per_minute: Some(100),
+            tokens_per_minute: None,
+        };
+        let limiter = RateLimiter::new(store.clone(), "local/m1".into(), limits, window);
+        let openai = executor(&server, 10_000).with_limiter(limiter);
+        openai.run(&chain()).await.unwrap();
+        assert_eq!(server.requests().len(), 2);
+        // Two requests of 100 would leave 98 tokens; the 429's Retry-After
+        // emptied the bucket instead, so the next request (any replica's)
+        // has to wait.
+        let rate = BucketRate {
+            capacity: 100,
+            window,
+        };
+        let wait = store
+            .token_bucket("rpm:local/m1", rate, BucketStep::Take(1))
+            .await
+            .unwrap();
+        assert!(wait.is_some(), "the bucket was not drained");
+    }
 }
