@@ -876,4 +876,65 @@ mod scripted {
             .unwrap();
         assert!(wait.is_some(), "the bucket was not drained");
     }
+
+    #[tokio::test]
+    async fn after_the_cooldown_one_probe_goes_to_the_model_and_its_success_closes_the_breaker() {
+        use crate::executor::breaker::{Breaker, BreakerPolicy};
+        // The model fails twice (opening the breaker), then recovers.
+        let server = ScriptedOpenAi::start(vec![
+            Rule::when_model("flaky").times(2).reply(Reply::status(503)),
+            Rule::any().reply(Reply::file("app/c.py", "C = 1\n")),
+        ])
+        .await;
+        let store = devfleet_store::connect_with_prefix(
+            &devfleet_testkit::redis_url(),
+            &format!("devfleet:{}", devfleet_testkit::unique("t")),
+        )
+        .await
+        .expect("Redis");
+        let model = |name: &str| {
+            OpenAi::new(OpenAiSettings {
+                base_url: server.base_url(),
+                model: name.into(),
+                max_requests: 1,
+                ..OpenAiSettings::default()
+            })
+            .unwrap()
+        };
+        let policy = BreakerPolicy {
+            failures: 2,
+            window: Duration::from_secs(60),
+            cooldown: Duration::from_millis(300),
+        };
+        let openai = model("flaky").with_breaker(
+            Breaker::new(store, "x/flaky".into(), policy),
+            Some(model("steady")),
+        );
+        let input = chain();
+        openai.run(&input).await.unwrap_err();
+        openai.run(&input).await.unwrap_err();
+        // Open: runs go to the fallback until the cooldown is over and one
+        // run probes the model.
+        let seen = devfleet_testkit::wait_for("the probe", Duration::from_secs(30), || async {
+            openai.run(&input).await.unwrap();
+            let models: Vec<String> = server
+                .requests()
+                .iter()
+                .map(|r| r.model().to_owned())
+                .collect();
+            (models.last().map(String::as_str) == Some("flaky")).then_some(models)
+        })
+        .await;
+        // (Whether a fallback run came first depends on the machine's speed;
+        // the other breaker test shows the open state.)
+        assert_eq!(seen[..2], ["flaky", "flaky"]);
+        assert!(
+            seen[2..seen.len() - 1].iter().all(|m| m == "steady"),
+            "{seen:?}"
+        );
+        // The probe succeeded: closed, the model is called again.
+        openai.run(&input).await.unwrap();
+        let last = server.requests().last().unwrap().model().to_owned();
+        assert_eq!(last, "flaky");
+    }
 }
