@@ -5,6 +5,7 @@
 mod agents;
 mod analyzer;
 mod architecture;
+mod openai;
 mod pipeline;
 mod router;
 mod stack;

@@ -6,8 +6,14 @@
 
 use crate::executor::command::profile::AgentProfile;
 use crate::executor::command::sandbox::AgentSandbox;
+use crate::executor::breaker::Breaker;
 use crate::executor::command::{CommandExecutor, DEFAULT_OUTPUT_CAP};
-use crate::executor::openai::{ApiKey, OpenAi, OpenAiSettings, DEFAULT_BASE_URL, DEFAULT_MODEL};
+use crate::executor::openai::{
+    ApiKey, OpenAi, OpenAiSettings, DEFAULT_BASE_URL, DEFAULT_CONTEXT_TOKENS, DEFAULT_MAX_TOKENS,
+    DEFAULT_MODEL,
+};
+use crate::executor::providers::{self, Defaults, ProvidersFile};
+use crate::executor::rate_limit::RateLimiter;
 use crate::executor::simulate::{Simulate, SimulateSettings};
 use crate::executor::Executors;
 use crate::{unique_instance, Config, ScalePolicy};
@@ -16,6 +22,7 @@ use devfleet_protocol::ExecutorKind;
 use devfleet_runtime::settings::seconds;
 use devfleet_runtime::Connections;
 use std::path::PathBuf;
+use devfleet_store::SharedStore;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -100,12 +107,27 @@ pub struct ExecutorArgs {
     /// Cap on the command's stdout, stderr and output file, in bytes.
     #[arg(long, alias = "command-output-cap", env = "DEVFLEET_COMMAND_OUTPUT_CAP_BYTES", default_value_t = DEFAULT_OUTPUT_CAP)]
     pub command_output_cap_bytes: usize,
+    /// Providers file of the openai executor (YAML: providers, models,
+    /// prices, limits, fallbacks); replaces the DEVFLEET_OPENAI_BASE_URL,
+    /// _MODEL and _API_KEY settings.
+    #[arg(long, env = "DEVFLEET_PROVIDERS")]
+    pub providers: Option<std::path::PathBuf>,
+    /// Window of the providers' rate limits (a minute; shorter in tests).
+    #[arg(long, env = "DEVFLEET_RATE_WINDOW_SECONDS", default_value = "60", value_parser = seconds)]
+    pub rate_window_seconds: Duration,
     /// Base URL of the OpenAI-compatible API.
     #[arg(long, env = "DEVFLEET_OPENAI_BASE_URL", default_value = DEFAULT_BASE_URL)]
     pub openai_base_url: String,
     /// Model name for the openai executor.
     #[arg(long, env = "DEVFLEET_OPENAI_MODEL", default_value = DEFAULT_MODEL)]
     pub openai_model: String,
+    /// Prompt budget of the openai executor, in estimated tokens (bytes / 4):
+    /// context past it is outlined, then cut.
+    #[arg(long, env = "DEVFLEET_OPENAI_CONTEXT_TOKENS", default_value_t = DEFAULT_CONTEXT_TOKENS)]
+    pub openai_context_tokens: u64,
+    /// Longest completion the openai executor asks for (`max_tokens`).
+    #[arg(long, env = "DEVFLEET_OPENAI_MAX_TOKENS", default_value_t = DEFAULT_MAX_TOKENS)]
+    pub openai_max_tokens: u32,
     /// Simulated seconds per unit of a task's estimate.
     #[arg(long, env = "DEVFLEET_SIMULATE_UNIT_SECONDS", default_value = "0.1", value_parser = seconds)]
     pub simulate_unit_seconds: Duration,
@@ -128,7 +150,9 @@ impl Settings {
     /// checked by [`Config::validate`] when the service runs. Errors name
     /// the variable.
     pub fn into_config(self, connections: Connections) -> anyhow::Result<Config> {
-        let executors = self.executors.build()?;
+        let executors = self
+            .executors
+            .build_with(ApiKey::from_env(), Some(connections.store.clone()))?;
         Ok(self.config(connections, executors))
     }
 
@@ -209,6 +233,16 @@ impl ExecutorArgs {
 
     /// [`ExecutorArgs::build`] with the OpenAI key given rather than read.
     pub fn build_with_key(&self, api_key: Option<ApiKey>) -> anyhow::Result<Executors> {
+        self.build_with(api_key, None)
+    }
+
+    /// [`ExecutorArgs::build_with_key`], with the store through which the
+    /// providers' rate limits are shared (`None`: no limits are enforced).
+    pub fn build_with(
+        &self,
+        api_key: Option<ApiKey>,
+        store: Option<SharedStore>,
+    ) -> anyhow::Result<Executors> {
         anyhow::ensure!(
             (0.0..=1.0).contains(&self.simulate_fail_rate),
             "DEVFLEET_SIMULATE_FAIL_RATE must lie in 0..=1, got {}",
@@ -227,15 +261,47 @@ impl ExecutorArgs {
             executors = executors.with(ExecutorKind::Command, Arc::new(command));
         }
         let base_url = self.openai_base_url.trim_end_matches('/');
-        if api_key.is_some() || base_url != DEFAULT_BASE_URL {
+        if let Some(path) = &self.providers {
+            let file = ProvidersFile::load(path)
+                .map_err(anyhow::Error::msg)
+                .context("DEVFLEET_PROVIDERS")?;
+            let defaults = Defaults {
+                context_tokens: self.openai_context_tokens,
+                max_tokens: self.openai_max_tokens,
+            };
+            let (primary, fallback) = file.route().map_err(anyhow::Error::msg)?;
+            let build = |target: providers::Target<'_>| {
+                let limiter = store.clone().and_then(|store| {
+                    RateLimiter::new(
+                        store,
+                        target.id(),
+                        target.model.limits,
+                        self.rate_window_seconds,
+                    )
+                });
+                providers::executor(target, defaults, |v| std::env::var(v).ok())
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("DEVFLEET_PROVIDERS={}", path.display()))
+                    .map(|e| e.with_limiter(limiter))
+            };
+            let mut openai = build(primary)?;
+            if let Some(store) = store.clone() {
+                let fallback = fallback.map(build).transpose()?;
+                openai =
+                    openai.with_breaker(Breaker::new(store, primary.id(), file.breaker), fallback);
+            }
+            executors = executors.with(ExecutorKind::Openai, Arc::new(openai));
+        } else if api_key.is_some() || base_url != DEFAULT_BASE_URL {
             let openai = OpenAi::new(OpenAiSettings {
                 base_url: base_url.to_owned(),
                 model: self.openai_model.clone(),
                 api_key,
+                max_tokens: Some(self.openai_max_tokens),
                 ..OpenAiSettings::default()
             })
             .map_err(anyhow::Error::msg)
-            .context("configuring the openai executor")?;
+            .context("configuring the openai executor")?
+            .with_context_tokens(self.openai_context_tokens);
             executors = executors.with(ExecutorKind::Openai, Arc::new(openai));
         }
         // The default must be runnable, or every plan without an executor fails.
@@ -367,5 +433,58 @@ mod tests {
         assert_eq!(config.heartbeat_ttl, Duration::from_secs(10));
         assert!(config.cache);
         assert_eq!(config.executors.default_kind(), ExecutorKind::Builtin);
+    }
+
+    #[tokio::test]
+    async fn a_providers_file_configures_the_model_its_prices_and_its_key_variable() {
+        use devfleet_testkit::openai::{Reply, Rule, ScriptedOpenAi};
+        let server = ScriptedOpenAi::start(vec![
+            Rule::any().reply(Reply::file("a.py", "A = 1\n").usage(2_000_000, 500_000))
+        ])
+        .await;
+        let dir = std::env::temp_dir().join(format!("devfleet-providers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("providers.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "default: local/coder\nproviders:\n  - name: local\n    base_url: {}\n    \
+                 max_tokens: 321\n    models:\n      - name: coder\n        price: \
+                 {{ input_per_million: 1.5, output_per_million: 4 }}\n",
+                server.base_url()
+            ),
+        )
+        .unwrap();
+        let path_arg = path.to_str().unwrap();
+        let cli = Cli::try_parse_from(["dev-worker", "--providers", path_arg]).unwrap();
+        let executors = cli.settings.executors.build_with_key(None).unwrap();
+        let (_, openai) = executors.resolve(Some("openai")).unwrap();
+        let out = openai
+            .run(&crate::executor::test_input("a.py"))
+            .await
+            .unwrap();
+        assert_eq!(out.text, "A = 1\n");
+        let usage = &out.usage[0];
+        assert_eq!(
+            (usage.provider.as_str(), usage.model.as_str()),
+            ("local", "coder")
+        );
+        assert_eq!((usage.tokens_in, usage.tokens_out), (2_000_000, 500_000));
+        assert_eq!(usage.cost_usd, 2.0 * 1.5 + 0.5 * 4.0);
+        let request = &server.requests()[0];
+        assert_eq!(request.model(), "coder");
+        assert_eq!(request.body["max_tokens"], 321);
+
+        std::fs::write(&path, "default: nope\nproviders: []\n").unwrap();
+        let cli = Cli::try_parse_from(["dev-worker", "--providers", path_arg]).unwrap();
+        let err = format!(
+            "{:#}",
+            cli.settings.executors.build_with_key(None).err().unwrap()
+        );
+        assert!(
+            err.contains("DEVFLEET_PROVIDERS") && err.contains("provider/model"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -37,7 +37,7 @@
 //! (After that early ack a failure to announce a Built task is not retried
 //! by a redelivery; the scheduler's watchdog re-announces stuck Built tasks.)
 
-use crate::cache_key::{cache_key, CacheKeyInput};
+use crate::cache_key::{cache_key, CacheKeyInput, Dependency};
 use crate::executor::{ExecError, ExecInput};
 use crate::{Worker, CACHE_HITS, CACHE_MISSES};
 use devfleet_bus::ConsumeOptions;
@@ -444,52 +444,75 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
     })
 }
 
-/// `(path, artifact hash)` of every direct dependency, sorted by path.
+/// Every dependency of the task, direct and transitive (breadth first
+/// over `depends_on`, each at its shortest distance), with its artifact
+/// hash, sorted by path. Each must have an artifact (it is Built or Done:
+/// the task was dispatched only after its direct dependencies, and theirs
+/// before them).
 async fn dependency_artifacts(
     worker: &Worker,
     record: &TaskRecord,
-) -> Result<Vec<(String, String)>, BuildError> {
+) -> Result<Vec<Dependency>, BuildError> {
     let store = &worker.connections.store;
-    let mut paths = record.depends_on.clone();
-    paths.sort();
-    paths.dedup();
-    let lookups = paths.iter().map(|p| store.task(&record.plan_id, p));
-    let found = futures::future::try_join_all(lookups).await?;
-    let mut out = Vec::with_capacity(paths.len());
-    for (path, task) in paths.into_iter().zip(found) {
-        let artifact = match task {
-            Some(TaskRecord {
-                artifact: Some(a), ..
-            }) => a,
-            Some(t) => {
+    let mut seen = std::collections::BTreeSet::from([record.path.clone()]);
+    let mut frontier: Vec<String> = record.depends_on.clone();
+    let mut out = Vec::new();
+    let mut distance = 1;
+    while !frontier.is_empty() {
+        frontier.retain(|p| seen.insert(p.clone()));
+        let lookups = frontier.iter().map(|p| store.task(&record.plan_id, p));
+        let found = futures::future::try_join_all(lookups).await?;
+        let mut next = Vec::new();
+        for (path, task) in std::mem::take(&mut frontier).into_iter().zip(found) {
+            let task = match task {
+                Some(t) => t,
+                None => {
+                    return Err(BuildError::Exec(ExecError::fatal(format!(
+                        "dependency '{path}' is not in the plan"
+                    ))))
+                }
+            };
+            let Some(artifact) = task.artifact else {
                 return Err(BuildError::Exec(ExecError::fatal(format!(
                     "dependency '{path}' has no artifact (it is {})",
-                    t.state.as_str()
-                ))))
-            }
-            None => {
-                return Err(BuildError::Exec(ExecError::fatal(format!(
-                    "dependency '{path}' is not in the plan"
-                ))))
-            }
-        };
-        out.push((path, artifact));
+                    task.state.as_str()
+                ))));
+            };
+            next.extend(task.depends_on);
+            out.push(Dependency {
+                path,
+                artifact,
+                distance,
+            });
+        }
+        frontier = next;
+        distance += 1;
     }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
 }
 
-/// The executor's input: the task, its dependencies' text and, for a fix or
+/// The executor's input: the task, its dependencies' text (with their
+/// distance) and, for a fix or
 /// retry, the diagnostics and the previous file.
 async fn exec_input(
     worker: &Worker,
     record: &TaskRecord,
-    dependencies: &[(String, String)],
+    dependencies: &[Dependency],
 ) -> Result<ExecInput, BuildError> {
     let store = &worker.connections.store;
     let texts =
-        futures::future::try_join_all(dependencies.iter().map(|(_, a)| store.artifact(a))).await?;
+        futures::future::try_join_all(dependencies.iter().map(|d| store.artifact(&d.artifact)))
+            .await?;
     let mut deps = BTreeMap::new();
-    for ((path, artifact), bytes) in dependencies.iter().zip(texts) {
+    let mut distance = BTreeMap::new();
+    for (dependency, bytes) in dependencies.iter().zip(texts) {
+        let Dependency {
+            path,
+            artifact,
+            distance: d,
+        } = dependency;
+        distance.insert(path.clone(), *d);
         let Some(bytes) = bytes else {
             return Err(BuildError::Exec(ExecError::fatal(format!(
                 "the artifact {artifact} of dependency '{path}' is missing from the store"
@@ -516,6 +539,8 @@ async fn exec_input(
         diagnostics: if again { record.error.clone() } else { None },
         previous,
         dependencies: deps,
+        dependency_distance: distance,
+        base_files: BTreeMap::new(),
         workspace: None,
     })
 }

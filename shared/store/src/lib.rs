@@ -341,6 +341,24 @@ pub struct Failure {
     pub plan_finished: bool,
 }
 
+/// The size and refill of a token bucket ([`TaskStore::token_bucket`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketRate {
+    /// Most tokens the bucket holds (e.g. requests per minute).
+    pub capacity: u64,
+    /// Time in which an empty bucket refills (a minute, shorter in tests).
+    pub window: Duration,
+}
+
+/// What one [`TaskStore::token_bucket`] call does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BucketStep {
+    /// Take this many tokens, or say how long until they are there.
+    Take(u64),
+    /// Empty the bucket so that nothing is taken for this long.
+    Drain(Duration),
+}
+
 /// The priority task store.
 ///
 /// Every method is atomic on its own.
@@ -534,6 +552,23 @@ pub trait TaskStore: Send + Sync + 'static {
     /// value.
     async fn incr(&self, counter: &str, by: i64) -> StoreResult<i64>;
     async fn counter(&self, counter: &str) -> StoreResult<i64>;
+
+    /// One atomic step of the token bucket `bucket`, shared by every client
+    /// of the store (fleet-wide rate limits). The bucket holds at most
+    /// `rate.capacity` tokens and refills continuously at `rate.capacity`
+    /// per `rate.window`, by the store's clock; a bucket never seen is full.
+    /// [`BucketStep::Take`] takes `n` tokens if they are there and returns
+    /// `None`, else takes nothing and returns how long until they will be
+    /// (a take larger than the capacity waits for a full bucket and leaves
+    /// it in debt). [`BucketStep::Drain`] empties the bucket so that the
+    /// next take waits at least the given time (a provider's `Retry-After`)
+    /// and returns `None`. Idle buckets expire.
+    async fn token_bucket(
+        &self,
+        bucket: &str,
+        rate: BucketRate,
+        step: BucketStep,
+    ) -> StoreResult<Option<Duration>>;
 
     /// Small records in named collections (canary deployments, breaker
     /// state, the DLQ index). `ttl` makes a record expire: from

@@ -54,6 +54,8 @@ struct Inner {
     cache: HashMap<String, String>,
     artifacts: HashMap<String, Vec<u8>>,
     counters: HashMap<String, i64>,
+    /// Token buckets: tokens and when they were counted (store clock).
+    buckets: HashMap<String, (f64, i64)>,
     kv: HashMap<String, BTreeMap<String, KvEntry>>,
     /// When each cache entry and artifact was last written (retention).
     cache_written: HashMap<String, i64>,
@@ -787,6 +789,20 @@ impl TaskStore for MemoryStore {
 
     async fn counter(&self, counter: &str) -> StoreResult<i64> {
         Ok(self.lock().counters.get(counter).copied().unwrap_or(0))
+    }
+
+    async fn token_bucket(
+        &self,
+        bucket: &str,
+        rate: crate::BucketRate,
+        step: crate::BucketStep,
+    ) -> StoreResult<Option<Duration>> {
+        let now = self.now();
+        let mut inner = self.lock();
+        let state = inner.buckets.get(bucket).copied();
+        let (next, wait) = crate::rules::token_bucket_step(state, now, rate, step);
+        inner.buckets.insert(bucket.to_owned(), next);
+        Ok(wait)
     }
 
     async fn kv_put(

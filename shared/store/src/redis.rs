@@ -55,6 +55,7 @@ struct Scripts {
     plans: Script,
     set_plan_status: Script,
     kv: Script,
+    token_bucket: Script,
     delete_plan: Script,
     retention: Script,
 }
@@ -77,6 +78,7 @@ impl Scripts {
             plans: s(include_str!("redis/plans.lua")),
             set_plan_status: s(include_str!("redis/set_plan_status.lua")),
             kv: s(include_str!("redis/kv.lua")),
+            token_bucket: s(include_str!("redis/token_bucket.lua")),
             delete_plan: s(include_str!("redis/delete_plan.lua")),
             retention: s(include_str!("redis/retention.lua")),
         }
@@ -937,6 +939,27 @@ impl TaskStore for RedisStore {
         c.arg(self.key(&["counter", counter]));
         let v: Option<i64> = self.cmd(c).await?;
         Ok(v.unwrap_or(0))
+    }
+
+    async fn token_bucket(
+        &self,
+        bucket: &str,
+        rate: crate::BucketRate,
+        step: crate::BucketStep,
+    ) -> StoreResult<Option<Duration>> {
+        let (kind, amount) = match step {
+            crate::BucketStep::Take(n) => ("take", n.to_string()),
+            crate::BucketStep::Drain(d) => ("drain", millis(d).to_string()),
+        };
+        let capacity = rate.capacity.max(1).to_string();
+        let window = millis(rate.window).max(1).to_string();
+        let wait_ms: i64 = self
+            .run(
+                &self.scripts.token_bucket,
+                &[bucket, &capacity, &window, kind, &amount],
+            )
+            .await?;
+        Ok((wait_ms > 0).then(|| Duration::from_millis(wait_ms as u64)))
     }
 
     async fn kv_put(

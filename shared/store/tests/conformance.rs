@@ -1008,6 +1008,67 @@ mod checks {
         assert!(s.plan("missing").await.unwrap().is_none());
     }
 
+    pub async fn token_buckets_take_refill_and_drain_by_the_store_clock(
+        s: SharedStore,
+        clock: Clock,
+    ) {
+        use devfleet_store::{BucketRate, BucketStep};
+        let rate = BucketRate {
+            capacity: 3,
+            window: Duration::from_secs(60),
+        };
+        let take = |n| BucketStep::Take(n);
+        // A new bucket is full: three takes, then a wait of a third of the
+        // window (one token refills in 20 s).
+        for _ in 0..3 {
+            assert_eq!(s.token_bucket("rpm", rate, take(1)).await.unwrap(), None);
+        }
+        let wait = s.token_bucket("rpm", rate, take(1)).await.unwrap().unwrap();
+        assert!(
+            wait > Duration::from_secs(19) && wait <= Duration::from_secs(20),
+            "{wait:?}"
+        );
+        // Buckets are independent.
+        assert_eq!(s.token_bucket("other", rate, take(2)).await.unwrap(), None);
+        // The refill follows the store's clock.
+        clock.advance(Duration::from_secs(21)).await;
+        assert_eq!(s.token_bucket("rpm", rate, take(1)).await.unwrap(), None);
+        assert!(s
+            .token_bucket("rpm", rate, take(1))
+            .await
+            .unwrap()
+            .is_some());
+        // Never more than the capacity, however long it was idle.
+        clock.advance(Duration::from_secs(600)).await;
+        for _ in 0..3 {
+            assert_eq!(s.token_bucket("rpm", rate, take(1)).await.unwrap(), None);
+        }
+        assert!(s
+            .token_bucket("rpm", rate, take(1))
+            .await
+            .unwrap()
+            .is_some());
+        // A drain (Retry-After) makes the next take wait at least that long.
+        clock.advance(Duration::from_secs(600)).await;
+        assert_eq!(
+            s.token_bucket("rpm", rate, BucketStep::Drain(Duration::from_secs(30)))
+                .await
+                .unwrap(),
+            None
+        );
+        let wait = s.token_bucket("rpm", rate, take(1)).await.unwrap().unwrap();
+        assert!(wait >= Duration::from_secs(30), "{wait:?}");
+        // A take larger than the capacity waits for a full bucket, then
+        // leaves it in debt.
+        let big = BucketRate {
+            capacity: 100,
+            window: Duration::from_secs(60),
+        };
+        assert_eq!(s.token_bucket("tpm", big, take(250)).await.unwrap(), None);
+        let wait = s.token_bucket("tpm", big, take(1)).await.unwrap().unwrap();
+        assert!(wait > Duration::from_secs(90), "{wait:?}");
+    }
+
     pub async fn cache_artifacts_and_counters(s: SharedStore, _clock: Clock) {
         assert_eq!(s.cache_get("k1").await.unwrap(), None);
         s.cache_put("k1", "hash-1").await.unwrap();
@@ -1249,6 +1310,7 @@ macro_rules! store_suite {
                 mark_built_requeue_and_complete_check_the_state,
                 plans_are_listed_newest_first,
                 cache_artifacts_and_counters,
+                token_buckets_take_refill_and_drain_by_the_store_clock,
                 kv_collections_put_get_list_delete,
                 kv_records_with_a_ttl_expire,
                 kv_delete_if_removes_only_the_value_it_names,
