@@ -27,8 +27,9 @@
 //!   it was becomes Ready in the same atomic step.
 
 use async_trait::async_trait;
-use devfleet_protocol::{PlanStatus, TaskClass};
+use devfleet_protocol::{PlanStatus, TaskClass, Usage};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -583,6 +584,110 @@ pub trait TaskStore: Send + Sync + 'static {
     /// absent or was stored since (so a writer that just stored the bytes
     /// again keeps them).
     async fn delete_artifact(&self, hash: &str, before_ms: i64) -> StoreResult<bool>;
+
+    // Usage and cost of executor runs (issue 13).
+
+    /// Records the usage of the executor run of attempt `attempt` of task
+    /// `path` (one [`Usage`] per model call it made) into the task's, the
+    /// plan's (per model) and the fleet's (per model) totals, once: a
+    /// second call for the same plan, path and attempt changes nothing and
+    /// returns false, so a redelivered build never counts twice. Cost is
+    /// kept in nano-dollars (see [`UsageTotals::cost_usd`]). Recording for
+    /// a plan the store does not hold is [`StoreError::UnknownPlan`].
+    /// [`TaskStore::delete_plan`] deletes the plan's usage too (the
+    /// fleet's totals keep it).
+    async fn record_usage(
+        &self,
+        plan_id: &str,
+        path: &str,
+        attempt: u32,
+        usage: &[Usage],
+    ) -> StoreResult<bool>;
+    /// A plan's recorded usage: in total, per model and per task (empty
+    /// for a plan with none or unknown).
+    async fn plan_usage(&self, plan_id: &str) -> StoreResult<PlanUsage>;
+    /// The fleet's usage per model since the store began (for `/metrics`).
+    async fn usage_by_model(&self) -> StoreResult<BTreeMap<String, UsageTotals>>;
+}
+
+/// Usage totals of a task, a plan or a model: calls, tokens and cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageTotals {
+    /// Model calls (one per recorded [`Usage`]).
+    pub calls: u64,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    /// Cost in nano-dollars (10^-9 USD): integers, so totals add up exactly
+    /// in both backends.
+    pub cost_nusd: u64,
+    /// Calls whose tokens devfleet estimated (the provider did not count).
+    pub estimated: u64,
+}
+
+impl UsageTotals {
+    /// The totals of one call.
+    pub fn of(usage: &Usage) -> Self {
+        Self {
+            calls: 1,
+            tokens_in: usage.tokens_in,
+            tokens_out: usage.tokens_out,
+            cost_nusd: nano_usd(usage.cost_usd),
+            estimated: u64::from(usage.estimated),
+        }
+    }
+    /// Adds `other` (saturating).
+    pub fn add(&mut self, other: &UsageTotals) {
+        self.calls = self.calls.saturating_add(other.calls);
+        self.tokens_in = self.tokens_in.saturating_add(other.tokens_in);
+        self.tokens_out = self.tokens_out.saturating_add(other.tokens_out);
+        self.cost_nusd = self.cost_nusd.saturating_add(other.cost_nusd);
+        self.estimated = self.estimated.saturating_add(other.estimated);
+    }
+    /// Tokens in and out.
+    pub fn tokens(&self) -> u64 {
+        self.tokens_in.saturating_add(self.tokens_out)
+    }
+    /// The cost in US dollars.
+    pub fn cost_usd(&self) -> f64 {
+        self.cost_nusd as f64 / 1e9
+    }
+}
+
+/// Dollars as whole nano-dollars (negative or not a number: 0).
+pub fn nano_usd(usd: f64) -> u64 {
+    if usd.is_finite() && usd > 0.0 {
+        (usd * 1e9).round() as u64
+    } else {
+        0
+    }
+}
+
+/// The name usage is counted under: `provider/model`, or the model alone
+/// when the executor names no provider (`unknown` when it names neither).
+pub fn usage_label(usage: &Usage) -> String {
+    match (usage.provider.as_str(), usage.model.as_str()) {
+        ("", "") => "unknown".to_owned(),
+        ("", model) => model.to_owned(),
+        (provider, "") => format!("{provider}/unknown"),
+        (provider, model) => format!("{provider}/{model}"),
+    }
+}
+
+/// A plan's usage (see [`TaskStore::plan_usage`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanUsage {
+    pub total: UsageTotals,
+    /// By [`usage_label`].
+    pub by_model: BTreeMap<String, UsageTotals>,
+    /// By task path.
+    pub by_task: BTreeMap<String, UsageTotals>,
+}
+
+impl PlanUsage {
+    /// True when nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.total.calls == 0
+    }
 }
 
 /// One result-cache entry (see [`TaskStore::cache_entries`]).

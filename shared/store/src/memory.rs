@@ -17,11 +17,11 @@ use crate::rules::{
     blocked_cause, check_fence, millis, prepare_tasks, ready_score, stale, wall_ms,
 };
 use crate::{
-    ClaimOutcome, Completion, Failure, Fence, NewTask, PlanRecord, StoreError, StoreResult,
-    TaskRecord, TaskState, TaskStore,
+    usage_label, ClaimOutcome, Completion, Failure, Fence, NewTask, PlanRecord, PlanUsage,
+    StoreError, StoreResult, TaskRecord, TaskState, TaskStore, UsageTotals,
 };
 use async_trait::async_trait;
-use devfleet_protocol::{PlanStatus, TaskClass};
+use devfleet_protocol::{PlanStatus, TaskClass, Usage};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -58,6 +58,11 @@ struct Inner {
     /// When each cache entry and artifact was last written (retention).
     cache_written: HashMap<String, i64>,
     artifact_written: HashMap<String, i64>,
+    /// `(plan, "<attempt>|<path>")` of every executor run whose usage is
+    /// recorded (idempotence of `record_usage`).
+    usage_runs: HashSet<(String, String)>,
+    usage: HashMap<String, PlanUsage>,
+    usage_models: BTreeMap<String, UsageTotals>,
 }
 
 #[derive(Debug, Clone)]
@@ -884,6 +889,8 @@ impl TaskStore for MemoryStore {
             return Ok(false);
         }
         inner.plans.remove(plan_id);
+        inner.usage.remove(plan_id);
+        inner.usage_runs.retain(|(p, _)| p != plan_id);
         let tasks = inner.tasks.remove(plan_id).unwrap_or_default();
         for task in tasks.values() {
             if let Some(k) = task.ready_key {
@@ -947,5 +954,49 @@ impl TaskStore for MemoryStore {
         }
         inner.artifact_written.remove(hash);
         Ok(inner.artifacts.remove(hash).is_some())
+    }
+
+    async fn record_usage(
+        &self,
+        plan_id: &str,
+        path: &str,
+        attempt: u32,
+        usage: &[Usage],
+    ) -> StoreResult<bool> {
+        let mut inner = self.lock();
+        if !inner.plans.contains_key(plan_id) {
+            return Err(StoreError::UnknownPlan {
+                plan_id: plan_id.to_owned(),
+            });
+        }
+        if !inner
+            .usage_runs
+            .insert((plan_id.to_owned(), format!("{attempt}|{path}")))
+        {
+            return Ok(false);
+        }
+        let Inner {
+            usage: plans,
+            usage_models,
+            ..
+        } = &mut *inner;
+        let plan = plans.entry(plan_id.to_owned()).or_default();
+        for u in usage {
+            let one = UsageTotals::of(u);
+            let label = usage_label(u);
+            plan.total.add(&one);
+            plan.by_model.entry(label.clone()).or_default().add(&one);
+            plan.by_task.entry(path.to_owned()).or_default().add(&one);
+            usage_models.entry(label).or_default().add(&one);
+        }
+        Ok(true)
+    }
+
+    async fn plan_usage(&self, plan_id: &str) -> StoreResult<PlanUsage> {
+        Ok(self.lock().usage.get(plan_id).cloned().unwrap_or_default())
+    }
+
+    async fn usage_by_model(&self) -> StoreResult<BTreeMap<String, UsageTotals>> {
+        Ok(self.lock().usage_models.clone())
     }
 }

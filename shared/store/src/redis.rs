@@ -16,22 +16,25 @@
 //! artifacts in the zsets `P:cache_written` and `P:artifact_written`, for
 //! retention), `P:counter:<name>`, and kv collections as hashes
 //! `P:kv:<collection>` with the expiry of TTL'd keys in `P:kvexp:<collection>`
-//! (pruned by the next operation that looks at them).
+//! (pruned by the next operation that looks at them). Usage of executor
+//! runs: `P:usage_model:<plan>`, `P:usage_task:<plan>` and the fleet's
+//! `P:usage_models` hashes (fields `<metric>|<name>`), made idempotent by
+//! the set `P:usage_runs:<plan>` (see `redis/record_usage.lua`).
 //!
 //! Durability is Redis's: with `appendfsync always` a transition that
 //! returned `Ok` survives a Redis restart.
 
 use crate::rules::{millis, prepare_tasks, wall_ms};
 use crate::{
-    ClaimOutcome, Completion, Failure, Fence, NewTask, PlanRecord, StoreError, StoreResult,
-    TaskRecord, TaskState, TaskStore,
+    usage_label, ClaimOutcome, Completion, Failure, Fence, NewTask, PlanRecord, PlanUsage,
+    StoreError, StoreResult, TaskRecord, TaskState, TaskStore, UsageTotals,
 };
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{ErrorKind, RedisError, Script, ServerErrorKind};
 use async_trait::async_trait;
-use devfleet_protocol::{PlanStatus, TaskClass};
+use devfleet_protocol::{PlanStatus, TaskClass, Usage};
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,6 +60,7 @@ struct Scripts {
     kv: Script,
     delete_plan: Script,
     retention: Script,
+    record_usage: Script,
 }
 
 impl Scripts {
@@ -79,6 +83,7 @@ impl Scripts {
             kv: s(include_str!("redis/kv.lua")),
             delete_plan: s(include_str!("redis/delete_plan.lua")),
             retention: s(include_str!("redis/retention.lua")),
+            record_usage: s(include_str!("redis/record_usage.lua")),
         }
     }
 }
@@ -318,6 +323,37 @@ impl RedisStore {
                 self.url
             )),
         }
+    }
+
+    /// Usage totals by name from a hash of `<metric>|<name>` fields.
+    fn usage_fields(
+        &self,
+        key: &[&str],
+        fields: HashMap<String, String>,
+    ) -> StoreResult<BTreeMap<String, UsageTotals>> {
+        let mut out: BTreeMap<String, UsageTotals> = BTreeMap::new();
+        for (field, value) in fields {
+            let corrupt = |reason: String| StoreError::Corrupt {
+                key: self.key(key),
+                reason,
+            };
+            let (metric, name) = field
+                .split_once('|')
+                .ok_or_else(|| corrupt(format!("field '{field}' is not <metric>|<name>")))?;
+            let n: u64 = value
+                .parse()
+                .map_err(|_| corrupt(format!("field '{field}' holds '{value}', not a count")))?;
+            let t = out.entry(name.to_owned()).or_default();
+            match metric {
+                "calls" => t.calls = n,
+                "tokens_in" => t.tokens_in = n,
+                "tokens_out" => t.tokens_out = n,
+                "cost_nusd" => t.cost_nusd = n,
+                "estimated" => t.estimated = n,
+                other => return Err(corrupt(format!("unknown usage metric '{other}'"))),
+            }
+        }
+        Ok(out)
     }
 
     fn corrupt_task(&self, plan_id: &str, path: &str, reason: &str) -> StoreError {
@@ -1053,6 +1089,64 @@ impl TaskStore for RedisStore {
             &format!("deleting artifact '{hash}'"),
         )
         .await
+    }
+
+    async fn record_usage(
+        &self,
+        plan_id: &str,
+        path: &str,
+        attempt: u32,
+        usage: &[Usage],
+    ) -> StoreResult<bool> {
+        let mut args = vec![
+            plan_id.to_owned(),
+            format!("{attempt}|{path}"),
+            path.to_owned(),
+        ];
+        for u in usage {
+            let t = UsageTotals::of(u);
+            args.push(usage_label(u));
+            for n in [t.calls, t.tokens_in, t.tokens_out, t.cost_nusd, t.estimated] {
+                args.push(n.to_string());
+            }
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let reply: Vec<String> = self.run(&self.scripts.record_usage, &args).await?;
+        match (
+            reply.first().map(String::as_str),
+            reply.get(1).map(String::as_str),
+        ) {
+            (Some("ok"), Some(flag)) => Ok(flag == "1"),
+            _ => Err(self.reply_error(&reply, plan_id, path, "record usage")),
+        }
+    }
+
+    async fn plan_usage(&self, plan_id: &str) -> StoreResult<PlanUsage> {
+        let mut p = ::redis::pipe();
+        p.atomic()
+            .hgetall(self.key(&["usage_model", plan_id]))
+            .hgetall(self.key(&["usage_task", plan_id]));
+        let mut conn = self.conn.clone();
+        let (models, tasks): (HashMap<String, String>, HashMap<String, String>) =
+            p.query_async(&mut conn).await.map_err(|e| self.error(e))?;
+        let by_model = self.usage_fields(&["usage_model", plan_id], models)?;
+        let by_task = self.usage_fields(&["usage_task", plan_id], tasks)?;
+        let mut total = UsageTotals::default();
+        for t in by_model.values() {
+            total.add(t);
+        }
+        Ok(PlanUsage {
+            total,
+            by_model,
+            by_task,
+        })
+    }
+
+    async fn usage_by_model(&self) -> StoreResult<BTreeMap<String, UsageTotals>> {
+        let mut c = ::redis::cmd("HGETALL");
+        c.arg(self.key(&["usage_models"]));
+        let fields: HashMap<String, String> = self.cmd(c).await?;
+        self.usage_fields(&["usage_models"], fields)
     }
 }
 

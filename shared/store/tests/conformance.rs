@@ -7,12 +7,12 @@
 //! Redis-only tests follow the suite; the one that restarts Redis has
 //! `restart` in its name so `scripts/test.sh` runs it alone.
 
-use devfleet_protocol::{PlanStatus, TaskClass};
+use devfleet_protocol::{PlanStatus, TaskClass, Usage};
 use devfleet_store::memory::MemoryStore;
 use devfleet_store::redis::RedisStore;
 use devfleet_store::{
     content_hash, ClaimOutcome, Fence, NewTask, PlanRecord, SharedStore, StoreError, TaskRecord,
-    TaskState,
+    TaskState, UsageTotals,
 };
 use devfleet_testkit::{redis_url, require_env, unique, wait_for, within};
 use std::collections::HashSet;
@@ -1220,6 +1220,96 @@ mod checks {
         assert_eq!(s.put_artifact(b"shared bytes").await.unwrap(), hash);
         assert_eq!(s.artifact_hashes().await.unwrap().len(), 1);
     }
+
+    pub async fn usage_is_recorded_once_per_run_by_task_plan_and_model(
+        s: SharedStore,
+        _clock: Clock,
+    ) {
+        let id = create(&s, vec![task("a", &[], 0), task("b", &[], 0)]).await;
+        let first = [
+            usage("openai", "m1", 100, 20, 0.001_5),
+            usage("openai", "m2", 5, 5, 0.0),
+        ];
+        assert!(s.record_usage(&id, "a", 1, &first).await.unwrap());
+        assert!(
+            !s.record_usage(&id, "a", 1, &first).await.unwrap(),
+            "a redelivered run counts once"
+        );
+        assert!(s
+            .record_usage(&id, "a", 2, &[usage("openai", "m1", 10, 10, 0.000_5)])
+            .await
+            .unwrap());
+        let mut agent = usage("", "claude", 7, 3, 0.25);
+        agent.estimated = true;
+        assert!(s.record_usage(&id, "b", 1, &[agent]).await.unwrap());
+        let u = s.plan_usage(&id).await.unwrap();
+        let m1 = UsageTotals {
+            calls: 2,
+            tokens_in: 110,
+            tokens_out: 30,
+            cost_nusd: 2_000_000,
+            estimated: 0,
+        };
+        assert_eq!(u.by_model.get("openai/m1"), Some(&m1));
+        assert_eq!(u.by_model.get("openai/m2").map(|t| t.tokens()), Some(10));
+        let claude = u.by_model.get("claude").copied().unwrap_or_default();
+        assert_eq!((claude.cost_nusd, claude.estimated), (250_000_000, 1));
+        assert_eq!(
+            u.by_task.get("a").map(|t| (t.calls, t.tokens())),
+            Some((3, 150))
+        );
+        assert_eq!(u.by_task.get("b").map(|t| t.tokens_in), Some(7));
+        assert_eq!(
+            (u.total.calls, u.total.tokens(), u.total.cost_nusd),
+            (4, 160, 252_000_000)
+        );
+        assert!((u.total.cost_usd() - 0.252).abs() < 1e-12);
+        let fleet = s.usage_by_model().await.unwrap();
+        assert_eq!(fleet.get("openai/m1"), Some(&m1));
+        assert_eq!(fleet.len(), 3);
+        assert!(matches!(
+            s.record_usage("no-such-plan", "a", 1, &first).await,
+            Err(StoreError::UnknownPlan { .. })
+        ));
+        // Concurrent recordings of one run: exactly one counts.
+        let mut racers = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let s = s.clone();
+            let id = id.clone();
+            racers.spawn(async move {
+                s.record_usage(&id, "b", 2, &[usage("", "claude", 1, 1, 0.0)])
+                    .await
+                    .unwrap()
+            });
+        }
+        let mut won = 0;
+        while let Some(r) = racers.join_next().await {
+            won += usize::from(r.unwrap());
+        }
+        assert_eq!(won, 1);
+        assert_eq!(s.plan_usage(&id).await.unwrap().total.calls, 5);
+        // A collected plan takes its usage with it; the fleet's stays.
+        s.set_plan_status(&id, PlanStatus::Succeeded, None)
+            .await
+            .unwrap();
+        assert!(s.delete_plan(&id, i64::MAX).await.unwrap());
+        assert!(s.plan_usage(&id).await.unwrap().is_empty());
+        assert_eq!(
+            s.usage_by_model().await.unwrap().get("openai/m1"),
+            Some(&m1)
+        );
+    }
+}
+
+fn usage(provider: &str, model: &str, tokens_in: u64, tokens_out: u64, cost_usd: f64) -> Usage {
+    Usage {
+        provider: provider.to_owned(),
+        model: model.to_owned(),
+        tokens_in,
+        tokens_out,
+        cost_usd,
+        estimated: false,
+    }
 }
 
 /// Generates the conformance tests for one backend: `$prefix` names the
@@ -1254,6 +1344,7 @@ macro_rules! store_suite {
                 kv_delete_if_removes_only_the_value_it_names,
                 delete_plan_collects_only_finished_plans_older_than_the_cutoff,
                 cache_entries_and_artifacts_are_deleted_only_if_older_than_the_cutoff,
+                usage_is_recorded_once_per_run_by_task_plan_and_model,
             );
         }
     };
