@@ -50,10 +50,13 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         .await?
         .with_context(|| format!("no plan '{plan_id}'; `devfleet status` lists them"))?;
     let tasks = store.tasks(&plan_id).await?;
+    let usage = store.plan_usage(&plan_id).await?;
     if args.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "plan": plan, "tasks": tasks }))?
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "plan": plan, "tasks": tasks, "usage": usage })
+            )?
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -70,9 +73,10 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     if let Some(m) = &plan.message {
         println!("  {m}");
     }
+    print!("{}", crate::report::usage_lines(&usage));
     println!(
-        "{:<50} {:<8} {:>7} {:<4}  NOTE",
-        "TASK", "STATE", "ATTEMPT", "PRIO"
+        "{:<50} {:<8} {:>7} {:<4} {:>9} {:>10}  NOTE",
+        "TASK", "STATE", "ATTEMPT", "PRIO", "TOKENS", "COST"
     );
     for t in tasks {
         let note = t
@@ -87,12 +91,15 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
                     .collect::<String>()
             })
             .unwrap_or_default();
+        let used = usage.by_task.get(&t.path).copied().unwrap_or_default();
         println!(
-            "{:<50} {:<8} {:>7} {:<4}  {}",
+            "{:<50} {:<8} {:>7} {:<4} {:>9} {:>10}  {}",
             t.path,
             t.state.as_str(),
             t.attempt,
             t.priority,
+            used.tokens(),
+            format!("${:.4}", used.cost_usd()),
             note
         );
     }

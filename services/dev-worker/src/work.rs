@@ -11,6 +11,7 @@
 //! | what happened                          | delivery                           |
 //! |----------------------------------------|------------------------------------|
 //! | built (or cache hit), `task.built` sent | ack                                |
+//! | usage or artifact not recordable        | retry with backoff                 |
 //! | executor failed, `task.failed` sent     | ack                                |
 //! | task held by another worker / final     | ack (duplicate)                    |
 //! | lease lost while building               | ack, nothing published             |
@@ -44,7 +45,7 @@ use devfleet_bus::ConsumeOptions;
 use devfleet_contracts::capacity::DISPATCH_OWNER;
 use devfleet_protocol::metrics::{BuildFailure, BuildTiming};
 use devfleet_protocol::{
-    queues, Envelope, Message, Stage, TaskBuilt, TaskClass, TaskFailed, TaskWork,
+    queues, Envelope, Message, Stage, TaskBuilt, TaskClass, TaskFailed, TaskWork, Usage,
 };
 use devfleet_runtime::consume::{self, Consume, Inflight, Settlement};
 use devfleet_store::{ClaimOutcome, Fence, StoreError, TaskRecord, TaskState};
@@ -183,6 +184,17 @@ async fn run_claimed(worker: &Worker, record: TaskRecord) -> Settlement {
     let (plan_id, path) = (&record.plan_id, &record.path);
     match result {
         Ok(built) => {
+            // Usage is spent whether or not this claim is still current, so
+            // it is recorded before the fenced write; keyed by the attempt,
+            // so a redelivered build of the same attempt counts once.
+            if !built.usage.is_empty() {
+                if let Err(e) = store
+                    .record_usage(plan_id, path, record.attempt, &built.usage)
+                    .await
+                {
+                    return Settlement::from_store_error("recording the usage", e);
+                }
+            }
             // Fenced: a worker whose claim is over (paused past its lease,
             // the task taken over) records nothing and announces nothing.
             match store
@@ -371,6 +383,8 @@ struct Built {
     cache_key: Option<String>,
     executor: String,
     duration: Duration,
+    /// What the executor's model calls used (empty for a cache hit).
+    usage: Vec<Usage>,
 }
 
 enum BuildError {
@@ -421,6 +435,7 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
                 cache_key: None,
                 executor: identity,
                 duration: started.elapsed(),
+                usage: Vec::new(),
             });
         }
     }
@@ -441,6 +456,7 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
         cache_key: worker.cache.then_some(key),
         executor: identity,
         duration: started.elapsed(),
+        usage: output.usage,
     })
 }
 
