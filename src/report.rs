@@ -271,3 +271,39 @@ impl PlanProgress {
         self.bar.finish_and_clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devfleet_protocol::Usage;
+
+    #[test]
+    fn usage_lines_show_the_total_and_each_model() {
+        let mut usage = PlanUsage::default();
+        assert_eq!(usage_lines(&usage), "  usage       none reported\n");
+        for (model, tokens_in, estimated) in [("gpt", 1000, false), ("claude", 20, true)] {
+            let one = UsageTotals::of(&Usage {
+                provider: String::new(),
+                model: model.into(),
+                tokens_in,
+                tokens_out: 5,
+                cost_usd: 0.5,
+                estimated,
+            });
+            usage.total.add(&one);
+            usage.by_model.insert(model.into(), one);
+        }
+        let text = usage_lines(&usage);
+        assert!(
+            text.starts_with(
+                "  usage       1030 tokens (1020 in, 10 out), $1.000000, 2 calls (1 estimated)\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("    gpt: 1005 tokens (1000 in, 5 out), $0.500000, 1 calls\n"),
+            "{text}"
+        );
+        assert!(text.contains("    claude: 25 tokens"), "{text}");
+    }
+}

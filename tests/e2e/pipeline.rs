@@ -20,11 +20,11 @@ use devfleet_dev_worker::executor::simulate::{Simulate, SimulateSettings};
 use devfleet_dev_worker::{ExecError, ExecInput, ExecOutput, Executor, Executors, ScalePolicy};
 use devfleet_protocol::{
     queues, AnalyzedTask, DeployFinished, Envelope, ExecutorKind, IntegrationStep, Message, Plan,
-    PlanAnalyzed, PlanStatus,
+    PlanAnalyzed, PlanStatus, Usage,
 };
 use devfleet_runtime::Connections;
 use devfleet_scheduler::TASKS_COMPLETED;
-use devfleet_store::{PlanRecord, TaskState};
+use devfleet_store::{PlanRecord, TaskState, UsageTotals};
 use devfleet_testkit::{unique, wait_for, within};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -73,6 +73,54 @@ impl Executor for Recording {
     async fn run(&self, input: &ExecInput) -> Result<ExecOutput, ExecError> {
         self.runs.lock().unwrap().push(input.path.clone());
         self.inner.run(input).await
+    }
+}
+
+/// An executor that reports usage for every run (two models, tokens and
+/// cost derived from the task) and keeps the totals it reported.
+struct Metered {
+    inner: Arc<dyn Executor>,
+    reported: Mutex<BTreeMap<String, UsageTotals>>,
+}
+
+impl Metered {
+    fn new(inner: Arc<dyn Executor>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            reported: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn reported(&self) -> BTreeMap<String, UsageTotals> {
+        self.reported.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl Executor for Metered {
+    fn identity(&self) -> String {
+        format!("metered:{}", self.inner.identity())
+    }
+
+    async fn run(&self, input: &ExecInput) -> Result<ExecOutput, ExecError> {
+        let mut output = self.inner.run(input).await?;
+        let model = if input.path.len() % 2 == 0 { "even" } else { "odd" };
+        let usage = Usage {
+            provider: "scripted".into(),
+            model: model.into(),
+            tokens_in: 100 + input.path.len() as u64,
+            tokens_out: 7 * u64::from(input.attempt),
+            cost_usd: 0.000_125,
+            estimated: false,
+        };
+        self.reported
+            .lock()
+            .unwrap()
+            .entry(devfleet_store::usage_label(&usage))
+            .or_default()
+            .add(&UsageTotals::of(&usage));
+        output.usage.push(usage);
+        Ok(output)
     }
 }
 
@@ -511,6 +559,62 @@ async fn reruns_hit_the_cache(backend: Backend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rerun_is_all_cache_hits_and_a_changed_spec_reruns_exactly_its_downstream() {
     reruns_hit_the_cache(Backend::Real).await;
+}
+
+/// Usage totals per plan and model equal what the executor reported; a
+/// re-run made of cache hits records none; the fleet's totals per model
+/// equal the sum.
+async fn usage_is_recorded_per_task_plan_and_model(backend: Backend) {
+    let mut stack = Stack::new(backend).await;
+    let metered = Metered::new(Arc::new(Simulate::new(SimulateSettings {
+        unit: Duration::ZERO,
+        ..SimulateSettings::default()
+    })));
+    let executors =
+        Executors::new(ExecutorKind::Simulate).with(ExecutorKind::Simulate, metered.clone());
+    stack.scheduler();
+    stack.worker(executors.clone(), 4, 4);
+    stack.worker(executors, 4, 4);
+    let first = analyzed(deep_dag(24), ExecutorKind::Simulate);
+    stack.submit(&first).await;
+    let r = stack
+        .finished(&first.plan_id, Duration::from_secs(120))
+        .await;
+    assert_eq!(r.status, PlanStatus::Succeeded);
+    let store = &stack.connections.store;
+    let usage = store.plan_usage(&first.plan_id).await.unwrap();
+    let reported = metered.reported();
+    assert_eq!(usage.by_model, reported, "the plan's usage per model");
+    assert_eq!(usage.by_task.len(), 24, "every task's run is counted");
+    assert_eq!(usage.total.calls, 24, "each run once");
+    assert_eq!(usage.total.cost_nusd, 24 * 125_000);
+    let path = "src/m007.py";
+    assert_eq!(
+        usage.by_task.get(path).map(|t| (t.tokens_in, t.tokens_out)),
+        Some((100 + path.len() as u64, 7))
+    );
+
+    // The same plan again: all cache hits, no executor ran, no usage.
+    let second = analyzed(deep_dag(24), ExecutorKind::Simulate);
+    stack.submit(&second).await;
+    let r = stack
+        .finished(&second.plan_id, Duration::from_secs(120))
+        .await;
+    assert_eq!(r.status, PlanStatus::Succeeded);
+    assert!(store.plan_usage(&second.plan_id).await.unwrap().is_empty());
+    assert_eq!(metered.reported(), reported, "nothing ran again");
+    assert_eq!(store.usage_by_model().await.unwrap(), reported);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn usage_totals_equal_what_the_executor_reported_and_cache_hits_cost_nothing() {
+    usage_is_recorded_per_task_plan_and_model(Backend::Real).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_usage_totals_equal_what_the_executor_reported_and_cache_hits_cost_nothing() {
+    usage_is_recorded_per_task_plan_and_model(Backend::Memory).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
