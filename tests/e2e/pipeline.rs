@@ -104,7 +104,11 @@ impl Executor for Metered {
 
     async fn run(&self, input: &ExecInput) -> Result<ExecOutput, ExecError> {
         let mut output = self.inner.run(input).await?;
-        let model = if input.path.len() % 2 == 0 { "even" } else { "odd" };
+        let model = if input.path.len() % 2 == 0 {
+            "even"
+        } else {
+            "odd"
+        };
         let usage = Usage {
             provider: "scripted".into(),
             model: model.into(),

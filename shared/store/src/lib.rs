@@ -595,7 +595,10 @@ pub trait TaskStore: Send + Sync + 'static {
     /// kept in nano-dollars (see [`UsageTotals::cost_usd`]). Recording for
     /// a plan the store does not hold is [`StoreError::UnknownPlan`].
     /// [`TaskStore::delete_plan`] deletes the plan's usage too (the
-    /// fleet's totals keep it).
+    /// fleet's totals keep it). In the same step it reconciles the plan's
+    /// budget: the run's reservation (if any) is released and, unless the
+    /// call is a repeat, its usage added to what the plan spent. Call it
+    /// with no usage to release the reservation of a run that failed.
     async fn record_usage(
         &self,
         plan_id: &str,
@@ -608,6 +611,104 @@ pub trait TaskStore: Send + Sync + 'static {
     async fn plan_usage(&self, plan_id: &str) -> StoreResult<PlanUsage>;
     /// The fleet's usage per model since the store began (for `/metrics`).
     async fn usage_by_model(&self) -> StoreResult<BTreeMap<String, UsageTotals>>;
+
+    // Plan budgets (issue 13): reservations before a call, reconciled by
+    // `record_usage` after it.
+
+    /// Sets (replaces) a plan's budget; [`StoreError::UnknownPlan`] if
+    /// there is no such plan. What was spent and reserved is kept.
+    async fn set_budget(&self, plan_id: &str, limits: BudgetLimits) -> StoreResult<()>;
+    /// A plan's budget: its limits (`None` when none was set), what its
+    /// recorded runs spent and what runs in flight reserved.
+    async fn budget(&self, plan_id: &str) -> StoreResult<BudgetState>;
+    /// Reserves the expected usage of the executor run of attempt
+    /// `attempt` of task `path` against the plan's budget (or `default`
+    /// when the plan set none), in one atomic step: granted when
+    /// [`BudgetLimits::covers`] spent + reserved and `expected`, refused
+    /// ([`Reservation::Exhausted`]) otherwise (so an unestimated run is
+    /// refused once a limit is reached). Granting adds `expected` to the plan's reserved usage until
+    /// [`TaskStore::record_usage`] for the same run releases it (and adds
+    /// the actual usage): so concurrent workers never overshoot a limit by
+    /// more than what is in flight beyond their estimates. Reserving again
+    /// for a run that holds a reservation grants it without adding twice.
+    /// With no limits at all it grants and reserves nothing.
+    async fn reserve_budget(
+        &self,
+        plan_id: &str,
+        path: &str,
+        attempt: u32,
+        expected: Spend,
+        default: BudgetLimits,
+    ) -> StoreResult<Reservation>;
+}
+
+/// Tokens and nano-dollars: what a run spends or may spend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spend {
+    pub tokens: u64,
+    pub cost_nusd: u64,
+}
+
+impl Spend {
+    /// The spend of some usage totals.
+    pub fn of(t: &UsageTotals) -> Self {
+        Self {
+            tokens: t.tokens(),
+            cost_nusd: t.cost_nusd,
+        }
+    }
+}
+
+/// A plan's budget limits; `None` is no limit on that measure.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetLimits {
+    pub max_tokens: Option<u64>,
+    /// In nano-dollars ([`nano_usd`]).
+    pub max_cost_nusd: Option<u64>,
+}
+
+impl BudgetLimits {
+    /// True when neither measure is limited.
+    pub fn is_unlimited(&self) -> bool {
+        self.max_tokens.is_none() && self.max_cost_nusd.is_none()
+    }
+    /// True when, for every limited measure, `used` (spent plus reserved)
+    /// plus `next` stays within the limit, or, where `next` is zero (not
+    /// estimated), `used` has not reached it yet. The rule both backends
+    /// apply (`redis/reserve_budget.lua` mirrors it).
+    pub fn covers(&self, used: Spend, next: Spend) -> bool {
+        let fits = |max: Option<u64>, used: u64, next: u64| match max {
+            None => true,
+            Some(max) if next == 0 => used < max,
+            Some(max) => used.saturating_add(next) <= max,
+        };
+        fits(self.max_tokens, used.tokens, next.tokens)
+            && fits(self.max_cost_nusd, used.cost_nusd, next.cost_nusd)
+    }
+}
+
+/// A plan's budget as the store holds it (see [`TaskStore::budget`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetState {
+    /// `None` when the plan set no budget.
+    pub limits: Option<BudgetLimits>,
+    /// Actual usage of recorded runs.
+    pub spent: Spend,
+    /// Expected usage of runs in flight.
+    pub reserved: Spend,
+}
+
+/// What [`TaskStore::reserve_budget`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// The run may go ahead.
+    Granted,
+    /// The budget cannot cover the run: hand the task back, stop the plan.
+    Exhausted {
+        limits: BudgetLimits,
+        spent: Spend,
+        reserved: Spend,
+    },
 }
 
 /// Usage totals of a task, a plan or a model: calls, tokens and cost.

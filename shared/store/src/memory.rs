@@ -17,8 +17,9 @@ use crate::rules::{
     blocked_cause, check_fence, millis, prepare_tasks, ready_score, stale, wall_ms,
 };
 use crate::{
-    usage_label, ClaimOutcome, Completion, Failure, Fence, NewTask, PlanRecord, PlanUsage,
-    StoreError, StoreResult, TaskRecord, TaskState, TaskStore, UsageTotals,
+    usage_label, BudgetLimits, BudgetState, ClaimOutcome, Completion, Failure, Fence, NewTask,
+    PlanRecord, PlanUsage, Reservation, Spend, StoreError, StoreResult, TaskRecord, TaskState,
+    TaskStore, UsageTotals,
 };
 use async_trait::async_trait;
 use devfleet_protocol::{PlanStatus, TaskClass, Usage};
@@ -63,6 +64,17 @@ struct Inner {
     usage_runs: HashSet<(String, String)>,
     usage: HashMap<String, PlanUsage>,
     usage_models: BTreeMap<String, UsageTotals>,
+    budgets: HashMap<String, Budget>,
+}
+
+/// A plan's budget: limits, spend, and reservations by run.
+#[derive(Debug, Default)]
+struct Budget {
+    limits: Option<BudgetLimits>,
+    spent: Spend,
+    reserved: Spend,
+    /// `"<attempt>|<path>"` → what that run reserved.
+    runs: HashMap<String, Spend>,
 }
 
 #[derive(Debug, Clone)]
@@ -890,6 +902,7 @@ impl TaskStore for MemoryStore {
         }
         inner.plans.remove(plan_id);
         inner.usage.remove(plan_id);
+        inner.budgets.remove(plan_id);
         inner.usage_runs.retain(|(p, _)| p != plan_id);
         let tasks = inner.tasks.remove(plan_id).unwrap_or_default();
         for task in tasks.values() {
@@ -969,19 +982,27 @@ impl TaskStore for MemoryStore {
                 plan_id: plan_id.to_owned(),
             });
         }
-        if !inner
-            .usage_runs
-            .insert((plan_id.to_owned(), format!("{attempt}|{path}")))
-        {
+        let run = format!("{attempt}|{path}");
+        let budget = inner.budgets.entry(plan_id.to_owned()).or_default();
+        if let Some(held) = budget.runs.remove(&run) {
+            budget.reserved.tokens = budget.reserved.tokens.saturating_sub(held.tokens);
+            budget.reserved.cost_nusd = budget.reserved.cost_nusd.saturating_sub(held.cost_nusd);
+        }
+        if !inner.usage_runs.insert((plan_id.to_owned(), run)) {
             return Ok(false);
         }
         let Inner {
             usage: plans,
             usage_models,
+            budgets,
             ..
         } = &mut *inner;
         let plan = plans.entry(plan_id.to_owned()).or_default();
+        let budget = budgets.entry(plan_id.to_owned()).or_default();
         for u in usage {
+            let spend = Spend::of(&UsageTotals::of(u));
+            budget.spent.tokens = budget.spent.tokens.saturating_add(spend.tokens);
+            budget.spent.cost_nusd = budget.spent.cost_nusd.saturating_add(spend.cost_nusd);
             let one = UsageTotals::of(u);
             let label = usage_label(u);
             plan.total.add(&one);
@@ -998,5 +1019,69 @@ impl TaskStore for MemoryStore {
 
     async fn usage_by_model(&self) -> StoreResult<BTreeMap<String, UsageTotals>> {
         Ok(self.lock().usage_models.clone())
+    }
+
+    async fn set_budget(&self, plan_id: &str, limits: BudgetLimits) -> StoreResult<()> {
+        let mut inner = self.lock();
+        if !inner.plans.contains_key(plan_id) {
+            return Err(StoreError::UnknownPlan {
+                plan_id: plan_id.to_owned(),
+            });
+        }
+        inner.budgets.entry(plan_id.to_owned()).or_default().limits = Some(limits);
+        Ok(())
+    }
+
+    async fn budget(&self, plan_id: &str) -> StoreResult<BudgetState> {
+        Ok(self
+            .lock()
+            .budgets
+            .get(plan_id)
+            .map(|b| BudgetState {
+                limits: b.limits,
+                spent: b.spent,
+                reserved: b.reserved,
+            })
+            .unwrap_or_default())
+    }
+
+    async fn reserve_budget(
+        &self,
+        plan_id: &str,
+        path: &str,
+        attempt: u32,
+        expected: Spend,
+        default: BudgetLimits,
+    ) -> StoreResult<Reservation> {
+        let mut inner = self.lock();
+        if !inner.plans.contains_key(plan_id) {
+            return Err(StoreError::UnknownPlan {
+                plan_id: plan_id.to_owned(),
+            });
+        }
+        let budget = inner.budgets.entry(plan_id.to_owned()).or_default();
+        let limits = budget.limits.unwrap_or(default);
+        let run = format!("{attempt}|{path}");
+        if limits.is_unlimited() || budget.runs.contains_key(&run) {
+            return Ok(Reservation::Granted);
+        }
+        let used = Spend {
+            tokens: budget.spent.tokens.saturating_add(budget.reserved.tokens),
+            cost_nusd: budget
+                .spent
+                .cost_nusd
+                .saturating_add(budget.reserved.cost_nusd),
+        };
+        if !limits.covers(used, expected) {
+            return Ok(Reservation::Exhausted {
+                limits,
+                spent: budget.spent,
+                reserved: budget.reserved,
+            });
+        }
+        budget.reserved.tokens = budget.reserved.tokens.saturating_add(expected.tokens);
+        budget.reserved.cost_nusd = budget.reserved.cost_nusd.saturating_add(expected.cost_nusd);
+        budget.runs.insert(run, expected);
+        Ok(Reservation::Granted)
     }
 }

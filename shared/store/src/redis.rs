@@ -19,15 +19,18 @@
 //! (pruned by the next operation that looks at them). Usage of executor
 //! runs: `P:usage_model:<plan>`, `P:usage_task:<plan>` and the fleet's
 //! `P:usage_models` hashes (fields `<metric>|<name>`), made idempotent by
-//! the set `P:usage_runs:<plan>` (see `redis/record_usage.lua`).
+//! the set `P:usage_runs:<plan>` (see `redis/record_usage.lua`); plan
+//! budgets in `P:budget:<plan>` (limits, spent, reserved) with each run's
+//! reservation in `P:budget_runs:<plan>` (see `redis/reserve_budget.lua`).
 //!
 //! Durability is Redis's: with `appendfsync always` a transition that
 //! returned `Ok` survives a Redis restart.
 
 use crate::rules::{millis, prepare_tasks, wall_ms};
 use crate::{
-    usage_label, ClaimOutcome, Completion, Failure, Fence, NewTask, PlanRecord, PlanUsage,
-    StoreError, StoreResult, TaskRecord, TaskState, TaskStore, UsageTotals,
+    usage_label, BudgetLimits, BudgetState, ClaimOutcome, Completion, Failure, Fence, NewTask,
+    PlanRecord, PlanUsage, Reservation, Spend, StoreError, StoreResult, TaskRecord, TaskState,
+    TaskStore, UsageTotals,
 };
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{ErrorKind, RedisError, Script, ServerErrorKind};
@@ -61,6 +64,8 @@ struct Scripts {
     delete_plan: Script,
     retention: Script,
     record_usage: Script,
+    reserve_budget: Script,
+    set_budget: Script,
 }
 
 impl Scripts {
@@ -84,6 +89,8 @@ impl Scripts {
             delete_plan: s(include_str!("redis/delete_plan.lua")),
             retention: s(include_str!("redis/retention.lua")),
             record_usage: s(include_str!("redis/record_usage.lua")),
+            reserve_budget: s(include_str!("redis/reserve_budget.lua")),
+            set_budget: s(include_str!("redis/set_budget.lua")),
         }
     }
 }
@@ -543,6 +550,12 @@ struct TaskPayload {
     depends_on: String,
     /// JSON text, stored as is.
     dependents: String,
+}
+
+/// Limits as script arguments: the number, or `''` for no limit.
+fn limit_args(limits: BudgetLimits) -> [String; 2] {
+    let arg = |n: Option<u64>| n.map(|n| n.to_string()).unwrap_or_default();
+    [arg(limits.max_tokens), arg(limits.max_cost_nusd)]
 }
 
 fn to_json<T: Serialize>(v: &T) -> StoreResult<String> {
@@ -1147,6 +1160,91 @@ impl TaskStore for RedisStore {
         c.arg(self.key(&["usage_models"]));
         let fields: HashMap<String, String> = self.cmd(c).await?;
         self.usage_fields(&["usage_models"], fields)
+    }
+
+    async fn set_budget(&self, plan_id: &str, limits: BudgetLimits) -> StoreResult<()> {
+        let [tokens, nusd] = limit_args(limits);
+        let reply: Vec<String> = self
+            .run(&self.scripts.set_budget, &[plan_id, &tokens, &nusd])
+            .await?;
+        match reply.first().map(String::as_str) {
+            Some("ok") => Ok(()),
+            _ => Err(self.reply_error(&reply, plan_id, "", "set the budget")),
+        }
+    }
+
+    async fn budget(&self, plan_id: &str) -> StoreResult<BudgetState> {
+        let mut c = ::redis::cmd("HGETALL");
+        c.arg(self.key(&["budget", plan_id]));
+        let f: HashMap<String, String> = self.cmd(c).await?;
+        let num = |name: &str| -> StoreResult<Option<u64>> {
+            f.get(name)
+                .map(|v| {
+                    v.parse::<i64>()
+                        .map(|n| n.max(0) as u64)
+                        .map_err(|_| StoreError::Corrupt {
+                            key: self.key(&["budget", plan_id]),
+                            reason: format!("{name} is '{v}', not a number"),
+                        })
+                })
+                .transpose()
+        };
+        let limits = match f.get("limits_set").map(String::as_str) {
+            Some("1") => Some(BudgetLimits {
+                max_tokens: num("max_tokens")?,
+                max_cost_nusd: num("max_nusd")?,
+            }),
+            _ => None,
+        };
+        Ok(BudgetState {
+            limits,
+            spent: Spend {
+                tokens: num("spent_tokens")?.unwrap_or(0),
+                cost_nusd: num("spent_nusd")?.unwrap_or(0),
+            },
+            reserved: Spend {
+                tokens: num("reserved_tokens")?.unwrap_or(0),
+                cost_nusd: num("reserved_nusd")?.unwrap_or(0),
+            },
+        })
+    }
+
+    async fn reserve_budget(
+        &self,
+        plan_id: &str,
+        path: &str,
+        attempt: u32,
+        expected: Spend,
+        default: BudgetLimits,
+    ) -> StoreResult<Reservation> {
+        let member = format!("{attempt}|{path}");
+        let (tokens, nusd) = (expected.tokens.to_string(), expected.cost_nusd.to_string());
+        let [max_tokens, max_nusd] = limit_args(default);
+        let reply: Vec<String> = self
+            .run(
+                &self.scripts.reserve_budget,
+                &[plan_id, &member, &tokens, &nusd, &max_tokens, &max_nusd],
+            )
+            .await?;
+        let field = |i: usize| reply.get(i).and_then(|v| v.parse::<u64>().ok());
+        match reply.first().map(String::as_str) {
+            Some("granted") => Ok(Reservation::Granted),
+            Some("exhausted") => Ok(Reservation::Exhausted {
+                limits: BudgetLimits {
+                    max_tokens: field(1),
+                    max_cost_nusd: field(2),
+                },
+                spent: Spend {
+                    tokens: field(3).unwrap_or(0),
+                    cost_nusd: field(4).unwrap_or(0),
+                },
+                reserved: Spend {
+                    tokens: field(5).unwrap_or(0),
+                    cost_nusd: field(6).unwrap_or(0),
+                },
+            }),
+            _ => Err(self.reply_error(&reply, plan_id, path, "reserve budget")),
+        }
     }
 }
 

@@ -11,8 +11,8 @@ use devfleet_protocol::{PlanStatus, TaskClass, Usage};
 use devfleet_store::memory::MemoryStore;
 use devfleet_store::redis::RedisStore;
 use devfleet_store::{
-    content_hash, ClaimOutcome, Fence, NewTask, PlanRecord, SharedStore, StoreError, TaskRecord,
-    TaskState, UsageTotals,
+    content_hash, BudgetLimits, BudgetState, ClaimOutcome, Fence, NewTask, PlanRecord, Reservation,
+    SharedStore, Spend, StoreError, TaskRecord, TaskState, UsageTotals,
 };
 use devfleet_testkit::{redis_url, require_env, unique, wait_for, within};
 use std::collections::HashSet;
@@ -1301,6 +1301,119 @@ mod checks {
     }
 }
 
+mod budget_checks {
+    use super::*;
+
+    fn spend(tokens: u64, cost_nusd: u64) -> Spend {
+        Spend { tokens, cost_nusd }
+    }
+
+    fn tokens(max: u64) -> BudgetLimits {
+        BudgetLimits {
+            max_tokens: Some(max),
+            max_cost_nusd: None,
+        }
+    }
+
+    async fn granted(s: &SharedStore, id: &str, path: &str, attempt: u32, expected: Spend) -> bool {
+        match s
+            .reserve_budget(id, path, attempt, expected, BudgetLimits::default())
+            .await
+            .unwrap()
+        {
+            Reservation::Granted => true,
+            Reservation::Exhausted { .. } => false,
+        }
+    }
+
+    pub async fn budget_reservations_reconcile_with_actual_usage(s: SharedStore, _clock: Clock) {
+        let id = create(&s, vec![task("a", &[], 0), task("b", &[], 0)]).await;
+        assert_eq!(s.budget(&id).await.unwrap(), BudgetState::default());
+        assert!(
+            granted(&s, &id, "a", 1, spend(1_000_000, 5)).await,
+            "no limits: anything goes"
+        );
+        assert_eq!(s.budget(&id).await.unwrap().reserved, Spend::default());
+        let limits = BudgetLimits {
+            max_tokens: Some(1000),
+            max_cost_nusd: Some(1_000_000_000),
+        };
+        s.set_budget(&id, limits).await.unwrap();
+        assert!(granted(&s, &id, "a", 1, spend(600, 100)).await);
+        assert!(granted(&s, &id, "a", 1, spend(600, 100)).await, "a repeat");
+        assert_eq!(s.budget(&id).await.unwrap().reserved, spend(600, 100));
+        match s
+            .reserve_budget(&id, "b", 1, spend(500, 0), BudgetLimits::default())
+            .await
+            .unwrap()
+        {
+            Reservation::Exhausted {
+                limits: l,
+                spent,
+                reserved,
+            } => {
+                assert_eq!(l, limits);
+                assert_eq!((spent, reserved), (spend(0, 0), spend(600, 100)));
+            }
+            other => panic!("600 + 500 > 1000 tokens: {other:?}"),
+        }
+        // Reconciled: the reservation goes, the actual usage (400) stays.
+        let used = usage("p", "m", 300, 100, 0.25);
+        assert!(s.record_usage(&id, "a", 1, &[used]).await.unwrap());
+        let b = s.budget(&id).await.unwrap();
+        assert_eq!(
+            (b.limits, b.spent, b.reserved),
+            (Some(limits), spend(400, 250_000_000), spend(0, 0))
+        );
+        assert!(granted(&s, &id, "b", 1, spend(500, 0)).await);
+        // A failed run releases its reservation and spends nothing.
+        assert!(s.record_usage(&id, "b", 1, &[]).await.unwrap());
+        assert_eq!(s.budget(&id).await.unwrap().reserved, spend(0, 0));
+        // An unestimated run goes while the limit is not reached...
+        assert!(granted(&s, &id, "b", 2, Spend::default()).await);
+        let big = usage("p", "m", 500, 100, 0.0);
+        assert!(s.record_usage(&id, "b", 2, &[big]).await.unwrap());
+        assert_eq!(s.budget(&id).await.unwrap().spent.tokens, 1000);
+        // ...and not once it is; raising the budget lets it go again.
+        assert!(!granted(&s, &id, "b", 3, Spend::default()).await);
+        s.set_budget(&id, tokens(2000)).await.unwrap();
+        assert!(granted(&s, &id, "b", 3, Spend::default()).await);
+        // A plan with no budget of its own uses the caller's default.
+        let other = create(&s, vec![task("a", &[], 0)]).await;
+        let r = s
+            .reserve_budget(&other, "a", 1, spend(20, 0), tokens(10))
+            .await
+            .unwrap();
+        assert!(matches!(r, Reservation::Exhausted { .. }), "{r:?}");
+        assert!(matches!(
+            s.reserve_budget("no-such-plan", "a", 1, spend(1, 1), tokens(10))
+                .await,
+            Err(StoreError::UnknownPlan { .. })
+        ));
+        assert!(matches!(
+            s.set_budget("no-such-plan", tokens(1)).await,
+            Err(StoreError::UnknownPlan { .. })
+        ));
+    }
+
+    pub async fn concurrent_reservations_never_overshoot_the_budget(s: SharedStore, _clock: Clock) {
+        let paths: Vec<String> = (0..24).map(|i| format!("t{i:02}")).collect();
+        let id = create(&s, paths.iter().map(|p| task(p, &[], 0)).collect()).await;
+        s.set_budget(&id, tokens(1000)).await.unwrap();
+        let mut racers = tokio::task::JoinSet::new();
+        for path in paths {
+            let (s, id) = (s.clone(), id.clone());
+            racers.spawn(async move { granted(&s, &id, &path, 1, spend(100, 0)).await });
+        }
+        let mut won = 0;
+        while let Some(r) = racers.join_next().await {
+            won += usize::from(r.unwrap());
+        }
+        assert_eq!(won, 10, "exactly what the budget covers");
+        assert_eq!(s.budget(&id).await.unwrap().reserved, spend(1000, 0));
+    }
+}
+
 fn usage(provider: &str, model: &str, tokens_in: u64, tokens_out: u64, cost_usd: f64) -> Usage {
     Usage {
         provider: provider.to_owned(),
@@ -1346,7 +1459,20 @@ macro_rules! store_suite {
                 cache_entries_and_artifacts_are_deleted_only_if_older_than_the_cutoff,
                 usage_is_recorded_once_per_run_by_task_plan_and_model,
             );
+            store_suite!(@budget $make;
+                budget_reservations_reconcile_with_actual_usage,
+                concurrent_reservations_never_overshoot_the_budget,
+            );
         }
+    };
+    (@budget $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let (store, clock) = $make.await;
+                budget_checks::$name(store, clock).await;
+            }
+        )*
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
         $(
