@@ -43,7 +43,7 @@ enum Command {
     Analyze(analyze::AnalyzeArgs),
     /// Submit a plan to a running stack.
     Publish(publish::PublishArgs),
-    /// Plan and task states.
+    /// Plan and task states, and a plan's tokens and cost.
     Status(status::StatusArgs),
     /// Write a plan's generated files to a folder.
     Pull(status::PullArgs),

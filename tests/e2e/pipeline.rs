@@ -104,7 +104,7 @@ impl Executor for Metered {
 
     async fn run(&self, input: &ExecInput) -> Result<ExecOutput, ExecError> {
         let mut output = self.inner.run(input).await?;
-        let model = if input.path.len() % 2 == 0 {
+        let model = if input.path.len().is_multiple_of(2) {
             "even"
         } else {
             "odd"
