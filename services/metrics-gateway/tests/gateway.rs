@@ -1260,6 +1260,22 @@ async fn dashboard_shows_a_running_plan_changing_state_in_chromium() {
         )
         .await;
     assert_eq!(panels, json!(["open", true, "2", 1]));
+    // The usage card follows the fleet's usage per model.
+    seed_usage(&c, &plan).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let usage = cdp
+            .eval("[document.querySelector('#k-usage').textContent, document.querySelector('#k-usage-sub').textContent]")
+            .await;
+        if usage == json!(["150 tok", "$0.2500 · scripted/m1 150"]) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "usage card: {usage}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Let the transitions finish, then keep a screenshot for people.
     tokio::time::sleep(Duration::from_millis(600)).await;
