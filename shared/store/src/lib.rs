@@ -412,7 +412,9 @@ pub trait TaskStore: Send + Sync + 'static {
     async fn ready_len(&self) -> StoreResult<u64>;
     /// Takes the best Ready task and leases it to `owner` for `lease` from
     /// the store's now; increments its attempt. `None` when nothing is
-    /// ready. Concurrent callers never receive the same task.
+    /// ready. Concurrent callers never receive the same task. Tasks of a
+    /// plan whose status is [`PlanStatus::BudgetExhausted`] are not handed
+    /// out: they stay Ready, in place, until the plan's status changes.
     async fn claim_next(&self, owner: &str, lease: Duration) -> StoreResult<Option<TaskRecord>>;
     /// Leases one named task: Ready, or Leased with an expired lease or by
     /// the same owner (a re-claim keeps the attempt), or Leased by the

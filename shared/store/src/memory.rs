@@ -373,8 +373,37 @@ impl TaskStore for MemoryStore {
     async fn claim_next(&self, owner: &str, lease: Duration) -> StoreResult<Option<TaskRecord>> {
         let now_ms = self.now();
         let mut inner = self.lock();
-        let (tasks, _, mut sets) = inner.split();
-        while let Some(((score, seq), (plan_id, path))) = sets.ready.pop_first() {
+        let (tasks, plans, mut sets) = inner.split();
+        // Members of plans whose budget is exhausted stay where they are.
+        let mut after: Option<ReadyKey> = None;
+        let mut scanned = 0usize;
+        loop {
+            let next = match after {
+                None => sets.ready.first_key_value().map(|(k, _)| *k),
+                Some(a) => sets
+                    .ready
+                    .range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
+                    .next()
+                    .map(|(k, _)| *k),
+            };
+            let Some(key) = next else { break };
+            let held = sets.ready.get(&key).is_some_and(|(plan_id, _)| {
+                plans
+                    .get(plan_id)
+                    .is_some_and(|p| p.status == PlanStatus::BudgetExhausted)
+            });
+            if held {
+                scanned += 1;
+                if scanned >= crate::rules::MAX_HELD_SCAN {
+                    break;
+                }
+                after = Some(key);
+                continue;
+            }
+            let Some((plan_id, path)) = sets.ready.remove(&key) else {
+                break;
+            };
+            let (score, seq) = key;
             let Some(t) = tasks.get_mut(&plan_id).and_then(|m| m.get_mut(&path)) else {
                 continue;
             };

@@ -198,3 +198,8 @@ mod tests {
         ));
     }
 }
+
+/// Most ready-set members of plans whose budget is exhausted that one
+/// `claim_next` steps over (they stay in place) before it reports nothing
+/// ready. `redis/claim_next.lua` uses the same bound.
+pub(crate) const MAX_HELD_SCAN: usize = 10_000;

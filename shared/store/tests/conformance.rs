@@ -1396,6 +1396,36 @@ mod budget_checks {
         ));
     }
 
+    pub async fn claim_next_holds_back_a_plan_whose_budget_is_exhausted(
+        s: SharedStore,
+        _clock: Clock,
+    ) {
+        let paused = create(&s, vec![task("a", &[], 9), task("b", &[], 9)]).await;
+        let other = create(&s, vec![task("c", &[], 1)]).await;
+        s.set_plan_status(&paused, PlanStatus::BudgetExhausted, None)
+            .await
+            .unwrap();
+        let got = s.claim_next("w", LEASE).await.unwrap().map(|t| t.path);
+        assert_eq!(
+            got.as_deref(),
+            Some("c"),
+            "the other plan's task, though lower"
+        );
+        assert_eq!(s.claim_next("w", LEASE).await.unwrap(), None);
+        assert_eq!(
+            state(&s, &paused, "a").await,
+            TaskState::Ready,
+            "left in place"
+        );
+        assert_eq!(s.ready_len().await.unwrap(), 2);
+        s.set_plan_status(&paused, PlanStatus::Running, None)
+            .await
+            .unwrap();
+        let got = s.claim_next("w", LEASE).await.unwrap().map(|t| t.path);
+        assert_eq!(got.as_deref(), Some("a"), "in its order again");
+        let _ = other;
+    }
+
     pub async fn concurrent_reservations_never_overshoot_the_budget(s: SharedStore, _clock: Clock) {
         let paths: Vec<String> = (0..24).map(|i| format!("t{i:02}")).collect();
         let id = create(&s, paths.iter().map(|p| task(p, &[], 0)).collect()).await;
@@ -1462,6 +1492,7 @@ macro_rules! store_suite {
             store_suite!(@budget $make;
                 budget_reservations_reconcile_with_actual_usage,
                 concurrent_reservations_never_overshoot_the_budget,
+                claim_next_holds_back_a_plan_whose_budget_is_exhausted,
             );
         }
     };
