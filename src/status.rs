@@ -51,12 +51,16 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("no plan '{plan_id}'; `devfleet status` lists them"))?;
     let tasks = store.tasks(&plan_id).await?;
     let usage = store.plan_usage(&plan_id).await?;
+    let budget = store.budget(&plan_id).await?;
     if args.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({ "plan": plan, "tasks": tasks, "usage": usage })
-            )?
+            serde_json::to_string_pretty(&serde_json::json!({
+                "plan": plan,
+                "tasks": tasks,
+                "usage": usage,
+                "budget": budget,
+            }))?
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -74,6 +78,11 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         println!("  {m}");
     }
     print!("{}", crate::report::usage_lines(&usage));
+    if budget.limits.is_some() {
+        for line in crate::budget::describe(&plan_id, &budget).lines() {
+            println!("  {line}");
+        }
+    }
     println!(
         "{:<50} {:<8} {:>7} {:<4} {:>9} {:>10}  NOTE",
         "TASK", "STATE", "ATTEMPT", "PRIO", "TOKENS", "COST"
