@@ -24,7 +24,7 @@ use devfleet_protocol::{
 };
 use devfleet_runtime::Connections;
 use devfleet_scheduler::TASKS_COMPLETED;
-use devfleet_store::{PlanRecord, TaskState, UsageTotals};
+use devfleet_store::{BudgetLimits, PlanRecord, TaskState, UsageTotals};
 use devfleet_testkit::{unique, wait_for, within};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -100,6 +100,17 @@ impl Metered {
 impl Executor for Metered {
     fn identity(&self) -> String {
         format!("metered:{}", self.inner.identity())
+    }
+
+    /// The prompt (as reported after) plus a maximum completion of 10.
+    fn estimate(&self, input: &ExecInput) -> Option<Usage> {
+        Some(Usage {
+            model: "estimate".into(),
+            tokens_in: 100 + input.path.len() as u64,
+            tokens_out: 10,
+            estimated: true,
+            ..Usage::default()
+        })
     }
 
     async fn run(&self, input: &ExecInput) -> Result<ExecOutput, ExecError> {
@@ -216,6 +227,17 @@ impl Stack {
     }
 
     fn worker(&mut self, executors: Executors, min: u32, max: u32) {
+        self.worker_with(executors, min, max, |_| {});
+    }
+
+    /// [`Stack::worker`] with its config changed by `change`.
+    fn worker_with(
+        &mut self,
+        executors: Executors,
+        min: u32,
+        max: u32,
+        change: impl FnOnce(&mut devfleet_dev_worker::Config),
+    ) {
         let mut config = devfleet_dev_worker::Config::new(self.connections.clone());
         config.executors = executors;
         config.scale = ScalePolicy {
@@ -227,6 +249,7 @@ impl Stack {
         config.lease = Duration::from_secs(3);
         config.heartbeat_ttl = Duration::from_secs(2);
         config.shutdown_grace = Duration::from_secs(5);
+        change(&mut config);
         self.services
             .spawn(devfleet_dev_worker::run(config, self.shutdown.clone()));
     }
@@ -619,6 +642,111 @@ async fn usage_totals_equal_what_the_executor_reported_and_cache_hits_cost_nothi
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory_usage_totals_equal_what_the_executor_reported_and_cache_hits_cost_nothing() {
     usage_is_recorded_per_task_plan_and_model(Backend::Memory).await;
+}
+
+/// A plan runs out of its (the workers' default) budget: the task that
+/// does not fit is handed back, the plan ends `budget_exhausted` with
+/// nothing failed or dead-lettered and the spend within the limit; `devfleet
+/// budget` raises it and the plan then succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plan_out_of_budget_ends_budget_exhausted_and_devfleet_budget_resumes_it() {
+    let mut stack = Stack::new(Backend::Real).await;
+    let metered = Metered::new(Arc::new(Simulate::new(SimulateSettings {
+        unit: Duration::ZERO,
+        ..SimulateSettings::default()
+    })));
+    let executors =
+        Executors::new(ExecutorKind::Simulate).with(ExecutorKind::Simulate, metered.clone());
+    stack.scheduler();
+    // Each run reports 111 + 7 = 118 tokens and reserves 111 + 10 = 121:
+    // three runs fit in 400 (the fourth would need 354 + 121).
+    stack.worker_with(executors, 2, 2, |config| {
+        config.default_budget = BudgetLimits {
+            max_tokens: Some(400),
+            max_cost_nusd: None,
+        };
+    });
+    let chain: Vec<T> = (0..6)
+        .map(|i| {
+            let deps: Vec<String> = (i > 0)
+                .then(|| format!("src/m{:03}.py", i - 1))
+                .into_iter()
+                .collect();
+            t(format!("src/m{i:03}.py"), &deps)
+        })
+        .collect();
+    let plan = analyzed(chain, ExecutorKind::Simulate);
+    stack.submit(&plan).await;
+    let paused = stack
+        .plan_where(
+            &plan.plan_id,
+            "run out of budget",
+            Duration::from_secs(120),
+            |p| p.status == PlanStatus::BudgetExhausted,
+        )
+        .await;
+    let message = paused.message.unwrap_or_default();
+    assert!(
+        message.contains("budget exhausted") && message.contains("devfleet budget"),
+        "{message}"
+    );
+    let store = stack.connections.store.clone();
+    let states = stack.states(&plan.plan_id).await;
+    let done = states.values().filter(|s| **s == TaskState::Done).count();
+    assert_eq!(done, 3, "{states:?}");
+    assert_eq!(
+        states["src/m003.py"],
+        TaskState::Ready,
+        "handed back: {states:?}"
+    );
+    assert!(
+        !states
+            .values()
+            .any(|s| matches!(s, TaskState::Failed | TaskState::Blocked)),
+        "{states:?}"
+    );
+    assert!(
+        store.kv_list("dlq").await.unwrap().is_empty(),
+        "nothing dead-lettered"
+    );
+    let budget = store.budget(&plan.plan_id).await.unwrap();
+    assert_eq!(budget.spent.tokens, 3 * 118);
+    assert_eq!(budget.reserved.tokens, 0);
+    assert_eq!(
+        store.plan_usage(&plan.plan_id).await.unwrap().total.calls,
+        3
+    );
+
+    // Raised with the CLI: the plan runs again and succeeds.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_devfleet"))
+        .args(["budget", &plan.plan_id, "--max-tokens", "2000"])
+        .env("DEVFLEET_AMQP_URL", devfleet_testkit::amqp_url())
+        .env("DEVFLEET_REDIS_URL", devfleet_testkit::redis_url())
+        .env("DEVFLEET_BUS", "amqp")
+        .env("DEVFLEET_NAMESPACE", &stack.connections.namespace)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("limit 2000") && stdout.contains("resumed"),
+        "{stdout}"
+    );
+    let r = stack
+        .finished(&plan.plan_id, Duration::from_secs(120))
+        .await;
+    assert_eq!(r.status, PlanStatus::Succeeded, "{r:?}");
+    let budget = store.budget(&plan.plan_id).await.unwrap();
+    // The handed-back task ran as its attempt 2 (7 more tokens out).
+    assert_eq!(
+        (budget.spent.tokens, budget.reserved.tokens),
+        (6 * 118 + 7, 0)
+    );
+    stack.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
