@@ -366,6 +366,7 @@ fn analyzed(tasks: Vec<T>, executor: ExecutorKind) -> PlanAnalyzed {
             tasks: vec![],
             integration: vec![],
             deploy: None,
+            budget: None,
         },
         tasks: analyzed_tasks,
         critical_path_length: u64::from(critical),
@@ -644,7 +645,7 @@ async fn memory_usage_totals_equal_what_the_executor_reported_and_cache_hits_cos
     usage_is_recorded_per_task_plan_and_model(Backend::Memory).await;
 }
 
-/// A plan runs out of its (the workers' default) budget: the task that
+/// A plan runs out of its budget: the task that
 /// does not fit is handed back, the plan ends `budget_exhausted` with
 /// nothing failed or dead-lettered and the spend within the limit; `devfleet
 /// budget` raises it and the plan then succeeds.
@@ -658,11 +659,11 @@ async fn a_plan_out_of_budget_ends_budget_exhausted_and_devfleet_budget_resumes_
     let executors =
         Executors::new(ExecutorKind::Simulate).with(ExecutorKind::Simulate, metered.clone());
     stack.scheduler();
-    // Each run reports 111 + 7 = 118 tokens and reserves 111 + 10 = 121:
-    // three runs fit in 400 (the fourth would need 354 + 121).
+    // The workers' default (100 tokens) would stop the first call: the
+    // plan's own budget wins over it.
     stack.worker_with(executors, 2, 2, |config| {
         config.default_budget = BudgetLimits {
-            max_tokens: Some(400),
+            max_tokens: Some(100),
             max_cost_nusd: None,
         };
     });
@@ -675,7 +676,13 @@ async fn a_plan_out_of_budget_ends_budget_exhausted_and_devfleet_budget_resumes_
             t(format!("src/m{i:03}.py"), &deps)
         })
         .collect();
-    let plan = analyzed(chain, ExecutorKind::Simulate);
+    let mut plan = analyzed(chain, ExecutorKind::Simulate);
+    // Each run reports 111 + 7 = 118 tokens and reserves 111 + 10 = 121:
+    // three runs fit in 400 (the fourth would need 354 + 121).
+    plan.plan.budget = Some(devfleet_protocol::PlanBudget {
+        max_tokens: Some(400),
+        max_cost_usd: Some(10.0),
+    });
     stack.submit(&plan).await;
     let paused = stack
         .plan_where(

@@ -617,8 +617,9 @@ pub trait TaskStore: Send + Sync + 'static {
     // Plan budgets (issue 13): reservations before a call, reconciled by
     // `record_usage` after it.
 
-    /// Sets (replaces) a plan's budget; [`StoreError::UnknownPlan`] if
-    /// there is no such plan. What was spent and reserved is kept.
+    /// Sets (replaces) a plan's budget. What was spent and reserved is
+    /// kept. The plan need not exist yet: the scheduler sets a plan's own
+    /// budget before creating its tasks, so none of them runs without it.
     async fn set_budget(&self, plan_id: &str, limits: BudgetLimits) -> StoreResult<()>;
     /// A plan's budget: its limits (`None` when none was set), what its
     /// recorded runs spent and what runs in flight reserved.

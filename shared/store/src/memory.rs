@@ -1052,11 +1052,6 @@ impl TaskStore for MemoryStore {
 
     async fn set_budget(&self, plan_id: &str, limits: BudgetLimits) -> StoreResult<()> {
         let mut inner = self.lock();
-        if !inner.plans.contains_key(plan_id) {
-            return Err(StoreError::UnknownPlan {
-                plan_id: plan_id.to_owned(),
-            });
-        }
         inner.budgets.entry(plan_id.to_owned()).or_default().limits = Some(limits);
         Ok(())
     }

@@ -143,6 +143,11 @@ pub(crate) fn millis(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// Most ready-set members of plans whose budget is exhausted that one
+/// `claim_next` steps over (they stay in place) before it reports nothing
+/// ready. `redis/claim_next.lua` uses the same bound.
+pub(crate) const MAX_HELD_SCAN: usize = 10_000;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,8 +203,3 @@ mod tests {
         ));
     }
 }
-
-/// Most ready-set members of plans whose budget is exhausted that one
-/// `claim_next` steps over (they stay in place) before it reports nothing
-/// ready. `redis/claim_next.lua` uses the same bound.
-pub(crate) const MAX_HELD_SCAN: usize = 10_000;

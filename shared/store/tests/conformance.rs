@@ -1390,10 +1390,16 @@ mod budget_checks {
                 .await,
             Err(StoreError::UnknownPlan { .. })
         ));
-        assert!(matches!(
-            s.set_budget("no-such-plan", tokens(1)).await,
-            Err(StoreError::UnknownPlan { .. })
-        ));
+        // A budget set before its plan exists is the plan's once it does.
+        s.set_budget("later", tokens(5)).await.unwrap();
+        s.create_plan(plan("later", 1), vec![task("a", &[], 0)])
+            .await
+            .unwrap();
+        let r = s
+            .reserve_budget("later", "a", 1, spend(6, 0), BudgetLimits::default())
+            .await
+            .unwrap();
+        assert!(matches!(r, Reservation::Exhausted { .. }), "{r:?}");
     }
 
     pub async fn claim_next_holds_back_a_plan_whose_budget_is_exhausted(

@@ -1,8 +1,7 @@
 -- set_budget: ARGV[2] plan, [3] max tokens, [4] max nano-dollars ('' = no
 -- limit). Replaces the plan's limits in P:budget:<plan>; spend is kept.
--- Reply: {'ok'} or {'unknown_plan'}.
+-- The plan need not exist yet. Reply: {'ok'}.
 local plan = ARGV[2]
-if redis.call('EXISTS', plan_key(plan)) == 0 then return {'unknown_plan'} end
 local budget = P .. ':budget:' .. plan
 redis.call('HSET', budget, 'limits_set', '1')
 if ARGV[3] == '' then redis.call('HDEL', budget, 'max_tokens')
