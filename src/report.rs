@@ -3,7 +3,7 @@
 
 use devfleet_protocol::PlanAnalyzed;
 use devfleet_runtime::Connections;
-use devfleet_store::{PlanRecord, PlanUsage, UsageTotals};
+use devfleet_store::{BudgetState, PlanRecord, PlanUsage, UsageTotals};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -22,6 +22,8 @@ pub struct PlanReport {
     /// Tokens and cost of the plan's executor runs, in total, per model
     /// and per task (cache hits ran no executor and count nothing).
     pub usage: PlanUsage,
+    /// The plan's budget: limits, spent, reserved by running work.
+    pub budget: BudgetState,
     /// Dead-letter entries of this plan.
     pub dead_letters: Vec<String>,
     /// From submission to the final status.
@@ -131,6 +133,7 @@ impl PlanReport {
             cache_hits: store.counter(&format!("cache_hits:{plan_id}")).await?,
             cache_misses: store.counter(&format!("cache_misses:{plan_id}")).await?,
             usage: store.plan_usage(plan_id).await?,
+            budget: store.budget(plan_id).await?,
             dead_letters,
             makespan_ms: plan.updated_ms - plan.created_ms,
             critical_path_files,
@@ -167,6 +170,11 @@ impl std::fmt::Display for PlanReport {
             self.cache_hits, self.cache_misses
         );
         let _ = write!(out, "{}", usage_lines(&self.usage));
+        if self.budget.limits.is_some() {
+            for line in crate::budget::describe(&p.id, &self.budget).lines() {
+                let _ = writeln!(out, "  {line}");
+            }
+        }
         let _ = writeln!(
             out,
             "  makespan    {:.2} s; critical path {} files (estimate {}), depth {} layers",

@@ -724,21 +724,34 @@ async fn a_plan_out_of_budget_ends_budget_exhausted_and_devfleet_budget_resumes_
         3
     );
 
-    // Raised with the CLI: the plan runs again and succeeds.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_devfleet"))
-        .args(["budget", &plan.plan_id, "--max-tokens", "2000"])
-        .env("DEVFLEET_AMQP_URL", devfleet_testkit::amqp_url())
-        .env("DEVFLEET_REDIS_URL", devfleet_testkit::redis_url())
-        .env("DEVFLEET_BUS", "amqp")
-        .env("DEVFLEET_NAMESPACE", &stack.connections.namespace)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_devfleet"))
+            .args(args)
+            .env("DEVFLEET_AMQP_URL", devfleet_testkit::amqp_url())
+            .env("DEVFLEET_REDIS_URL", devfleet_testkit::redis_url())
+            .env("DEVFLEET_BUS", "amqp")
+            .env("DEVFLEET_NAMESPACE", &stack.connections.namespace)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    // `devfleet status` says what was spent against which limit.
+    let status = cli(&["status", &plan.plan_id]);
     assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+        status.contains("budget_exhausted")
+            && status.contains("usage       354 tokens")
+            && status.contains("354 spent, 0 reserved, limit 400"),
+        "{status}"
     );
+
+    // Raised with the CLI: the plan runs again and succeeds.
+    let stdout = cli(&["budget", &plan.plan_id, "--max-tokens", "2000"]);
     assert!(
         stdout.contains("limit 2000") && stdout.contains("resumed"),
         "{stdout}"
