@@ -105,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
             tasks: vec![],
             integration: vec![],
             deploy: None,
+            budget: None,
         },
         tasks: analyzed,
         critical_path_length: u64::try_from(tasks.div_ceil(width)).unwrap_or(0),

@@ -3,7 +3,7 @@
 use anyhow::Context as _;
 use devfleet_protocol::{queues, Plan, PlanStatus, PlanSubmitted};
 use devfleet_runtime::{ConnectArgs, Connections};
-use devfleet_store::PlanRecord;
+use devfleet_store::{PlanRecord, TaskState};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -116,8 +116,9 @@ fn new_plan_id(name: &str) -> String {
     }
 }
 
-/// Polls the store until the plan reaches a final status; `progress` sees
-/// each change.
+/// Polls the store until the plan reaches a final status, or is
+/// `budget_exhausted` with no task running or in QA any more; `progress`
+/// sees each change.
 pub async fn wait_for_plan(
     connections: &Connections,
     plan_id: &str,
@@ -134,6 +135,17 @@ pub async fn wait_for_plan(
                 last = Some(key);
             }
             if record.status.is_final() {
+                return Ok(record);
+            }
+            // Out of budget: ended once the work that was running finished.
+            if record.status == PlanStatus::BudgetExhausted
+                && !connections
+                    .store
+                    .tasks(plan_id)
+                    .await?
+                    .iter()
+                    .any(|t| matches!(t.state, TaskState::Leased | TaskState::Built))
+            {
                 return Ok(record);
             }
         }

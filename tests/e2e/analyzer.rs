@@ -27,6 +27,7 @@ fn plan(tasks: Vec<TaskDef>) -> Plan {
         tasks,
         integration: vec![],
         deploy: None,
+        budget: None,
     }
 }
 

@@ -172,6 +172,7 @@ fn chains(n: usize, width: usize, estimate: u32) -> PlanAnalyzed {
             tasks: vec![],
             integration: vec![],
             deploy: None,
+            budget: None,
         },
         tasks,
         critical_path_length: u64::try_from(n.div_ceil(width)).unwrap_or(0),

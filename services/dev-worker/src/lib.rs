@@ -85,6 +85,10 @@ pub struct Config {
     pub cache: bool,
     /// Mixed into every cache key: change it to stop reusing results.
     pub cache_salt: String,
+    /// The budget of a plan that sets none (unlimited by default).
+    pub default_budget: devfleet_store::BudgetLimits,
+    /// The cost limit as configured, for validation.
+    pub default_max_cost_usd: Option<f64>,
 }
 
 impl Config {
@@ -129,6 +133,12 @@ impl Config {
              and --scale-tick-seconds (DEVFLEET_DEV_SCALE_TICK_SECONDS) positive"
         );
         anyhow::ensure!(
+            self.default_max_cost_usd
+                .is_none_or(|c| c.is_finite() && c > 0.0),
+            "--default-max-cost-usd (DEVFLEET_DEV_DEFAULT_MAX_COST_USD) must be a positive number \
+             of US dollars"
+        );
+        anyhow::ensure!(
             !self.instance.is_empty(),
             "the instance name must not be empty"
         );
@@ -168,6 +178,7 @@ pub(crate) struct Worker {
     pub heartbeat_ttl: Duration,
     pub cache: bool,
     pub cache_salt: String,
+    pub default_budget: devfleet_store::BudgetLimits,
 }
 
 impl Worker {
@@ -188,6 +199,7 @@ impl Worker {
             heartbeat_ttl: config.heartbeat_ttl,
             cache: config.cache,
             cache_salt: config.cache_salt.clone(),
+            default_budget: config.default_budget,
         }
     }
 

@@ -4,9 +4,9 @@
 //! them from flags and environment, `devfleet up` from the environment,
 //! and [`crate::Config::new`] takes their defaults.
 
+use crate::executor::breaker::Breaker;
 use crate::executor::command::profile::AgentProfile;
 use crate::executor::command::sandbox::AgentSandbox;
-use crate::executor::breaker::Breaker;
 use crate::executor::command::{CommandExecutor, DEFAULT_OUTPUT_CAP};
 use crate::executor::openai::{
     ApiKey, OpenAi, OpenAiSettings, DEFAULT_BASE_URL, DEFAULT_CONTEXT_TOKENS, DEFAULT_MAX_TOKENS,
@@ -21,8 +21,8 @@ use anyhow::Context as _;
 use devfleet_protocol::ExecutorKind;
 use devfleet_runtime::settings::seconds;
 use devfleet_runtime::Connections;
+use devfleet_store::{nano_usd, BudgetLimits, SharedStore};
 use std::path::PathBuf;
-use devfleet_store::SharedStore;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,6 +65,13 @@ pub struct Settings {
     /// Mixed into every cache key; change it to stop reusing cached results.
     #[arg(long, env = "DEVFLEET_DEV_CACHE_SALT", default_value = "")]
     pub cache_salt: String,
+    /// Token budget of a plan that sets none (tokens in + out over all its
+    /// executor runs); unset: no limit.
+    #[arg(long, env = "DEVFLEET_DEV_DEFAULT_MAX_TOKENS")]
+    pub default_max_tokens: Option<u64>,
+    /// Cost budget, US dollars, of a plan that sets none; unset: no limit.
+    #[arg(long, env = "DEVFLEET_DEV_DEFAULT_MAX_COST_USD")]
+    pub default_max_cost_usd: Option<f64>,
     #[command(flatten)]
     pub executors: ExecutorArgs,
 }
@@ -175,6 +182,11 @@ impl Settings {
             heartbeat_ttl: self.heartbeat_ttl_seconds,
             cache: self.cache,
             cache_salt: self.cache_salt,
+            default_budget: BudgetLimits {
+                max_tokens: self.default_max_tokens,
+                max_cost_nusd: self.default_max_cost_usd.map(nano_usd),
+            },
+            default_max_cost_usd: self.default_max_cost_usd,
         }
     }
 }

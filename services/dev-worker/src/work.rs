@@ -11,6 +11,8 @@
 //! | what happened                          | delivery                           |
 //! |----------------------------------------|------------------------------------|
 //! | built (or cache hit), `task.built` sent | ack                                |
+//! | usage or artifact not recordable        | retry with backoff                 |
+//! | plan budget exhausted: task handed back, plan `budget_exhausted` | ack |
 //! | executor failed, `task.failed` sent     | ack                                |
 //! | task held by another worker / final     | ack (duplicate)                    |
 //! | lease lost while building               | ack, nothing published             |
@@ -44,10 +46,13 @@ use devfleet_bus::ConsumeOptions;
 use devfleet_contracts::capacity::DISPATCH_OWNER;
 use devfleet_protocol::metrics::{BuildFailure, BuildTiming};
 use devfleet_protocol::{
-    queues, Envelope, Message, Stage, TaskBuilt, TaskClass, TaskFailed, TaskWork,
+    queues, Envelope, Message, PlanStatus, Stage, TaskBuilt, TaskClass, TaskFailed, TaskWork, Usage,
 };
 use devfleet_runtime::consume::{self, Consume, Inflight, Settlement};
-use devfleet_store::{ClaimOutcome, Fence, StoreError, TaskRecord, TaskState};
+use devfleet_store::{
+    BudgetLimits, ClaimOutcome, Fence, Reservation, Spend, StoreError, TaskRecord, TaskState,
+    UsageTotals,
+};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -183,6 +188,18 @@ async fn run_claimed(worker: &Worker, record: TaskRecord) -> Settlement {
     let (plan_id, path) = (&record.plan_id, &record.path);
     match result {
         Ok(built) => {
+            // Usage is spent whether or not this claim is still current, so
+            // it is recorded before the fenced write; keyed by the attempt,
+            // so a redelivered build of the same attempt counts once.
+            // It also reconciles the run's budget reservation.
+            if !built.cache_hit {
+                if let Err(e) = store
+                    .record_usage(plan_id, path, record.attempt, &built.usage)
+                    .await
+                {
+                    return Settlement::from_store_error("recording the usage", e);
+                }
+            }
             // Fenced: a worker whose claim is over (paused past its lease,
             // the task taken over) records nothing and announces nothing.
             match store
@@ -231,7 +248,17 @@ async fn run_claimed(worker: &Worker, record: TaskRecord) -> Settlement {
                 .await;
             Settlement::Ack
         }
+        Err(BuildError::Budget(message)) => {
+            drop(keeper);
+            hand_back(worker, &record, &fence, message).await
+        }
         Err(BuildError::Exec(error)) => {
+            // Release what the run reserved of the plan's budget (a failed
+            // run reports no usage). Best effort: a reservation left over
+            // only makes the budget stricter.
+            if let Err(e) = store.record_usage(plan_id, path, record.attempt, &[]).await {
+                tracing::warn!(error = %e, "cannot release the run's budget reservation");
+            }
             // A worker whose claim is over does not report its failure: the
             // attempt is someone else's now.
             match store.renew(plan_id, path, &fence, worker.lease).await {
@@ -271,6 +298,36 @@ async fn run_claimed(worker: &Worker, record: TaskRecord) -> Settlement {
             Settlement::Ack
         }
         Err(BuildError::Store(e)) => Settlement::from_store_error("building the task", e),
+    }
+}
+
+/// The plan's budget cannot cover the task's next executor call: pause the
+/// plan (`budget_exhausted`: the store hands out none of its work until its
+/// status changes) and hand the task back to the ready set without running
+/// it, neither failed nor dead-lettered. Set the status first, so the task
+/// is not dispatched again in between.
+async fn hand_back(
+    worker: &Worker,
+    record: &TaskRecord,
+    fence: &Fence,
+    message: String,
+) -> Settlement {
+    let store = &worker.connections.store;
+    let (plan_id, path) = (&record.plan_id, &record.path);
+    tracing::warn!(%message, "the plan's budget is exhausted; handing the task back");
+    if let Err(e) = store
+        .set_plan_status(plan_id, PlanStatus::BudgetExhausted, Some(message))
+        .await
+    {
+        return Settlement::from_store_error("pausing the plan", e);
+    }
+    match store
+        .requeue(plan_id, path, fence, record.class, record.error.clone())
+        .await
+    {
+        Ok(()) => Settlement::Ack,
+        Err(e) if e.is_stale() => Settlement::Ack,
+        Err(e) => Settlement::from_store_error("handing the task back", e),
     }
 }
 
@@ -371,9 +428,14 @@ struct Built {
     cache_key: Option<String>,
     executor: String,
     duration: Duration,
+    /// What the executor's model calls used (empty for a cache hit).
+    usage: Vec<Usage>,
 }
 
 enum BuildError {
+    /// The plan's budget cannot cover the call (the message says why):
+    /// hand the task back and pause the plan.
+    Budget(String),
     /// The executor (or the task's inputs) failed: publish `task.failed`.
     Exec(ExecError),
     /// The store failed: retry the message.
@@ -421,10 +483,41 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
                 cache_key: None,
                 executor: identity,
                 duration: started.elapsed(),
+                usage: Vec::new(),
             });
         }
     }
     let input = exec_input(worker, record, &dependencies).await?;
+    // Reserve the expected usage against the plan's budget; an executor
+    // that cannot estimate reserves nothing (refused only once a limit is
+    // reached).
+    let expected = executor
+        .estimate(&input)
+        .map(|u| Spend::of(&UsageTotals::of(&u)))
+        .unwrap_or_default();
+    let reservation = store
+        .reserve_budget(
+            &record.plan_id,
+            &record.path,
+            record.attempt,
+            expected,
+            worker.default_budget,
+        )
+        .await?;
+    if let Reservation::Exhausted {
+        limits,
+        spent,
+        reserved,
+    } = reservation
+    {
+        return Err(BuildError::Budget(exhausted_message(
+            &record.plan_id,
+            limits,
+            spent,
+            reserved,
+            expected,
+        )));
+    }
     let output = match tokio::time::timeout(worker.exec_timeout, executor.run(&input)).await {
         Ok(result) => result.map_err(BuildError::Exec)?,
         Err(_) => {
@@ -441,7 +534,40 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
         cache_key: worker.cache.then_some(key),
         executor: identity,
         duration: started.elapsed(),
+        usage: output.usage,
     })
+}
+
+/// The plan's status message when its budget ran out: what was spent and
+/// reserved against which limit, and how to raise it.
+fn exhausted_message(
+    plan_id: &str,
+    limits: BudgetLimits,
+    spent: Spend,
+    reserved: Spend,
+    next: Spend,
+) -> String {
+    let usd = |n: u64| n as f64 / 1e9;
+    let mut parts = Vec::new();
+    if let Some(max) = limits.max_tokens {
+        parts.push(format!(
+            "{} of {max} tokens spent ({} reserved by running work; the next call needs {})",
+            spent.tokens, reserved.tokens, next.tokens
+        ));
+    }
+    if let Some(max) = limits.max_cost_nusd {
+        parts.push(format!(
+            "${:.6} of ${:.6} spent (${:.6} reserved; the next call needs ${:.6})",
+            usd(spent.cost_nusd),
+            usd(max),
+            usd(reserved.cost_nusd),
+            usd(next.cost_nusd)
+        ));
+    }
+    format!(
+        "budget exhausted: {}; raise it with `devfleet budget {plan_id} --max-tokens N --max-cost-usd X`",
+        parts.join(", ")
+    )
 }
 
 /// Every dependency of the task, direct and transitive (breadth first

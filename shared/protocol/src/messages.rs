@@ -310,6 +310,11 @@ pub enum PlanStatus {
     Deploying,
     Succeeded,
     Failed,
+    /// The plan's budget cannot cover its next executor call: nothing of
+    /// it is dispatched, running work finishes, the rest waits. Not final:
+    /// `devfleet budget PLAN_ID …` raises the budget and the plan runs
+    /// again.
+    BudgetExhausted,
 }
 
 impl PlanStatus {
@@ -323,6 +328,7 @@ impl PlanStatus {
             PlanStatus::Deploying => "deploying",
             PlanStatus::Succeeded => "succeeded",
             PlanStatus::Failed => "failed",
+            PlanStatus::BudgetExhausted => "budget_exhausted",
         }
     }
     /// True once the plan can change no more.

@@ -69,6 +69,43 @@ pub struct Plan {
     /// Canary rollout after integration passed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deploy: Option<DeploySpec>,
+    /// What the plan's executor runs may use in all; when the next call
+    /// does not fit, the plan ends `budget_exhausted` (see docs/AGENTS.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<PlanBudget>,
+}
+
+/// A plan's budget: either limit or both.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PlanBudget {
+    /// Tokens in + out over all the plan's executor runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
+    /// Cost in US dollars (from the executors' price tables).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost_usd: Option<f64>,
+}
+
+impl PlanBudget {
+    /// Checks that it sets a limit and that each is positive.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_tokens.is_none() && self.max_cost_usd.is_none() {
+            return Err(
+                "set max_tokens, max_cost_usd or both (or leave budget out for no limit)".into(),
+            );
+        }
+        if self.max_tokens == Some(0) {
+            return Err("max_tokens must be positive".into());
+        }
+        if let Some(c) = self.max_cost_usd {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(format!(
+                    "max_cost_usd must be a positive number of US dollars; got {c}"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One file of a plan.
@@ -447,6 +484,8 @@ pub enum PlanError {
     InvalidBase { base: String, reason: String },
     #[error("deploy: {0}")]
     InvalidDeploy(String),
+    #[error("budget: {0}")]
+    InvalidBudget(String),
 }
 
 impl Plan {
@@ -561,6 +600,9 @@ impl Plan {
         }
         if let Some(deploy) = &self.deploy {
             deploy.validate().map_err(PlanError::InvalidDeploy)?;
+        }
+        if let Some(budget) = &self.budget {
+            budget.validate().map_err(PlanError::InvalidBudget)?;
         }
         Ok(())
     }
@@ -935,6 +977,7 @@ colour: red
             }],
             integration: vec![],
             deploy: None,
+            budget: None,
         };
         assert!(matches!(
             plan.validate(),
@@ -960,6 +1003,7 @@ colour: red
                 .collect(),
             integration: vec![],
             deploy: None,
+            budget: None,
         }
     }
 
@@ -1094,6 +1138,32 @@ colour: red
         }
         validate_path(".gitignore").unwrap();
         validate_path("a/.github/workflows/ci.yml").unwrap();
+    }
+
+    #[test]
+    fn a_budget_is_parsed_and_checked() {
+        let with = |budget: &str| Plan::parse(&format!("{GOOD}budget: {budget}\n"));
+        let plan = with("{ max_tokens: 200000, max_cost_usd: 2.5 }").unwrap();
+        assert_eq!(
+            plan.budget,
+            Some(PlanBudget {
+                max_tokens: Some(200_000),
+                max_cost_usd: Some(2.5)
+            })
+        );
+        for (bad, says) in [
+            ("{ max_tokens: 0 }", "max_tokens must be positive"),
+            ("{ max_cost_usd: -1 }", "positive number of US dollars"),
+            ("{}", "set max_tokens, max_cost_usd or both"),
+        ] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("budget: ") && err.contains(says),
+                "{bad}: {err}"
+            );
+        }
+        let err = with("{ max_tokenz: 5 }").unwrap_err().to_string();
+        assert!(err.contains("max_tokenz"), "{err}");
     }
 
     #[test]

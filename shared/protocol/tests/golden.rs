@@ -95,6 +95,7 @@ fn plan() -> Plan {
         ],
         integration: vec![step()],
         deploy: Some(deploy_spec()),
+        budget: None,
     }
 }
 

@@ -178,6 +178,11 @@ pub fn token_bucket_step(
     }
 }
 
+/// Most ready-set members of plans whose budget is exhausted that one
+/// `claim_next` steps over (they stay in place) before it reports nothing
+/// ready. `redis/claim_next.lua` uses the same bound.
+pub(crate) const MAX_HELD_SCAN: usize = 10_000;
+
 #[cfg(test)]
 mod tests {
     use super::*;
