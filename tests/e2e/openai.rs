@@ -88,6 +88,7 @@ async fn the_prompt_of_a_task_holds_its_transitive_dependencies_generated_code()
             tasks: vec![],
             integration: vec![],
             deploy: None,
+            budget: None,
         },
         tasks: vec![
             task("app/a.py", &[], 3, 0),
@@ -216,6 +217,7 @@ async fn two_worker_processes_together_never_exceed_the_requests_per_minute_limi
             tasks: vec![],
             integration: vec![],
             deploy: None,
+            budget: None,
         },
         tasks: (0..n)
             .map(|i| task(&format!("f{i}.py"), &[], 1, 0))
