@@ -23,6 +23,7 @@ fn plan(tasks: Vec<TaskDef>) -> Plan {
     Plan {
         name: "e2e".into(),
         base: None,
+        base_snapshot: None,
         executor: None,
         tasks,
         integration: vec![],

@@ -222,6 +222,7 @@ mod tests {
             plan: Plan {
                 name: "n".into(),
                 base: None,
+                base_snapshot: None,
                 executor: Some(ExecutorKind::Simulate),
                 tasks: vec![],
                 integration: vec![],

@@ -59,6 +59,11 @@ pub struct Plan {
     /// Existing code the plan extends (imports may resolve there; its files are not tasks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<String>,
+    /// Id of the base's snapshot in the store (the hash of its manifest),
+    /// set by the publisher from `base`; services read the base only
+    /// through it, never from the path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_snapshot: Option<String>,
     /// Default executor for tasks that name none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executor: Option<ExecutorKind>,
@@ -468,6 +473,20 @@ impl Plan {
                 size: self.name.len(),
                 limit: MAX_NAME_BYTES,
             });
+        }
+        if let Some(id) = &self.base_snapshot {
+            let hex = id.len() == 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if !hex {
+                return Err(PlanError::InvalidBase {
+                    base: id.clone(),
+                    reason: "base_snapshot must be a snapshot id (64 lowercase hex digits), \
+                             as `devfleet publish` sets it"
+                        .into(),
+                });
+            }
         }
         if let Some(base) = &self.base {
             validate_base(base).map_err(|reason| PlanError::InvalidBase {
@@ -924,6 +943,7 @@ colour: red
         let plan = Plan {
             name: "x".into(),
             base: None,
+            base_snapshot: None,
             executor: None,
             tasks: vec![TaskDef {
                 path: "a.py".into(),
@@ -947,6 +967,7 @@ colour: red
         Plan {
             name: "x".into(),
             base: None,
+            base_snapshot: None,
             executor: None,
             tasks: (0..n)
                 .map(|i| TaskDef {

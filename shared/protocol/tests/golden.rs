@@ -144,6 +144,7 @@ fn messages() -> Vec<Message> {
                 priority: 5,
                 batch: 1,
                 executor: Some(ExecutorKind::Builtin),
+                base_imports: Vec::new(),
             }],
             critical_path_length: 5,
             critical_path: vec!["a.py".into(), "b.py".into()],
