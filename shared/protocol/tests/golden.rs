@@ -74,6 +74,7 @@ fn plan() -> Plan {
     Plan {
         name: "golden".into(),
         base: Some("base/".into()),
+        base_snapshot: None,
         executor: Some(ExecutorKind::Builtin),
         tasks: vec![
             TaskDef {
@@ -83,6 +84,7 @@ fn plan() -> Plan {
                 depends_on: vec![],
                 estimate: Some(3),
                 executor: None,
+                writes: Vec::new(),
             },
             TaskDef {
                 path: "b.py".into(),
@@ -91,6 +93,7 @@ fn plan() -> Plan {
                 depends_on: vec!["a.py".into()],
                 estimate: None,
                 executor: Some(ExecutorKind::Builtin),
+                writes: Vec::new(),
             },
         ],
         integration: vec![step()],
