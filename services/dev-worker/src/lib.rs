@@ -53,6 +53,7 @@ pub mod executor;
 mod heartbeat;
 pub mod settings;
 mod work;
+pub mod workspace;
 
 pub use autoscale::ScalePolicy;
 pub use executor::{ExecError, ExecInput, ExecOutput, Executor, Executors};
@@ -85,6 +86,12 @@ pub struct Config {
     pub cache: bool,
     /// Mixed into every cache key: change it to stop reusing results.
     pub cache_salt: String,
+    /// Where task workspaces (`workspaces/`) and materialised base
+    /// snapshots (`snapshots/`) live.
+    pub work_dir: std::path::PathBuf,
+    /// Base snapshots kept materialised in `work_dir` (least recently
+    /// used evicted).
+    pub snapshot_cache_keep: usize,
 }
 
 impl Config {
@@ -168,6 +175,10 @@ pub(crate) struct Worker {
     pub heartbeat_ttl: Duration,
     pub cache: bool,
     pub cache_salt: String,
+    /// Materialised base snapshots.
+    pub snapshots: devfleet_store::snapshot::SnapshotCache,
+    /// Where task workspaces are made.
+    pub workspaces: std::path::PathBuf,
 }
 
 impl Worker {
@@ -188,6 +199,11 @@ impl Worker {
             heartbeat_ttl: config.heartbeat_ttl,
             cache: config.cache,
             cache_salt: config.cache_salt.clone(),
+            snapshots: devfleet_store::snapshot::SnapshotCache::new(
+                workspace::snapshots_root(&config.work_dir),
+                config.snapshot_cache_keep,
+            ),
+            workspaces: workspace::workspaces_root(&config.work_dir),
         }
     }
 

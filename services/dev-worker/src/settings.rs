@@ -55,6 +55,13 @@ pub struct Settings {
     /// Mixed into every cache key; change it to stop reusing cached results.
     #[arg(long, env = "DEVFLEET_DEV_CACHE_SALT", default_value = "")]
     pub cache_salt: String,
+    /// Directory for task workspaces and materialised base snapshots
+    /// (default: `devfleet-dev-worker` in the system's temporary directory).
+    #[arg(long, env = "DEVFLEET_DEV_WORK_DIR")]
+    pub work_dir: Option<std::path::PathBuf>,
+    /// Base snapshots kept materialised (least recently used evicted).
+    #[arg(long, env = "DEVFLEET_DEV_SNAPSHOT_CACHE_KEEP", default_value_t = 8)]
+    pub snapshot_cache_keep: usize,
     #[command(flatten)]
     pub executors: ExecutorArgs,
 }
@@ -128,6 +135,10 @@ impl Settings {
             heartbeat_ttl: self.heartbeat_ttl_seconds,
             cache: self.cache,
             cache_salt: self.cache_salt,
+            work_dir: self
+                .work_dir
+                .unwrap_or_else(|| std::env::temp_dir().join("devfleet-dev-worker")),
+            snapshot_cache_keep: self.snapshot_cache_keep.max(1),
         }
     }
 }

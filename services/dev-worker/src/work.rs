@@ -39,16 +39,19 @@
 
 use crate::cache_key::{cache_key, CacheKeyInput};
 use crate::executor::{ExecError, ExecInput};
+use crate::workspace::{self, Workspace};
 use crate::{Worker, CACHE_HITS, CACHE_MISSES};
 use devfleet_bus::ConsumeOptions;
 use devfleet_contracts::capacity::DISPATCH_OWNER;
 use devfleet_protocol::metrics::{BuildFailure, BuildTiming};
+use devfleet_protocol::PlanAnalyzed;
 use devfleet_protocol::{
     queues, Envelope, Message, Stage, TaskBuilt, TaskClass, TaskFailed, TaskWork,
 };
 use devfleet_runtime::consume::{self, Consume, Inflight, Settlement};
+use devfleet_store::snapshot;
 use devfleet_store::{ClaimOutcome, Fence, StoreError, TaskRecord, TaskState};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -397,9 +400,15 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
         .map_err(BuildError::Exec)?;
     let identity = executor.identity();
     let dependencies = dependency_artifacts(worker, record).await?;
+    let context = TaskContext::load(worker, record).await?;
+    // A task over a base builds differently when the base changes.
+    let salt = match &context.base {
+        Some(id) => format!("{}|base:{id}", worker.cache_salt),
+        None => worker.cache_salt.clone(),
+    };
     let is_fix = record.class == TaskClass::Fix;
     let key = cache_key(&CacheKeyInput {
-        salt: &worker.cache_salt,
+        salt: &salt,
         executor: &identity,
         path: &record.path,
         spec: &record.spec,
@@ -424,7 +433,17 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
             });
         }
     }
-    let input = exec_input(worker, record, &dependencies).await?;
+    let mut input = exec_input(worker, record, &dependencies).await?;
+    let files = transitive_files(worker, record).await?;
+    let workspace = Workspace::prepare(
+        store.as_ref(),
+        &worker.snapshots,
+        &worker.workspaces,
+        context.base.as_deref(),
+        &files,
+    )
+    .await?;
+    input.workspace = Some(workspace.path().to_path_buf());
     let output = match tokio::time::timeout(worker.exec_timeout, executor.run(&input)).await {
         Ok(result) => result.map_err(BuildError::Exec)?,
         Err(_) => {
@@ -434,6 +453,29 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
             ))))
         }
     };
+    let changes = workspace.changes(&output.other_files);
+    let mut output = output;
+    if output.text.is_empty() {
+        // An agent that edits files in place returns no text: its file is
+        // what it left at its path.
+        match changes.iter().find(|c| c.path == record.path && !c.deleted) {
+            Some(change) => output.text = change.text.clone().unwrap_or_default(),
+            None if files.contains_key(&record.path)
+                || workspace.path().join(&record.path).is_file() => {}
+            None => return Err(BuildError::Exec(ExecError::retryable(format!(
+                "the {identity} executor returned no text and did not write {} in its workspace",
+                record.path
+            )))),
+        }
+    }
+    let rules = workspace::Rules::new(
+        &record.path,
+        &context.writes,
+        context.base_files.clone(),
+        context.task_paths.clone(),
+    );
+    report_changes(worker, record, &rules.judge(&changes)).await;
+    drop(workspace);
     let artifact = store.put_artifact(output.text.as_bytes()).await?;
     Ok(Built {
         artifact,
@@ -442,6 +484,123 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
         executor: identity,
         duration: started.elapsed(),
     })
+}
+
+/// Store collection of the changes an executor made to its workspace
+/// besides the task's own file, keyed `<plan_id>|<path>` (JSON list of
+/// [`workspace::Decision`]), for `devfleet status` and the report.
+pub const WORKSPACE_CHANGES: &str = "workspace_changes";
+
+/// What the plan says about a task beyond its record: the base snapshot,
+/// its files, the task's `writes:` globs and every task's path.
+struct TaskContext {
+    base: Option<String>,
+    base_files: BTreeSet<String>,
+    writes: Vec<String>,
+    task_paths: BTreeSet<String>,
+}
+
+impl TaskContext {
+    /// Read from the plan record's detail (the analyzed plan) and the
+    /// snapshot's manifest. A plan without detail has no base and no
+    /// declared writes.
+    async fn load(worker: &Worker, record: &TaskRecord) -> Result<Self, BuildError> {
+        let store = &worker.connections.store;
+        let plan = store.plan(&record.plan_id).await?;
+        let analyzed = plan.and_then(|p| serde_json::from_str::<PlanAnalyzed>(&p.detail).ok());
+        let Some(analyzed) = analyzed else {
+            return Ok(Self {
+                base: None,
+                base_files: BTreeSet::new(),
+                writes: Vec::new(),
+                task_paths: BTreeSet::new(),
+            });
+        };
+        let base = analyzed.plan.base_snapshot.clone();
+        let base_files = match &base {
+            Some(id) => match snapshot::load(store.as_ref(), id).await? {
+                Some(manifest) => manifest.files.into_keys().collect(),
+                None => {
+                    return Err(BuildError::Exec(ExecError::fatal(format!(
+                        "the plan's base snapshot {id} is not in the store"
+                    ))))
+                }
+            },
+            None => BTreeSet::new(),
+        };
+        let writes = analyzed
+            .plan
+            .tasks
+            .iter()
+            .find(|t| t.path == record.path)
+            .map(|t| t.writes.clone())
+            .unwrap_or_default();
+        let task_paths = analyzed.plan.tasks.into_iter().map(|t| t.path).collect();
+        Ok(Self {
+            base,
+            base_files,
+            writes,
+            task_paths,
+        })
+    }
+}
+
+/// The current text of every task `record` depends on, transitively, by
+/// path (what its workspace holds over the base).
+async fn transitive_files(
+    worker: &Worker,
+    record: &TaskRecord,
+) -> Result<BTreeMap<String, String>, BuildError> {
+    let store = &worker.connections.store;
+    let mut seen: BTreeSet<String> = record.depends_on.iter().cloned().collect();
+    let mut queue: Vec<String> = seen.iter().cloned().collect();
+    let mut out = BTreeMap::new();
+    while let Some(path) = queue.pop() {
+        let Some(task) = store.task(&record.plan_id, &path).await? else {
+            continue;
+        };
+        if let Some(artifact) = &task.artifact {
+            let Some(bytes) = store.artifact(artifact).await? else {
+                return Err(BuildError::Exec(ExecError::fatal(format!(
+                    "the artifact {artifact} of dependency '{path}' is missing from the store"
+                ))));
+            };
+            out.insert(path.clone(), String::from_utf8_lossy(&bytes).into_owned());
+        }
+        for dep in task.depends_on {
+            if seen.insert(dep.clone()) {
+                queue.push(dep);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Logs every judged workspace change and records them for the plan's
+/// status and report. Accepted changes are recorded too (they do not yet
+/// reach `devfleet pull` or integration). Informational: a failed write
+/// is logged.
+async fn report_changes(worker: &Worker, record: &TaskRecord, decisions: &[workspace::Decision]) {
+    if decisions.is_empty() {
+        return;
+    }
+    for d in decisions {
+        if d.accepted {
+            tracing::info!(path = %d.path, deleted = d.deleted, "workspace change accepted (declared in writes)");
+        } else {
+            tracing::warn!(path = %d.path, deleted = d.deleted, reason = %d.reason, "workspace change rejected");
+        }
+    }
+    let key = format!("{}|{}", record.plan_id, record.path);
+    let json = serde_json::to_string(decisions).unwrap_or_default();
+    if let Err(e) = worker
+        .connections
+        .store
+        .kv_put(WORKSPACE_CHANGES, &key, &json, None)
+        .await
+    {
+        tracing::warn!(error = %e, "cannot record the workspace changes");
+    }
 }
 
 /// `(path, artifact hash)` of every direct dependency, sorted by path.

@@ -36,12 +36,14 @@ use tokio_util::sync::CancellationToken;
 /// Collections whose keys start with `<plan_id>|`, deleted with the plan:
 /// the scheduler's stage markers and watchdog records, and the router's
 /// task history, pending retries and parked QA work.
-pub const PLAN_KEYED: [&str; 5] = [
+pub const PLAN_KEYED: [&str; 6] = [
     crate::stages::PLAN_STAGES,
     crate::watchdog::WATCHDOG,
     "history",
     "retries",
     "qa_parked",
+    // The dev-worker's record of workspace changes per task.
+    "workspace_changes",
 ];
 /// The router's DLQ index (entries are JSON with `plan_id` and `at_ms`).
 pub const DLQ_INDEX: &str = "dlq";
