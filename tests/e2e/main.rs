@@ -10,3 +10,4 @@ mod stack;
 mod support;
 mod up_settings;
 mod worker;
+mod workspace;

@@ -462,10 +462,12 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
             Some(change) => output.text = change.text.clone().unwrap_or_default(),
             None if files.contains_key(&record.path)
                 || workspace.path().join(&record.path).is_file() => {}
-            None => return Err(BuildError::Exec(ExecError::retryable(format!(
+            None => {
+                return Err(BuildError::Exec(ExecError::retryable(format!(
                 "the {identity} executor returned no text and did not write {} in its workspace",
                 record.path
-            )))),
+            ))))
+            }
         }
     }
     let rules = workspace::Rules::new(
