@@ -70,6 +70,7 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// A plan read from a file, with its base snapshotted (not stored yet).
+#[derive(Debug)]
 pub struct PlanFile {
     pub plan: Plan,
     /// The snapshot of the plan's `base`, when it names one.
@@ -191,5 +192,36 @@ mod tests {
         assert!(a.starts_with("flask-todo-"), "{a}");
         assert_ne!(a, b);
         assert!(super::new_plan_id("!!!").starts_with("plan-"));
+    }
+
+    fn plan_file(dir: &std::path::Path, base: &str) -> std::path::PathBuf {
+        let path = dir.join("plans/plan.yaml");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(
+            &path,
+            format!("name: p\nbase: {base}\ntasks:\n  - {{ path: a.py, spec: a }}\n"),
+        )
+        .unwrap();
+        path
+    }
+
+    #[test]
+    fn the_base_is_resolved_relative_to_the_plan_file_and_snapshotted() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("repo")).unwrap();
+        std::fs::write(dir.path().join("repo/lib.py"), "X = 1\n").unwrap();
+        let file = super::read_plan(&plan_file(dir.path(), "../repo")).unwrap();
+        let built = file.base.expect("a snapshot");
+        assert_eq!(built.manifest.files.keys().collect::<Vec<_>>(), ["lib.py"]);
+        assert_eq!(file.plan.base_snapshot, None, "set when it is stored");
+    }
+
+    #[test]
+    fn a_missing_base_is_refused_before_anything_is_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = super::read_plan(&plan_file(dir.path(), "../nowhere")).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("does not exist"), "{text}");
+        assert!(text.contains("plan.yaml"), "names the plan: {text}");
     }
 }
