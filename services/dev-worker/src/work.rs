@@ -460,8 +460,16 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
         // what it left at its path.
         match changes.iter().find(|c| c.path == record.path && !c.deleted) {
             Some(change) => output.text = change.text.clone().unwrap_or_default(),
-            None if files.contains_key(&record.path)
-                || workspace.path().join(&record.path).is_file() => {}
+            // Unchanged but present (a base file the agent judged right).
+            None if workspace.path().join(&record.path).is_file() => {
+                let bytes = std::fs::read(workspace.path().join(&record.path)).map_err(|e| {
+                    BuildError::Exec(ExecError::retryable(format!(
+                        "reading {} from the workspace: {e}",
+                        record.path
+                    )))
+                })?;
+                output.text = String::from_utf8_lossy(&bytes).into_owned();
+            }
             None => {
                 return Err(BuildError::Exec(ExecError::retryable(format!(
                 "the {identity} executor returned no text and did not write {} in its workspace",

@@ -392,7 +392,7 @@ impl SnapshotCache {
                 cached.push((used, entry.path()));
             }
         }
-        cached.sort_by(|a, b| b.0.cmp(&a.0));
+        cached.sort_by_key(|c| std::cmp::Reverse(c.0));
         for (_, path) in cached.into_iter().skip(self.keep - 1) {
             let _ = std::fs::remove_dir_all(path);
         }
