@@ -93,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
             priority: u32::try_from((tasks - i).div_ceil(width)).unwrap_or(1),
             batch: u32::try_from(i / width).unwrap_or(0),
             executor: None,
+            base_imports: Vec::new(),
         })
         .collect();
     let plan_id = format!("bench-{run_id}");
@@ -101,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
         plan: Plan {
             name: "bench".into(),
             base: None,
+            base_snapshot: None,
             executor: Some(ExecutorKind::Simulate),
             tasks: vec![],
             integration: vec![],

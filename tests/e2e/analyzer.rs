@@ -16,6 +16,7 @@ fn task(path: &str, content: &str, depends_on: &[&str]) -> TaskDef {
         depends_on: depends_on.iter().map(|s| s.to_string()).collect(),
         estimate: None,
         executor: None,
+        writes: Vec::new(),
     }
 }
 
@@ -23,6 +24,7 @@ fn plan(tasks: Vec<TaskDef>) -> Plan {
     Plan {
         name: "e2e".into(),
         base: None,
+        base_snapshot: None,
         executor: None,
         tasks,
         integration: vec![],
@@ -221,6 +223,7 @@ fn largest_plan() -> Plan {
                 depends_on: vec![],
                 estimate: None,
                 executor: None,
+                writes: Vec::new(),
             }
         })
         .collect();

@@ -12,3 +12,4 @@ mod stack;
 mod support;
 mod up_settings;
 mod worker;
+mod workspace;

@@ -355,6 +355,7 @@ pub(crate) fn analyzed(tasks: Vec<T>, executor: ExecutorKind) -> PlanAnalyzed {
             priority: t.priority.unwrap_or(longest[i]),
             batch: batch[i],
             executor: None,
+            base_imports: Vec::new(),
         })
         .collect();
     PlanAnalyzed {
@@ -362,6 +363,7 @@ pub(crate) fn analyzed(tasks: Vec<T>, executor: ExecutorKind) -> PlanAnalyzed {
         plan: Plan {
             name: "test".into(),
             base: None,
+            base_snapshot: None,
             executor: Some(executor),
             tasks: vec![],
             integration: vec![],

@@ -161,6 +161,7 @@ fn chains(n: usize, width: usize, estimate: u32) -> PlanAnalyzed {
             priority: u32::try_from((n - i).div_ceil(width)).unwrap_or(1),
             batch: u32::try_from(i / width).unwrap_or(0),
             executor: None,
+            base_imports: Vec::new(),
         })
         .collect();
     PlanAnalyzed {
@@ -168,6 +169,7 @@ fn chains(n: usize, width: usize, estimate: u32) -> PlanAnalyzed {
         plan: Plan {
             name: "worker-test".into(),
             base: None,
+            base_snapshot: None,
             executor: Some(ExecutorKind::Simulate),
             tasks: vec![],
             integration: vec![],

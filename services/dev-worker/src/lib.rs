@@ -53,6 +53,7 @@ pub mod executor;
 mod heartbeat;
 pub mod settings;
 mod work;
+pub mod workspace;
 
 pub use autoscale::ScalePolicy;
 pub use executor::{ExecError, ExecInput, ExecOutput, Executor, Executors};
@@ -89,6 +90,12 @@ pub struct Config {
     pub default_budget: devfleet_store::BudgetLimits,
     /// The cost limit as configured, for validation.
     pub default_max_cost_usd: Option<f64>,
+    /// Where task workspaces (`workspaces/`) and materialised base
+    /// snapshots (`snapshots/`) live.
+    pub work_dir: std::path::PathBuf,
+    /// Base snapshots kept materialised in `work_dir` (least recently
+    /// used evicted).
+    pub snapshot_cache_keep: usize,
 }
 
 impl Config {
@@ -179,6 +186,10 @@ pub(crate) struct Worker {
     pub cache: bool,
     pub cache_salt: String,
     pub default_budget: devfleet_store::BudgetLimits,
+    /// Materialised base snapshots.
+    pub snapshots: devfleet_store::snapshot::SnapshotCache,
+    /// Where task workspaces are made.
+    pub workspaces: std::path::PathBuf,
 }
 
 impl Worker {
@@ -200,6 +211,11 @@ impl Worker {
             cache: config.cache,
             cache_salt: config.cache_salt.clone(),
             default_budget: config.default_budget,
+            snapshots: devfleet_store::snapshot::SnapshotCache::new(
+                workspace::snapshots_root(&config.work_dir),
+                config.snapshot_cache_keep,
+            ),
+            workspaces: workspace::workspaces_root(&config.work_dir),
         }
     }
 

@@ -72,6 +72,13 @@ pub struct Settings {
     /// Cost budget, US dollars, of a plan that sets none; unset: no limit.
     #[arg(long, env = "DEVFLEET_DEV_DEFAULT_MAX_COST_USD")]
     pub default_max_cost_usd: Option<f64>,
+    /// Directory for task workspaces and materialised base snapshots
+    /// (default: `devfleet-dev-worker` in the system's temporary directory).
+    #[arg(long, env = "DEVFLEET_DEV_WORK_DIR")]
+    pub work_dir: Option<std::path::PathBuf>,
+    /// Base snapshots kept materialised (least recently used evicted).
+    #[arg(long, env = "DEVFLEET_DEV_SNAPSHOT_CACHE_KEEP", default_value_t = 8)]
+    pub snapshot_cache_keep: usize,
     #[command(flatten)]
     pub executors: ExecutorArgs,
 }
@@ -187,6 +194,10 @@ impl Settings {
                 max_cost_nusd: self.default_max_cost_usd.map(nano_usd),
             },
             default_max_cost_usd: self.default_max_cost_usd,
+            work_dir: self
+                .work_dir
+                .unwrap_or_else(|| std::env::temp_dir().join("devfleet-dev-worker")),
+            snapshot_cache_keep: self.snapshot_cache_keep.max(1),
         }
     }
 }

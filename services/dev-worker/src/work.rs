@@ -41,19 +41,22 @@
 
 use crate::cache_key::{cache_key, CacheKeyInput, Dependency};
 use crate::executor::{ExecError, ExecInput};
+use crate::workspace::{self, Workspace};
 use crate::{Worker, CACHE_HITS, CACHE_MISSES};
 use devfleet_bus::ConsumeOptions;
 use devfleet_contracts::capacity::DISPATCH_OWNER;
 use devfleet_protocol::metrics::{BuildFailure, BuildTiming};
+use devfleet_protocol::PlanAnalyzed;
 use devfleet_protocol::{
     queues, Envelope, Message, PlanStatus, Stage, TaskBuilt, TaskClass, TaskFailed, TaskWork, Usage,
 };
 use devfleet_runtime::consume::{self, Consume, Inflight, Settlement};
+use devfleet_store::snapshot;
 use devfleet_store::{
     BudgetLimits, ClaimOutcome, Fence, Reservation, Spend, StoreError, TaskRecord, TaskState,
     UsageTotals,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -459,9 +462,15 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
         .map_err(BuildError::Exec)?;
     let identity = executor.identity();
     let dependencies = dependency_artifacts(worker, record).await?;
+    let context = TaskContext::load(worker, record).await?;
+    // A task over a base builds differently when the base changes.
+    let salt = match &context.base {
+        Some(id) => format!("{}|base:{id}", worker.cache_salt),
+        None => worker.cache_salt.clone(),
+    };
     let is_fix = record.class == TaskClass::Fix;
     let key = cache_key(&CacheKeyInput {
-        salt: &worker.cache_salt,
+        salt: &salt,
         executor: &identity,
         path: &record.path,
         spec: &record.spec,
@@ -487,7 +496,7 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
             });
         }
     }
-    let input = exec_input(worker, record, &dependencies).await?;
+    let mut input = exec_input(worker, record, &dependencies).await?;
     // Reserve the expected usage against the plan's budget; an executor
     // that cannot estimate reserves nothing (refused only once a limit is
     // reached).
@@ -518,6 +527,19 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
             expected,
         )));
     }
+    // The workspace holds every dependency, transitively (what
+    // `exec_input` collected), over the base.
+    let files = input.dependencies.clone();
+    input.base_files = context.imported.clone();
+    let workspace = Workspace::prepare(
+        store.as_ref(),
+        &worker.snapshots,
+        &worker.workspaces,
+        context.base.as_deref(),
+        &files,
+    )
+    .await?;
+    input.workspace = Some(workspace.path().to_path_buf());
     let output = match tokio::time::timeout(worker.exec_timeout, executor.run(&input)).await {
         Ok(result) => result.map_err(BuildError::Exec)?,
         Err(_) => {
@@ -527,6 +549,39 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
             ))))
         }
     };
+    let changes = workspace.changes(&output.other_files);
+    let mut output = output;
+    if output.text.is_empty() {
+        // An agent that edits files in place returns no text: its file is
+        // what it left at its path.
+        match changes.iter().find(|c| c.path == record.path && !c.deleted) {
+            Some(change) => output.text = change.text.clone().unwrap_or_default(),
+            // Unchanged but present (a base file the agent judged right).
+            None if workspace.path().join(&record.path).is_file() => {
+                let bytes = std::fs::read(workspace.path().join(&record.path)).map_err(|e| {
+                    BuildError::Exec(ExecError::retryable(format!(
+                        "reading {} from the workspace: {e}",
+                        record.path
+                    )))
+                })?;
+                output.text = String::from_utf8_lossy(&bytes).into_owned();
+            }
+            None => {
+                return Err(BuildError::Exec(ExecError::retryable(format!(
+                "the {identity} executor returned no text and did not write {} in its workspace",
+                record.path
+            ))))
+            }
+        }
+    }
+    let rules = workspace::Rules::new(
+        &record.path,
+        &context.writes,
+        context.base_files.clone(),
+        context.task_paths.clone(),
+    );
+    report_changes(worker, record, &rules.judge(&changes)).await;
+    drop(workspace);
     let artifact = store.put_artifact(output.text.as_bytes()).await?;
     Ok(Built {
         artifact,
@@ -568,6 +623,114 @@ fn exhausted_message(
         "budget exhausted: {}; raise it with `devfleet budget {plan_id} --max-tokens N --max-cost-usd X`",
         parts.join(", ")
     )
+}
+
+/// Store collection of the changes an executor made to its workspace
+/// besides the task's own file, keyed `<plan_id>|<path>` (JSON list of
+/// [`workspace::Decision`]), for `devfleet status` and the report.
+pub const WORKSPACE_CHANGES: &str = "workspace_changes";
+
+/// What the plan says about a task beyond its record: the base snapshot,
+/// its files, the task's `writes:` globs and every task's path.
+struct TaskContext {
+    base: Option<String>,
+    base_files: BTreeSet<String>,
+    /// The text of every base file the task imports (the analyzer's
+    /// `base_imports`), for the `openai` executor's context.
+    imported: BTreeMap<String, String>,
+    writes: Vec<String>,
+    task_paths: BTreeSet<String>,
+}
+
+impl TaskContext {
+    /// Read from the plan record's detail (the analyzed plan) and the
+    /// snapshot's manifest. A plan without detail has no base and no
+    /// declared writes.
+    async fn load(worker: &Worker, record: &TaskRecord) -> Result<Self, BuildError> {
+        let store = &worker.connections.store;
+        let plan = store.plan(&record.plan_id).await?;
+        let analyzed = plan.and_then(|p| serde_json::from_str::<PlanAnalyzed>(&p.detail).ok());
+        let Some(analyzed) = analyzed else {
+            return Ok(Self {
+                base: None,
+                base_files: BTreeSet::new(),
+                imported: BTreeMap::new(),
+                writes: Vec::new(),
+                task_paths: BTreeSet::new(),
+            });
+        };
+        let base = analyzed.plan.base_snapshot.clone();
+        let manifest = match &base {
+            Some(id) => match snapshot::load(store.as_ref(), id).await? {
+                Some(manifest) => Some(manifest),
+                None => {
+                    return Err(BuildError::Exec(ExecError::fatal(format!(
+                        "the plan's base snapshot {id} is not in the store"
+                    ))))
+                }
+            },
+            None => None,
+        };
+        let mut imported = BTreeMap::new();
+        if let Some(manifest) = &manifest {
+            let imports = analyzed
+                .tasks
+                .iter()
+                .find(|t| t.path == record.path)
+                .map(|t| t.base_imports.as_slice())
+                .unwrap_or_default();
+            for path in imports {
+                if let Some(text) = snapshot::read_file(store.as_ref(), manifest, path).await? {
+                    imported.insert(path.clone(), text);
+                }
+            }
+        }
+        let base_files = manifest
+            .map(|m| m.files.into_keys().collect())
+            .unwrap_or_default();
+        let writes = analyzed
+            .plan
+            .tasks
+            .iter()
+            .find(|t| t.path == record.path)
+            .map(|t| t.writes.clone())
+            .unwrap_or_default();
+        let task_paths = analyzed.plan.tasks.into_iter().map(|t| t.path).collect();
+        Ok(Self {
+            base,
+            base_files,
+            imported,
+            writes,
+            task_paths,
+        })
+    }
+}
+
+/// Logs every judged workspace change and records them for the plan's
+/// status and report. Accepted changes are recorded too (they do not yet
+/// reach `devfleet pull` or integration). Informational: a failed write
+/// is logged.
+async fn report_changes(worker: &Worker, record: &TaskRecord, decisions: &[workspace::Decision]) {
+    if decisions.is_empty() {
+        return;
+    }
+    for d in decisions {
+        if d.accepted {
+            tracing::info!(path = %d.path, deleted = d.deleted, "workspace change accepted (declared in writes)");
+        } else {
+            tracing::warn!(path = %d.path, deleted = d.deleted, reason = %d.reason, "workspace change rejected");
+        }
+    }
+    let key = format!("{}|{}", record.plan_id, record.path);
+    let json = serde_json::to_string(decisions).unwrap_or_default();
+    if let Err(e) = worker
+        .connections
+        .store
+        .kv_put(WORKSPACE_CHANGES, &key, &json, None)
+        .await
+    {
+        tracing::warn!(error = %e, "cannot record the workspace changes");
+    }
 }
 
 /// Every dependency of the task, direct and transitive (breadth first

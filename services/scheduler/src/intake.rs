@@ -244,6 +244,7 @@ mod tests {
             plan: Plan {
                 name: "n".into(),
                 base: None,
+                base_snapshot: None,
                 executor: Some(ExecutorKind::Simulate),
                 tasks: vec![],
                 integration: vec![],

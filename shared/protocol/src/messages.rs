@@ -31,6 +31,10 @@ pub struct AnalyzedTask {
     pub batch: u32,
     #[serde(default)]
     pub executor: Option<ExecutorKind>,
+    /// Files of the plan's base snapshot this task imports (sorted,
+    /// relative paths of the snapshot's manifest): context for executors.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub base_imports: Vec<String>,
 }
 
 /// A plan turned into a DAG.

@@ -59,6 +59,11 @@ pub struct Plan {
     /// Existing code the plan extends (imports may resolve there; its files are not tasks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<String>,
+    /// Id of the base's snapshot in the store (the hash of its manifest),
+    /// set by the publisher from `base`; services read the base only
+    /// through it, never from the path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_snapshot: Option<String>,
     /// Default executor for tasks that name none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executor: Option<ExecutorKind>,
@@ -127,6 +132,11 @@ pub struct TaskDef {
     /// Executor for this task only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executor: Option<ExecutorKind>,
+    /// Globs (`*` within a path component, `**` across them) of other
+    /// paths the task's executor may write in its workspace besides
+    /// `path`; changes elsewhere are reported and not accepted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub writes: Vec<String>,
 }
 
 /// Which executor writes a file.
@@ -448,6 +458,12 @@ pub enum PlanError {
     TooManyTasks { count: usize, limit: usize },
     #[error("task '{task}': invalid path: {reason}")]
     InvalidPath { task: String, reason: String },
+    #[error("task '{task}': writes glob '{glob}': {reason}")]
+    InvalidWrites {
+        task: String,
+        glob: String,
+        reason: String,
+    },
     #[error("task '{task}': path appears more than once")]
     DuplicatePath { task: String },
     #[error("task '{task}': empty spec")]
@@ -508,6 +524,20 @@ impl Plan {
                 limit: MAX_NAME_BYTES,
             });
         }
+        if let Some(id) = &self.base_snapshot {
+            let hex = id.len() == 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if !hex {
+                return Err(PlanError::InvalidBase {
+                    base: id.clone(),
+                    reason: "base_snapshot must be a snapshot id (64 lowercase hex digits), \
+                             as `devfleet publish` sets it"
+                        .into(),
+                });
+            }
+        }
         if let Some(base) = &self.base {
             validate_base(base).map_err(|reason| PlanError::InvalidBase {
                 base: base.clone(),
@@ -529,6 +559,20 @@ impl Plan {
                 task: task.path.clone(),
                 reason,
             })?;
+            if task.writes.len() > MAX_WRITES {
+                return Err(PlanError::InvalidWrites {
+                    task: task.path.clone(),
+                    glob: task.writes[MAX_WRITES].clone(),
+                    reason: format!("more than {MAX_WRITES} writes globs"),
+                });
+            }
+            for glob in &task.writes {
+                validate_writes_glob(glob).map_err(|reason| PlanError::InvalidWrites {
+                    task: task.path.clone(),
+                    glob: glob.clone(),
+                    reason,
+                })?;
+            }
             if !seen.insert(task.path.as_str()) {
                 return Err(PlanError::DuplicatePath {
                     task: task.path.clone(),
@@ -772,9 +816,38 @@ pub fn validate_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Most `writes` globs on one task.
+pub const MAX_WRITES: usize = 64;
+
+/// Checks one `writes` glob: a relative path pattern by the rules of
+/// [`validate_path`] (no `..`, no absolute or `.git` paths) that
+/// [`globset`] can compile.
+pub fn validate_writes_glob(glob: &str) -> Result<(), String> {
+    validate_path(glob)?;
+    globset::GlobBuilder::new(glob)
+        .literal_separator(true)
+        .build()
+        .map(|_| ())
+        .map_err(|e| format!("not a glob: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_globs_are_validated() {
+        let mut plan = Plan::parse(GOOD).unwrap();
+        plan.tasks[0].writes = vec!["app/migrations/**/*.py".into()];
+        plan.validate().unwrap();
+        for bad in ["../x/*", "/etc/*", "app/[", ".git/*"] {
+            plan.tasks[0].writes = vec![bad.into()];
+            match plan.validate() {
+                Err(PlanError::InvalidWrites { glob, .. }) => assert_eq!(glob, bad),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
 
     const GOOD: &str = r#"
 name: flask-todo
@@ -966,6 +1039,7 @@ colour: red
         let plan = Plan {
             name: "x".into(),
             base: None,
+            base_snapshot: None,
             executor: None,
             tasks: vec![TaskDef {
                 path: "a.py".into(),
@@ -974,6 +1048,7 @@ colour: red
                 depends_on: vec![],
                 estimate: None,
                 executor: None,
+                writes: Vec::new(),
             }],
             integration: vec![],
             deploy: None,
@@ -990,6 +1065,7 @@ colour: red
         Plan {
             name: "x".into(),
             base: None,
+            base_snapshot: None,
             executor: None,
             tasks: (0..n)
                 .map(|i| TaskDef {
@@ -999,6 +1075,7 @@ colour: red
                     depends_on: vec![],
                     estimate: None,
                     executor: None,
+                    writes: Vec::new(),
                 })
                 .collect(),
             integration: vec![],

@@ -74,6 +74,7 @@ fn plan() -> Plan {
     Plan {
         name: "golden".into(),
         base: Some("base/".into()),
+        base_snapshot: None,
         executor: Some(ExecutorKind::Builtin),
         tasks: vec![
             TaskDef {
@@ -83,6 +84,7 @@ fn plan() -> Plan {
                 depends_on: vec![],
                 estimate: Some(3),
                 executor: None,
+                writes: Vec::new(),
             },
             TaskDef {
                 path: "b.py".into(),
@@ -91,6 +93,7 @@ fn plan() -> Plan {
                 depends_on: vec!["a.py".into()],
                 estimate: None,
                 executor: Some(ExecutorKind::Builtin),
+                writes: Vec::new(),
             },
         ],
         integration: vec![step()],
@@ -145,6 +148,7 @@ fn messages() -> Vec<Message> {
                 priority: 5,
                 batch: 1,
                 executor: Some(ExecutorKind::Builtin),
+                base_imports: Vec::new(),
             }],
             critical_path_length: 5,
             critical_path: vec!["a.py".into(), "b.py".into()],

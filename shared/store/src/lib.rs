@@ -36,6 +36,7 @@ use std::time::Duration;
 pub mod memory;
 pub mod redis;
 mod rules;
+pub mod snapshot;
 
 /// Result type of store operations.
 pub type StoreResult<T> = Result<T, StoreError>;

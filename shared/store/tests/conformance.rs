@@ -1069,6 +1069,69 @@ mod checks {
         assert!(wait > Duration::from_secs(90), "{wait:?}");
     }
 
+    pub async fn a_snapshot_round_trips_and_materialises(s: SharedStore, _clock: Clock) {
+        use devfleet_store::snapshot::{self, Limits, SnapshotCache};
+        let base = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(base.path().join("pkg")).unwrap();
+        std::fs::write(base.path().join("pkg/util.py"), "def f():\n    return 1\n").unwrap();
+        std::fs::write(base.path().join("README.md"), "same\n").unwrap();
+        std::fs::write(base.path().join("COPY.md"), "same\n").unwrap();
+        let built = snapshot::build(base.path(), Limits::default()).unwrap();
+        assert_eq!(built.blobs.len(), 2, "identical files share one blob");
+        let id = built.store(s.as_ref()).await.unwrap();
+        assert_eq!(id, built.id(), "the id is the manifest blob's hash");
+        assert_eq!(
+            built.store(s.as_ref()).await.unwrap(),
+            id,
+            "storing again is harmless"
+        );
+        let manifest = snapshot::load(s.as_ref(), &id).await.unwrap().unwrap();
+        assert_eq!(manifest, built.manifest);
+        assert_eq!(
+            snapshot::read_file(s.as_ref(), &manifest, "pkg/util.py")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("def f():\n    return 1\n")
+        );
+        assert_eq!(
+            snapshot::load(s.as_ref(), &"0".repeat(64)).await.unwrap(),
+            None
+        );
+
+        let cache_dir = tempfile::tempdir().unwrap();
+        let cache = SnapshotCache::new(cache_dir.path(), 1);
+        let dir = cache.materialise(s.as_ref(), &id).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("pkg/util.py")).unwrap(),
+            "def f():\n    return 1\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("COPY.md")).unwrap(),
+            "same\n"
+        );
+        assert_eq!(
+            cache.materialise(s.as_ref(), &id).await.unwrap(),
+            dir,
+            "cached"
+        );
+
+        // A second snapshot evicts the first from a cache keeping one.
+        std::fs::write(base.path().join("new.py"), "x = 1\n").unwrap();
+        let other = snapshot::build(base.path(), Limits::default()).unwrap();
+        let other_id = other.store(s.as_ref()).await.unwrap();
+        assert_ne!(other_id, id);
+        let other_dir = cache.materialise(s.as_ref(), &other_id).await.unwrap();
+        assert!(other_dir.join("new.py").is_file());
+        assert!(!dir.exists(), "the least recently used snapshot is evicted");
+
+        let missing = cache.materialise(s.as_ref(), &"1".repeat(64)).await;
+        assert!(
+            matches!(&missing, Err(e) if e.to_string().contains("not in the store")),
+            "{missing:?}"
+        );
+    }
+
     pub async fn cache_artifacts_and_counters(s: SharedStore, _clock: Clock) {
         assert_eq!(s.cache_get("k1").await.unwrap(), None);
         s.cache_put("k1", "hash-1").await.unwrap();
@@ -1550,6 +1613,7 @@ macro_rules! store_suite {
                 plans_are_listed_newest_first,
                 cache_artifacts_and_counters,
                 token_buckets_take_refill_and_drain_by_the_store_clock,
+                a_snapshot_round_trips_and_materialises,
                 kv_collections_put_get_list_delete,
                 kv_records_with_a_ttl_expire,
                 kv_delete_if_removes_only_the_value_it_names,
