@@ -166,6 +166,7 @@ fn chains(n: usize, width: usize, estimate: u32) -> PlanAnalyzed {
     PlanAnalyzed {
         plan_id: unique("plan"),
         plan: Plan {
+            requires: Vec::new(),
             name: "worker-test".into(),
             base: None,
             executor: Some(ExecutorKind::Simulate),

@@ -55,6 +55,10 @@ pub struct Settings {
     /// Mixed into every cache key; change it to stop reusing cached results.
     #[arg(long, env = "DEVFLEET_DEV_CACHE_SALT", default_value = "")]
     pub cache_salt: String,
+    /// Operator labels this worker announces as capabilities, e.g. `gpu,eu`
+    /// (work whose `requires:` names them runs only on labelled workers).
+    #[arg(long, env = "DEVFLEET_DEV_LABELS", value_delimiter = ',')]
+    pub labels: Vec<String>,
     #[command(flatten)]
     pub executors: ExecutorArgs,
 }
@@ -128,6 +132,8 @@ impl Settings {
             heartbeat_ttl: self.heartbeat_ttl_seconds,
             cache: self.cache,
             cache_salt: self.cache_salt,
+            labels: self.labels,
+            probe: true,
         }
     }
 }

@@ -220,6 +220,7 @@ mod tests {
         let plan = PlanAnalyzed {
             plan_id: "p1".into(),
             plan: Plan {
+                requires: Vec::new(),
                 name: "n".into(),
                 base: None,
                 executor: Some(ExecutorKind::Simulate),

@@ -72,11 +72,13 @@ fn from_hex(text: &str) -> Vec<u8> {
 
 fn plan() -> Plan {
     Plan {
+        requires: Vec::new(),
         name: "golden".into(),
         base: Some("base/".into()),
         executor: Some(ExecutorKind::Builtin),
         tasks: vec![
             TaskDef {
+                requires: Vec::new(),
                 path: "a.py".into(),
                 spec: "the a module".into(),
                 content: Some("A = 1\n".into()),
@@ -85,6 +87,7 @@ fn plan() -> Plan {
                 executor: None,
             },
             TaskDef {
+                requires: Vec::new(),
                 path: "b.py".into(),
                 spec: "uses a".into(),
                 content: None,
@@ -100,6 +103,7 @@ fn plan() -> Plan {
 
 fn step() -> IntegrationStep {
     IntegrationStep {
+        requires: Vec::new(),
         name: "pytest".into(),
         run: "pytest -q".into(),
         shard: Some(2),
