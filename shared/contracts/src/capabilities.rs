@@ -160,8 +160,8 @@ pub fn how_to_provide(name: &str) -> String {
         return format!("install `{name}` on a worker's PATH and restart it");
     }
     format!(
-        "install `{name}` on a worker's PATH, or start a worker labelled with it \
-         (DEVFLEET_DEV_LABELS / DEVFLEET_QA_LABELS={name})"
+        "install `{name}` on a worker's PATH, or label a dev-worker with it \
+         (DEVFLEET_DEV_LABELS={name})"
     )
 }
 
