@@ -549,6 +549,13 @@ async fn a_task_needing_a_capability_no_worker_has_waits_saying_so_then_runs_on_
     let label = "caps-test-gpu";
     let plain = unique("plain");
     let _plain = stack.spawn_process(&plain, 2);
+    // The plain worker is live and announces what it has, but not the label.
+    let record = wait_for("the plain worker's record", Duration::from_secs(60), || {
+        stack.capacity(&plain)
+    })
+    .await;
+    assert!(record.capabilities.contains(&"executor:simulate".to_owned()));
+    assert!(!record.capabilities.contains(&label.to_owned()));
     let plan = requiring(label);
     stack.submit(&plan).await;
 
