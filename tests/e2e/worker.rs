@@ -554,7 +554,9 @@ async fn a_task_needing_a_capability_no_worker_has_waits_saying_so_then_runs_on_
         stack.capacity(&plain)
     })
     .await;
-    assert!(record.capabilities.contains(&"executor:simulate".to_owned()));
+    assert!(record
+        .capabilities
+        .contains(&"executor:simulate".to_owned()));
     assert!(!record.capabilities.contains(&label.to_owned()));
     let plan = requiring(label);
     stack.submit(&plan).await;
