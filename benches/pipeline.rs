@@ -100,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
     let plan = PlanAnalyzed {
         plan_id: plan_id.clone(),
         plan: Plan {
+            requires: Vec::new(),
             name: "bench".into(),
             base: None,
             base_snapshot: None,

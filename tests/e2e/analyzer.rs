@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 fn task(path: &str, content: &str, depends_on: &[&str]) -> TaskDef {
     TaskDef {
+        requires: Vec::new(),
         path: path.into(),
         spec: format!("spec of {path}"),
         content: Some(content.into()),
@@ -22,6 +23,7 @@ fn task(path: &str, content: &str, depends_on: &[&str]) -> TaskDef {
 
 fn plan(tasks: Vec<TaskDef>) -> Plan {
     Plan {
+        requires: Vec::new(),
         name: "e2e".into(),
         base: None,
         base_snapshot: None,
@@ -217,6 +219,7 @@ fn largest_plan() -> Plan {
             let room = per_task.saturating_sub(path.len() + spec.len() + content.len() + 8);
             content.push_str(&format!("# {}\n", "x".repeat(room.saturating_sub(3))));
             TaskDef {
+                requires: Vec::new(),
                 path,
                 spec,
                 content: Some(content),

@@ -24,6 +24,7 @@ fn task(path: &str, deps: &[&str], priority: u32, batch: u32) -> AnalyzedTask {
         priority,
         batch,
         executor: None,
+        base_imports: Vec::new(),
     }
 }
 
@@ -89,6 +90,8 @@ async fn the_prompt_of_a_task_holds_its_transitive_dependencies_generated_code()
             integration: vec![],
             deploy: None,
             budget: None,
+            base_snapshot: None,
+            requires: Vec::new(),
         },
         tasks: vec![
             task("app/a.py", &[], 3, 0),
@@ -218,6 +221,8 @@ async fn two_worker_processes_together_never_exceed_the_requests_per_minute_limi
             integration: vec![],
             deploy: None,
             budget: None,
+            base_snapshot: None,
+            requires: Vec::new(),
         },
         tasks: (0..n)
             .map(|i| task(&format!("f{i}.py"), &[], 1, 0))

@@ -361,6 +361,7 @@ pub(crate) fn analyzed(tasks: Vec<T>, executor: ExecutorKind) -> PlanAnalyzed {
     PlanAnalyzed {
         plan_id: unique("plan"),
         plan: Plan {
+            requires: Vec::new(),
             name: "test".into(),
             base: None,
             base_snapshot: None,
@@ -972,6 +973,7 @@ fn python_tasks(n: usize) -> Vec<T> {
 
 fn step(name: &str, code: u8) -> IntegrationStep {
     IntegrationStep {
+        requires: Vec::new(),
         name: name.into(),
         run: format!("python3 -c 'import sys; sys.exit({code})'"),
         shard: None,
@@ -1458,6 +1460,7 @@ async fn slow_an_integration_shard_longer_than_rabbitmq_consumer_timeout_runs_ex
     stack.worker(executors, 1, 2);
     let starts = node.dir.join("starts");
     let step = IntegrationStep {
+        requires: Vec::new(),
         name: "outlives-the-consumer-timeout".into(),
         run: format!("sh -c 'echo started >> {}; sleep 80'", starts.display()),
         shard: None,

@@ -96,6 +96,11 @@ pub struct Config {
     /// Base snapshots kept materialised in `work_dir` (least recently
     /// used evicted).
     pub snapshot_cache_keep: usize,
+    /// Operator labels announced as capabilities (`DEVFLEET_DEV_LABELS`).
+    pub labels: Vec<String>,
+    /// Probe programs on PATH at start and announce them (tests that
+    /// want a fixed set of capabilities turn it off).
+    pub probe: bool,
 }
 
 impl Config {
@@ -149,6 +154,7 @@ impl Config {
             !self.instance.is_empty(),
             "the instance name must not be empty"
         );
+        devfleet_runtime::capabilities::labels(&self.labels, "DEVFLEET_DEV_LABELS")?;
         Ok(())
     }
 }
@@ -190,10 +196,12 @@ pub(crate) struct Worker {
     pub snapshots: devfleet_store::snapshot::SnapshotCache,
     /// Where task workspaces are made.
     pub workspaces: std::path::PathBuf,
+    /// What this worker announces it can run, sorted.
+    pub capabilities: Vec<String>,
 }
 
 impl Worker {
-    fn new(config: &Config) -> Self {
+    fn new(config: &Config, capabilities: Vec<String>) -> Self {
         let capacity_changed = Arc::new(Notify::new());
         Self {
             connections: config.connections.clone(),
@@ -216,6 +224,7 @@ impl Worker {
                 config.snapshot_cache_keep,
             ),
             workspaces: workspace::workspaces_root(&config.work_dir),
+            capabilities,
         }
     }
 
@@ -235,6 +244,7 @@ impl Worker {
             waiting: counts.waiting,
             at_ms: now_ms,
             expires_ms: now_ms.saturating_add(ttl),
+            capabilities: self.capabilities.clone(),
         }
     }
 
@@ -254,17 +264,38 @@ impl Worker {
     }
 }
 
+/// What this worker announces: its executors (`executor:KIND`), the
+/// programs and Python modules found on PATH (when `config.probe`), and
+/// the operator's labels; sorted, without duplicates.
+async fn capabilities(config: &Config) -> anyhow::Result<Vec<String>> {
+    let mut caps = devfleet_runtime::capabilities::labels(&config.labels, "DEVFLEET_DEV_LABELS")?;
+    caps.extend(
+        config
+            .executors
+            .kinds()
+            .map(|k| devfleet_contracts::capabilities::executor(k.as_str())),
+    );
+    if config.probe {
+        let found =
+            tokio::task::spawn_blocking(devfleet_runtime::capabilities::probe_this_host).await?;
+        caps.extend(found);
+    }
+    Ok(caps.into_iter().collect())
+}
+
 /// Runs the service until `shutdown` is cancelled, then drains (see the
 /// crate docs) and returns. Errors only if the bus is closed under it.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.validate()?;
-    let worker = Arc::new(Worker::new(&config));
+    let capabilities = capabilities(&config).await?;
+    let worker = Arc::new(Worker::new(&config, capabilities));
     tracing::info!(
         instance = %worker.instance,
         namespace = %worker.connections.namespace,
         min_slots = config.scale.min,
         max_slots = config.scale.max,
         executor = config.executors.default_kind().as_str(),
+        capabilities = %worker.capabilities.join(","),
         "dev-worker starting"
     );
     let background = CancellationToken::new();

@@ -79,6 +79,10 @@ pub struct Settings {
     /// Base snapshots kept materialised (least recently used evicted).
     #[arg(long, env = "DEVFLEET_DEV_SNAPSHOT_CACHE_KEEP", default_value_t = 8)]
     pub snapshot_cache_keep: usize,
+    /// Operator labels this worker announces as capabilities, e.g. `gpu,eu`
+    /// (work whose `requires:` names them runs only on labelled workers).
+    #[arg(long, env = "DEVFLEET_DEV_LABELS", value_delimiter = ',')]
+    pub labels: Vec<String>,
     #[command(flatten)]
     pub executors: ExecutorArgs,
 }
@@ -198,6 +202,8 @@ impl Settings {
                 .work_dir
                 .unwrap_or_else(|| std::env::temp_dir().join("devfleet-dev-worker")),
             snapshot_cache_keep: self.snapshot_cache_keep.max(1),
+            labels: self.labels,
+            probe: true,
         }
     }
 }

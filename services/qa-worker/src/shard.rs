@@ -195,6 +195,7 @@ mod tests {
     #[test]
     fn a_timeout_near_u64_max_is_capped_without_overflow() {
         let step = IntegrationStep {
+            requires: Vec::new(),
             name: "unit".into(),
             run: "pytest".into(),
             shard: None,

@@ -358,12 +358,14 @@ async fn integration_shards_run_in_parallel() {
     .await;
     let steps = vec![
         IntegrationStep {
+            requires: Vec::new(),
             name: "suite".into(),
             run: "python3 run_shard.py".into(),
             shard: Some(3),
             timeout_seconds: Some(60),
         },
         IntegrationStep {
+            requires: Vec::new(),
             name: "fails".into(),
             run: "python3 -c 'raise SystemExit(3)'".into(),
             shard: None,

@@ -242,6 +242,7 @@ mod tests {
         let plan = PlanAnalyzed {
             plan_id: "p1".into(),
             plan: Plan {
+                requires: Vec::new(),
                 name: "n".into(),
                 base: None,
                 base_snapshot: None,

@@ -74,6 +74,10 @@ pub struct Plan {
     /// Canary rollout after integration passed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deploy: Option<DeploySpec>,
+    /// Capabilities a worker must have to run any of the plan's work (`python3`, `flask`,
+    /// `gpu`, …; see docs/AGENTS.md "Capabilities").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<String>,
     /// What the plan's executor runs may use in all; when the next call
     /// does not fit, the plan ends `budget_exhausted` (see docs/AGENTS.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -137,6 +141,10 @@ pub struct TaskDef {
     /// `path`; changes elsewhere are reported and not accepted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub writes: Vec<String>,
+    /// Capabilities a worker must have to run this task (added to the plan's) (`python3`, `flask`,
+    /// `gpu`, …; see docs/AGENTS.md "Capabilities").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<String>,
 }
 
 /// Which executor writes a file.
@@ -190,6 +198,10 @@ pub struct IntegrationStep {
     pub shard: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<u64>,
+    /// Capabilities a worker must have to run this step, besides what its `run` program implies (`python3`, `flask`,
+    /// `gpu`, …; see docs/AGENTS.md "Capabilities").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<String>,
 }
 
 /// Canary rollout settings.
@@ -502,6 +514,8 @@ pub enum PlanError {
     InvalidDeploy(String),
     #[error("budget: {0}")]
     InvalidBudget(String),
+    #[error("{place}: requires: {reason}")]
+    InvalidRequirement { place: String, reason: String },
 }
 
 impl Plan {
@@ -648,8 +662,52 @@ impl Plan {
         if let Some(budget) = &self.budget {
             budget.validate().map_err(PlanError::InvalidBudget)?;
         }
+        let places = std::iter::once(("plan".to_owned(), &self.requires))
+            .chain(
+                self.tasks
+                    .iter()
+                    .map(|t| (format!("task '{}'", t.path), &t.requires)),
+            )
+            .chain(
+                self.integration
+                    .iter()
+                    .map(|s| (format!("integration step '{}'", s.name), &s.requires)),
+            );
+        for (place, names) in places {
+            for name in names {
+                validate_capability(name).map_err(|reason| PlanError::InvalidRequirement {
+                    place: place.clone(),
+                    reason,
+                })?;
+            }
+        }
         Ok(())
     }
+}
+
+/// Most bytes of one capability name.
+pub const MAX_CAPABILITY_BYTES: usize = 64;
+
+/// Checks a capability name: 1..=64 bytes of lower-case letters, digits
+/// and `. _ - :`. The error is the reason, naming the name.
+pub fn validate_capability(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("a capability name is empty".into());
+    }
+    if name.len() > MAX_CAPABILITY_BYTES {
+        return Err(format!(
+            "capability '{name}' is {} bytes; the limit is {MAX_CAPABILITY_BYTES}",
+            name.len()
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| {
+        !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-' | ':'))
+    }) {
+        return Err(format!(
+            "capability '{name}' holds '{c}': use lower-case letters, digits and . _ - :"
+        ));
+    }
+    Ok(())
 }
 
 impl Plan {
@@ -1037,11 +1095,13 @@ colour: red
     #[test]
     fn oversize_content_is_rejected() {
         let plan = Plan {
+            requires: Vec::new(),
             name: "x".into(),
             base: None,
             base_snapshot: None,
             executor: None,
             tasks: vec![TaskDef {
+                requires: Vec::new(),
                 path: "a.py".into(),
                 spec: "s".into(),
                 content: Some("x".repeat(MAX_TASK_CONTENT_BYTES + 1)),
@@ -1063,12 +1123,14 @@ colour: red
     /// A plan of `n` small tasks.
     fn tasks(n: usize) -> Plan {
         Plan {
+            requires: Vec::new(),
             name: "x".into(),
             base: None,
             base_snapshot: None,
             executor: None,
             tasks: (0..n)
                 .map(|i| TaskDef {
+                    requires: Vec::new(),
                     path: format!("pkg/m{i}.py"),
                     spec: format!("module {i}"),
                     content: None,
@@ -1124,6 +1186,7 @@ colour: red
         let mut plan = tasks(1);
         plan.integration = (0..=MAX_INTEGRATION_STEPS)
             .map(|i| IntegrationStep {
+                requires: Vec::new(),
                 name: format!("s{i}"),
                 run: "true".into(),
                 shard: None,

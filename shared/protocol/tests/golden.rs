@@ -72,12 +72,14 @@ fn from_hex(text: &str) -> Vec<u8> {
 
 fn plan() -> Plan {
     Plan {
+        requires: Vec::new(),
         name: "golden".into(),
         base: Some("base/".into()),
         base_snapshot: None,
         executor: Some(ExecutorKind::Builtin),
         tasks: vec![
             TaskDef {
+                requires: Vec::new(),
                 path: "a.py".into(),
                 spec: "the a module".into(),
                 content: Some("A = 1\n".into()),
@@ -87,6 +89,7 @@ fn plan() -> Plan {
                 writes: Vec::new(),
             },
             TaskDef {
+                requires: Vec::new(),
                 path: "b.py".into(),
                 spec: "uses a".into(),
                 content: None,
@@ -104,6 +107,7 @@ fn plan() -> Plan {
 
 fn step() -> IntegrationStep {
     IntegrationStep {
+        requires: Vec::new(),
         name: "pytest".into(),
         run: "pytest -q".into(),
         shard: Some(2),
