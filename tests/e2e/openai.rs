@@ -268,3 +268,143 @@ async fn two_worker_processes_together_never_exceed_the_requests_per_minute_limi
     })
     .await;
 }
+
+/// A plan over an existing repository (a `base` directory, snapshotted as
+/// `devfleet publish` does) runs with the `openai` executor through the
+/// real analyzer, scheduler and dev-worker: the prompt of a task holds the
+/// base file it imports and its dependency's generated code, and the usage
+/// the store recorded for the plan equals what the server answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plan_over_an_existing_repository_runs_with_the_openai_executor() {
+    let server = ScriptedOpenAi::start(vec![
+        Rule::when_prompt_contains("Write the file `app/api.py`").reply(
+            Reply::file(
+                "app/api.py",
+                "from lib.util import helper\n\ndef answer():\n    return helper()\n",
+            )
+            .usage(120, 30),
+        ),
+        Rule::when_prompt_contains("Write the file `app/cli.py`").reply(
+            Reply::file(
+                "app/cli.py",
+                "from app.api import answer\nprint(answer())\n",
+            )
+            .usage(200, 15),
+        ),
+    ])
+    .await;
+    let (connections, shutdown, mut services) = stack().await;
+    services.spawn(devfleet_analyzer::service::run(
+        devfleet_analyzer::service::Config::new(connections.clone()),
+        shutdown.clone(),
+    ));
+    let openai = OpenAi::new(OpenAiSettings {
+        base_url: server.base_url(),
+        model: "scripted".into(),
+        max_tokens: Some(256),
+        ..OpenAiSettings::default()
+    })
+    .unwrap()
+    .with_provider(
+        "test",
+        Price {
+            input_per_million: 1.0,
+            output_per_million: 4.0,
+        },
+    );
+    let work_dir = tempfile::tempdir().unwrap();
+    let mut worker = devfleet_dev_worker::Config::new(connections.clone());
+    worker.executors =
+        Executors::new(ExecutorKind::Openai).with(ExecutorKind::Openai, Arc::new(openai));
+    worker.work_dir = work_dir.path().to_path_buf();
+    services.spawn(devfleet_dev_worker::run(worker, shutdown.clone()));
+
+    // The existing code, snapshotted into the store as publish does.
+    let base = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(base.path().join("lib")).unwrap();
+    std::fs::write(base.path().join("lib/__init__.py"), "").unwrap();
+    std::fs::write(
+        base.path().join("lib/util.py"),
+        "def helper():\n    return 'EXISTING_HELPER'\n",
+    )
+    .unwrap();
+    let built =
+        devfleet_store::snapshot::build(base.path(), devfleet_store::snapshot::Limits::default())
+            .unwrap();
+    let snapshot_id = built.store(connections.store.as_ref()).await.unwrap();
+    let mut plan = Plan::parse(
+        r#"
+name: over-a-repository
+base: ./repo
+executor: openai
+tasks:
+  - path: app/api.py
+    spec: an API over the existing helper
+    content: "from lib.util import helper\n"
+  - path: app/cli.py
+    spec: a command line calling the API
+    content: "from app.api import answer\n"
+"#,
+    )
+    .unwrap();
+    plan.base_snapshot = Some(snapshot_id);
+    let plan_id = unique("repo");
+    connections
+        .publish(
+            devfleet_protocol::queues::PLANS_SUBMITTED,
+            devfleet_protocol::PlanSubmitted {
+                plan_id: plan_id.clone(),
+                plan,
+            },
+        )
+        .await
+        .unwrap();
+    let record = crate::support::plan_where(
+        &connections,
+        &plan_id,
+        "end",
+        Duration::from_secs(60),
+        |p| p.status.is_final(),
+    )
+    .await;
+    assert_eq!(record.status, PlanStatus::Succeeded, "{record:?}");
+
+    let prompts: Vec<String> = server.requests().iter().map(|r| r.prompt()).collect();
+    let prompt_of = |path: &str| {
+        prompts
+            .iter()
+            .find(|p| p.contains(&format!("Write the file `{path}`")))
+            .unwrap_or_else(|| panic!("no request for {path}: {prompts:?}"))
+            .clone()
+    };
+    let api = prompt_of("app/api.py");
+    assert!(
+        api.contains("return 'EXISTING_HELPER'"),
+        "the base file: {api}"
+    );
+    let cli = prompt_of("app/cli.py");
+    assert!(
+        cli.contains("def answer():\n    return helper()"),
+        "the dependency's generated code: {cli}"
+    );
+
+    // Usage recorded for the plan equals what the server answered.
+    let usage = connections.store.plan_usage(&plan_id).await.unwrap();
+    let (tokens_in, tokens_out) = server.usage_totals();
+    assert_eq!((tokens_in, tokens_out), (320, 45));
+    assert_eq!(usage.total.tokens_in, tokens_in);
+    assert_eq!(usage.total.tokens_out, tokens_out);
+    assert_eq!(usage.total.calls, 2);
+    assert_eq!(usage.total.estimated, 0);
+    // 320 × $1 + 45 × $4 per million tokens.
+    assert_eq!(usage.total.cost_nusd, 500_000);
+    assert_eq!(usage.by_model["test/scripted"].calls, 2);
+
+    shutdown.cancel();
+    within("services to stop", Duration::from_secs(30), async {
+        while let Some(joined) = services.join_next().await {
+            joined.expect("service panicked").expect("service failed");
+        }
+    })
+    .await;
+}
