@@ -98,6 +98,20 @@ async fn run_shard(
             started,
         ));
     };
+    // A program this worker lacks fails the step at once, saying so, rather
+    // than as a test failure (it is the worker's environment, not the code).
+    if !worker.sandbox.has_program(&words[0]) {
+        return Ok(result(
+            false,
+            format!(
+                "integration step '{}' runs `{}`, which is not installed on this qa-worker \
+                 (install it there, e.g. with the system's package manager, or declare \
+                 `requires: [{}]` on the step; see docs/AGENTS.md \"Capabilities\")",
+                work.step.name, words[0], words[0]
+            ),
+            started,
+        ));
+    }
     if work.shard_count > 1 && integration::is_pytest(&words) {
         let files = integration::shard_files(
             &integration::list_files(ws.root()),

@@ -33,9 +33,11 @@
 //!
 //! The task's file is `$DEVFLEET_OUTPUT_FILE` if the agent wrote it, else
 //! `<workspace>/<path>` if it exists (a regular file inside the
-//! workspace, not a link out of it); else, without a prepared workspace,
-//! stdout (as a plain program would print the file); with one, the run
-//! failed (retryable: it did not write its file). Other files it changed
+//! workspace, not a link out of it); else stdout (as a plain program would
+//! print the file) without a prepared workspace, or with one when the
+//! profile says `stdout_is_file` (a bare `DEVFLEET_COMMAND` does) and
+//! stdout is not empty; else the run failed (retryable: it did not write
+//! its file). Other files it changed
 //! in the workspace are the worker's business (it compares the workspace).
 //! Usage: `$DEVFLEET_USAGE_FILE` if written (JSON `{"model", "tokens_in",
 //! "tokens_out"}`, optional `"provider"`, `"cost_usd"`), else the
@@ -444,7 +446,11 @@ impl CommandExecutor {
             Some(bytes) => bytes,
             None => match workspace_file(&run.workspace, &input.path, cap)? {
                 Some(bytes) => bytes,
-                None if input.workspace.is_none() => stdout,
+                None if input.workspace.is_none()
+                    || (self.profile.stdout_is_file && !stdout.is_empty()) =>
+                {
+                    stdout
+                }
                 None => {
                     return Err(ExecError::retryable(format!(
                         "agent '{name}' exited successfully but did not write '{}' in its \
@@ -888,11 +894,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_bare_command_that_prints_its_file_works_in_a_workspace_too() {
+        let ws = tempfile::tempdir().unwrap();
+        let mut input = test_input("a.py");
+        input.workspace = Some(ws.path().to_path_buf());
+        let out = sh("echo 'x = 1'").run(&input).await.unwrap();
+        assert_eq!(out.text, "x = 1\n");
+        let err = sh("true").run(&input).await.unwrap_err();
+        assert!(err.message.contains("did not write 'a.py'"), "{err}");
+    }
+
+    #[tokio::test]
     async fn an_agent_that_did_not_write_its_file_failed() {
         let ws = tempfile::tempdir().unwrap();
         let mut input = test_input("a.py");
         input.workspace = Some(ws.path().to_path_buf());
-        let err = sh("echo chatter").run(&input).await.unwrap_err();
+        let chatty = CommandExecutor::new(
+            AgentProfile {
+                stdout_is_file: false,
+                ..AgentProfile::from_words(vec!["sh".into(), "-c".into(), "echo chatter".into()])
+            },
+            1024,
+        );
+        let err = chatty.run(&input).await.unwrap_err();
         assert!(
             err.retryable && err.message.contains("did not write 'a.py'"),
             "{err}"

@@ -83,6 +83,12 @@ pub struct AgentProfile {
     pub timeout_seconds: Option<f64>,
     #[serde(default)]
     pub usage: UsageSettings,
+    /// Whether what the agent prints is the file when it wrote neither
+    /// `$DEVFLEET_OUTPUT_FILE` nor its file in the workspace: true for a
+    /// bare `DEVFLEET_COMMAND` (a program that prints the file), false by
+    /// default for profiles (agent CLIs print chatter, not files).
+    #[serde(default)]
+    pub stdout_is_file: bool,
 }
 
 /// Placeholders every profile word may use.
@@ -166,6 +172,7 @@ impl AgentProfile {
             ro_binds: Vec::new(),
             timeout_seconds: None,
             usage: UsageSettings::default(),
+            stdout_is_file: true,
         }
     }
 
