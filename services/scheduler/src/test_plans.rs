@@ -18,7 +18,6 @@ pub(crate) fn task(
         priority: 1,
         batch: 0,
         executor,
-        base_imports: Vec::new(),
     }
 }
 
