@@ -114,7 +114,7 @@ pub async fn submit(connections: &Connections, plan: &devfleet_protocol::PlanAna
 }
 
 /// Waits until the plan's record satisfies `check` (`what` names the wait
-/// in the failure message).
+/// in the failure message, which also shows the plan and its tasks).
 pub async fn plan_where(
     connections: &Connections,
     plan_id: &str,
@@ -122,18 +122,20 @@ pub async fn plan_where(
     timeout: std::time::Duration,
     check: impl Fn(&devfleet_store::PlanRecord) -> bool,
 ) -> devfleet_store::PlanRecord {
-    let store = connections.store.clone();
-    let check = &check;
-    devfleet_testkit::wait_for(&format!("plan {plan_id} to {what}"), timeout, || {
-        let store = store.clone();
-        async move {
-            store
-                .plan(plan_id)
-                .await
-                .ok()
-                .flatten()
-                .filter(|p| check(p))
+    let store = &connections.store;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let record = store.plan(plan_id).await.ok().flatten();
+        if let Some(record) = record.as_ref().filter(|p| check(p)) {
+            return record.clone();
         }
-    })
-    .await
+        if std::time::Instant::now() >= deadline {
+            let tasks = store.tasks(plan_id).await;
+            panic!(
+                "timed out after {timeout:?} waiting for plan {plan_id} to {what}\n\
+                 plan: {record:#?}\ntasks: {tasks:#?}"
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

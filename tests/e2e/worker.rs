@@ -58,6 +58,11 @@ impl Stack {
         config.dispatch_tick = Duration::from_millis(10);
         config.reap_interval = Duration::from_millis(100);
         config.dispatch_lease = Duration::from_secs(5);
+        // A worker killed between recording a task Built and announcing it
+        // leaves the task to the watchdog (on RabbitMQ the delivery was
+        // acked at the claim): announce such tasks within seconds here.
+        config.watchdog_interval = Duration::from_millis(250);
+        config.watchdog_stall = Duration::from_secs(3);
         self.services
             .spawn(devfleet_scheduler::run(config, self.shutdown.clone()));
     }
@@ -185,7 +190,9 @@ async fn sigkill_of_a_dev_worker_mid_run_loses_nothing_and_completes_nothing_twi
     stack.scheduler();
     let victim = unique("victim");
     let survivor = unique("survivor");
-    let mut killed = stack.spawn_process(&victim, 3);
+    // The victim's tasks take seconds, so it is surely mid-run when killed.
+    let mut killed =
+        stack.spawn_process_with(&victim, 3, &[("DEVFLEET_SIMULATE_UNIT_SECONDS", "2")]);
     let mut other = stack.spawn_process(&survivor, 3);
     let plan = chains(48, 6, 2);
     stack.submit(&plan).await;
@@ -194,7 +201,7 @@ async fn sigkill_of_a_dev_worker_mid_run_loses_nothing_and_completes_nothing_twi
     let store = stack.connections.store.clone();
     let plan_id = plan.plan_id.clone();
     let victim_name = victim.clone();
-    let held = wait_for(
+    wait_for(
         "the victim to hold leases mid-run",
         Duration::from_secs(60),
         || {
@@ -204,15 +211,8 @@ async fn sigkill_of_a_dev_worker_mid_run_loses_nothing_and_completes_nothing_twi
             async move {
                 let tasks = store.tasks(&plan_id).await.ok()?;
                 let done = tasks.iter().filter(|t| t.state == TaskState::Done).count();
-                let held: Vec<String> = tasks
-                    .iter()
-                    .filter(|t| {
-                        t.state == TaskState::Leased
-                            && t.lease_owner.as_deref() == Some(victim.as_str())
-                    })
-                    .map(|t| t.path.clone())
-                    .collect();
-                (done >= 6 && !held.is_empty()).then_some(held)
+                let held = tasks.iter().any(|t| held_by(t, &victim));
+                (done >= 6 && held).then_some(())
             }
         },
     )
@@ -222,6 +222,16 @@ async fn sigkill_of_a_dev_worker_mid_run_loses_nothing_and_completes_nothing_twi
         .await
         .expect("wait");
     assert!(!status.success(), "the victim was killed, not stopped");
+    // What the victim held when it died (its leases outlive it briefly).
+    let held: Vec<String> = store
+        .tasks(&plan_id)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|t| held_by(t, &victim))
+        .map(|t| t.path.clone())
+        .collect();
+    assert!(!held.is_empty(), "the victim died holding tasks");
 
     let record = stack
         .finished(&plan.plan_id, Duration::from_secs(120))
@@ -261,6 +271,10 @@ async fn sigkill_of_a_dev_worker_mid_run_loses_nothing_and_completes_nothing_twi
     assert!(status.success(), "graceful exit: {status:?}");
     assert!(stack.capacity(&survivor).await.is_none());
     stack.stop().await;
+}
+
+fn held_by(task: &devfleet_store::TaskRecord, owner: &str) -> bool {
+    task.state == TaskState::Leased && task.lease_owner.as_deref() == Some(owner)
 }
 
 /// Sends `signal` to a child process.
