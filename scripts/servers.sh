@@ -98,6 +98,8 @@ rabbit_env() {
   # Optional (Erlang terms): settings rabbitmq.conf has no key for.
   export RABBITMQ_ADVANCED_CONFIG_FILE=$dir/rabbitmq/advanced.config
   export ERL_EPMD_PORT=$EPMD_PORT
+  # Sourced by rabbitmq-server after it drops to the rabbitmq user.
+  export RABBITMQ_CONF_ENV_FILE=$dir/rabbitmq/rabbitmq-env.conf
 }
 
 start_rabbitmq() {
@@ -106,6 +108,11 @@ start_rabbitmq() {
   [ -f "$dir/rabbitmq/enabled_plugins" ] || echo '[].' >"$dir/rabbitmq/enabled_plugins"
   # No disk-space alarm on small test disks; quiet logs.
   [ -f "$dir/rabbitmq/rabbitmq.conf" ] || printf 'disk_free_limit.absolute = 50MB\nlog.console = false\n' >"$dir/rabbitmq/rabbitmq.conf"
+  # Every quorum queue reserves file handles in the broker's handle cache,
+  # which is sized from the open-file limit; once reservations reach it, new
+  # connections wait for a socket handle and the broker looks hung. `su`
+  # leaves the rabbitmq user a soft limit of 1024: raise it to the hard one.
+  printf 'ulimit -n "$(ulimit -Hn)" 2>/dev/null || true\n' >"$dir/rabbitmq/rabbitmq-env.conf"
   # rabbitmq-server drops to the rabbitmq user: it must own its data and
   # traverse every parent directory.
   chmod o+x "$dir" "$(dirname "$dir")" 2>/dev/null || true
@@ -117,7 +124,12 @@ start_rabbitmq() {
     until rabbitmqctl -n "$RABBITMQ_NODENAME" -q await_startup >/dev/null 2>&1; do
       if [ $SECONDS -ge $deadline ]; then echo "servers: rabbitmq did not finish booting" >&2; exit 1; fi
       sleep 0.5
-    done )
+    done
+    # Each test works in its own namespace and leaves its queues behind:
+    # a queue nobody used for 10 minutes goes, so a long suite does not
+    # pile up thousands of quorum queues (each a Raft member to tick).
+    rabbitmqctl -n "$RABBITMQ_NODENAME" -q set_policy --apply-to queues \
+      devfleet-test-expiry '.*' '{"expires": 600000}' >/dev/null )
 }
 
 pid_of() { # dir name
