@@ -363,18 +363,12 @@ async fn create_plan(c: &Connections, tasks: &[(&str, &[&str])]) -> String {
 }
 
 async fn wait_state(c: &Connections, plan_id: &str, path: &str, state: TaskState) {
-    let found = tokio::time::timeout(SOON, async {
-        loop {
-            if let Some(t) = c.store.task(plan_id, path).await.unwrap() {
-                if t.state == state {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    let found = devfleet_testkit::poll_until(SOON, || async {
+        let t = c.store.task(plan_id, path).await.unwrap()?;
+        (t.state == state).then_some(())
     })
     .await;
-    if found.is_err() {
+    if found.is_none() {
         for t in c.store.tasks(plan_id).await.unwrap() {
             eprintln!(
                 "{} {} attempt {} class {:?} owner {:?} error {:?}",

@@ -123,19 +123,24 @@ pub async fn plan_where(
     check: impl Fn(&devfleet_store::PlanRecord) -> bool,
 ) -> devfleet_store::PlanRecord {
     let store = &connections.store;
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let record = store.plan(plan_id).await.ok().flatten();
-        if let Some(record) = record.as_ref().filter(|p| check(p)) {
-            return record.clone();
-        }
-        if std::time::Instant::now() >= deadline {
+    let found = devfleet_testkit::poll_until(timeout, || async {
+        store
+            .plan(plan_id)
+            .await
+            .ok()
+            .flatten()
+            .filter(|p| check(p))
+    })
+    .await;
+    match found {
+        Some(record) => record,
+        None => {
+            let record = store.plan(plan_id).await;
             let tasks = store.tasks(plan_id).await;
             panic!(
                 "timed out after {timeout:?} waiting for plan {plan_id} to {what}\n\
                  plan: {record:#?}\ntasks: {tasks:#?}"
             );
         }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
