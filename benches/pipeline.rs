@@ -93,18 +93,22 @@ async fn main() -> anyhow::Result<()> {
             priority: u32::try_from((tasks - i).div_ceil(width)).unwrap_or(1),
             batch: u32::try_from(i / width).unwrap_or(0),
             executor: None,
+            base_imports: Vec::new(),
         })
         .collect();
     let plan_id = format!("bench-{run_id}");
     let plan = PlanAnalyzed {
         plan_id: plan_id.clone(),
         plan: Plan {
+            requires: Vec::new(),
             name: "bench".into(),
             base: None,
+            base_snapshot: None,
             executor: Some(ExecutorKind::Simulate),
             tasks: vec![],
             integration: vec![],
             deploy: None,
+            budget: None,
         },
         tasks: analyzed,
         critical_path_length: u64::try_from(tasks.div_ceil(width)).unwrap_or(0),

@@ -37,6 +37,20 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# A real agent CLI from PyPI for the command executor's tests: aider in its
+# own virtualenv (made from the system Python, so the agent sandbox, which
+# sees /usr and the venv, can run it). About 45 s and 700 MB, once.
+if [ ! -x /opt/devfleet-aider/bin/aider ]; then
+  echo "test.sh: installing aider-chat into /opt/devfleet-aider" >&2
+  /usr/bin/python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || {
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+  }
+  /usr/bin/python3 -m venv /opt/devfleet-aider
+  /opt/devfleet-aider/bin/pip install -q aider-chat >&2
+fi
+
 scripts/servers.sh start "$tmp/servers"
 # shellcheck disable=SC1091
 . "$tmp/servers/env"

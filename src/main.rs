@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod analyze;
+mod budget;
 mod canary;
 mod dlq;
 #[cfg(test)]
@@ -43,7 +44,7 @@ enum Command {
     Analyze(analyze::AnalyzeArgs),
     /// Submit a plan to a running stack.
     Publish(publish::PublishArgs),
-    /// Plan and task states.
+    /// Plan and task states, and a plan's tokens and cost.
     Status(status::StatusArgs),
     /// Write a plan's generated files to a folder.
     Pull(status::PullArgs),
@@ -54,6 +55,8 @@ enum Command {
     Dlq(dlq::DlqCommand),
     /// Canary deployments on their own: start, status, rollback.
     Canary(canary::CanaryArgs),
+    /// Show a plan's budget, or raise it and resume a plan that ran out.
+    Budget(budget::BudgetArgs),
     /// Collect finished plans, expired cache entries, old dead letters and
     /// unreferenced artifacts now (schedulers also do it periodically).
     Gc(gc::GcArgs),
@@ -99,6 +102,7 @@ async fn run_async(command: Command) -> anyhow::Result<std::process::ExitCode> {
         Command::Dlq(command) => dlq::run(command).await,
         Command::Canary(args) => canary::run(args).await,
         Command::Gc(args) => gc::run(args).await,
+        Command::Budget(args) => budget::run(args).await,
         Command::Analyze(args) => analyze::run(&args).map(|()| std::process::ExitCode::SUCCESS),
     }
 }

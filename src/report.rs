@@ -3,7 +3,7 @@
 
 use devfleet_protocol::PlanAnalyzed;
 use devfleet_runtime::Connections;
-use devfleet_store::PlanRecord;
+use devfleet_store::{BudgetState, PlanRecord, PlanUsage, UsageTotals};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -19,6 +19,11 @@ pub struct PlanReport {
     pub retried: usize,
     pub cache_hits: i64,
     pub cache_misses: i64,
+    /// Tokens and cost of the plan's executor runs, in total, per model
+    /// and per task (cache hits ran no executor and count nothing).
+    pub usage: PlanUsage,
+    /// The plan's budget: limits, spent, reserved by running work.
+    pub budget: BudgetState,
     /// Dead-letter entries of this plan.
     pub dead_letters: Vec<String>,
     /// From submission to the final status.
@@ -127,6 +132,8 @@ impl PlanReport {
             retried: tasks.iter().filter(|t| t.attempt > 1).count(),
             cache_hits: store.counter(&format!("cache_hits:{plan_id}")).await?,
             cache_misses: store.counter(&format!("cache_misses:{plan_id}")).await?,
+            usage: store.plan_usage(plan_id).await?,
+            budget: store.budget(plan_id).await?,
             dead_letters,
             makespan_ms: plan.updated_ms - plan.created_ms,
             critical_path_files,
@@ -162,6 +169,12 @@ impl std::fmt::Display for PlanReport {
             "  cache       {} hits, {} misses",
             self.cache_hits, self.cache_misses
         );
+        let _ = write!(out, "{}", usage_lines(&self.usage));
+        if self.budget.limits.is_some() {
+            for line in crate::budget::describe(&p.id, &self.budget).lines() {
+                let _ = writeln!(out, "  {line}");
+            }
+        }
         let _ = writeln!(
             out,
             "  makespan    {:.2} s; critical path {} files (estimate {}), depth {} layers",
@@ -182,6 +195,37 @@ impl std::fmt::Display for PlanReport {
         }
         f.write_str(out.trim_end())
     }
+}
+
+/// `N tokens (in/out), $cost, C calls` of some totals.
+pub fn usage_summary(t: &UsageTotals) -> String {
+    let mut s = format!(
+        "{} tokens ({} in, {} out), ${:.6}, {} calls",
+        t.tokens(),
+        t.tokens_in,
+        t.tokens_out,
+        t.cost_usd(),
+        t.calls
+    );
+    if t.estimated > 0 {
+        let _ = write!(s, " ({} estimated)", t.estimated);
+    }
+    s
+}
+
+/// The usage lines of a report or status: the total, then one line per
+/// model (none when no executor reported usage).
+pub fn usage_lines(usage: &PlanUsage) -> String {
+    let mut out = String::new();
+    if usage.is_empty() {
+        let _ = writeln!(out, "  usage       none reported");
+        return out;
+    }
+    let _ = writeln!(out, "  usage       {}", usage_summary(&usage.total));
+    for (model, t) in &usage.by_model {
+        let _ = writeln!(out, "    {model}: {}", usage_summary(t));
+    }
+    out
 }
 
 /// A progress bar for one plan on stderr (hidden when stderr is not a
@@ -233,5 +277,41 @@ impl PlanProgress {
 
     pub fn finish(&self) {
         self.bar.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devfleet_protocol::Usage;
+
+    #[test]
+    fn usage_lines_show_the_total_and_each_model() {
+        let mut usage = PlanUsage::default();
+        assert_eq!(usage_lines(&usage), "  usage       none reported\n");
+        for (model, tokens_in, estimated) in [("gpt", 1000, false), ("claude", 20, true)] {
+            let one = UsageTotals::of(&Usage {
+                provider: String::new(),
+                model: model.into(),
+                tokens_in,
+                tokens_out: 5,
+                cost_usd: 0.5,
+                estimated,
+            });
+            usage.total.add(&one);
+            usage.by_model.insert(model.into(), one);
+        }
+        let text = usage_lines(&usage);
+        assert!(
+            text.starts_with(
+                "  usage       1030 tokens (1020 in, 10 out), $1.000000, 2 calls (1 estimated)\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("    gpt: 1005 tokens (1000 in, 5 out), $0.500000, 1 calls\n"),
+            "{text}"
+        );
+        assert!(text.contains("    claude: 25 tokens"), "{text}");
     }
 }

@@ -50,10 +50,17 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         .await?
         .with_context(|| format!("no plan '{plan_id}'; `devfleet status` lists them"))?;
     let tasks = store.tasks(&plan_id).await?;
+    let usage = store.plan_usage(&plan_id).await?;
+    let budget = store.budget(&plan_id).await?;
     if args.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "plan": plan, "tasks": tasks }))?
+            serde_json::to_string_pretty(&serde_json::json!({
+                "plan": plan,
+                "tasks": tasks,
+                "usage": usage,
+                "budget": budget,
+            }))?
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -70,9 +77,15 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     if let Some(m) = &plan.message {
         println!("  {m}");
     }
+    print!("{}", crate::report::usage_lines(&usage));
+    if budget.limits.is_some() {
+        for line in crate::budget::describe(&plan_id, &budget).lines() {
+            println!("  {line}");
+        }
+    }
     println!(
-        "{:<50} {:<8} {:>7} {:<4}  NOTE",
-        "TASK", "STATE", "ATTEMPT", "PRIO"
+        "{:<50} {:<8} {:>7} {:<4} {:>9} {:>10}  NOTE",
+        "TASK", "STATE", "ATTEMPT", "PRIO", "TOKENS", "COST"
     );
     for t in tasks {
         let note = t
@@ -87,12 +100,15 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
                     .collect::<String>()
             })
             .unwrap_or_default();
+        let used = usage.by_task.get(&t.path).copied().unwrap_or_default();
         println!(
-            "{:<50} {:<8} {:>7} {:<4}  {}",
+            "{:<50} {:<8} {:>7} {:<4} {:>9} {:>10}  {}",
             t.path,
             t.state.as_str(),
             t.attempt,
             t.priority,
+            used.tokens(),
+            format!("${:.4}", used.cost_usd()),
             note
         );
     }

@@ -10,23 +10,28 @@ use tokio_util::sync::CancellationToken;
 
 fn task(path: &str, content: &str, depends_on: &[&str]) -> TaskDef {
     TaskDef {
+        requires: Vec::new(),
         path: path.into(),
         spec: format!("spec of {path}"),
         content: Some(content.into()),
         depends_on: depends_on.iter().map(|s| s.to_string()).collect(),
         estimate: None,
         executor: None,
+        writes: Vec::new(),
     }
 }
 
 fn plan(tasks: Vec<TaskDef>) -> Plan {
     Plan {
+        requires: Vec::new(),
         name: "e2e".into(),
         base: None,
+        base_snapshot: None,
         executor: None,
         tasks,
         integration: vec![],
         deploy: None,
+        budget: None,
     }
 }
 
@@ -214,12 +219,14 @@ fn largest_plan() -> Plan {
             let room = per_task.saturating_sub(path.len() + spec.len() + content.len() + 8);
             content.push_str(&format!("# {}\n", "x".repeat(room.saturating_sub(3))));
             TaskDef {
+                requires: Vec::new(),
                 path,
                 spec,
                 content: Some(content),
                 depends_on: vec![],
                 estimate: None,
                 executor: None,
+                writes: Vec::new(),
             }
         })
         .collect();

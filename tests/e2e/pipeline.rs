@@ -20,11 +20,11 @@ use devfleet_dev_worker::executor::simulate::{Simulate, SimulateSettings};
 use devfleet_dev_worker::{ExecError, ExecInput, ExecOutput, Executor, Executors, ScalePolicy};
 use devfleet_protocol::{
     queues, AnalyzedTask, DeployFinished, Envelope, ExecutorKind, IntegrationStep, Message, Plan,
-    PlanAnalyzed, PlanStatus,
+    PlanAnalyzed, PlanStatus, Usage,
 };
 use devfleet_runtime::Connections;
 use devfleet_scheduler::TASKS_COMPLETED;
-use devfleet_store::{PlanRecord, TaskState};
+use devfleet_store::{BudgetLimits, PlanRecord, TaskState, UsageTotals};
 use devfleet_testkit::{unique, wait_for, within};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -33,7 +33,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Copy, Debug)]
-enum Backend {
+pub(crate) enum Backend {
     Memory,
     /// RabbitMQ + Redis from the environment.
     Real,
@@ -76,8 +76,71 @@ impl Executor for Recording {
     }
 }
 
-struct Stack {
-    connections: Connections,
+/// An executor that reports usage for every run (two models, tokens and
+/// cost derived from the task) and keeps the totals it reported.
+struct Metered {
+    inner: Arc<dyn Executor>,
+    reported: Mutex<BTreeMap<String, UsageTotals>>,
+}
+
+impl Metered {
+    fn new(inner: Arc<dyn Executor>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            reported: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn reported(&self) -> BTreeMap<String, UsageTotals> {
+        self.reported.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl Executor for Metered {
+    fn identity(&self) -> String {
+        format!("metered:{}", self.inner.identity())
+    }
+
+    /// The prompt (as reported after) plus a maximum completion of 10.
+    fn estimate(&self, input: &ExecInput) -> Option<Usage> {
+        Some(Usage {
+            model: "estimate".into(),
+            tokens_in: 100 + input.path.len() as u64,
+            tokens_out: 10,
+            estimated: true,
+            ..Usage::default()
+        })
+    }
+
+    async fn run(&self, input: &ExecInput) -> Result<ExecOutput, ExecError> {
+        let mut output = self.inner.run(input).await?;
+        let model = if input.path.len().is_multiple_of(2) {
+            "even"
+        } else {
+            "odd"
+        };
+        let usage = Usage {
+            provider: "scripted".into(),
+            model: model.into(),
+            tokens_in: 100 + input.path.len() as u64,
+            tokens_out: 7 * u64::from(input.attempt),
+            cost_usd: 0.000_125,
+            estimated: false,
+        };
+        self.reported
+            .lock()
+            .unwrap()
+            .entry(devfleet_store::usage_label(&usage))
+            .or_default()
+            .add(&UsageTotals::of(&usage));
+        output.usage.push(usage);
+        Ok(output)
+    }
+}
+
+pub(crate) struct Stack {
+    pub(crate) connections: Connections,
     shutdown: CancellationToken,
     services: JoinSet<anyhow::Result<()>>,
 }
@@ -85,7 +148,7 @@ struct Stack {
 impl Stack {
     /// Connections in a fresh namespace: its own queues and, on Redis, its
     /// own key prefix (`devfleet:<namespace>`, as `ConnectArgs` makes it).
-    async fn new(backend: Backend) -> Stack {
+    pub(crate) async fn new(backend: Backend) -> Stack {
         match backend {
             Backend::Memory => {
                 devfleet_telemetry::init_for_tests();
@@ -141,7 +204,7 @@ impl Stack {
     }
 
     /// The scheduler as deployed, the router and a qa-worker.
-    fn routed_pipeline(&mut self) {
+    pub(crate) fn routed_pipeline(&mut self) {
         self.routed_pipeline_with(|_| {});
     }
 
@@ -163,7 +226,18 @@ impl Stack {
             .spawn(devfleet_qa_worker::run(config, self.shutdown.clone()));
     }
 
-    fn worker(&mut self, executors: Executors, min: u32, max: u32) {
+    pub(crate) fn worker(&mut self, executors: Executors, min: u32, max: u32) {
+        self.worker_with(executors, min, max, |_| {});
+    }
+
+    /// [`Stack::worker`] with its config changed by `change`.
+    fn worker_with(
+        &mut self,
+        executors: Executors,
+        min: u32,
+        max: u32,
+        change: impl FnOnce(&mut devfleet_dev_worker::Config),
+    ) {
         let mut config = devfleet_dev_worker::Config::new(self.connections.clone());
         config.executors = executors;
         config.scale = ScalePolicy {
@@ -175,15 +249,16 @@ impl Stack {
         config.lease = Duration::from_secs(3);
         config.heartbeat_ttl = Duration::from_secs(2);
         config.shutdown_grace = Duration::from_secs(5);
+        change(&mut config);
         self.services
             .spawn(devfleet_dev_worker::run(config, self.shutdown.clone()));
     }
 
-    async fn submit(&self, plan: &PlanAnalyzed) {
+    pub(crate) async fn submit(&self, plan: &PlanAnalyzed) {
         crate::support::submit(&self.connections, plan).await
     }
 
-    async fn finished(&self, plan_id: &str, timeout: Duration) -> PlanRecord {
+    pub(crate) async fn finished(&self, plan_id: &str, timeout: Duration) -> PlanRecord {
         self.plan_where(plan_id, "end", timeout, |p| p.status.is_final())
             .await
     }
@@ -214,7 +289,7 @@ impl Stack {
             .collect()
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         self.shutdown.cancel();
         within("services to stop", Duration::from_secs(30), async {
             while let Some(joined) = self.services.join_next().await {
@@ -226,15 +301,15 @@ impl Stack {
 }
 
 /// One task: path, dependencies, spec, content.
-struct T {
+pub(crate) struct T {
     path: String,
     deps: Vec<String>,
-    spec: String,
+    pub(crate) spec: String,
     content: Option<String>,
     priority: Option<u32>,
 }
 
-fn t<S: AsRef<str>>(path: impl Into<String>, deps: &[S]) -> T {
+pub(crate) fn t<S: AsRef<str>>(path: impl Into<String>, deps: &[S]) -> T {
     let path = path.into();
     T {
         spec: format!("spec of {path}"),
@@ -248,7 +323,7 @@ fn t<S: AsRef<str>>(path: impl Into<String>, deps: &[S]) -> T {
 /// An analyzed plan. Tasks must come after their dependencies; priorities
 /// default to the longest remaining path (every estimate 1), as the
 /// analyzer computes them.
-fn analyzed(tasks: Vec<T>, executor: ExecutorKind) -> PlanAnalyzed {
+pub(crate) fn analyzed(tasks: Vec<T>, executor: ExecutorKind) -> PlanAnalyzed {
     let index: HashMap<&str, usize> = tasks
         .iter()
         .enumerate()
@@ -280,17 +355,21 @@ fn analyzed(tasks: Vec<T>, executor: ExecutorKind) -> PlanAnalyzed {
             priority: t.priority.unwrap_or(longest[i]),
             batch: batch[i],
             executor: None,
+            base_imports: Vec::new(),
         })
         .collect();
     PlanAnalyzed {
         plan_id: unique("plan"),
         plan: Plan {
+            requires: Vec::new(),
             name: "test".into(),
             base: None,
+            base_snapshot: None,
             executor: Some(executor),
             tasks: vec![],
             integration: vec![],
             deploy: None,
+            budget: None,
         },
         tasks: analyzed_tasks,
         critical_path_length: u64::from(critical),
@@ -513,6 +592,186 @@ async fn rerun_is_all_cache_hits_and_a_changed_spec_reruns_exactly_its_downstrea
     reruns_hit_the_cache(Backend::Real).await;
 }
 
+/// Usage totals per plan and model equal what the executor reported; a
+/// re-run made of cache hits records none; the fleet's totals per model
+/// equal the sum.
+async fn usage_is_recorded_per_task_plan_and_model(backend: Backend) {
+    let mut stack = Stack::new(backend).await;
+    let metered = Metered::new(Arc::new(Simulate::new(SimulateSettings {
+        unit: Duration::ZERO,
+        ..SimulateSettings::default()
+    })));
+    let executors =
+        Executors::new(ExecutorKind::Simulate).with(ExecutorKind::Simulate, metered.clone());
+    stack.scheduler();
+    stack.worker(executors.clone(), 4, 4);
+    stack.worker(executors, 4, 4);
+    let first = analyzed(deep_dag(24), ExecutorKind::Simulate);
+    stack.submit(&first).await;
+    let r = stack
+        .finished(&first.plan_id, Duration::from_secs(120))
+        .await;
+    assert_eq!(r.status, PlanStatus::Succeeded);
+    let store = &stack.connections.store;
+    let usage = store.plan_usage(&first.plan_id).await.unwrap();
+    let reported = metered.reported();
+    assert_eq!(usage.by_model, reported, "the plan's usage per model");
+    assert_eq!(usage.by_task.len(), 24, "every task's run is counted");
+    assert_eq!(usage.total.calls, 24, "each run once");
+    assert_eq!(usage.total.cost_nusd, 24 * 125_000);
+    let path = "src/m007.py";
+    assert_eq!(
+        usage.by_task.get(path).map(|t| (t.tokens_in, t.tokens_out)),
+        Some((100 + path.len() as u64, 7))
+    );
+
+    // The same plan again: all cache hits, no executor ran, no usage.
+    let second = analyzed(deep_dag(24), ExecutorKind::Simulate);
+    stack.submit(&second).await;
+    let r = stack
+        .finished(&second.plan_id, Duration::from_secs(120))
+        .await;
+    assert_eq!(r.status, PlanStatus::Succeeded);
+    assert!(store.plan_usage(&second.plan_id).await.unwrap().is_empty());
+    assert_eq!(metered.reported(), reported, "nothing ran again");
+    assert_eq!(store.usage_by_model().await.unwrap(), reported);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn usage_totals_equal_what_the_executor_reported_and_cache_hits_cost_nothing() {
+    usage_is_recorded_per_task_plan_and_model(Backend::Real).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_usage_totals_equal_what_the_executor_reported_and_cache_hits_cost_nothing() {
+    usage_is_recorded_per_task_plan_and_model(Backend::Memory).await;
+}
+
+/// A plan runs out of its budget: the task that
+/// does not fit is handed back, the plan ends `budget_exhausted` with
+/// nothing failed or dead-lettered and the spend within the limit; `devfleet
+/// budget` raises it and the plan then succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plan_out_of_budget_ends_budget_exhausted_and_devfleet_budget_resumes_it() {
+    let mut stack = Stack::new(Backend::Real).await;
+    let metered = Metered::new(Arc::new(Simulate::new(SimulateSettings {
+        unit: Duration::ZERO,
+        ..SimulateSettings::default()
+    })));
+    let executors =
+        Executors::new(ExecutorKind::Simulate).with(ExecutorKind::Simulate, metered.clone());
+    stack.scheduler();
+    // The workers' default (100 tokens) would stop the first call: the
+    // plan's own budget wins over it.
+    stack.worker_with(executors, 2, 2, |config| {
+        config.default_budget = BudgetLimits {
+            max_tokens: Some(100),
+            max_cost_nusd: None,
+        };
+    });
+    let chain: Vec<T> = (0..6)
+        .map(|i| {
+            let deps: Vec<String> = (i > 0)
+                .then(|| format!("src/m{:03}.py", i - 1))
+                .into_iter()
+                .collect();
+            t(format!("src/m{i:03}.py"), &deps)
+        })
+        .collect();
+    let mut plan = analyzed(chain, ExecutorKind::Simulate);
+    // Each run reports 111 + 7 = 118 tokens and reserves 111 + 10 = 121:
+    // three runs fit in 400 (the fourth would need 354 + 121).
+    plan.plan.budget = Some(devfleet_protocol::PlanBudget {
+        max_tokens: Some(400),
+        max_cost_usd: Some(10.0),
+    });
+    stack.submit(&plan).await;
+    let paused = stack
+        .plan_where(
+            &plan.plan_id,
+            "run out of budget",
+            Duration::from_secs(120),
+            |p| p.status == PlanStatus::BudgetExhausted,
+        )
+        .await;
+    let message = paused.message.unwrap_or_default();
+    assert!(
+        message.contains("budget exhausted") && message.contains("devfleet budget"),
+        "{message}"
+    );
+    let store = stack.connections.store.clone();
+    let states = stack.states(&plan.plan_id).await;
+    let done = states.values().filter(|s| **s == TaskState::Done).count();
+    assert_eq!(done, 3, "{states:?}");
+    assert_eq!(
+        states["src/m003.py"],
+        TaskState::Ready,
+        "handed back: {states:?}"
+    );
+    assert!(
+        !states
+            .values()
+            .any(|s| matches!(s, TaskState::Failed | TaskState::Blocked)),
+        "{states:?}"
+    );
+    assert!(
+        store.kv_list("dlq").await.unwrap().is_empty(),
+        "nothing dead-lettered"
+    );
+    let budget = store.budget(&plan.plan_id).await.unwrap();
+    assert_eq!(budget.spent.tokens, 3 * 118);
+    assert_eq!(budget.reserved.tokens, 0);
+    assert_eq!(
+        store.plan_usage(&plan.plan_id).await.unwrap().total.calls,
+        3
+    );
+
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_devfleet"))
+            .args(args)
+            .env("DEVFLEET_AMQP_URL", devfleet_testkit::amqp_url())
+            .env("DEVFLEET_REDIS_URL", devfleet_testkit::redis_url())
+            .env("DEVFLEET_BUS", "amqp")
+            .env("DEVFLEET_NAMESPACE", &stack.connections.namespace)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    // `devfleet status` says what was spent against which limit.
+    let status = cli(&["status", &plan.plan_id]);
+    assert!(
+        status.contains("budget_exhausted")
+            && status.contains("usage       354 tokens")
+            && status.contains("354 spent, 0 reserved, limit 400"),
+        "{status}"
+    );
+
+    // Raised with the CLI: the plan runs again and succeeds.
+    let stdout = cli(&["budget", &plan.plan_id, "--max-tokens", "2000"]);
+    assert!(
+        stdout.contains("limit 2000") && stdout.contains("resumed"),
+        "{stdout}"
+    );
+    let r = stack
+        .finished(&plan.plan_id, Duration::from_secs(120))
+        .await;
+    assert_eq!(r.status, PlanStatus::Succeeded, "{r:?}");
+    let budget = store.budget(&plan.plan_id).await.unwrap();
+    // The handed-back task ran as its attempt 2 (7 more tokens out).
+    assert_eq!(
+        (budget.spent.tokens, budget.reserved.tokens),
+        (6 * 118 + 7, 0)
+    );
+    stack.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory_rerun_is_all_cache_hits_and_a_changed_spec_reruns_exactly_its_downstream() {
     reruns_hit_the_cache(Backend::Memory).await;
@@ -714,6 +973,7 @@ fn python_tasks(n: usize) -> Vec<T> {
 
 fn step(name: &str, code: u8) -> IntegrationStep {
     IntegrationStep {
+        requires: Vec::new(),
         name: name.into(),
         run: format!("python3 -c 'import sys; sys.exit({code})'"),
         shard: None,
@@ -1200,6 +1460,7 @@ async fn slow_an_integration_shard_longer_than_rabbitmq_consumer_timeout_runs_ex
     stack.worker(executors, 1, 2);
     let starts = node.dir.join("starts");
     let step = IntegrationStep {
+        requires: Vec::new(),
         name: "outlives-the-consumer-timeout".into(),
         run: format!("sh -c 'echo started >> {}; sleep 80'", starts.display()),
         shard: None,

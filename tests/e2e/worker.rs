@@ -52,6 +52,11 @@ impl Stack {
     }
 
     fn scheduler(&mut self) {
+        self.scheduler_with(|_| {});
+    }
+
+    /// [`Self::scheduler`] with settings changed by `edit`.
+    fn scheduler_with(&mut self, edit: impl FnOnce(&mut devfleet_scheduler::Config)) {
         let mut config = devfleet_scheduler::Config::new(self.connections.clone());
         // These tests run no router: built tasks complete directly.
         config.direct_routing = true;
@@ -63,6 +68,7 @@ impl Stack {
         // acked at the claim): announce such tasks within seconds here.
         config.watchdog_interval = Duration::from_millis(250);
         config.watchdog_stall = Duration::from_secs(3);
+        edit(&mut config);
         self.services
             .spawn(devfleet_scheduler::run(config, self.shutdown.clone()));
     }
@@ -166,17 +172,21 @@ fn chains(n: usize, width: usize, estimate: u32) -> PlanAnalyzed {
             priority: u32::try_from((n - i).div_ceil(width)).unwrap_or(1),
             batch: u32::try_from(i / width).unwrap_or(0),
             executor: None,
+            base_imports: Vec::new(),
         })
         .collect();
     PlanAnalyzed {
         plan_id: unique("plan"),
         plan: Plan {
+            requires: Vec::new(),
             name: "worker-test".into(),
             base: None,
+            base_snapshot: None,
             executor: Some(ExecutorKind::Simulate),
             tasks: vec![],
             integration: vec![],
             deploy: None,
+            budget: None,
         },
         tasks,
         critical_path_length: u64::try_from(n.div_ceil(width)).unwrap_or(0),
@@ -296,6 +306,8 @@ async fn a_worker_paused_past_its_lease_cannot_overwrite_the_worker_that_took_ov
             "DEVFLEET_COMMAND",
             r#"sh -c 'sleep 3; printf "built by %s" "$DEVFLEET_DEV_INSTANCE"'"#,
         ),
+        // The agent's environment is cleared but for an allow-list.
+        ("DEVFLEET_COMMAND_ENV", "DEVFLEET_DEV_INSTANCE"),
     ];
     let paused = unique("paused");
     let successor = unique("successor");
@@ -538,5 +550,113 @@ async fn shutdown_hands_back_unfinished_work_and_another_worker_finishes_it() {
     let record = stack.finished(&plan.plan_id, Duration::from_secs(30)).await;
     assert_eq!(record.status, PlanStatus::Succeeded);
     assert_eq!(record.done, 2);
+    stack.stop().await;
+}
+
+/// A one-task simulate plan whose plan level requires `capability`.
+fn requiring(capability: &str) -> PlanAnalyzed {
+    let mut plan = chains(1, 1, 1);
+    plan.plan.requires = vec![capability.to_owned()];
+    plan
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_needing_a_capability_no_worker_has_waits_saying_so_then_runs_on_a_worker_that_has_it(
+) {
+    let mut stack = Stack::real().await;
+    stack.scheduler();
+    let label = "caps-test-gpu";
+    let plain = unique("plain");
+    let _plain = stack.spawn_process(&plain, 2);
+    // The plain worker is live and announces what it has, but not the label.
+    let record = wait_for("the plain worker's record", Duration::from_secs(60), || {
+        stack.capacity(&plain)
+    })
+    .await;
+    assert!(record
+        .capabilities
+        .contains(&"executor:simulate".to_owned()));
+    assert!(!record.capabilities.contains(&label.to_owned()));
+    let plan = requiring(label);
+    stack.submit(&plan).await;
+
+    let waiting = crate::support::plan_where(
+        &stack.connections,
+        &plan.plan_id,
+        "say what it waits for",
+        Duration::from_secs(60),
+        |p| p.message.is_some(),
+    )
+    .await;
+    let message = waiting.message.unwrap_or_default();
+    assert!(
+        message.contains("waiting for a worker with caps-test-gpu")
+            && message.contains("DEVFLEET_DEV_LABELS=caps-test-gpu"),
+        "{message}"
+    );
+    assert_eq!(waiting.status, PlanStatus::Running);
+    // The plain worker is live and announces what it has, but not the label.
+    let record = stack.capacity(&plain).await.expect("plain worker record");
+    assert!(record
+        .capabilities
+        .contains(&"executor:simulate".to_owned()));
+    assert!(!record.capabilities.contains(&label.to_owned()));
+    let task = stack
+        .connections
+        .store
+        .task(&plan.plan_id, &plan.tasks[0].path)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(task.state, TaskState::Done, "nobody could run it");
+    assert_eq!(task.lease_owner.as_deref(), Some("dispatch"), "parked");
+
+    let labelled = unique("labelled");
+    let _labelled = stack.spawn_process_with(&labelled, 1, &[("DEVFLEET_DEV_LABELS", label)]);
+    let record = stack.finished(&plan.plan_id, Duration::from_secs(60)).await;
+    assert_eq!(record.status, PlanStatus::Succeeded, "{record:?}");
+    assert_eq!(record.message, None, "no longer waiting");
+    let caps = stack
+        .capacity(&labelled)
+        .await
+        .expect("labelled worker record")
+        .capabilities;
+    assert!(caps.contains(&label.to_owned()), "{caps:?}");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plan_whose_requirement_no_worker_meets_fails_after_the_capability_wait() {
+    let mut stack = Stack::real().await;
+    stack.scheduler_with(|c| c.capability_wait = Duration::from_secs(1));
+    let config = stack.worker_config(
+        Executors::new(ExecutorKind::Simulate),
+        ScalePolicy {
+            min: 1,
+            max: 1,
+            ..ScalePolicy::default()
+        },
+    );
+    stack
+        .services
+        .spawn(devfleet_dev_worker::run(config, stack.shutdown.clone()));
+    let plan = requiring("caps-test-never");
+    stack.submit(&plan).await;
+    let record = stack.finished(&plan.plan_id, Duration::from_secs(60)).await;
+    assert_eq!(record.status, PlanStatus::Failed, "{record:?}");
+    let task = stack
+        .connections
+        .store
+        .task(&plan.plan_id, &plan.tasks[0].path)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(task.state, TaskState::Failed);
+    let error = task.error.unwrap_or_default();
+    assert!(
+        error.contains("no live worker had caps-test-never")
+            && error.contains("DEVFLEET_DEV_LABELS=caps-test-never"),
+        "{error}"
+    );
     stack.stop().await;
 }

@@ -9,13 +9,14 @@
 
 use devfleet_bus::{BusError, ConsumeOptions};
 use devfleet_protocol::metrics::{AnalyzeFailure, AnalyzeTiming};
+use devfleet_protocol::plan::MAX_BASE_CONFIG_BYTES;
 use devfleet_protocol::{
     queues, Envelope, Message, PlanAnalyzed, PlanRejected, PlanStatus, PlanSubmitted,
 };
 use devfleet_runtime::consume::{self, Consume, Inflight, Settlement, StepError};
 use devfleet_runtime::{Connections, Metrics};
-use devfleet_store::PlanRecord;
-use std::path::PathBuf;
+use devfleet_store::{snapshot, PlanRecord};
+use std::collections::HashMap;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -26,10 +27,6 @@ pub struct Config {
     pub connections: Connections,
     /// Plans analysed at once.
     pub concurrency: u16,
-    /// Directory against which a plan's relative `base` is resolved (the
-    /// base must be readable by this process; when it is not, imports into
-    /// it are reported as external).
-    pub workdir: Option<PathBuf>,
     /// Attempts at a plan whose outcome cannot be published before it is
     /// dead-lettered.
     pub max_attempts: u32,
@@ -90,6 +87,47 @@ async fn handle_envelope(
     }
 }
 
+/// A plan's base as the analysis needs it: the snapshot's file list and
+/// the text of its JS/TS resolution configs (the only files read).
+type Base = (Vec<String>, HashMap<String, String>);
+
+/// Reads the plan's base from its snapshot in the store (never from the
+/// `base` path, which names a directory on the publisher's machine).
+/// `Ok(Err(reason))` rejects the plan: a `base` without a snapshot, or a
+/// snapshot the store does not hold.
+async fn base_of(
+    config: &Config,
+    plan: &devfleet_protocol::Plan,
+) -> Result<Result<Option<Base>, String>, StepError> {
+    let store = config.connections.store.as_ref();
+    let id = match (&plan.base_snapshot, &plan.base) {
+        (None, None) => return Ok(Ok(None)),
+        (None, Some(base)) => {
+            return Ok(Err(format!(
+                "base '{base}' has no snapshot: services never read a path named by a plan; \
+                 submit the plan with `devfleet publish`, which snapshots the base into the store"
+            )))
+        }
+        (Some(id), _) => id,
+    };
+    let Some(manifest) = snapshot::load(store, id).await? else {
+        return Ok(Err(format!(
+            "base snapshot {id} is not in the store (never stored, or collected): publish the plan again"
+        )));
+    };
+    let mut configs = HashMap::new();
+    for (path, entry) in &manifest.files {
+        let name = path.rsplit('/').next().unwrap_or(path);
+        if matches!(name, "tsconfig.json" | "jsconfig.json") && entry.size <= MAX_BASE_CONFIG_BYTES
+        {
+            if let Some(text) = snapshot::read_file(store, &manifest, path).await? {
+                configs.insert(path.clone(), text);
+            }
+        }
+    }
+    Ok(Ok(Some((manifest.files.into_keys().collect(), configs))))
+}
+
 /// Analyses one plan and publishes the outcome. An error means the outcome
 /// could not be made durable (settled by the runtime's table: a publish or
 /// store outage is retried); a bad plan is not an error here.
@@ -101,17 +139,20 @@ async fn handle(
     let PlanSubmitted { plan_id, plan } = submitted;
     let name = plan.name.clone();
     let started = std::time::Instant::now();
-    let base = match (&plan.base, &config.workdir) {
-        (Some(base), Some(dir)) => Some(dir.join(base)),
-        (Some(base), None) => Some(PathBuf::from(base)),
-        _ => None,
-    }
-    .filter(|p| p.is_dir());
-    let analysis = {
-        let plan = plan.clone();
-        tokio::task::spawn_blocking(move || devfleet_analysis::analyze_plan(&plan, base.as_deref()))
+    let analysis = match base_of(config, &plan).await? {
+        Err(error) => Err(error),
+        Ok(base) => {
+            let plan = plan.clone();
+            tokio::task::spawn_blocking(move || {
+                let (files, configs) = base.unwrap_or_default();
+                let listed: Vec<&str> = files.iter().map(String::as_str).collect();
+                let read = |rel: &str| configs.get(rel).cloned();
+                devfleet_analysis::analyze_plan_over(&plan, &listed, &read)
+                    .map_err(|e| e.to_string())
+            })
             .await
             .map_err(|e| StepError::Invalid(format!("the analysis crashed: {e}")))?
+        }
     };
     let outcome = match analysis {
         Ok(analysis) => {
@@ -145,7 +186,7 @@ async fn handle(
                 },
             }
         }
-        Err(error) => Err(error.to_string()),
+        Err(error) => Err(error),
     };
     match outcome {
         Ok(count) => {

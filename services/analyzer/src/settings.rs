@@ -4,7 +4,6 @@
 
 use crate::service::Config;
 use devfleet_runtime::Connections;
-use std::path::PathBuf;
 
 /// Analyzer settings (everything but the connections).
 #[derive(Debug, Clone, clap::Args)]
@@ -12,9 +11,6 @@ pub struct Settings {
     /// Plans analysed at once.
     #[arg(long, env = "DEVFLEET_ANALYZER_CONCURRENCY", default_value_t = 2)]
     pub concurrency: u16,
-    /// Directory against which plans' relative `base` paths are resolved.
-    #[arg(long, env = "DEVFLEET_ANALYZER_WORKDIR")]
-    pub workdir: Option<PathBuf>,
 }
 
 devfleet_runtime::default_settings!(Settings);
@@ -25,7 +21,6 @@ impl Settings {
         Config {
             connections,
             concurrency: self.concurrency.max(1),
-            workdir: self.workdir,
             max_attempts: 5,
         }
     }
@@ -39,6 +34,5 @@ mod tests {
     fn defaults_are_the_documented_ones() {
         let config = Config::new(Connections::in_memory());
         assert_eq!(config.concurrency, 2);
-        assert_eq!(config.workdir, None);
     }
 }

@@ -3,8 +3,10 @@
 //! SHA-256 over, each length-prefixed so no two inputs run together: a
 //! format version, the worker's cache salt (`DEVFLEET_DEV_CACHE_SALT`), the
 //! executor identity (which includes every setting that changes output),
-//! the task's path, spec and content, and the artifact hash of each direct
-//! dependency in path order. A fix also includes the diagnostics and the
+//! the task's path, spec and content, and the path, artifact hash and
+//! distance of each dependency, direct and transitive, in path order
+//! (transitive ones reach the `openai` executor's prompt, so they must
+//! reach the key). A fix also includes the diagnostics and the
 //! previous artifact, so a fix never gets back the file that failed.
 //!
 //! Because dependencies enter by artifact hash, a change propagates exactly
@@ -14,7 +16,17 @@
 use sha2::{Digest, Sha256};
 
 /// Bump when the key layout changes.
-const FORMAT: &str = "devfleet-cache/1";
+const FORMAT: &str = "devfleet-cache/2";
+
+/// One dependency of a task, as the key sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dependency {
+    pub path: String,
+    /// Its artifact hash.
+    pub artifact: String,
+    /// 1 for a direct dependency, 2 for one of its dependencies, …
+    pub distance: u32,
+}
 
 /// Everything a cache key covers.
 #[derive(Debug, Clone, Copy)]
@@ -24,8 +36,8 @@ pub struct CacheKeyInput<'a> {
     pub path: &'a str,
     pub spec: &'a str,
     pub content: Option<&'a str>,
-    /// `(path, artifact hash)` of each direct dependency, sorted by path.
-    pub dependencies: &'a [(String, String)],
+    /// Every dependency (direct and transitive), sorted by path.
+    pub dependencies: &'a [Dependency],
     /// For a fix: the diagnostics and the previous artifact hash.
     pub fix: Option<(&'a str, Option<&'a str>)>,
 }
@@ -50,9 +62,10 @@ pub fn cache_key(input: &CacheKeyInput<'_>) -> String {
         None => field(b"no-content"),
     }
     field(&(input.dependencies.len() as u64).to_le_bytes());
-    for (path, artifact) in input.dependencies {
-        field(path.as_bytes());
-        field(artifact.as_bytes());
+    for d in input.dependencies {
+        field(d.path.as_bytes());
+        field(d.artifact.as_bytes());
+        field(&d.distance.to_le_bytes());
     }
     match input.fix {
         Some((diagnostics, previous)) => {
@@ -85,8 +98,14 @@ mod tests {
     fn every_input_changes_the_key() {
         let k = cache_key(&base());
         assert_eq!(k, cache_key(&base()));
-        let deps = [("b.py".to_owned(), "h1".to_owned())];
-        let deps2 = [("b.py".to_owned(), "h2".to_owned())];
+        let dep = |artifact: &str, distance| Dependency {
+            path: "b.py".into(),
+            artifact: artifact.into(),
+            distance,
+        };
+        let deps = [dep("h1", 1)];
+        let deps2 = [dep("h2", 1)];
+        let deps3 = [dep("h1", 2)];
         let variants = [
             CacheKeyInput {
                 salt: "s",
@@ -132,6 +151,16 @@ mod tests {
             }),
             cache_key(&CacheKeyInput {
                 dependencies: &deps2,
+                ..base()
+            })
+        );
+        assert_ne!(
+            cache_key(&CacheKeyInput {
+                dependencies: &deps,
+                ..base()
+            }),
+            cache_key(&CacheKeyInput {
+                dependencies: &deps3,
                 ..base()
             })
         );

@@ -53,6 +53,7 @@ pub mod executor;
 mod heartbeat;
 pub mod settings;
 mod work;
+pub mod workspace;
 
 pub use autoscale::ScalePolicy;
 pub use executor::{ExecError, ExecInput, ExecOutput, Executor, Executors};
@@ -85,6 +86,21 @@ pub struct Config {
     pub cache: bool,
     /// Mixed into every cache key: change it to stop reusing results.
     pub cache_salt: String,
+    /// The budget of a plan that sets none (unlimited by default).
+    pub default_budget: devfleet_store::BudgetLimits,
+    /// The cost limit as configured, for validation.
+    pub default_max_cost_usd: Option<f64>,
+    /// Where task workspaces (`workspaces/`) and materialised base
+    /// snapshots (`snapshots/`) live.
+    pub work_dir: std::path::PathBuf,
+    /// Base snapshots kept materialised in `work_dir` (least recently
+    /// used evicted).
+    pub snapshot_cache_keep: usize,
+    /// Operator labels announced as capabilities (`DEVFLEET_DEV_LABELS`).
+    pub labels: Vec<String>,
+    /// Probe programs on PATH at start and announce them (tests that
+    /// want a fixed set of capabilities turn it off).
+    pub probe: bool,
 }
 
 impl Config {
@@ -129,9 +145,16 @@ impl Config {
              and --scale-tick-seconds (DEVFLEET_DEV_SCALE_TICK_SECONDS) positive"
         );
         anyhow::ensure!(
+            self.default_max_cost_usd
+                .is_none_or(|c| c.is_finite() && c > 0.0),
+            "--default-max-cost-usd (DEVFLEET_DEV_DEFAULT_MAX_COST_USD) must be a positive number \
+             of US dollars"
+        );
+        anyhow::ensure!(
             !self.instance.is_empty(),
             "the instance name must not be empty"
         );
+        devfleet_runtime::capabilities::labels(&self.labels, "DEVFLEET_DEV_LABELS")?;
         Ok(())
     }
 }
@@ -168,10 +191,17 @@ pub(crate) struct Worker {
     pub heartbeat_ttl: Duration,
     pub cache: bool,
     pub cache_salt: String,
+    pub default_budget: devfleet_store::BudgetLimits,
+    /// Materialised base snapshots.
+    pub snapshots: devfleet_store::snapshot::SnapshotCache,
+    /// Where task workspaces are made.
+    pub workspaces: std::path::PathBuf,
+    /// What this worker announces it can run, sorted.
+    pub capabilities: Vec<String>,
 }
 
 impl Worker {
-    fn new(config: &Config) -> Self {
+    fn new(config: &Config, capabilities: Vec<String>) -> Self {
         let capacity_changed = Arc::new(Notify::new());
         Self {
             connections: config.connections.clone(),
@@ -188,6 +218,13 @@ impl Worker {
             heartbeat_ttl: config.heartbeat_ttl,
             cache: config.cache,
             cache_salt: config.cache_salt.clone(),
+            default_budget: config.default_budget,
+            snapshots: devfleet_store::snapshot::SnapshotCache::new(
+                workspace::snapshots_root(&config.work_dir),
+                config.snapshot_cache_keep,
+            ),
+            workspaces: workspace::workspaces_root(&config.work_dir),
+            capabilities,
         }
     }
 
@@ -207,6 +244,7 @@ impl Worker {
             waiting: counts.waiting,
             at_ms: now_ms,
             expires_ms: now_ms.saturating_add(ttl),
+            capabilities: self.capabilities.clone(),
         }
     }
 
@@ -226,17 +264,38 @@ impl Worker {
     }
 }
 
+/// What this worker announces: its executors (`executor:KIND`), the
+/// programs and Python modules found on PATH (when `config.probe`), and
+/// the operator's labels; sorted, without duplicates.
+async fn capabilities(config: &Config) -> anyhow::Result<Vec<String>> {
+    let mut caps = devfleet_runtime::capabilities::labels(&config.labels, "DEVFLEET_DEV_LABELS")?;
+    caps.extend(
+        config
+            .executors
+            .kinds()
+            .map(|k| devfleet_contracts::capabilities::executor(k.as_str())),
+    );
+    if config.probe {
+        let found =
+            tokio::task::spawn_blocking(devfleet_runtime::capabilities::probe_this_host).await?;
+        caps.extend(found);
+    }
+    Ok(caps.into_iter().collect())
+}
+
 /// Runs the service until `shutdown` is cancelled, then drains (see the
 /// crate docs) and returns. Errors only if the bus is closed under it.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.validate()?;
-    let worker = Arc::new(Worker::new(&config));
+    let capabilities = capabilities(&config).await?;
+    let worker = Arc::new(Worker::new(&config, capabilities));
     tracing::info!(
         instance = %worker.instance,
         namespace = %worker.connections.namespace,
         min_slots = config.scale.min,
         max_slots = config.scale.max,
         executor = config.executors.default_kind().as_str(),
+        capabilities = %worker.capabilities.join(","),
         "dev-worker starting"
     );
     let background = CancellationToken::new();

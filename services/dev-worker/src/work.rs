@@ -11,6 +11,8 @@
 //! | what happened                          | delivery                           |
 //! |----------------------------------------|------------------------------------|
 //! | built (or cache hit), `task.built` sent | ack                                |
+//! | usage or artifact not recordable        | retry with backoff                 |
+//! | plan budget exhausted: task handed back, plan `budget_exhausted` | ack |
 //! | executor failed, `task.failed` sent     | ack                                |
 //! | task held by another worker / final     | ack (duplicate)                    |
 //! | lease lost while building               | ack, nothing published             |
@@ -37,18 +39,24 @@
 //! (After that early ack a failure to announce a Built task is not retried
 //! by a redelivery; the scheduler's watchdog re-announces stuck Built tasks.)
 
-use crate::cache_key::{cache_key, CacheKeyInput};
+use crate::cache_key::{cache_key, CacheKeyInput, Dependency};
 use crate::executor::{ExecError, ExecInput};
+use crate::workspace::{self, Workspace};
 use crate::{Worker, CACHE_HITS, CACHE_MISSES};
 use devfleet_bus::ConsumeOptions;
 use devfleet_contracts::capacity::DISPATCH_OWNER;
 use devfleet_protocol::metrics::{BuildFailure, BuildTiming};
+use devfleet_protocol::PlanAnalyzed;
 use devfleet_protocol::{
-    queues, Envelope, Message, Stage, TaskBuilt, TaskClass, TaskFailed, TaskWork,
+    queues, Envelope, Message, PlanStatus, Stage, TaskBuilt, TaskClass, TaskFailed, TaskWork, Usage,
 };
 use devfleet_runtime::consume::{self, Consume, Inflight, Settlement};
-use devfleet_store::{ClaimOutcome, Fence, StoreError, TaskRecord, TaskState};
-use std::collections::BTreeMap;
+use devfleet_store::snapshot;
+use devfleet_store::{
+    BudgetLimits, ClaimOutcome, Fence, Reservation, Spend, StoreError, TaskRecord, TaskState,
+    UsageTotals,
+};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -183,6 +191,18 @@ async fn run_claimed(worker: &Worker, record: TaskRecord) -> Settlement {
     let (plan_id, path) = (&record.plan_id, &record.path);
     match result {
         Ok(built) => {
+            // Usage is spent whether or not this claim is still current, so
+            // it is recorded before the fenced write; keyed by the attempt,
+            // so a redelivered build of the same attempt counts once.
+            // It also reconciles the run's budget reservation.
+            if !built.cache_hit {
+                if let Err(e) = store
+                    .record_usage(plan_id, path, record.attempt, &built.usage)
+                    .await
+                {
+                    return Settlement::from_store_error("recording the usage", e);
+                }
+            }
             // Fenced: a worker whose claim is over (paused past its lease,
             // the task taken over) records nothing and announces nothing.
             match store
@@ -231,7 +251,17 @@ async fn run_claimed(worker: &Worker, record: TaskRecord) -> Settlement {
                 .await;
             Settlement::Ack
         }
+        Err(BuildError::Budget(message)) => {
+            drop(keeper);
+            hand_back(worker, &record, &fence, message).await
+        }
         Err(BuildError::Exec(error)) => {
+            // Release what the run reserved of the plan's budget (a failed
+            // run reports no usage). Best effort: a reservation left over
+            // only makes the budget stricter.
+            if let Err(e) = store.record_usage(plan_id, path, record.attempt, &[]).await {
+                tracing::warn!(error = %e, "cannot release the run's budget reservation");
+            }
             // A worker whose claim is over does not report its failure: the
             // attempt is someone else's now.
             match store.renew(plan_id, path, &fence, worker.lease).await {
@@ -271,6 +301,36 @@ async fn run_claimed(worker: &Worker, record: TaskRecord) -> Settlement {
             Settlement::Ack
         }
         Err(BuildError::Store(e)) => Settlement::from_store_error("building the task", e),
+    }
+}
+
+/// The plan's budget cannot cover the task's next executor call: pause the
+/// plan (`budget_exhausted`: the store hands out none of its work until its
+/// status changes) and hand the task back to the ready set without running
+/// it, neither failed nor dead-lettered. Set the status first, so the task
+/// is not dispatched again in between.
+async fn hand_back(
+    worker: &Worker,
+    record: &TaskRecord,
+    fence: &Fence,
+    message: String,
+) -> Settlement {
+    let store = &worker.connections.store;
+    let (plan_id, path) = (&record.plan_id, &record.path);
+    tracing::warn!(%message, "the plan's budget is exhausted; handing the task back");
+    if let Err(e) = store
+        .set_plan_status(plan_id, PlanStatus::BudgetExhausted, Some(message))
+        .await
+    {
+        return Settlement::from_store_error("pausing the plan", e);
+    }
+    match store
+        .requeue(plan_id, path, fence, record.class, record.error.clone())
+        .await
+    {
+        Ok(()) => Settlement::Ack,
+        Err(e) if e.is_stale() => Settlement::Ack,
+        Err(e) => Settlement::from_store_error("handing the task back", e),
     }
 }
 
@@ -371,9 +431,14 @@ struct Built {
     cache_key: Option<String>,
     executor: String,
     duration: Duration,
+    /// What the executor's model calls used (empty for a cache hit).
+    usage: Vec<Usage>,
 }
 
 enum BuildError {
+    /// The plan's budget cannot cover the call (the message says why):
+    /// hand the task back and pause the plan.
+    Budget(String),
     /// The executor (or the task's inputs) failed: publish `task.failed`.
     Exec(ExecError),
     /// The store failed: retry the message.
@@ -397,9 +462,15 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
         .map_err(BuildError::Exec)?;
     let identity = executor.identity();
     let dependencies = dependency_artifacts(worker, record).await?;
+    let context = TaskContext::load(worker, record).await?;
+    // A task over a base builds differently when the base changes.
+    let salt = match &context.base {
+        Some(id) => format!("{}|base:{id}", worker.cache_salt),
+        None => worker.cache_salt.clone(),
+    };
     let is_fix = record.class == TaskClass::Fix;
     let key = cache_key(&CacheKeyInput {
-        salt: &worker.cache_salt,
+        salt: &salt,
         executor: &identity,
         path: &record.path,
         spec: &record.spec,
@@ -421,10 +492,54 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
                 cache_key: None,
                 executor: identity,
                 duration: started.elapsed(),
+                usage: Vec::new(),
             });
         }
     }
-    let input = exec_input(worker, record, &dependencies).await?;
+    let mut input = exec_input(worker, record, &dependencies).await?;
+    // Reserve the expected usage against the plan's budget; an executor
+    // that cannot estimate reserves nothing (refused only once a limit is
+    // reached).
+    let expected = executor
+        .estimate(&input)
+        .map(|u| Spend::of(&UsageTotals::of(&u)))
+        .unwrap_or_default();
+    let reservation = store
+        .reserve_budget(
+            &record.plan_id,
+            &record.path,
+            record.attempt,
+            expected,
+            worker.default_budget,
+        )
+        .await?;
+    if let Reservation::Exhausted {
+        limits,
+        spent,
+        reserved,
+    } = reservation
+    {
+        return Err(BuildError::Budget(exhausted_message(
+            &record.plan_id,
+            limits,
+            spent,
+            reserved,
+            expected,
+        )));
+    }
+    // The workspace holds every dependency, transitively (what
+    // `exec_input` collected), over the base.
+    let files = input.dependencies.clone();
+    input.base_files = context.imported.clone();
+    let workspace = Workspace::prepare(
+        store.as_ref(),
+        &worker.snapshots,
+        &worker.workspaces,
+        context.base.as_deref(),
+        &files,
+    )
+    .await?;
+    input.workspace = Some(workspace.path().to_path_buf());
     let output = match tokio::time::timeout(worker.exec_timeout, executor.run(&input)).await {
         Ok(result) => result.map_err(BuildError::Exec)?,
         Err(_) => {
@@ -434,6 +549,39 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
             ))))
         }
     };
+    let changes = workspace.changes(&output.other_files);
+    let mut output = output;
+    if output.text.is_empty() {
+        // An agent that edits files in place returns no text: its file is
+        // what it left at its path.
+        match changes.iter().find(|c| c.path == record.path && !c.deleted) {
+            Some(change) => output.text = change.text.clone().unwrap_or_default(),
+            // Unchanged but present (a base file the agent judged right).
+            None if workspace.path().join(&record.path).is_file() => {
+                let bytes = std::fs::read(workspace.path().join(&record.path)).map_err(|e| {
+                    BuildError::Exec(ExecError::retryable(format!(
+                        "reading {} from the workspace: {e}",
+                        record.path
+                    )))
+                })?;
+                output.text = String::from_utf8_lossy(&bytes).into_owned();
+            }
+            None => {
+                return Err(BuildError::Exec(ExecError::retryable(format!(
+                "the {identity} executor returned no text and did not write {} in its workspace",
+                record.path
+            ))))
+            }
+        }
+    }
+    let rules = workspace::Rules::new(
+        &record.path,
+        &context.writes,
+        context.base_files.clone(),
+        context.task_paths.clone(),
+    );
+    report_changes(worker, record, &rules.judge(&changes)).await;
+    drop(workspace);
     let artifact = store.put_artifact(output.text.as_bytes()).await?;
     Ok(Built {
         artifact,
@@ -441,55 +589,219 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
         cache_key: worker.cache.then_some(key),
         executor: identity,
         duration: started.elapsed(),
+        usage: output.usage,
     })
 }
 
-/// `(path, artifact hash)` of every direct dependency, sorted by path.
+/// The plan's status message when its budget ran out: what was spent and
+/// reserved against which limit, and how to raise it.
+fn exhausted_message(
+    plan_id: &str,
+    limits: BudgetLimits,
+    spent: Spend,
+    reserved: Spend,
+    next: Spend,
+) -> String {
+    let usd = |n: u64| n as f64 / 1e9;
+    let mut parts = Vec::new();
+    if let Some(max) = limits.max_tokens {
+        parts.push(format!(
+            "{} of {max} tokens spent ({} reserved by running work; the next call needs {})",
+            spent.tokens, reserved.tokens, next.tokens
+        ));
+    }
+    if let Some(max) = limits.max_cost_nusd {
+        parts.push(format!(
+            "${:.6} of ${:.6} spent (${:.6} reserved; the next call needs ${:.6})",
+            usd(spent.cost_nusd),
+            usd(max),
+            usd(reserved.cost_nusd),
+            usd(next.cost_nusd)
+        ));
+    }
+    format!(
+        "budget exhausted: {}; raise it with `devfleet budget {plan_id} --max-tokens N --max-cost-usd X`",
+        parts.join(", ")
+    )
+}
+
+/// Store collection of the changes an executor made to its workspace
+/// besides the task's own file, keyed `<plan_id>|<path>` (JSON list of
+/// [`workspace::Decision`]), for `devfleet status` and the report.
+pub const WORKSPACE_CHANGES: &str = "workspace_changes";
+
+/// What the plan says about a task beyond its record: the base snapshot,
+/// its files, the task's `writes:` globs and every task's path.
+struct TaskContext {
+    base: Option<String>,
+    base_files: BTreeSet<String>,
+    /// The text of every base file the task imports (the analyzer's
+    /// `base_imports`), for the `openai` executor's context.
+    imported: BTreeMap<String, String>,
+    writes: Vec<String>,
+    task_paths: BTreeSet<String>,
+}
+
+impl TaskContext {
+    /// Read from the plan record's detail (the analyzed plan) and the
+    /// snapshot's manifest. A plan without detail has no base and no
+    /// declared writes.
+    async fn load(worker: &Worker, record: &TaskRecord) -> Result<Self, BuildError> {
+        let store = &worker.connections.store;
+        let plan = store.plan(&record.plan_id).await?;
+        let analyzed = plan.and_then(|p| serde_json::from_str::<PlanAnalyzed>(&p.detail).ok());
+        let Some(analyzed) = analyzed else {
+            return Ok(Self {
+                base: None,
+                base_files: BTreeSet::new(),
+                imported: BTreeMap::new(),
+                writes: Vec::new(),
+                task_paths: BTreeSet::new(),
+            });
+        };
+        let base = analyzed.plan.base_snapshot.clone();
+        let manifest = match &base {
+            Some(id) => match snapshot::load(store.as_ref(), id).await? {
+                Some(manifest) => Some(manifest),
+                None => {
+                    return Err(BuildError::Exec(ExecError::fatal(format!(
+                        "the plan's base snapshot {id} is not in the store"
+                    ))))
+                }
+            },
+            None => None,
+        };
+        let mut imported = BTreeMap::new();
+        if let Some(manifest) = &manifest {
+            let imports = analyzed
+                .tasks
+                .iter()
+                .find(|t| t.path == record.path)
+                .map(|t| t.base_imports.as_slice())
+                .unwrap_or_default();
+            for path in imports {
+                if let Some(text) = snapshot::read_file(store.as_ref(), manifest, path).await? {
+                    imported.insert(path.clone(), text);
+                }
+            }
+        }
+        let base_files = manifest
+            .map(|m| m.files.into_keys().collect())
+            .unwrap_or_default();
+        let writes = analyzed
+            .plan
+            .tasks
+            .iter()
+            .find(|t| t.path == record.path)
+            .map(|t| t.writes.clone())
+            .unwrap_or_default();
+        let task_paths = analyzed.plan.tasks.into_iter().map(|t| t.path).collect();
+        Ok(Self {
+            base,
+            base_files,
+            imported,
+            writes,
+            task_paths,
+        })
+    }
+}
+
+/// Logs every judged workspace change and records them for the plan's
+/// status and report. Accepted changes are recorded too (they do not yet
+/// reach `devfleet pull` or integration). Informational: a failed write
+/// is logged.
+async fn report_changes(worker: &Worker, record: &TaskRecord, decisions: &[workspace::Decision]) {
+    if decisions.is_empty() {
+        return;
+    }
+    for d in decisions {
+        if d.accepted {
+            tracing::info!(path = %d.path, deleted = d.deleted, "workspace change accepted (declared in writes)");
+        } else {
+            tracing::warn!(path = %d.path, deleted = d.deleted, reason = %d.reason, "workspace change rejected");
+        }
+    }
+    let key = format!("{}|{}", record.plan_id, record.path);
+    let json = serde_json::to_string(decisions).unwrap_or_default();
+    if let Err(e) = worker
+        .connections
+        .store
+        .kv_put(WORKSPACE_CHANGES, &key, &json, None)
+        .await
+    {
+        tracing::warn!(error = %e, "cannot record the workspace changes");
+    }
+}
+
+/// Every dependency of the task, direct and transitive (breadth first
+/// over `depends_on`, each at its shortest distance), with its artifact
+/// hash, sorted by path. Each must have an artifact (it is Built or Done:
+/// the task was dispatched only after its direct dependencies, and theirs
+/// before them).
 async fn dependency_artifacts(
     worker: &Worker,
     record: &TaskRecord,
-) -> Result<Vec<(String, String)>, BuildError> {
+) -> Result<Vec<Dependency>, BuildError> {
     let store = &worker.connections.store;
-    let mut paths = record.depends_on.clone();
-    paths.sort();
-    paths.dedup();
-    let lookups = paths.iter().map(|p| store.task(&record.plan_id, p));
-    let found = futures::future::try_join_all(lookups).await?;
-    let mut out = Vec::with_capacity(paths.len());
-    for (path, task) in paths.into_iter().zip(found) {
-        let artifact = match task {
-            Some(TaskRecord {
-                artifact: Some(a), ..
-            }) => a,
-            Some(t) => {
+    let mut seen = std::collections::BTreeSet::from([record.path.clone()]);
+    let mut frontier: Vec<String> = record.depends_on.clone();
+    let mut out = Vec::new();
+    let mut distance = 1;
+    while !frontier.is_empty() {
+        frontier.retain(|p| seen.insert(p.clone()));
+        let lookups = frontier.iter().map(|p| store.task(&record.plan_id, p));
+        let found = futures::future::try_join_all(lookups).await?;
+        let mut next = Vec::new();
+        for (path, task) in std::mem::take(&mut frontier).into_iter().zip(found) {
+            let task = match task {
+                Some(t) => t,
+                None => {
+                    return Err(BuildError::Exec(ExecError::fatal(format!(
+                        "dependency '{path}' is not in the plan"
+                    ))))
+                }
+            };
+            let Some(artifact) = task.artifact else {
                 return Err(BuildError::Exec(ExecError::fatal(format!(
                     "dependency '{path}' has no artifact (it is {})",
-                    t.state.as_str()
-                ))))
-            }
-            None => {
-                return Err(BuildError::Exec(ExecError::fatal(format!(
-                    "dependency '{path}' is not in the plan"
-                ))))
-            }
-        };
-        out.push((path, artifact));
+                    task.state.as_str()
+                ))));
+            };
+            next.extend(task.depends_on);
+            out.push(Dependency {
+                path,
+                artifact,
+                distance,
+            });
+        }
+        frontier = next;
+        distance += 1;
     }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
 }
 
-/// The executor's input: the task, its dependencies' text and, for a fix or
+/// The executor's input: the task, its dependencies' text (with their
+/// distance) and, for a fix or
 /// retry, the diagnostics and the previous file.
 async fn exec_input(
     worker: &Worker,
     record: &TaskRecord,
-    dependencies: &[(String, String)],
+    dependencies: &[Dependency],
 ) -> Result<ExecInput, BuildError> {
     let store = &worker.connections.store;
     let texts =
-        futures::future::try_join_all(dependencies.iter().map(|(_, a)| store.artifact(a))).await?;
+        futures::future::try_join_all(dependencies.iter().map(|d| store.artifact(&d.artifact)))
+            .await?;
     let mut deps = BTreeMap::new();
-    for ((path, artifact), bytes) in dependencies.iter().zip(texts) {
+    let mut distance = BTreeMap::new();
+    for (dependency, bytes) in dependencies.iter().zip(texts) {
+        let Dependency {
+            path,
+            artifact,
+            distance: d,
+        } = dependency;
+        distance.insert(path.clone(), *d);
         let Some(bytes) = bytes else {
             return Err(BuildError::Exec(ExecError::fatal(format!(
                 "the artifact {artifact} of dependency '{path}' is missing from the store"
@@ -516,6 +828,8 @@ async fn exec_input(
         diagnostics: if again { record.error.clone() } else { None },
         previous,
         dependencies: deps,
+        dependency_distance: distance,
+        base_files: BTreeMap::new(),
         workspace: None,
     })
 }

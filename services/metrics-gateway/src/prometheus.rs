@@ -104,6 +104,47 @@ pub fn render(gateway: &Gateway) -> String {
         s.tasks_completed,
     );
     e.family(
+        "devfleet_llm_tokens_total",
+        Kind::Counter,
+        "Tokens of executor runs by model and direction (in: prompt, out: completion).",
+    );
+    for (model, u) in &s.usage {
+        e.sample(
+            "devfleet_llm_tokens_total",
+            &[("model", model), ("direction", "in")],
+            u.tokens_in as f64,
+        );
+        e.sample(
+            "devfleet_llm_tokens_total",
+            &[("model", model), ("direction", "out")],
+            u.tokens_out as f64,
+        );
+    }
+    e.family(
+        "devfleet_llm_cost_usd_total",
+        Kind::Counter,
+        "Cost of executor runs by model, US dollars (from the price table).",
+    );
+    for (model, u) in &s.usage {
+        e.sample(
+            "devfleet_llm_cost_usd_total",
+            &[("model", model)],
+            u.cost_usd(),
+        );
+    }
+    e.family(
+        "devfleet_llm_calls_total",
+        Kind::Counter,
+        "Model calls (or agent runs) of executors by model.",
+    );
+    for (model, u) in &s.usage {
+        e.sample(
+            "devfleet_llm_calls_total",
+            &[("model", model)],
+            u.calls as f64,
+        );
+    }
+    e.family(
         "devfleet_breaker_state",
         Kind::Gauge,
         "Circuit breaker state: 1 for the current state, 0 for the others.",

@@ -11,7 +11,8 @@
 //! * every plan; the tasks of the newest `max_tracked_plans` unfinished
 //!   plans (finished plans count from their record);
 //! * the ready-set size; the counters `cache_hits`, `cache_misses` and
-//!   `scheduler.tasks_completed`;
+//!   `scheduler.tasks_completed`; the fleet's usage (tokens, cost, calls)
+//!   per model;
 //! * the collections `workers` (dev-worker capacity records), `breaker`,
 //!   `canary` and `dlq` (the router's dead-letter index).
 //!
@@ -25,7 +26,7 @@ use crate::protocol::{self, MetricFrame};
 use axum::extract::ws::Utf8Bytes;
 use devfleet_protocol::metrics::DeploymentSample;
 use devfleet_protocol::{queues, DeployRequested, MetricType};
-use devfleet_store::{TaskRecord, TaskState};
+use devfleet_store::{TaskRecord, TaskState, UsageTotals};
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -71,6 +72,9 @@ pub struct Snapshot {
     pub cache_hits: Option<i64>,
     pub cache_misses: Option<i64>,
     pub tasks_completed: Option<i64>,
+    /// Tokens, cost and calls of executor runs per model, fleet-wide
+    /// (`TaskStore::usage_by_model`).
+    pub usage: BTreeMap<String, UsageTotals>,
     pub breakers: Vec<Breaker>,
     pub canaries: Vec<Canary>,
     /// Dead-letter index entries, newest first.
@@ -342,6 +346,10 @@ async fn poll(gateway: &Gateway, tracker: &mut StateTracker) -> Snapshot {
     s.cache_hits = read_counter(gateway, names::CACHE_HITS, &mut errors).await;
     s.cache_misses = read_counter(gateway, names::CACHE_MISSES, &mut errors).await;
     s.tasks_completed = read_counter(gateway, names::TASKS_COMPLETED, &mut errors).await;
+    let store = gateway.connections.store.as_ref();
+    if let Some(usage) = read("usage by model", &mut errors, store.usage_by_model()).await {
+        s.usage = usage.into_iter().take(MAX_ENTRIES).collect();
+    }
 
     let now = devfleet_protocol::now_ms();
     let workers = read_collection(gateway, names::WORKERS, &mut errors).await;

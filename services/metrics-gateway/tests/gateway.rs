@@ -811,6 +811,23 @@ async fn seed_pipeline(c: &Connections) {
     store.incr("cache_misses", 9).await.unwrap();
 }
 
+/// Records the usage of one executor run of a plan's task.
+async fn seed_usage(connections: &Connections, plan: &str) {
+    let usage = devfleet_protocol::Usage {
+        provider: "scripted".into(),
+        model: "m1".into(),
+        tokens_in: 120,
+        tokens_out: 30,
+        cost_usd: 0.25,
+        estimated: false,
+    };
+    assert!(connections
+        .store
+        .record_usage(plan, "a.py", 1, &[usage])
+        .await
+        .unwrap());
+}
+
 #[tokio::test]
 async fn metrics_endpoint_passes_promtool_check() {
     let promtool = which("promtool").unwrap_or_else(|| {
@@ -827,6 +844,7 @@ async fn metrics_endpoint_passes_promtool_check() {
     )
     .await;
     claim(&gw.connections, "a.py").await;
+    seed_usage(&gw.connections, &plan).await;
     gw.emit_value(
         MetricType::Performance,
         json!({ "stage": "analyze", "duration_ms": 42 }),
@@ -849,6 +867,10 @@ async fn metrics_endpoint_passes_promtool_check() {
         |v| v == 0.5,
     )
     .await;
+    gw.wait_metric(r#"devfleet_llm_calls_total{model="scripted/m1"}"#, |v| {
+        v == 1.0
+    })
+    .await;
 
     let text = gw.metrics().await;
     let expect = [
@@ -861,6 +883,16 @@ async fn metrics_endpoint_passes_promtool_check() {
         ("devfleet_worker_slots_busy", 5.0),
         ("devfleet_cache_hits_total", 3.0),
         ("devfleet_cache_misses_total", 9.0),
+        (
+            r#"devfleet_llm_tokens_total{model="scripted/m1",direction="in"}"#,
+            120.0,
+        ),
+        (
+            r#"devfleet_llm_tokens_total{model="scripted/m1",direction="out"}"#,
+            30.0,
+        ),
+        (r#"devfleet_llm_cost_usd_total{model="scripted/m1"}"#, 0.25),
+        (r#"devfleet_llm_calls_total{model="scripted/m1"}"#, 1.0),
         ("devfleet_dlq_entries", 1.0),
         (r#"devfleet_breaker_state{breaker="qa",state="open"}"#, 1.0),
         (
@@ -1228,6 +1260,22 @@ async fn dashboard_shows_a_running_plan_changing_state_in_chromium() {
         )
         .await;
     assert_eq!(panels, json!(["open", true, "2", 1]));
+    // The usage card follows the fleet's usage per model.
+    seed_usage(&c, &plan).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let usage = cdp
+            .eval("[document.querySelector('#k-usage').textContent, document.querySelector('#k-usage-sub').textContent]")
+            .await;
+        if usage == json!(["150 tok", "$0.2500 · scripted/m1 150"]) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "usage card: {usage}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Let the transitions finish, then keep a screenshot for people.
     tokio::time::sleep(Duration::from_millis(600)).await;

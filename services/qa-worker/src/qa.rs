@@ -114,6 +114,7 @@ async fn check_file(worker: &Worker, work: &QaWork) -> Result<QaResult, CheckErr
     }
     let ws = Workspace::create(&worker.work_dir)
         .map_err(|e| CheckError::Infra(format!("cannot create a workspace: {e}")))?;
+    workspace::write_base(store, &ws, &work.plan_id).await?;
     workspace::materialise(store, &ws, Some((&work.path, &work.artifact)), deps.iter()).await?;
     let slot = worker.slots.take();
     worker

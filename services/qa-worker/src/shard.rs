@@ -72,6 +72,7 @@ async fn run_shard(
         .map_err(MaterialiseError::from)?;
     let ws = Workspace::create(&worker.work_dir)
         .map_err(|e| CheckError::Infra(format!("cannot create a workspace: {e}")))?;
+    workspace::write_base(store, &ws, &work.plan_id).await?;
     workspace::materialise(store, &ws, None, tasks.values()).await?;
     let slot = worker.slots.take();
     worker
@@ -97,6 +98,20 @@ async fn run_shard(
             started,
         ));
     };
+    // A program this worker lacks fails the step at once, saying so, rather
+    // than as a test failure (it is the worker's environment, not the code).
+    if !worker.sandbox.has_program(&words[0]) {
+        return Ok(result(
+            false,
+            format!(
+                "integration step '{}' runs `{}`, which is not installed on this qa-worker \
+                 (install it there, e.g. with the system's package manager, or declare \
+                 `requires: [{}]` on the step; see docs/AGENTS.md \"Capabilities\")",
+                work.step.name, words[0], words[0]
+            ),
+            started,
+        ));
+    }
     if work.shard_count > 1 && integration::is_pytest(&words) {
         let files = integration::shard_files(
             &integration::list_files(ws.root()),
@@ -194,6 +209,7 @@ mod tests {
     #[test]
     fn a_timeout_near_u64_max_is_capped_without_overflow() {
         let step = IntegrationStep {
+            requires: Vec::new(),
             name: "unit".into(),
             run: "pytest".into(),
             shard: None,

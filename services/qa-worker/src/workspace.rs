@@ -81,6 +81,52 @@ pub enum MaterialiseError {
     TooLarge,
 }
 
+/// Writes the plan's base snapshot (if its record names one) into
+/// `workspace`, under the plan's own files (call it before
+/// [`materialise`]). Base files are context only: they are not returned as
+/// written, so checks never target them. A snapshot or blob missing from
+/// the store is an error.
+pub async fn write_base(
+    store: &dyn TaskStore,
+    workspace: &Workspace,
+    plan_id: &str,
+) -> Result<(), MaterialiseError> {
+    #[derive(serde::Deserialize)]
+    struct Detail {
+        plan: PlanPart,
+    }
+    #[derive(serde::Deserialize)]
+    struct PlanPart {
+        #[serde(default)]
+        base_snapshot: Option<String>,
+    }
+    let Some(record) = store.plan(plan_id).await? else {
+        return Ok(());
+    };
+    let Some(id) = serde_json::from_str::<Detail>(&record.detail)
+        .ok()
+        .and_then(|d| d.plan.base_snapshot)
+    else {
+        return Ok(());
+    };
+    let manifest = devfleet_store::snapshot::load(store, &id)
+        .await?
+        .ok_or_else(|| MaterialiseError::MissingArtifact {
+            path: "(base snapshot manifest)".into(),
+            hash: id.clone(),
+        })?;
+    for (path, entry) in &manifest.files {
+        let bytes = store.artifact(&entry.blob).await?.ok_or_else(|| {
+            MaterialiseError::MissingArtifact {
+                path: path.clone(),
+                hash: entry.blob.clone(),
+            }
+        })?;
+        workspace.write(path, &bytes)?;
+    }
+    Ok(())
+}
+
 /// Every task `path` depends on, transitively (not including itself).
 pub fn dependency_closure(tasks: &BTreeMap<String, TaskRecord>, path: &str) -> BTreeSet<String> {
     let mut seen = BTreeSet::new();
@@ -158,6 +204,38 @@ pub async fn plan_tasks(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_base_snapshot_is_written_under_the_plans_files() {
+        use devfleet_store::memory::MemoryStore;
+        use devfleet_store::{snapshot, PlanRecord};
+        let store = MemoryStore::new();
+        let base = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(base.path().join("lib")).unwrap();
+        std::fs::write(base.path().join("lib/util.py"), "X = 1\n").unwrap();
+        let id = snapshot::build(base.path(), snapshot::Limits::default())
+            .unwrap()
+            .store(&store)
+            .await
+            .unwrap();
+        let detail = serde_json::json!({ "plan": { "base_snapshot": id } });
+        let record = PlanRecord {
+            detail: detail.to_string(),
+            ..PlanRecord::new("p", "p", devfleet_protocol::PlanStatus::Running, 0)
+        };
+        store.create_plan(record, Vec::new()).await.unwrap();
+        let parent = tempfile::tempdir().unwrap();
+        let ws = Workspace::create(parent.path()).unwrap();
+        write_base(&store, &ws, "p").await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(ws.root().join("lib/util.py")).unwrap(),
+            "X = 1\n"
+        );
+        // A plan without a base writes nothing.
+        let empty = Workspace::create(parent.path()).unwrap();
+        write_base(&store, &empty, "unknown").await.unwrap();
+        assert_eq!(std::fs::read_dir(empty.root()).unwrap().count(), 0);
+    }
 
     #[test]
     fn hostile_paths_are_refused() {

@@ -358,20 +358,29 @@ async fn integration_shards_run_in_parallel() {
     .await;
     let steps = vec![
         IntegrationStep {
+            requires: Vec::new(),
             name: "suite".into(),
             run: "python3 run_shard.py".into(),
             shard: Some(3),
             timeout_seconds: Some(60),
         },
         IntegrationStep {
+            requires: Vec::new(),
             name: "fails".into(),
             run: "python3 -c 'raise SystemExit(3)'".into(),
             shard: None,
             timeout_seconds: None,
         },
+        IntegrationStep {
+            requires: Vec::new(),
+            name: "needs-a-tool".into(),
+            run: "no-such-tool --all".into(),
+            shard: None,
+            timeout_seconds: None,
+        },
     ];
     let work = devfleet_contracts::integration::shards(&plan_id, &steps);
-    assert_eq!(work.len(), 4);
+    assert_eq!(work.len(), 5);
     let mut config = Config::new(c.clone());
     config.concurrency = 4;
     let (stop_token, set) = start(config);
@@ -437,6 +446,15 @@ async fn integration_shards_run_in_parallel() {
     assert!(
         summary.contains("'fails'") && summary.contains("exit 3"),
         "{summary}"
+    );
+    let missing = got.iter().find(|r| r.step == "needs-a-tool").unwrap();
+    assert!(!missing.passed);
+    assert!(
+        missing
+            .output
+            .contains("runs `no-such-tool`, which is not installed on this qa-worker"),
+        "{}",
+        missing.output
     );
     stop(stop_token, set).await;
 }

@@ -18,11 +18,16 @@
 //! ([`crate::dev_breaker`]) how much of the credit it may use: all of it
 //! when closed, none when open, one probe permit per task when half-open.
 //!
+//! Claimed tasks whose requirements no live worker meets are not
+//! published but parked ([`crate::capability_wait`]); parked tasks the
+//! fleet has come to cover go out first in a later cycle.
+//!
 //! If publishing fails the claimed task keeps its dispatch lease until the
 //! reaper returns it to Ready; the dispatcher backs off before its next
 //! cycle, so a broker outage strands at most one round of tasks (the free
 //! slots) per backoff period, each for one dispatch lease.
 
+use crate::capability_wait::Waits;
 use crate::dev_breaker::DevBreaker;
 use crate::Shared;
 use devfleet_contracts::breaker::{self, Phase};
@@ -98,10 +103,19 @@ enum CycleEnd {
 pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut ledger = Ledger::default();
     let mut breaker = DevBreaker::default();
+    let mut waits = Waits::default();
     let mut failures = 0u32;
     let mut last_status: Option<Instant> = None;
     loop {
-        let pause = match cycle(&shared, &mut ledger, &mut breaker, &mut last_status).await {
+        let pause = match cycle(
+            &shared,
+            &mut ledger,
+            &mut breaker,
+            &mut waits,
+            &mut last_status,
+        )
+        .await
+        {
             Ok(CycleEnd::NoReadyWork | CycleEnd::BreakerHeld) => {
                 failures = 0;
                 shared.idle_tick
@@ -128,6 +142,7 @@ async fn cycle(
     shared: &Shared,
     ledger: &mut Ledger,
     breaker: &mut DevBreaker,
+    waits: &mut Waits,
     last_status: &mut Option<Instant>,
 ) -> anyhow::Result<CycleEnd> {
     let store = &shared.connections.store;
@@ -149,6 +164,9 @@ async fn cycle(
         credit = admission.allowed;
         probes_of = (admission.phase == Phase::HalfOpen).then_some(admission.generation);
     }
+    // Parked tasks the fleet now covers go first, within the credit.
+    let released = waits.release(shared, &fleet, credit).await;
+    credit = credit.saturating_sub(released.len() as u64);
     // One round: claim the best `credit` tasks, then publish them. Claims
     // and publishes are issued concurrently (each is atomic on its own), so
     // a round costs about one store and one broker round trip; the tasks of
@@ -170,6 +188,12 @@ async fn cycle(
             Err(e) => failure = Some(anyhow::Error::from(e)),
         }
     }
+    let claimed = {
+        let admitted = waits.admit(shared, &fleet, claimed).await;
+        let mut all = released;
+        all.extend(admitted);
+        all
+    };
     if let Some(generation) = probes_of {
         for t in &claimed {
             let attempt = breaker::Attempt {

@@ -14,7 +14,7 @@ use devfleet_protocol::{
     metrics::PlanProgress, now_ms, queues, Envelope, Message, PlanAnalyzed, PlanEvent, PlanStatus,
 };
 use devfleet_runtime::consume::{self, Settlement};
-use devfleet_store::{NewTask, PlanRecord};
+use devfleet_store::{nano_usd, BudgetLimits, NewTask, PlanRecord};
 use std::sync::Arc;
 
 /// Handles one `plans.analyzed` envelope.
@@ -61,6 +61,11 @@ pub fn check(plan: &PlanAnalyzed) -> Result<(), String> {
             limit: MAX_TASKS,
         }
         .to_string());
+    }
+    if let Some(budget) = &plan.plan.budget {
+        budget
+            .validate()
+            .map_err(|e| PlanError::InvalidBudget(e).to_string())?;
     }
     let steps = &plan.plan.integration;
     if steps.len() > MAX_INTEGRATION_STEPS {
@@ -134,6 +139,23 @@ async fn create(shared: &Shared, plan: PlanAnalyzed) -> Settlement {
         )
     };
     let store = &shared.connections.store;
+    // The plan's own budget, before any of its tasks can run; not over a
+    // budget set since (a redelivered plan after `devfleet budget`).
+    if let Some(budget) = plan.plan.budget {
+        let limits = BudgetLimits {
+            max_tokens: budget.max_tokens,
+            max_cost_nusd: budget.max_cost_usd.map(nano_usd),
+        };
+        let set = async {
+            if store.budget(&plan.plan_id).await?.limits.is_none() {
+                store.set_budget(&plan.plan_id, limits).await?;
+            }
+            Ok::<_, devfleet_store::StoreError>(())
+        };
+        if let Err(e) = set.await {
+            return Settlement::from_store_error("setting the plan's budget", e);
+        }
+    }
     let created = match store.create_plan(record, tasks).await {
         Ok(created) => created,
         Err(e) => {
@@ -220,12 +242,15 @@ mod tests {
         let plan = PlanAnalyzed {
             plan_id: "p1".into(),
             plan: Plan {
+                requires: Vec::new(),
                 name: "n".into(),
                 base: None,
+                base_snapshot: None,
                 executor: Some(ExecutorKind::Simulate),
                 tasks: vec![],
                 integration: vec![],
                 deploy: None,
+                budget: None,
             },
             tasks: vec![
                 task("a", None, None),

@@ -63,6 +63,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+pub mod capability_wait;
 pub mod completion;
 mod deploy;
 pub mod dev_breaker;
@@ -124,6 +125,9 @@ pub struct Config {
     /// Deliveries of one message (transient failures) before it is
     /// dead-lettered.
     pub max_handler_attempts: u32,
+    /// How long a task whose requirements no live dev-worker meets waits
+    /// for one before it fails ([`capability_wait`]).
+    pub capability_wait: Duration,
 }
 
 impl Config {
@@ -174,6 +178,7 @@ pub(crate) struct Shared {
     pub watchdog_interval: Duration,
     pub watchdog_stall: Duration,
     pub max_handler_attempts: u32,
+    pub capability_wait: Duration,
 }
 
 #[cfg(test)]
@@ -194,6 +199,7 @@ impl Shared {
             watchdog_interval: config.watchdog_interval,
             watchdog_stall: config.watchdog_stall,
             max_handler_attempts: config.max_handler_attempts,
+            capability_wait: config.capability_wait,
         })
     }
 }
@@ -215,6 +221,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         watchdog_interval: config.watchdog_interval,
         watchdog_stall: config.watchdog_stall,
         max_handler_attempts: config.max_handler_attempts,
+        capability_wait: config.capability_wait,
     });
     tracing::info!(
         instance = %config.instance,

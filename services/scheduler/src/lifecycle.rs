@@ -95,10 +95,17 @@ impl Phase {
 
     /// The phase of a stored plan status. Statuses from before the
     /// scheduler (submitted, analyzed) count as Running; a rejected plan
-    /// is final like a failed one.
+    /// is final like a failed one. A plan whose budget ran out
+    /// (`budget_exhausted`) is a Running plan that the store does not
+    /// hand out work of (`TaskStore::claim_next` skips it): at least one
+    /// of its tasks is unfinished (the one handed back), so no lifecycle
+    /// transition applies until `devfleet budget` lets it run again.
     pub fn of(status: PlanStatus) -> Phase {
         match status {
-            PlanStatus::Submitted | PlanStatus::Analyzed | PlanStatus::Running => Phase::Running,
+            PlanStatus::Submitted
+            | PlanStatus::Analyzed
+            | PlanStatus::Running
+            | PlanStatus::BudgetExhausted => Phase::Running,
             PlanStatus::Integrating => Phase::Integrating,
             PlanStatus::Deploying => Phase::Deploying,
             PlanStatus::Succeeded => Phase::Succeeded,

@@ -14,8 +14,9 @@
 //!   still live (a live plan's dead letters may still be replayed);
 //! * **result-cache entries** last written before it;
 //! * **artifacts** (content-addressed blobs) last stored before it that
-//!   nothing references: no task of any plan the store still holds and no
-//!   cache entry still kept. A blob two plans share therefore lives as
+//!   nothing references: no task of any plan the store still holds, no
+//!   base snapshot (manifest and files) of such a plan, and no cache
+//!   entry still kept. A blob two plans share therefore lives as
 //!   long as either does. The age check is repeated in the step that
 //!   deletes the blob, so a writer that just stored the same bytes again
 //!   keeps them.
@@ -25,7 +26,7 @@
 //! collected too; QA then finds the artifact missing and the task is built
 //! again. Collecting is idempotent, and any number of replicas may run it.
 
-use devfleet_store::{StoreResult, TaskStore};
+use devfleet_store::{snapshot, StoreResult, TaskStore};
 use serde::Serialize;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -35,12 +36,14 @@ use tokio_util::sync::CancellationToken;
 /// Collections whose keys start with `<plan_id>|`, deleted with the plan:
 /// the scheduler's stage markers and watchdog records, and the router's
 /// task history, pending retries and parked QA work.
-pub const PLAN_KEYED: [&str; 5] = [
+pub const PLAN_KEYED: [&str; 6] = [
     crate::stages::PLAN_STAGES,
     crate::watchdog::WATCHDOG,
     "history",
     "retries",
     "qa_parked",
+    // The dev-worker's record of workspace changes per task.
+    "workspace_changes",
 ];
 /// The router's DLQ index (entries are JSON with `plan_id` and `at_ms`).
 pub const DLQ_INDEX: &str = "dlq";
@@ -114,6 +117,14 @@ pub async fn collect(
             Err(e) => return Err(e),
         };
         referenced.extend(tasks.into_iter().filter_map(|t| t.artifact));
+        if let Some(id) = base_snapshot(&plan.detail) {
+            // The manifest and every file of it; a manifest already gone
+            // (or unreadable) references nothing more.
+            if let Ok(Some(manifest)) = snapshot::load(store, &id).await {
+                referenced.extend(manifest.files.into_values().map(|f| f.blob));
+            }
+            referenced.insert(id);
+        }
     }
     for (hash, written_ms) in store.artifact_hashes().await? {
         if written_ms >= cutoff_ms || referenced.contains(&hash) {
@@ -124,6 +135,22 @@ pub async fn collect(
         }
     }
     Ok(out)
+}
+
+/// The base snapshot id in a plan record's detail (the analyzed plan).
+fn base_snapshot(detail: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Detail {
+        plan: PlanPart,
+    }
+    #[derive(serde::Deserialize)]
+    struct PlanPart {
+        #[serde(default)]
+        base_snapshot: Option<String>,
+    }
+    serde_json::from_str::<Detail>(detail)
+        .ok()
+        .and_then(|d| d.plan.base_snapshot)
 }
 
 /// Records keyed by the collected plans: [`PLAN_KEYED`] and each plan's
@@ -251,6 +278,42 @@ mod tests {
     /// A cutoff after everything written so far.
     fn after_now() -> i64 {
         now_ms() + 1
+    }
+
+    #[tokio::test]
+    async fn a_live_plans_base_snapshot_is_kept_and_collected_with_the_plan() {
+        let store = MemoryStore::new();
+        let base = tempfile::tempdir().unwrap();
+        std::fs::write(base.path().join("lib.py"), "def f(): pass\n").unwrap();
+        let built = snapshot::build(base.path(), snapshot::Limits::default()).unwrap();
+        let id = built.store(&store).await.unwrap();
+        let blob = built.manifest.files["lib.py"].blob.clone();
+        let detail =
+            serde_json::json!({ "plan": { "name": "p", "tasks": [], "base_snapshot": id } });
+        let plan = PlanRecord {
+            detail: detail.to_string(),
+            ..PlanRecord::new("p", "p", PlanStatus::Running, now_ms())
+        };
+        assert!(store
+            .create_plan(plan, vec![NewTask::new("a.py", "s")])
+            .await
+            .unwrap());
+        let collected = collect(&store, after_now(), false).await.unwrap();
+        assert_eq!(collected.artifacts, 0, "{collected:?}");
+        assert!(
+            store.artifact(&id).await.unwrap().is_some(),
+            "manifest kept"
+        );
+        assert!(store.artifact(&blob).await.unwrap().is_some(), "file kept");
+
+        store
+            .set_plan_status("p", PlanStatus::Succeeded, None)
+            .await
+            .unwrap();
+        let collected = collect(&store, after_now(), false).await.unwrap();
+        assert_eq!(collected.plans, ["p"]);
+        assert_eq!(collected.artifacts, 2, "manifest and file go with the plan");
+        assert!(store.artifact(&id).await.unwrap().is_none());
     }
 
     #[tokio::test]

@@ -38,6 +38,10 @@ pub struct Settings {
     /// Seconds between retention runs.
     #[arg(long, env = "DEVFLEET_SCHEDULER_RETENTION_INTERVAL_SECONDS", default_value = "3600", value_parser = seconds)]
     pub retention_interval_seconds: Duration,
+    /// Seconds a task whose requirements (`requires:`, its executor) no
+    /// live dev-worker meets waits for one before it fails.
+    #[arg(long, env = "DEVFLEET_SCHEDULER_CAPABILITY_WAIT_SECONDS", default_value = "600", value_parser = seconds)]
+    pub capability_wait_seconds: Duration,
 }
 
 devfleet_runtime::default_settings!(Settings);
@@ -58,6 +62,7 @@ impl Settings {
             watchdog_stall: self.watchdog_stall_seconds,
             retention: (!self.retention_seconds.is_zero()).then_some(self.retention_seconds),
             retention_interval: self.retention_interval_seconds,
+            capability_wait: self.capability_wait_seconds,
             handler_concurrency: 16,
             max_handler_attempts: 50,
         }

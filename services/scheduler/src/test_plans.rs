@@ -18,6 +18,7 @@ pub(crate) fn task(
         priority: 1,
         batch: 0,
         executor,
+        base_imports: Vec::new(),
     }
 }
 

@@ -88,7 +88,9 @@ pub(crate) async fn sweep(shared: &Shared, now: i64) -> Result<Reannounced, Step
     let mut out = Reannounced::default();
     for plan in store.plans().await? {
         match plan.status {
-            PlanStatus::Running => {
+            // A plan out of budget still finishes its running work: its
+            // stranded Built tasks are announced again too.
+            PlanStatus::Running | PlanStatus::BudgetExhausted => {
                 if plan.done + plan.failed + plan.blocked == plan.total {
                     if plan.updated_ms < stalled_before
                         && claim(shared, &format!("finish|{}", plan.id)).await?

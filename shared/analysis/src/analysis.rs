@@ -90,9 +90,20 @@ pub struct Analysis {
     pub(crate) critical_path: CriticalPath,
     pub(crate) stats: Stats,
     pub(crate) warnings: Vec<Warning>,
+    /// Per file index: in-tree files that are not nodes (a plan's base
+    /// files) which the file imports.
+    pub(crate) base_imports: Vec<Vec<String>>,
 }
 
 impl Analysis {
+    /// The files of the plan's base that `path` imports, sorted (empty for
+    /// a directory analysis, where every file is a node).
+    pub fn base_imports(&self, path: &str) -> &[String] {
+        self.index_of(path)
+            .and_then(|i| self.base_imports.get(i))
+            .map_or(&[], Vec::as_slice)
+    }
+
     /// Every file, sorted by path.
     pub fn files(&self) -> &[FileNode] {
         &self.files
@@ -215,6 +226,7 @@ impl Analysis {
                     }),
                     batch: i.map_or(0, |i| self.graph.batch_of[i]),
                     executor: task.executor.or(plan.executor),
+                    base_imports: self.base_imports(&task.path).to_vec(),
                 }
             })
             .collect()
@@ -240,6 +252,8 @@ pub(crate) struct Resolved {
     pub unresolved: Vec<BTreeSet<String>>,
     /// Configs (tsconfig.json) that could not be used.
     pub warnings: Vec<Warning>,
+    /// Per file: targets in `set` that are not nodes (base files).
+    pub base_imports: Vec<BTreeSet<String>>,
 }
 
 /// Resolves the scanned imports of `files` against `set`.
@@ -271,6 +285,7 @@ pub(crate) fn resolve_all(
     let mut edges = Vec::new();
     let mut external = vec![BTreeSet::new(); files.len()];
     let mut unresolved = vec![BTreeSet::new(); files.len()];
+    let mut base_imports = vec![BTreeSet::new(); files.len()];
     let mut targets = Vec::new();
     for (i, file) in files.iter().enumerate() {
         let mut record = |target: Target, kind: EdgeKind| match target {
@@ -283,6 +298,8 @@ pub(crate) fn resolve_all(
                             kind,
                         });
                     }
+                } else {
+                    base_imports[i].insert(path);
                 }
             }
             Target::External(m) => {
@@ -318,6 +335,7 @@ pub(crate) fn resolve_all(
         external,
         unresolved,
         warnings,
+        base_imports,
     }
 }
 
@@ -355,6 +373,7 @@ pub(crate) fn build_from_tree(root: &Path, listing: Listing, scanned: Scanned) -
         external,
         unresolved,
         warnings: config_warnings,
+        base_imports: _,
     } = resolve_all(&files, &imports, &set, root_name.as_deref(), &read);
     let mut warnings = listing.warnings;
     warnings.extend(scanned.warnings);
@@ -440,6 +459,7 @@ pub(crate) fn assemble(input: Input, dropped: Vec<Edge>) -> Analysis {
         .map(|(i, f)| (f.path.clone(), i))
         .collect();
     Analysis {
+        base_imports: vec![Vec::new(); files.len()],
         files,
         index,
         edges,

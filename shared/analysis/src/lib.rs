@@ -30,7 +30,7 @@ pub mod scanner;
 pub mod tree;
 
 pub use analysis::{Analysis, CriticalPath, Edge, FileNode, Stats};
-pub use plan::{analyze_plan, default_estimate};
+pub use plan::{analyze_plan, analyze_plan_over, default_estimate};
 pub use report::Format;
 
 use serde::Serialize;

@@ -44,7 +44,6 @@ pub fn default_estimate(bytes: usize) -> u32 {
 pub fn analyze_plan(plan: &Plan, base_dir: Option<&Path>) -> Result<Analysis, PlanError> {
     plan.validate()?;
     let mut warnings = Vec::new();
-    let mut set = FileSet::default();
     let mut base_files: HashMap<String, PathBuf> = HashMap::new();
     if let Some(dir) = base_dir {
         let invalid = |reason: String| PlanError::InvalidBase {
@@ -67,7 +66,6 @@ pub fn analyze_plan(plan: &Plan, base_dir: Option<&Path>) -> Result<Analysis, Pl
             Ok(listing) => {
                 warnings.extend(listing.warnings);
                 for file in listing.files {
-                    set.insert(file.rel.clone());
                     base_files.insert(file.rel, file.abs);
                 }
             }
@@ -78,6 +76,41 @@ pub fn analyze_plan(plan: &Plan, base_dir: Option<&Path>) -> Result<Analysis, Pl
         }
     }
 
+    // Only resolution configs are read from the base, and only small ones.
+    let read = |rel: &str| {
+        base_files
+            .get(rel)
+            .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() <= MAX_BASE_CONFIG_BYTES))
+            .and_then(|p| std::fs::read_to_string(p).ok())
+    };
+    let listed: Vec<&str> = base_files.keys().map(String::as_str).collect();
+    analyze(plan, &listed, &read, warnings)
+}
+
+/// Analyzes `plan` over a base given as its file list (relative,
+/// `/`-separated paths, e.g. a snapshot's manifest) and a reader of its
+/// small text files (`read` is asked only for `tsconfig.json`/
+/// `jsconfig.json` files, and may return `None`). Each task's imports of
+/// base files are in [`Analysis::base_imports`].
+pub fn analyze_plan_over(
+    plan: &Plan,
+    base_files: &[&str],
+    read: &dyn Fn(&str) -> Option<String>,
+) -> Result<Analysis, PlanError> {
+    plan.validate()?;
+    analyze(plan, base_files, read, Vec::new())
+}
+
+fn analyze(
+    plan: &Plan,
+    base_files: &[&str],
+    read_base: &dyn Fn(&str) -> Option<String>,
+    mut warnings: Vec<Warning>,
+) -> Result<Analysis, PlanError> {
+    let mut set = FileSet::default();
+    for file in base_files {
+        set.insert((*file).to_string());
+    }
     let mut tasks: Vec<usize> = (0..plan.tasks.len()).collect();
     tasks.sort_by(|&a, &b| plan.tasks[a].path.cmp(&plan.tasks[b].path));
     let mut files = Vec::with_capacity(tasks.len());
@@ -107,17 +140,14 @@ pub fn analyze_plan(plan: &Plan, base_dir: Option<&Path>) -> Result<Analysis, Pl
         .collect();
     let read = |rel: &str| match contents.get(rel) {
         Some(text) => Some(text.to_string()),
-        // Only resolution configs are read from the base, and only small ones.
-        None => base_files
-            .get(rel)
-            .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() <= MAX_BASE_CONFIG_BYTES))
-            .and_then(|p| std::fs::read_to_string(p).ok()),
+        None => read_base(rel),
     };
     let analysis::Resolved {
         mut edges,
         external,
         unresolved,
         warnings: config_warnings,
+        base_imports,
     } = analysis::resolve_all(&files, &imports, &set, None, &read);
     warnings.extend(config_warnings);
 
@@ -171,7 +201,12 @@ pub fn analyze_plan(plan: &Plan, base_dir: Option<&Path>) -> Result<Analysis, Pl
         warnings,
         skipped: 0,
     };
-    Ok(analysis::assemble(input, dropped))
+    let mut analysis = analysis::assemble(input, dropped);
+    analysis.base_imports = base_imports
+        .into_iter()
+        .map(|s| s.into_iter().collect())
+        .collect();
+    Ok(analysis)
 }
 
 #[cfg(test)]
@@ -228,6 +263,47 @@ tasks:
         assert_eq!(tasks[0].path, "hello/db.py");
         assert_eq!(tasks[0].priority, 7);
         assert_eq!(tasks[2].estimate, 5);
+    }
+
+    #[test]
+    fn imports_resolve_into_a_listed_base_and_are_recorded_per_task() {
+        let p = plan(
+            r#"
+name: over-base
+tasks:
+  - { path: app/api.py, spec: api, content: "from lib.util import helper\nimport app.models\nimport requests\n" }
+  - { path: app/models.py, spec: models, content: "from lib import db\n" }
+  - { path: web/main.ts, spec: ui, content: "import { x } from '@lib/x';\n" }
+"#,
+        );
+        let base = [
+            "lib/__init__.py",
+            "lib/util.py",
+            "lib/db.py",
+            "app/__init__.py",
+            "tsconfig.json",
+            "src/x.ts",
+        ];
+        let read = |rel: &str| {
+            (rel == "tsconfig.json").then(|| {
+                r#"{"compilerOptions":{"baseUrl":".","paths":{"@lib/*":["src/*"]}}}"#.to_string()
+            })
+        };
+        let a = analyze_plan_over(&p, &base, &read).unwrap();
+        assert_eq!(a.dependencies("app/api.py"), ["app/models.py"]);
+        assert_eq!(a.base_imports("app/api.py"), ["lib/util.py"]);
+        assert_eq!(a.base_imports("app/models.py"), ["lib/db.py"]);
+        assert_eq!(
+            a.base_imports("web/main.ts"),
+            ["src/x.ts"],
+            "tsconfig read through `read`"
+        );
+        let tasks = a.to_analyzed_tasks(&p);
+        let api = tasks.iter().find(|t| t.path == "app/api.py").unwrap();
+        assert_eq!(api.base_imports, ["lib/util.py"]);
+        // Without the base, the same imports are external and no task imports a base file.
+        let bare = analyze_plan(&p, None).unwrap();
+        assert!(bare.base_imports("app/api.py").is_empty());
     }
 
     #[test]

@@ -14,6 +14,7 @@
 
 use devfleet_store::{StoreResult, TaskStore};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 /// The lease owner the dispatcher claims tasks as. A dev-worker takes the
@@ -25,7 +26,7 @@ pub const DISPATCH_OWNER: &str = "dispatch";
 pub const WORKERS: &str = "workers";
 
 /// What one dev-worker can take, as of `at_ms`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerCapacity {
     /// Current concurrency limit (autoscaled).
     pub slots: u32,
@@ -37,6 +38,12 @@ pub struct WorkerCapacity {
     pub at_ms: i64,
     /// After this the record is ignored even if the store still returns it.
     pub expires_ms: i64,
+    /// What this worker can run (see [`crate::capabilities`]): configured
+    /// executors as `executor:KIND`, programs and Python modules found at
+    /// start-up, operator labels. Sorted, no duplicates. Absent in
+    /// records of older workers (read as none).
+    #[serde(default)]
+    pub capabilities: Vec<String>,
 }
 
 impl WorkerCapacity {
@@ -64,7 +71,7 @@ pub async fn remove_capacity(store: &dyn TaskStore, instance: &str) -> StoreResu
 }
 
 /// The live workers, summed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fleet {
     pub workers: u32,
     pub slots: u32,
@@ -73,6 +80,8 @@ pub struct Fleet {
     pub free: u32,
     /// The newest `at_ms` among live records (`None` without workers).
     pub newest_at_ms: Option<i64>,
+    /// Each live worker's capabilities.
+    pub capabilities: Vec<BTreeSet<String>>,
 }
 
 impl Fleet {
@@ -92,6 +101,9 @@ impl Fleet {
             fleet.waiting = fleet.waiting.saturating_add(c.waiting);
             fleet.free = fleet.free.saturating_add(c.free());
             fleet.newest_at_ms = Some(fleet.newest_at_ms.map_or(c.at_ms, |n| n.max(c.at_ms)));
+            fleet
+                .capabilities
+                .push(c.capabilities.into_iter().collect());
         }
         fleet
     }
@@ -133,6 +145,7 @@ mod tests {
             waiting,
             at_ms,
             expires_ms: at_ms + 1_000,
+            capabilities: vec!["python3".into()],
         })
         .unwrap()
     }
@@ -147,6 +160,16 @@ mod tests {
         assert_eq!(fleet.slots, 6);
         assert_eq!(fleet.free, 2);
         assert_eq!(fleet.newest_at_ms, Some(100));
+        assert_eq!(fleet.capabilities.len(), 2);
+        assert!(fleet.capabilities[0].contains("python3"));
+    }
+
+    #[test]
+    fn records_of_older_workers_read_as_without_capabilities() {
+        let old = r#"{"slots":1,"busy":0,"waiting":0,"at_ms":0,"expires_ms":10}"#;
+        let fleet = Fleet::from_records([old], 0);
+        assert_eq!(fleet.workers, 1);
+        assert!(fleet.capabilities[0].is_empty());
     }
 
     #[test]

@@ -139,6 +139,7 @@ mod tests {
 
     fn step(name: &str, shard: Option<u32>) -> IntegrationStep {
         IntegrationStep {
+            requires: Vec::new(),
             name: name.into(),
             run: "python3 -m pytest -q".into(),
             shard,

@@ -4,6 +4,7 @@
 //!
 //! * [`capacity`]: dev-workers publish their free slots; the scheduler's
 //!   dispatcher hands out only as much work as they can take.
+//! * [`capabilities`]: what workers can run and what work requires.
 //! * [`breaker`]: the router's circuit breakers per stage, and how a
 //!   dispatcher asks whether it may dispatch.
 //! * [`integration`]: the shards of a plan's integration steps and the
@@ -15,5 +16,6 @@
 //! its functions make through [`devfleet_store::TaskStore`].
 
 pub mod breaker;
+pub mod capabilities;
 pub mod capacity;
 pub mod integration;

@@ -74,6 +74,9 @@ pub struct ChatSettings {
     /// Wait between retries when the server gives no `Retry-After`.
     pub backoff: Backoff,
     pub temperature: f32,
+    /// Longest completion asked for (`max_tokens`); `None` sends none (the
+    /// server's default).
+    pub max_tokens: Option<u32>,
 }
 
 impl Default for ChatSettings {
@@ -85,6 +88,7 @@ impl Default for ChatSettings {
             max_requests: 6,
             backoff: Backoff::SLOW,
             temperature: 0.2,
+            max_tokens: None,
         }
     }
 }
@@ -137,6 +141,9 @@ pub struct LlmError {
     pub message: String,
     /// False when trying again cannot help (refused credentials, a 4xx).
     pub retryable: bool,
+    /// The server refused the prompt as longer than the model's context
+    /// window (`context_length_exceeded`): a smaller prompt is the fix.
+    pub context_exceeded: bool,
 }
 
 impl LlmError {
@@ -144,6 +151,7 @@ impl LlmError {
         Self {
             message: message.into(),
             retryable: true,
+            context_exceeded: false,
         }
     }
 
@@ -151,6 +159,7 @@ impl LlmError {
         Self {
             message: message.into(),
             retryable: false,
+            context_exceeded: false,
         }
     }
 }
@@ -166,6 +175,8 @@ pub struct ChatClient {
 struct Request<'a> {
     model: &'a str,
     temperature: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
     messages: &'a [ChatMessage],
 }
 
@@ -195,17 +206,45 @@ impl ChatClient {
     /// Sends the conversation and returns the first choice, retrying busy
     /// and unreachable servers up to `max_requests` requests in all.
     pub async fn complete(&self, messages: &[ChatMessage]) -> Result<ChatReply, LlmError> {
+        self.complete_paced(messages, || async { Ok(()) }, |_| async {})
+            .await
+    }
+
+    /// [`ChatClient::complete`], calling `before` ahead of every request
+    /// (retries too: a rate limiter waits there, or fails the call) and
+    /// `rate_limited` with the `Retry-After` of every 429 (to drain a
+    /// shared limiter), before the client's own wait.
+    pub async fn complete_paced<B, BF, R, RF>(
+        &self,
+        messages: &[ChatMessage],
+        before: B,
+        rate_limited: R,
+    ) -> Result<ChatReply, LlmError>
+    where
+        B: Fn() -> BF,
+        BF: std::future::Future<Output = Result<(), LlmError>>,
+        R: Fn(Option<Duration>) -> RF,
+        RF: std::future::Future<Output = ()>,
+    {
         let body = Request {
             model: &self.settings.model,
             temperature: self.settings.temperature,
+            max_tokens: self.settings.max_tokens,
             messages,
         };
         let requests = self.settings.max_requests.max(1);
         for attempt in 1..=requests {
+            before().await?;
             match self.request(&body, attempt).await? {
                 Ok(reply) => return Ok(reply),
-                Err(delay) if attempt < requests => tokio::time::sleep(delay).await,
-                Err(_) => {}
+                Err(busy) => {
+                    if busy.status == Some(429) {
+                        rate_limited(busy.retry_after).await;
+                    }
+                    if attempt < requests {
+                        tokio::time::sleep(busy.delay).await;
+                    }
+                }
             }
         }
         Err(LlmError::retryable(format!(
@@ -213,12 +252,12 @@ impl ChatClient {
         )))
     }
 
-    /// One request; `Ok(Err(delay))` asks for a retry after `delay`.
+    /// One request; `Ok(Err(busy))` asks for a retry after `busy.delay`.
     async fn request(
         &self,
         body: &Request<'_>,
         attempt: u32,
-    ) -> Result<Result<ChatReply, Duration>, LlmError> {
+    ) -> Result<Result<ChatReply, Busy>, LlmError> {
         let mut request = self.client.post(self.url()).json(body);
         if let Some(key) = &self.settings.api_key {
             request = request.bearer_auth(&key.0);
@@ -227,20 +266,27 @@ impl ChatClient {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e.without_url(), "chat completions request failed");
-                return Ok(Err(self.settings.backoff.delay(attempt)));
+                return Ok(Err(Busy {
+                    status: None,
+                    retry_after: None,
+                    delay: self.settings.backoff.delay(attempt),
+                }));
             }
         };
         let status = response.status();
         if status.as_u16() == 429 || status.is_server_error() {
-            let delay = retry_after(response.headers())
-                .unwrap_or_else(|| self.settings.backoff.delay(attempt))
-                .min(MAX_RETRY_AFTER);
+            let after = retry_after(response.headers()).map(|d| d.min(MAX_RETRY_AFTER));
+            let delay = after.unwrap_or_else(|| self.settings.backoff.delay(attempt));
             tracing::warn!(
                 status = status.as_u16(),
                 ?delay,
                 "chat completions busy; retrying"
             );
-            return Ok(Err(delay));
+            return Ok(Err(Busy {
+                status: Some(status.as_u16()),
+                retry_after: after,
+                delay,
+            }));
         }
         let bytes = read_body(response).await?;
         if status.as_u16() == 401 || status.as_u16() == 403 {
@@ -248,6 +294,16 @@ impl ChatClient {
                 "the chat completions API refused the credentials ({status}); check \
                  DEVFLEET_OPENAI_API_KEY"
             )));
+        }
+        if status.is_client_error() && is_context_exceeded(&bytes) {
+            return Err(LlmError {
+                context_exceeded: true,
+                ..LlmError::fatal(format!(
+                    "the model refused the prompt as longer than its context window \
+                     ({status}): {}",
+                    excerpt(&bytes)
+                ))
+            });
         }
         if !status.is_success() {
             return Err(LlmError::fatal(format!(
@@ -257,6 +313,14 @@ impl ChatClient {
         }
         parse_reply(&bytes).map(Ok)
     }
+}
+
+/// A request to retry: the status (none: no answer), the server's
+/// `Retry-After`, and the wait before the retry.
+struct Busy {
+    status: Option<u16>,
+    retry_after: Option<Duration>,
+    delay: Duration,
 }
 
 #[derive(Deserialize)]
@@ -302,6 +366,22 @@ fn parse_reply(bytes: &[u8]) -> Result<ChatReply, LlmError> {
         finish_reason,
         usage: reply.usage,
     })
+}
+
+/// Whether an error body says the prompt is over the context window: the
+/// code OpenAI (and vLLM) send, or the wording of servers that send no code
+/// (llama.cpp, Ollama: "exceeds the available context size", "maximum
+/// context length").
+fn is_context_exceeded(bytes: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(bytes).to_ascii_lowercase();
+    [
+        "context_length_exceeded",
+        "maximum context length",
+        "context size",
+        "context window",
+    ]
+    .iter()
+    .any(|needle| text.contains(needle))
 }
 
 /// `Retry-After` in seconds (the HTTP-date form falls back to the backoff).

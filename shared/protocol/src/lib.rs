@@ -45,8 +45,8 @@ pub use envelope::{DecodeError, EncodeError, Envelope, MAX_ENVELOPE_BYTES, SCHEM
 pub use messages::*;
 pub use metrics::{MetricBody, MetricBodyError};
 pub use plan::{
-    DeploySpec, ExecutorKind, Handler, HealthSource, IntegrationStep, Plan, PlanError, TaskDef,
-    Thresholds,
+    DeploySpec, ExecutorKind, Handler, HealthSource, IntegrationStep, Plan, PlanBudget, PlanError,
+    TaskDef, Thresholds,
 };
 
 /// Cuts text to at most `max` bytes on a character boundary, keeping the

@@ -31,6 +31,10 @@ pub struct AnalyzedTask {
     pub batch: u32,
     #[serde(default)]
     pub executor: Option<ExecutorKind>,
+    /// Files of the plan's base snapshot this task imports (sorted,
+    /// relative paths of the snapshot's manifest): context for executors.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub base_imports: Vec<String>,
 }
 
 /// A plan turned into a DAG.
@@ -310,6 +314,11 @@ pub enum PlanStatus {
     Deploying,
     Succeeded,
     Failed,
+    /// The plan's budget cannot cover its next executor call: nothing of
+    /// it is dispatched, running work finishes, the rest waits. Not final:
+    /// `devfleet budget PLAN_ID …` raises the budget and the plan runs
+    /// again.
+    BudgetExhausted,
 }
 
 impl PlanStatus {
@@ -323,6 +332,7 @@ impl PlanStatus {
             PlanStatus::Deploying => "deploying",
             PlanStatus::Succeeded => "succeeded",
             PlanStatus::Failed => "failed",
+            PlanStatus::BudgetExhausted => "budget_exhausted",
         }
     }
     /// True once the plan can change no more.

@@ -59,6 +59,11 @@ pub struct Plan {
     /// Existing code the plan extends (imports may resolve there; its files are not tasks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<String>,
+    /// Id of the base's snapshot in the store (the hash of its manifest),
+    /// set by the publisher from `base`; services read the base only
+    /// through it, never from the path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_snapshot: Option<String>,
     /// Default executor for tasks that name none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executor: Option<ExecutorKind>,
@@ -69,6 +74,47 @@ pub struct Plan {
     /// Canary rollout after integration passed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deploy: Option<DeploySpec>,
+    /// Capabilities a worker must have to run any of the plan's work (`python3`, `flask`,
+    /// `gpu`, …; see docs/AGENTS.md "Capabilities").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<String>,
+    /// What the plan's executor runs may use in all; when the next call
+    /// does not fit, the plan ends `budget_exhausted` (see docs/AGENTS.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<PlanBudget>,
+}
+
+/// A plan's budget: either limit or both.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PlanBudget {
+    /// Tokens in + out over all the plan's executor runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
+    /// Cost in US dollars (from the executors' price tables).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost_usd: Option<f64>,
+}
+
+impl PlanBudget {
+    /// Checks that it sets a limit and that each is positive.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_tokens.is_none() && self.max_cost_usd.is_none() {
+            return Err(
+                "set max_tokens, max_cost_usd or both (or leave budget out for no limit)".into(),
+            );
+        }
+        if self.max_tokens == Some(0) {
+            return Err("max_tokens must be positive".into());
+        }
+        if let Some(c) = self.max_cost_usd {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(format!(
+                    "max_cost_usd must be a positive number of US dollars; got {c}"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One file of a plan.
@@ -90,6 +136,15 @@ pub struct TaskDef {
     /// Executor for this task only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executor: Option<ExecutorKind>,
+    /// Globs (`*` within a path component, `**` across them) of other
+    /// paths the task's executor may write in its workspace besides
+    /// `path`; changes elsewhere are reported and not accepted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub writes: Vec<String>,
+    /// Capabilities a worker must have to run this task (added to the plan's) (`python3`, `flask`,
+    /// `gpu`, …; see docs/AGENTS.md "Capabilities").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<String>,
 }
 
 /// Which executor writes a file.
@@ -143,6 +198,10 @@ pub struct IntegrationStep {
     pub shard: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<u64>,
+    /// Capabilities a worker must have to run this step, besides what its `run` program implies (`python3`, `flask`,
+    /// `gpu`, …; see docs/AGENTS.md "Capabilities").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<String>,
 }
 
 /// Canary rollout settings.
@@ -411,6 +470,12 @@ pub enum PlanError {
     TooManyTasks { count: usize, limit: usize },
     #[error("task '{task}': invalid path: {reason}")]
     InvalidPath { task: String, reason: String },
+    #[error("task '{task}': writes glob '{glob}': {reason}")]
+    InvalidWrites {
+        task: String,
+        glob: String,
+        reason: String,
+    },
     #[error("task '{task}': path appears more than once")]
     DuplicatePath { task: String },
     #[error("task '{task}': empty spec")]
@@ -447,6 +512,10 @@ pub enum PlanError {
     InvalidBase { base: String, reason: String },
     #[error("deploy: {0}")]
     InvalidDeploy(String),
+    #[error("budget: {0}")]
+    InvalidBudget(String),
+    #[error("{place}: requires: {reason}")]
+    InvalidRequirement { place: String, reason: String },
 }
 
 impl Plan {
@@ -469,6 +538,20 @@ impl Plan {
                 limit: MAX_NAME_BYTES,
             });
         }
+        if let Some(id) = &self.base_snapshot {
+            let hex = id.len() == 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if !hex {
+                return Err(PlanError::InvalidBase {
+                    base: id.clone(),
+                    reason: "base_snapshot must be a snapshot id (64 lowercase hex digits), \
+                             as `devfleet publish` sets it"
+                        .into(),
+                });
+            }
+        }
         if let Some(base) = &self.base {
             validate_base(base).map_err(|reason| PlanError::InvalidBase {
                 base: base.clone(),
@@ -490,6 +573,20 @@ impl Plan {
                 task: task.path.clone(),
                 reason,
             })?;
+            if task.writes.len() > MAX_WRITES {
+                return Err(PlanError::InvalidWrites {
+                    task: task.path.clone(),
+                    glob: task.writes[MAX_WRITES].clone(),
+                    reason: format!("more than {MAX_WRITES} writes globs"),
+                });
+            }
+            for glob in &task.writes {
+                validate_writes_glob(glob).map_err(|reason| PlanError::InvalidWrites {
+                    task: task.path.clone(),
+                    glob: glob.clone(),
+                    reason,
+                })?;
+            }
             if !seen.insert(task.path.as_str()) {
                 return Err(PlanError::DuplicatePath {
                     task: task.path.clone(),
@@ -562,8 +659,55 @@ impl Plan {
         if let Some(deploy) = &self.deploy {
             deploy.validate().map_err(PlanError::InvalidDeploy)?;
         }
+        if let Some(budget) = &self.budget {
+            budget.validate().map_err(PlanError::InvalidBudget)?;
+        }
+        let places = std::iter::once(("plan".to_owned(), &self.requires))
+            .chain(
+                self.tasks
+                    .iter()
+                    .map(|t| (format!("task '{}'", t.path), &t.requires)),
+            )
+            .chain(
+                self.integration
+                    .iter()
+                    .map(|s| (format!("integration step '{}'", s.name), &s.requires)),
+            );
+        for (place, names) in places {
+            for name in names {
+                validate_capability(name).map_err(|reason| PlanError::InvalidRequirement {
+                    place: place.clone(),
+                    reason,
+                })?;
+            }
+        }
         Ok(())
     }
+}
+
+/// Most bytes of one capability name.
+pub const MAX_CAPABILITY_BYTES: usize = 64;
+
+/// Checks a capability name: 1..=64 bytes of lower-case letters, digits
+/// and `. _ - :`. The error is the reason, naming the name.
+pub fn validate_capability(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("a capability name is empty".into());
+    }
+    if name.len() > MAX_CAPABILITY_BYTES {
+        return Err(format!(
+            "capability '{name}' is {} bytes; the limit is {MAX_CAPABILITY_BYTES}",
+            name.len()
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| {
+        !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-' | ':'))
+    }) {
+        return Err(format!(
+            "capability '{name}' holds '{c}': use lower-case letters, digits and . _ - :"
+        ));
+    }
+    Ok(())
 }
 
 impl Plan {
@@ -730,9 +874,38 @@ pub fn validate_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Most `writes` globs on one task.
+pub const MAX_WRITES: usize = 64;
+
+/// Checks one `writes` glob: a relative path pattern by the rules of
+/// [`validate_path`] (no `..`, no absolute or `.git` paths) that
+/// [`globset`] can compile.
+pub fn validate_writes_glob(glob: &str) -> Result<(), String> {
+    validate_path(glob)?;
+    globset::GlobBuilder::new(glob)
+        .literal_separator(true)
+        .build()
+        .map(|_| ())
+        .map_err(|e| format!("not a glob: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_globs_are_validated() {
+        let mut plan = Plan::parse(GOOD).unwrap();
+        plan.tasks[0].writes = vec!["app/migrations/**/*.py".into()];
+        plan.validate().unwrap();
+        for bad in ["../x/*", "/etc/*", "app/[", ".git/*"] {
+            plan.tasks[0].writes = vec![bad.into()];
+            match plan.validate() {
+                Err(PlanError::InvalidWrites { glob, .. }) => assert_eq!(glob, bad),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
 
     const GOOD: &str = r#"
 name: flask-todo
@@ -922,19 +1095,24 @@ colour: red
     #[test]
     fn oversize_content_is_rejected() {
         let plan = Plan {
+            requires: Vec::new(),
             name: "x".into(),
             base: None,
+            base_snapshot: None,
             executor: None,
             tasks: vec![TaskDef {
+                requires: Vec::new(),
                 path: "a.py".into(),
                 spec: "s".into(),
                 content: Some("x".repeat(MAX_TASK_CONTENT_BYTES + 1)),
                 depends_on: vec![],
                 estimate: None,
                 executor: None,
+                writes: Vec::new(),
             }],
             integration: vec![],
             deploy: None,
+            budget: None,
         };
         assert!(matches!(
             plan.validate(),
@@ -945,21 +1123,26 @@ colour: red
     /// A plan of `n` small tasks.
     fn tasks(n: usize) -> Plan {
         Plan {
+            requires: Vec::new(),
             name: "x".into(),
             base: None,
+            base_snapshot: None,
             executor: None,
             tasks: (0..n)
                 .map(|i| TaskDef {
+                    requires: Vec::new(),
                     path: format!("pkg/m{i}.py"),
                     spec: format!("module {i}"),
                     content: None,
                     depends_on: vec![],
                     estimate: None,
                     executor: None,
+                    writes: Vec::new(),
                 })
                 .collect(),
             integration: vec![],
             deploy: None,
+            budget: None,
         }
     }
 
@@ -1003,6 +1186,7 @@ colour: red
         let mut plan = tasks(1);
         plan.integration = (0..=MAX_INTEGRATION_STEPS)
             .map(|i| IntegrationStep {
+                requires: Vec::new(),
                 name: format!("s{i}"),
                 run: "true".into(),
                 shard: None,
@@ -1094,6 +1278,32 @@ colour: red
         }
         validate_path(".gitignore").unwrap();
         validate_path("a/.github/workflows/ci.yml").unwrap();
+    }
+
+    #[test]
+    fn a_budget_is_parsed_and_checked() {
+        let with = |budget: &str| Plan::parse(&format!("{GOOD}budget: {budget}\n"));
+        let plan = with("{ max_tokens: 200000, max_cost_usd: 2.5 }").unwrap();
+        assert_eq!(
+            plan.budget,
+            Some(PlanBudget {
+                max_tokens: Some(200_000),
+                max_cost_usd: Some(2.5)
+            })
+        );
+        for (bad, says) in [
+            ("{ max_tokens: 0 }", "max_tokens must be positive"),
+            ("{ max_cost_usd: -1 }", "positive number of US dollars"),
+            ("{}", "set max_tokens, max_cost_usd or both"),
+        ] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("budget: ") && err.contains(says),
+                "{bad}: {err}"
+            );
+        }
+        let err = with("{ max_tokenz: 5 }").unwrap_err().to_string();
+        assert!(err.contains("max_tokenz"), "{err}");
     }
 
     #[test]

@@ -72,34 +72,42 @@ fn from_hex(text: &str) -> Vec<u8> {
 
 fn plan() -> Plan {
     Plan {
+        requires: Vec::new(),
         name: "golden".into(),
         base: Some("base/".into()),
+        base_snapshot: None,
         executor: Some(ExecutorKind::Builtin),
         tasks: vec![
             TaskDef {
+                requires: Vec::new(),
                 path: "a.py".into(),
                 spec: "the a module".into(),
                 content: Some("A = 1\n".into()),
                 depends_on: vec![],
                 estimate: Some(3),
                 executor: None,
+                writes: Vec::new(),
             },
             TaskDef {
+                requires: Vec::new(),
                 path: "b.py".into(),
                 spec: "uses a".into(),
                 content: None,
                 depends_on: vec!["a.py".into()],
                 estimate: None,
                 executor: Some(ExecutorKind::Builtin),
+                writes: Vec::new(),
             },
         ],
         integration: vec![step()],
         deploy: Some(deploy_spec()),
+        budget: None,
     }
 }
 
 fn step() -> IntegrationStep {
     IntegrationStep {
+        requires: Vec::new(),
         name: "pytest".into(),
         run: "pytest -q".into(),
         shard: Some(2),
@@ -144,6 +152,7 @@ fn messages() -> Vec<Message> {
                 priority: 5,
                 batch: 1,
                 executor: Some(ExecutorKind::Builtin),
+                base_imports: Vec::new(),
             }],
             critical_path_length: 5,
             critical_path: vec!["a.py".into(), "b.py".into()],

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 pub mod backoff;
+pub mod capabilities;
 pub mod consume;
 pub mod settings;
 

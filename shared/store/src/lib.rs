@@ -27,14 +27,16 @@
 //!   it was becomes Ready in the same atomic step.
 
 use async_trait::async_trait;
-use devfleet_protocol::{PlanStatus, TaskClass};
+use devfleet_protocol::{PlanStatus, TaskClass, Usage};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 pub mod memory;
 pub mod redis;
 mod rules;
+pub mod snapshot;
 
 /// Result type of store operations.
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -341,6 +343,24 @@ pub struct Failure {
     pub plan_finished: bool,
 }
 
+/// The size and refill of a token bucket ([`TaskStore::token_bucket`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketRate {
+    /// Most tokens the bucket holds (e.g. requests per minute).
+    pub capacity: u64,
+    /// Time in which an empty bucket refills (a minute, shorter in tests).
+    pub window: Duration,
+}
+
+/// What one [`TaskStore::token_bucket`] call does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BucketStep {
+    /// Take this many tokens, or say how long until they are there.
+    Take(u64),
+    /// Empty the bucket so that nothing is taken for this long.
+    Drain(Duration),
+}
+
 /// The priority task store.
 ///
 /// Every method is atomic on its own.
@@ -411,7 +431,9 @@ pub trait TaskStore: Send + Sync + 'static {
     async fn ready_len(&self) -> StoreResult<u64>;
     /// Takes the best Ready task and leases it to `owner` for `lease` from
     /// the store's now; increments its attempt. `None` when nothing is
-    /// ready. Concurrent callers never receive the same task.
+    /// ready. Concurrent callers never receive the same task. Tasks of a
+    /// plan whose status is [`PlanStatus::BudgetExhausted`] are not handed
+    /// out: they stay Ready, in place, until the plan's status changes.
     async fn claim_next(&self, owner: &str, lease: Duration) -> StoreResult<Option<TaskRecord>>;
     /// Leases one named task: Ready, or Leased with an expired lease or by
     /// the same owner (a re-claim keeps the attempt), or Leased by the
@@ -535,6 +557,23 @@ pub trait TaskStore: Send + Sync + 'static {
     async fn incr(&self, counter: &str, by: i64) -> StoreResult<i64>;
     async fn counter(&self, counter: &str) -> StoreResult<i64>;
 
+    /// One atomic step of the token bucket `bucket`, shared by every client
+    /// of the store (fleet-wide rate limits). The bucket holds at most
+    /// `rate.capacity` tokens and refills continuously at `rate.capacity`
+    /// per `rate.window`, by the store's clock; a bucket never seen is full.
+    /// [`BucketStep::Take`] takes `n` tokens if they are there and returns
+    /// `None`, else takes nothing and returns how long until they will be
+    /// (a take larger than the capacity waits for a full bucket and leaves
+    /// it in debt). [`BucketStep::Drain`] empties the bucket so that the
+    /// next take waits at least the given time (a provider's `Retry-After`)
+    /// and returns `None`. Idle buckets expire.
+    async fn token_bucket(
+        &self,
+        bucket: &str,
+        rate: BucketRate,
+        step: BucketStep,
+    ) -> StoreResult<Option<Duration>>;
+
     /// Small records in named collections (canary deployments, breaker
     /// state, the DLQ index). `ttl` makes a record expire: from
     /// `now + ttl` (store client's clock) on, no read returns it and
@@ -583,6 +622,212 @@ pub trait TaskStore: Send + Sync + 'static {
     /// absent or was stored since (so a writer that just stored the bytes
     /// again keeps them).
     async fn delete_artifact(&self, hash: &str, before_ms: i64) -> StoreResult<bool>;
+
+    // Usage and cost of executor runs (issue 13).
+
+    /// Records the usage of the executor run of attempt `attempt` of task
+    /// `path` (one [`Usage`] per model call it made) into the task's, the
+    /// plan's (per model) and the fleet's (per model) totals, once: a
+    /// second call for the same plan, path and attempt changes nothing and
+    /// returns false, so a redelivered build never counts twice. Cost is
+    /// kept in nano-dollars (see [`UsageTotals::cost_usd`]). Recording for
+    /// a plan the store does not hold is [`StoreError::UnknownPlan`].
+    /// [`TaskStore::delete_plan`] deletes the plan's usage too (the
+    /// fleet's totals keep it). In the same step it reconciles the plan's
+    /// budget: the run's reservation (if any) is released and, unless the
+    /// call is a repeat, its usage added to what the plan spent. Call it
+    /// with no usage to release the reservation of a run that failed.
+    async fn record_usage(
+        &self,
+        plan_id: &str,
+        path: &str,
+        attempt: u32,
+        usage: &[Usage],
+    ) -> StoreResult<bool>;
+    /// A plan's recorded usage: in total, per model and per task (empty
+    /// for a plan with none or unknown).
+    async fn plan_usage(&self, plan_id: &str) -> StoreResult<PlanUsage>;
+    /// The fleet's usage per model since the store began (for `/metrics`).
+    async fn usage_by_model(&self) -> StoreResult<BTreeMap<String, UsageTotals>>;
+
+    // Plan budgets (issue 13): reservations before a call, reconciled by
+    // `record_usage` after it.
+
+    /// Sets (replaces) a plan's budget. What was spent and reserved is
+    /// kept. The plan need not exist yet: the scheduler sets a plan's own
+    /// budget before creating its tasks, so none of them runs without it.
+    async fn set_budget(&self, plan_id: &str, limits: BudgetLimits) -> StoreResult<()>;
+    /// A plan's budget: its limits (`None` when none was set), what its
+    /// recorded runs spent and what runs in flight reserved.
+    async fn budget(&self, plan_id: &str) -> StoreResult<BudgetState>;
+    /// Reserves the expected usage of the executor run of attempt
+    /// `attempt` of task `path` against the plan's budget (or `default`
+    /// when the plan set none), in one atomic step: granted when
+    /// [`BudgetLimits::covers`] spent + reserved and `expected`, refused
+    /// ([`Reservation::Exhausted`]) otherwise (so an unestimated run is
+    /// refused once a limit is reached). Granting adds `expected` to the plan's reserved usage until
+    /// [`TaskStore::record_usage`] for the same run releases it (and adds
+    /// the actual usage): so concurrent workers never overshoot a limit by
+    /// more than what is in flight beyond their estimates. Reserving again
+    /// for a run that holds a reservation grants it without adding twice.
+    /// With no limits at all it grants and reserves nothing.
+    async fn reserve_budget(
+        &self,
+        plan_id: &str,
+        path: &str,
+        attempt: u32,
+        expected: Spend,
+        default: BudgetLimits,
+    ) -> StoreResult<Reservation>;
+}
+
+/// Tokens and nano-dollars: what a run spends or may spend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spend {
+    pub tokens: u64,
+    pub cost_nusd: u64,
+}
+
+impl Spend {
+    /// The spend of some usage totals.
+    pub fn of(t: &UsageTotals) -> Self {
+        Self {
+            tokens: t.tokens(),
+            cost_nusd: t.cost_nusd,
+        }
+    }
+}
+
+/// A plan's budget limits; `None` is no limit on that measure.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetLimits {
+    pub max_tokens: Option<u64>,
+    /// In nano-dollars ([`nano_usd`]).
+    pub max_cost_nusd: Option<u64>,
+}
+
+impl BudgetLimits {
+    /// True when neither measure is limited.
+    pub fn is_unlimited(&self) -> bool {
+        self.max_tokens.is_none() && self.max_cost_nusd.is_none()
+    }
+    /// True when, for every limited measure, `used` (spent plus reserved)
+    /// plus `next` stays within the limit, or, where `next` is zero (not
+    /// estimated), `used` has not reached it yet. The rule both backends
+    /// apply (`redis/reserve_budget.lua` mirrors it).
+    pub fn covers(&self, used: Spend, next: Spend) -> bool {
+        let fits = |max: Option<u64>, used: u64, next: u64| match max {
+            None => true,
+            Some(max) if next == 0 => used < max,
+            Some(max) => used.saturating_add(next) <= max,
+        };
+        fits(self.max_tokens, used.tokens, next.tokens)
+            && fits(self.max_cost_nusd, used.cost_nusd, next.cost_nusd)
+    }
+}
+
+/// A plan's budget as the store holds it (see [`TaskStore::budget`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetState {
+    /// `None` when the plan set no budget.
+    pub limits: Option<BudgetLimits>,
+    /// Actual usage of recorded runs.
+    pub spent: Spend,
+    /// Expected usage of runs in flight.
+    pub reserved: Spend,
+}
+
+/// What [`TaskStore::reserve_budget`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// The run may go ahead.
+    Granted,
+    /// The budget cannot cover the run: hand the task back, stop the plan.
+    Exhausted {
+        limits: BudgetLimits,
+        spent: Spend,
+        reserved: Spend,
+    },
+}
+
+/// Usage totals of a task, a plan or a model: calls, tokens and cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageTotals {
+    /// Model calls (one per recorded [`Usage`]).
+    pub calls: u64,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    /// Cost in nano-dollars (10^-9 USD): integers, so totals add up exactly
+    /// in both backends.
+    pub cost_nusd: u64,
+    /// Calls whose tokens devfleet estimated (the provider did not count).
+    pub estimated: u64,
+}
+
+impl UsageTotals {
+    /// The totals of one call.
+    pub fn of(usage: &Usage) -> Self {
+        Self {
+            calls: 1,
+            tokens_in: usage.tokens_in,
+            tokens_out: usage.tokens_out,
+            cost_nusd: nano_usd(usage.cost_usd),
+            estimated: u64::from(usage.estimated),
+        }
+    }
+    /// Adds `other` (saturating).
+    pub fn add(&mut self, other: &UsageTotals) {
+        self.calls = self.calls.saturating_add(other.calls);
+        self.tokens_in = self.tokens_in.saturating_add(other.tokens_in);
+        self.tokens_out = self.tokens_out.saturating_add(other.tokens_out);
+        self.cost_nusd = self.cost_nusd.saturating_add(other.cost_nusd);
+        self.estimated = self.estimated.saturating_add(other.estimated);
+    }
+    /// Tokens in and out.
+    pub fn tokens(&self) -> u64 {
+        self.tokens_in.saturating_add(self.tokens_out)
+    }
+    /// The cost in US dollars.
+    pub fn cost_usd(&self) -> f64 {
+        self.cost_nusd as f64 / 1e9
+    }
+}
+
+/// Dollars as whole nano-dollars (negative or not a number: 0).
+pub fn nano_usd(usd: f64) -> u64 {
+    if usd.is_finite() && usd > 0.0 {
+        (usd * 1e9).round() as u64
+    } else {
+        0
+    }
+}
+
+/// The name usage is counted under: `provider/model`, or the model alone
+/// when the executor names no provider (`unknown` when it names neither).
+pub fn usage_label(usage: &Usage) -> String {
+    match (usage.provider.as_str(), usage.model.as_str()) {
+        ("", "") => "unknown".to_owned(),
+        ("", model) => model.to_owned(),
+        (provider, "") => format!("{provider}/unknown"),
+        (provider, model) => format!("{provider}/{model}"),
+    }
+}
+
+/// A plan's usage (see [`TaskStore::plan_usage`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanUsage {
+    pub total: UsageTotals,
+    /// By [`usage_label`].
+    pub by_model: BTreeMap<String, UsageTotals>,
+    /// By task path.
+    pub by_task: BTreeMap<String, UsageTotals>,
+}
+
+impl PlanUsage {
+    /// True when nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.total.calls == 0
+    }
 }
 
 /// One result-cache entry (see [`TaskStore::cache_entries`]).

@@ -17,11 +17,12 @@ use crate::rules::{
     blocked_cause, check_fence, millis, prepare_tasks, ready_score, stale, wall_ms,
 };
 use crate::{
-    ClaimOutcome, Completion, Failure, Fence, NewTask, PlanRecord, StoreError, StoreResult,
-    TaskRecord, TaskState, TaskStore,
+    usage_label, BudgetLimits, BudgetState, ClaimOutcome, Completion, Failure, Fence, NewTask,
+    PlanRecord, PlanUsage, Reservation, Spend, StoreError, StoreResult, TaskRecord, TaskState,
+    TaskStore, UsageTotals,
 };
 use async_trait::async_trait;
-use devfleet_protocol::{PlanStatus, TaskClass};
+use devfleet_protocol::{PlanStatus, TaskClass, Usage};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -54,10 +55,28 @@ struct Inner {
     cache: HashMap<String, String>,
     artifacts: HashMap<String, Vec<u8>>,
     counters: HashMap<String, i64>,
+    /// Token buckets: tokens and when they were counted (store clock).
+    buckets: HashMap<String, (f64, i64)>,
     kv: HashMap<String, BTreeMap<String, KvEntry>>,
     /// When each cache entry and artifact was last written (retention).
     cache_written: HashMap<String, i64>,
     artifact_written: HashMap<String, i64>,
+    /// `(plan, "<attempt>|<path>")` of every executor run whose usage is
+    /// recorded (idempotence of `record_usage`).
+    usage_runs: HashSet<(String, String)>,
+    usage: HashMap<String, PlanUsage>,
+    usage_models: BTreeMap<String, UsageTotals>,
+    budgets: HashMap<String, Budget>,
+}
+
+/// A plan's budget: limits, spend, and reservations by run.
+#[derive(Debug, Default)]
+struct Budget {
+    limits: Option<BudgetLimits>,
+    spent: Spend,
+    reserved: Spend,
+    /// `"<attempt>|<path>"` → what that run reserved.
+    runs: HashMap<String, Spend>,
 }
 
 #[derive(Debug, Clone)]
@@ -356,8 +375,37 @@ impl TaskStore for MemoryStore {
     async fn claim_next(&self, owner: &str, lease: Duration) -> StoreResult<Option<TaskRecord>> {
         let now_ms = self.now();
         let mut inner = self.lock();
-        let (tasks, _, mut sets) = inner.split();
-        while let Some(((score, seq), (plan_id, path))) = sets.ready.pop_first() {
+        let (tasks, plans, mut sets) = inner.split();
+        // Members of plans whose budget is exhausted stay where they are.
+        let mut after: Option<ReadyKey> = None;
+        let mut scanned = 0usize;
+        loop {
+            let next = match after {
+                None => sets.ready.first_key_value().map(|(k, _)| *k),
+                Some(a) => sets
+                    .ready
+                    .range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
+                    .next()
+                    .map(|(k, _)| *k),
+            };
+            let Some(key) = next else { break };
+            let held = sets.ready.get(&key).is_some_and(|(plan_id, _)| {
+                plans
+                    .get(plan_id)
+                    .is_some_and(|p| p.status == PlanStatus::BudgetExhausted)
+            });
+            if held {
+                scanned += 1;
+                if scanned >= crate::rules::MAX_HELD_SCAN {
+                    break;
+                }
+                after = Some(key);
+                continue;
+            }
+            let Some((plan_id, path)) = sets.ready.remove(&key) else {
+                break;
+            };
+            let (score, seq) = key;
             let Some(t) = tasks.get_mut(&plan_id).and_then(|m| m.get_mut(&path)) else {
                 continue;
             };
@@ -789,6 +837,20 @@ impl TaskStore for MemoryStore {
         Ok(self.lock().counters.get(counter).copied().unwrap_or(0))
     }
 
+    async fn token_bucket(
+        &self,
+        bucket: &str,
+        rate: crate::BucketRate,
+        step: crate::BucketStep,
+    ) -> StoreResult<Option<Duration>> {
+        let now = self.now();
+        let mut inner = self.lock();
+        let state = inner.buckets.get(bucket).copied();
+        let (next, wait) = crate::rules::token_bucket_step(state, now, rate, step);
+        inner.buckets.insert(bucket.to_owned(), next);
+        Ok(wait)
+    }
+
     async fn kv_put(
         &self,
         collection: &str,
@@ -884,6 +946,9 @@ impl TaskStore for MemoryStore {
             return Ok(false);
         }
         inner.plans.remove(plan_id);
+        inner.usage.remove(plan_id);
+        inner.budgets.remove(plan_id);
+        inner.usage_runs.retain(|(p, _)| p != plan_id);
         let tasks = inner.tasks.remove(plan_id).unwrap_or_default();
         for task in tasks.values() {
             if let Some(k) = task.ready_key {
@@ -947,5 +1012,116 @@ impl TaskStore for MemoryStore {
         }
         inner.artifact_written.remove(hash);
         Ok(inner.artifacts.remove(hash).is_some())
+    }
+
+    async fn record_usage(
+        &self,
+        plan_id: &str,
+        path: &str,
+        attempt: u32,
+        usage: &[Usage],
+    ) -> StoreResult<bool> {
+        let mut inner = self.lock();
+        if !inner.plans.contains_key(plan_id) {
+            return Err(StoreError::UnknownPlan {
+                plan_id: plan_id.to_owned(),
+            });
+        }
+        let run = format!("{attempt}|{path}");
+        let budget = inner.budgets.entry(plan_id.to_owned()).or_default();
+        if let Some(held) = budget.runs.remove(&run) {
+            budget.reserved.tokens = budget.reserved.tokens.saturating_sub(held.tokens);
+            budget.reserved.cost_nusd = budget.reserved.cost_nusd.saturating_sub(held.cost_nusd);
+        }
+        if !inner.usage_runs.insert((plan_id.to_owned(), run)) {
+            return Ok(false);
+        }
+        let Inner {
+            usage: plans,
+            usage_models,
+            budgets,
+            ..
+        } = &mut *inner;
+        let plan = plans.entry(plan_id.to_owned()).or_default();
+        let budget = budgets.entry(plan_id.to_owned()).or_default();
+        for u in usage {
+            let spend = Spend::of(&UsageTotals::of(u));
+            budget.spent.tokens = budget.spent.tokens.saturating_add(spend.tokens);
+            budget.spent.cost_nusd = budget.spent.cost_nusd.saturating_add(spend.cost_nusd);
+            let one = UsageTotals::of(u);
+            let label = usage_label(u);
+            plan.total.add(&one);
+            plan.by_model.entry(label.clone()).or_default().add(&one);
+            plan.by_task.entry(path.to_owned()).or_default().add(&one);
+            usage_models.entry(label).or_default().add(&one);
+        }
+        Ok(true)
+    }
+
+    async fn plan_usage(&self, plan_id: &str) -> StoreResult<PlanUsage> {
+        Ok(self.lock().usage.get(plan_id).cloned().unwrap_or_default())
+    }
+
+    async fn usage_by_model(&self) -> StoreResult<BTreeMap<String, UsageTotals>> {
+        Ok(self.lock().usage_models.clone())
+    }
+
+    async fn set_budget(&self, plan_id: &str, limits: BudgetLimits) -> StoreResult<()> {
+        let mut inner = self.lock();
+        inner.budgets.entry(plan_id.to_owned()).or_default().limits = Some(limits);
+        Ok(())
+    }
+
+    async fn budget(&self, plan_id: &str) -> StoreResult<BudgetState> {
+        Ok(self
+            .lock()
+            .budgets
+            .get(plan_id)
+            .map(|b| BudgetState {
+                limits: b.limits,
+                spent: b.spent,
+                reserved: b.reserved,
+            })
+            .unwrap_or_default())
+    }
+
+    async fn reserve_budget(
+        &self,
+        plan_id: &str,
+        path: &str,
+        attempt: u32,
+        expected: Spend,
+        default: BudgetLimits,
+    ) -> StoreResult<Reservation> {
+        let mut inner = self.lock();
+        if !inner.plans.contains_key(plan_id) {
+            return Err(StoreError::UnknownPlan {
+                plan_id: plan_id.to_owned(),
+            });
+        }
+        let budget = inner.budgets.entry(plan_id.to_owned()).or_default();
+        let limits = budget.limits.unwrap_or(default);
+        let run = format!("{attempt}|{path}");
+        if limits.is_unlimited() || budget.runs.contains_key(&run) {
+            return Ok(Reservation::Granted);
+        }
+        let used = Spend {
+            tokens: budget.spent.tokens.saturating_add(budget.reserved.tokens),
+            cost_nusd: budget
+                .spent
+                .cost_nusd
+                .saturating_add(budget.reserved.cost_nusd),
+        };
+        if !limits.covers(used, expected) {
+            return Ok(Reservation::Exhausted {
+                limits,
+                spent: budget.spent,
+                reserved: budget.reserved,
+            });
+        }
+        budget.reserved.tokens = budget.reserved.tokens.saturating_add(expected.tokens);
+        budget.reserved.cost_nusd = budget.reserved.cost_nusd.saturating_add(expected.cost_nusd);
+        budget.runs.insert(run, expected);
+        Ok(Reservation::Granted)
     }
 }

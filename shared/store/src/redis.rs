@@ -16,22 +16,28 @@
 //! artifacts in the zsets `P:cache_written` and `P:artifact_written`, for
 //! retention), `P:counter:<name>`, and kv collections as hashes
 //! `P:kv:<collection>` with the expiry of TTL'd keys in `P:kvexp:<collection>`
-//! (pruned by the next operation that looks at them).
+//! (pruned by the next operation that looks at them). Usage of executor
+//! runs: `P:usage_model:<plan>`, `P:usage_task:<plan>` and the fleet's
+//! `P:usage_models` hashes (fields `<metric>|<name>`), made idempotent by
+//! the set `P:usage_runs:<plan>` (see `redis/record_usage.lua`); plan
+//! budgets in `P:budget:<plan>` (limits, spent, reserved) with each run's
+//! reservation in `P:budget_runs:<plan>` (see `redis/reserve_budget.lua`).
 //!
 //! Durability is Redis's: with `appendfsync always` a transition that
 //! returned `Ok` survives a Redis restart.
 
 use crate::rules::{millis, prepare_tasks, wall_ms};
 use crate::{
-    ClaimOutcome, Completion, Failure, Fence, NewTask, PlanRecord, StoreError, StoreResult,
-    TaskRecord, TaskState, TaskStore,
+    usage_label, BudgetLimits, BudgetState, ClaimOutcome, Completion, Failure, Fence, NewTask,
+    PlanRecord, PlanUsage, Reservation, Spend, StoreError, StoreResult, TaskRecord, TaskState,
+    TaskStore, UsageTotals,
 };
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{ErrorKind, RedisError, Script, ServerErrorKind};
 use async_trait::async_trait;
-use devfleet_protocol::{PlanStatus, TaskClass};
+use devfleet_protocol::{PlanStatus, TaskClass, Usage};
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,8 +61,12 @@ struct Scripts {
     plans: Script,
     set_plan_status: Script,
     kv: Script,
+    token_bucket: Script,
     delete_plan: Script,
     retention: Script,
+    record_usage: Script,
+    reserve_budget: Script,
+    set_budget: Script,
 }
 
 impl Scripts {
@@ -77,8 +87,12 @@ impl Scripts {
             plans: s(include_str!("redis/plans.lua")),
             set_plan_status: s(include_str!("redis/set_plan_status.lua")),
             kv: s(include_str!("redis/kv.lua")),
+            token_bucket: s(include_str!("redis/token_bucket.lua")),
             delete_plan: s(include_str!("redis/delete_plan.lua")),
             retention: s(include_str!("redis/retention.lua")),
+            record_usage: s(include_str!("redis/record_usage.lua")),
+            reserve_budget: s(include_str!("redis/reserve_budget.lua")),
+            set_budget: s(include_str!("redis/set_budget.lua")),
         }
     }
 }
@@ -320,6 +334,37 @@ impl RedisStore {
         }
     }
 
+    /// Usage totals by name from a hash of `<metric>|<name>` fields.
+    fn usage_fields(
+        &self,
+        key: &[&str],
+        fields: HashMap<String, String>,
+    ) -> StoreResult<BTreeMap<String, UsageTotals>> {
+        let mut out: BTreeMap<String, UsageTotals> = BTreeMap::new();
+        for (field, value) in fields {
+            let corrupt = |reason: String| StoreError::Corrupt {
+                key: self.key(key),
+                reason,
+            };
+            let (metric, name) = field
+                .split_once('|')
+                .ok_or_else(|| corrupt(format!("field '{field}' is not <metric>|<name>")))?;
+            let n: u64 = value
+                .parse()
+                .map_err(|_| corrupt(format!("field '{field}' holds '{value}', not a count")))?;
+            let t = out.entry(name.to_owned()).or_default();
+            match metric {
+                "calls" => t.calls = n,
+                "tokens_in" => t.tokens_in = n,
+                "tokens_out" => t.tokens_out = n,
+                "cost_nusd" => t.cost_nusd = n,
+                "estimated" => t.estimated = n,
+                other => return Err(corrupt(format!("unknown usage metric '{other}'"))),
+            }
+        }
+        Ok(out)
+    }
+
     fn corrupt_task(&self, plan_id: &str, path: &str, reason: &str) -> StoreError {
         StoreError::Corrupt {
             key: self.key(&["task", plan_id, path]),
@@ -507,6 +552,12 @@ struct TaskPayload {
     depends_on: String,
     /// JSON text, stored as is.
     dependents: String,
+}
+
+/// Limits as script arguments: the number, or `''` for no limit.
+fn limit_args(limits: BudgetLimits) -> [String; 2] {
+    let arg = |n: Option<u64>| n.map(|n| n.to_string()).unwrap_or_default();
+    [arg(limits.max_tokens), arg(limits.max_cost_nusd)]
 }
 
 fn to_json<T: Serialize>(v: &T) -> StoreResult<String> {
@@ -939,6 +990,27 @@ impl TaskStore for RedisStore {
         Ok(v.unwrap_or(0))
     }
 
+    async fn token_bucket(
+        &self,
+        bucket: &str,
+        rate: crate::BucketRate,
+        step: crate::BucketStep,
+    ) -> StoreResult<Option<Duration>> {
+        let (kind, amount) = match step {
+            crate::BucketStep::Take(n) => ("take", n.to_string()),
+            crate::BucketStep::Drain(d) => ("drain", millis(d).to_string()),
+        };
+        let capacity = rate.capacity.max(1).to_string();
+        let window = millis(rate.window).max(1).to_string();
+        let wait_ms: i64 = self
+            .run(
+                &self.scripts.token_bucket,
+                &[bucket, &capacity, &window, kind, &amount],
+            )
+            .await?;
+        Ok((wait_ms > 0).then(|| Duration::from_millis(wait_ms as u64)))
+    }
+
     async fn kv_put(
         &self,
         collection: &str,
@@ -1053,6 +1125,149 @@ impl TaskStore for RedisStore {
             &format!("deleting artifact '{hash}'"),
         )
         .await
+    }
+
+    async fn record_usage(
+        &self,
+        plan_id: &str,
+        path: &str,
+        attempt: u32,
+        usage: &[Usage],
+    ) -> StoreResult<bool> {
+        let mut args = vec![
+            plan_id.to_owned(),
+            format!("{attempt}|{path}"),
+            path.to_owned(),
+        ];
+        for u in usage {
+            let t = UsageTotals::of(u);
+            args.push(usage_label(u));
+            for n in [t.calls, t.tokens_in, t.tokens_out, t.cost_nusd, t.estimated] {
+                args.push(n.to_string());
+            }
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let reply: Vec<String> = self.run(&self.scripts.record_usage, &args).await?;
+        match (
+            reply.first().map(String::as_str),
+            reply.get(1).map(String::as_str),
+        ) {
+            (Some("ok"), Some(flag)) => Ok(flag == "1"),
+            _ => Err(self.reply_error(&reply, plan_id, path, "record usage")),
+        }
+    }
+
+    async fn plan_usage(&self, plan_id: &str) -> StoreResult<PlanUsage> {
+        let mut p = ::redis::pipe();
+        p.atomic()
+            .hgetall(self.key(&["usage_model", plan_id]))
+            .hgetall(self.key(&["usage_task", plan_id]));
+        let mut conn = self.conn.clone();
+        let (models, tasks): (HashMap<String, String>, HashMap<String, String>) =
+            p.query_async(&mut conn).await.map_err(|e| self.error(e))?;
+        let by_model = self.usage_fields(&["usage_model", plan_id], models)?;
+        let by_task = self.usage_fields(&["usage_task", plan_id], tasks)?;
+        let mut total = UsageTotals::default();
+        for t in by_model.values() {
+            total.add(t);
+        }
+        Ok(PlanUsage {
+            total,
+            by_model,
+            by_task,
+        })
+    }
+
+    async fn usage_by_model(&self) -> StoreResult<BTreeMap<String, UsageTotals>> {
+        let mut c = ::redis::cmd("HGETALL");
+        c.arg(self.key(&["usage_models"]));
+        let fields: HashMap<String, String> = self.cmd(c).await?;
+        self.usage_fields(&["usage_models"], fields)
+    }
+
+    async fn set_budget(&self, plan_id: &str, limits: BudgetLimits) -> StoreResult<()> {
+        let [tokens, nusd] = limit_args(limits);
+        let reply: Vec<String> = self
+            .run(&self.scripts.set_budget, &[plan_id, &tokens, &nusd])
+            .await?;
+        match reply.first().map(String::as_str) {
+            Some("ok") => Ok(()),
+            _ => Err(self.reply_error(&reply, plan_id, "", "set the budget")),
+        }
+    }
+
+    async fn budget(&self, plan_id: &str) -> StoreResult<BudgetState> {
+        let mut c = ::redis::cmd("HGETALL");
+        c.arg(self.key(&["budget", plan_id]));
+        let f: HashMap<String, String> = self.cmd(c).await?;
+        let num = |name: &str| -> StoreResult<Option<u64>> {
+            f.get(name)
+                .map(|v| {
+                    v.parse::<i64>()
+                        .map(|n| n.max(0) as u64)
+                        .map_err(|_| StoreError::Corrupt {
+                            key: self.key(&["budget", plan_id]),
+                            reason: format!("{name} is '{v}', not a number"),
+                        })
+                })
+                .transpose()
+        };
+        let limits = match f.get("limits_set").map(String::as_str) {
+            Some("1") => Some(BudgetLimits {
+                max_tokens: num("max_tokens")?,
+                max_cost_nusd: num("max_nusd")?,
+            }),
+            _ => None,
+        };
+        Ok(BudgetState {
+            limits,
+            spent: Spend {
+                tokens: num("spent_tokens")?.unwrap_or(0),
+                cost_nusd: num("spent_nusd")?.unwrap_or(0),
+            },
+            reserved: Spend {
+                tokens: num("reserved_tokens")?.unwrap_or(0),
+                cost_nusd: num("reserved_nusd")?.unwrap_or(0),
+            },
+        })
+    }
+
+    async fn reserve_budget(
+        &self,
+        plan_id: &str,
+        path: &str,
+        attempt: u32,
+        expected: Spend,
+        default: BudgetLimits,
+    ) -> StoreResult<Reservation> {
+        let member = format!("{attempt}|{path}");
+        let (tokens, nusd) = (expected.tokens.to_string(), expected.cost_nusd.to_string());
+        let [max_tokens, max_nusd] = limit_args(default);
+        let reply: Vec<String> = self
+            .run(
+                &self.scripts.reserve_budget,
+                &[plan_id, &member, &tokens, &nusd, &max_tokens, &max_nusd],
+            )
+            .await?;
+        let field = |i: usize| reply.get(i).and_then(|v| v.parse::<u64>().ok());
+        match reply.first().map(String::as_str) {
+            Some("granted") => Ok(Reservation::Granted),
+            Some("exhausted") => Ok(Reservation::Exhausted {
+                limits: BudgetLimits {
+                    max_tokens: field(1),
+                    max_cost_nusd: field(2),
+                },
+                spent: Spend {
+                    tokens: field(3).unwrap_or(0),
+                    cost_nusd: field(4).unwrap_or(0),
+                },
+                reserved: Spend {
+                    tokens: field(5).unwrap_or(0),
+                    cost_nusd: field(6).unwrap_or(0),
+                },
+            }),
+            _ => Err(self.reply_error(&reply, plan_id, path, "reserve budget")),
+        }
     }
 }
 

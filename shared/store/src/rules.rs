@@ -143,6 +143,46 @@ pub(crate) fn millis(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// One token-bucket step, both backends' rule (`redis/token_bucket.lua`
+/// restates it): `(tokens, at_ms)` is the stored state (`None`: never
+/// seen, full). Returns the new state and the wait (`None`: done).
+pub fn token_bucket_step(
+    state: Option<(f64, i64)>,
+    now_ms: i64,
+    rate: crate::BucketRate,
+    step: crate::BucketStep,
+) -> ((f64, i64), Option<std::time::Duration>) {
+    let capacity = rate.capacity.max(1) as f64;
+    let window_ms = (rate.window.as_millis() as f64).max(1.0);
+    let per_ms = capacity / window_ms;
+    let (tokens, at) = state.unwrap_or((capacity, now_ms));
+    let tokens = (tokens + (now_ms - at).max(0) as f64 * per_ms).min(capacity);
+    match step {
+        crate::BucketStep::Take(n) => {
+            let n = n as f64;
+            let needed = n.min(capacity);
+            if tokens >= needed {
+                ((tokens - n, now_ms), None)
+            } else {
+                let wait_ms = ((needed - tokens) / per_ms).ceil().max(1.0);
+                (
+                    (tokens, now_ms),
+                    Some(std::time::Duration::from_millis(wait_ms as u64)),
+                )
+            }
+        }
+        crate::BucketStep::Drain(d) => {
+            let debt = d.as_millis() as f64 * per_ms;
+            ((tokens.min(0.0) - debt, now_ms), None)
+        }
+    }
+}
+
+/// Most ready-set members of plans whose budget is exhausted that one
+/// `claim_next` steps over (they stay in place) before it reports nothing
+/// ready. `redis/claim_next.lua` uses the same bound.
+pub(crate) const MAX_HELD_SCAN: usize = 10_000;
+
 #[cfg(test)]
 mod tests {
     use super::*;

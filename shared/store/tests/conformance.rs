@@ -7,12 +7,12 @@
 //! Redis-only tests follow the suite; the one that restarts Redis has
 //! `restart` in its name so `scripts/test.sh` runs it alone.
 
-use devfleet_protocol::{PlanStatus, TaskClass};
+use devfleet_protocol::{PlanStatus, TaskClass, Usage};
 use devfleet_store::memory::MemoryStore;
 use devfleet_store::redis::RedisStore;
 use devfleet_store::{
-    content_hash, ClaimOutcome, Fence, NewTask, PlanRecord, SharedStore, StoreError, TaskRecord,
-    TaskState,
+    content_hash, BudgetLimits, BudgetState, ClaimOutcome, Fence, NewTask, PlanRecord, Reservation,
+    SharedStore, Spend, StoreError, TaskRecord, TaskState, UsageTotals,
 };
 use devfleet_testkit::{redis_url, require_env, unique, wait_for, within};
 use std::collections::HashSet;
@@ -1008,6 +1008,130 @@ mod checks {
         assert!(s.plan("missing").await.unwrap().is_none());
     }
 
+    pub async fn token_buckets_take_refill_and_drain_by_the_store_clock(
+        s: SharedStore,
+        clock: Clock,
+    ) {
+        use devfleet_store::{BucketRate, BucketStep};
+        let rate = BucketRate {
+            capacity: 3,
+            window: Duration::from_secs(60),
+        };
+        let take = |n| BucketStep::Take(n);
+        // A new bucket is full: three takes, then a wait of a third of the
+        // window (one token refills in 20 s).
+        for _ in 0..3 {
+            assert_eq!(s.token_bucket("rpm", rate, take(1)).await.unwrap(), None);
+        }
+        let wait = s.token_bucket("rpm", rate, take(1)).await.unwrap().unwrap();
+        assert!(
+            wait > Duration::from_secs(19) && wait <= Duration::from_secs(20),
+            "{wait:?}"
+        );
+        // Buckets are independent.
+        assert_eq!(s.token_bucket("other", rate, take(2)).await.unwrap(), None);
+        // The refill follows the store's clock.
+        clock.advance(Duration::from_secs(21)).await;
+        assert_eq!(s.token_bucket("rpm", rate, take(1)).await.unwrap(), None);
+        assert!(s
+            .token_bucket("rpm", rate, take(1))
+            .await
+            .unwrap()
+            .is_some());
+        // Never more than the capacity, however long it was idle.
+        clock.advance(Duration::from_secs(600)).await;
+        for _ in 0..3 {
+            assert_eq!(s.token_bucket("rpm", rate, take(1)).await.unwrap(), None);
+        }
+        assert!(s
+            .token_bucket("rpm", rate, take(1))
+            .await
+            .unwrap()
+            .is_some());
+        // A drain (Retry-After) makes the next take wait at least that long.
+        clock.advance(Duration::from_secs(600)).await;
+        assert_eq!(
+            s.token_bucket("rpm", rate, BucketStep::Drain(Duration::from_secs(30)))
+                .await
+                .unwrap(),
+            None
+        );
+        let wait = s.token_bucket("rpm", rate, take(1)).await.unwrap().unwrap();
+        assert!(wait >= Duration::from_secs(30), "{wait:?}");
+        // A take larger than the capacity waits for a full bucket, then
+        // leaves it in debt.
+        let big = BucketRate {
+            capacity: 100,
+            window: Duration::from_secs(60),
+        };
+        assert_eq!(s.token_bucket("tpm", big, take(250)).await.unwrap(), None);
+        let wait = s.token_bucket("tpm", big, take(1)).await.unwrap().unwrap();
+        assert!(wait > Duration::from_secs(90), "{wait:?}");
+    }
+
+    pub async fn a_snapshot_round_trips_and_materialises(s: SharedStore, _clock: Clock) {
+        use devfleet_store::snapshot::{self, Limits, SnapshotCache};
+        let base = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(base.path().join("pkg")).unwrap();
+        std::fs::write(base.path().join("pkg/util.py"), "def f():\n    return 1\n").unwrap();
+        std::fs::write(base.path().join("README.md"), "same\n").unwrap();
+        std::fs::write(base.path().join("COPY.md"), "same\n").unwrap();
+        let built = snapshot::build(base.path(), Limits::default()).unwrap();
+        assert_eq!(built.blobs.len(), 2, "identical files share one blob");
+        let id = built.store(s.as_ref()).await.unwrap();
+        assert_eq!(id, built.id(), "the id is the manifest blob's hash");
+        assert_eq!(
+            built.store(s.as_ref()).await.unwrap(),
+            id,
+            "storing again is harmless"
+        );
+        let manifest = snapshot::load(s.as_ref(), &id).await.unwrap().unwrap();
+        assert_eq!(manifest, built.manifest);
+        assert_eq!(
+            snapshot::read_file(s.as_ref(), &manifest, "pkg/util.py")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("def f():\n    return 1\n")
+        );
+        assert_eq!(
+            snapshot::load(s.as_ref(), &"0".repeat(64)).await.unwrap(),
+            None
+        );
+
+        let cache_dir = tempfile::tempdir().unwrap();
+        let cache = SnapshotCache::new(cache_dir.path(), 1);
+        let dir = cache.materialise(s.as_ref(), &id).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("pkg/util.py")).unwrap(),
+            "def f():\n    return 1\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("COPY.md")).unwrap(),
+            "same\n"
+        );
+        assert_eq!(
+            cache.materialise(s.as_ref(), &id).await.unwrap(),
+            dir,
+            "cached"
+        );
+
+        // A second snapshot evicts the first from a cache keeping one.
+        std::fs::write(base.path().join("new.py"), "x = 1\n").unwrap();
+        let other = snapshot::build(base.path(), Limits::default()).unwrap();
+        let other_id = other.store(s.as_ref()).await.unwrap();
+        assert_ne!(other_id, id);
+        let other_dir = cache.materialise(s.as_ref(), &other_id).await.unwrap();
+        assert!(other_dir.join("new.py").is_file());
+        assert!(!dir.exists(), "the least recently used snapshot is evicted");
+
+        let missing = cache.materialise(s.as_ref(), &"1".repeat(64)).await;
+        assert!(
+            matches!(&missing, Err(e) if e.to_string().contains("not in the store")),
+            "{missing:?}"
+        );
+    }
+
     pub async fn cache_artifacts_and_counters(s: SharedStore, _clock: Clock) {
         assert_eq!(s.cache_get("k1").await.unwrap(), None);
         s.cache_put("k1", "hash-1").await.unwrap();
@@ -1220,6 +1344,245 @@ mod checks {
         assert_eq!(s.put_artifact(b"shared bytes").await.unwrap(), hash);
         assert_eq!(s.artifact_hashes().await.unwrap().len(), 1);
     }
+
+    pub async fn usage_is_recorded_once_per_run_by_task_plan_and_model(
+        s: SharedStore,
+        _clock: Clock,
+    ) {
+        let id = create(&s, vec![task("a", &[], 0), task("b", &[], 0)]).await;
+        let first = [
+            usage("openai", "m1", 100, 20, 0.001_5),
+            usage("openai", "m2", 5, 5, 0.0),
+        ];
+        assert!(s.record_usage(&id, "a", 1, &first).await.unwrap());
+        assert!(
+            !s.record_usage(&id, "a", 1, &first).await.unwrap(),
+            "a redelivered run counts once"
+        );
+        assert!(s
+            .record_usage(&id, "a", 2, &[usage("openai", "m1", 10, 10, 0.000_5)])
+            .await
+            .unwrap());
+        let mut agent = usage("", "claude", 7, 3, 0.25);
+        agent.estimated = true;
+        assert!(s.record_usage(&id, "b", 1, &[agent]).await.unwrap());
+        let u = s.plan_usage(&id).await.unwrap();
+        let m1 = UsageTotals {
+            calls: 2,
+            tokens_in: 110,
+            tokens_out: 30,
+            cost_nusd: 2_000_000,
+            estimated: 0,
+        };
+        assert_eq!(u.by_model.get("openai/m1"), Some(&m1));
+        assert_eq!(u.by_model.get("openai/m2").map(|t| t.tokens()), Some(10));
+        let claude = u.by_model.get("claude").copied().unwrap_or_default();
+        assert_eq!((claude.cost_nusd, claude.estimated), (250_000_000, 1));
+        assert_eq!(
+            u.by_task.get("a").map(|t| (t.calls, t.tokens())),
+            Some((3, 150))
+        );
+        assert_eq!(u.by_task.get("b").map(|t| t.tokens_in), Some(7));
+        assert_eq!(
+            (u.total.calls, u.total.tokens(), u.total.cost_nusd),
+            (4, 160, 252_000_000)
+        );
+        assert!((u.total.cost_usd() - 0.252).abs() < 1e-12);
+        let fleet = s.usage_by_model().await.unwrap();
+        assert_eq!(fleet.get("openai/m1"), Some(&m1));
+        assert_eq!(fleet.len(), 3);
+        assert!(matches!(
+            s.record_usage("no-such-plan", "a", 1, &first).await,
+            Err(StoreError::UnknownPlan { .. })
+        ));
+        // Concurrent recordings of one run: exactly one counts.
+        let mut racers = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let s = s.clone();
+            let id = id.clone();
+            racers.spawn(async move {
+                s.record_usage(&id, "b", 2, &[usage("", "claude", 1, 1, 0.0)])
+                    .await
+                    .unwrap()
+            });
+        }
+        let mut won = 0;
+        while let Some(r) = racers.join_next().await {
+            won += usize::from(r.unwrap());
+        }
+        assert_eq!(won, 1);
+        assert_eq!(s.plan_usage(&id).await.unwrap().total.calls, 5);
+        // A collected plan takes its usage with it; the fleet's stays.
+        s.set_plan_status(&id, PlanStatus::Succeeded, None)
+            .await
+            .unwrap();
+        assert!(s.delete_plan(&id, i64::MAX).await.unwrap());
+        assert!(s.plan_usage(&id).await.unwrap().is_empty());
+        assert_eq!(
+            s.usage_by_model().await.unwrap().get("openai/m1"),
+            Some(&m1)
+        );
+    }
+}
+
+mod budget_checks {
+    use super::*;
+
+    fn spend(tokens: u64, cost_nusd: u64) -> Spend {
+        Spend { tokens, cost_nusd }
+    }
+
+    fn tokens(max: u64) -> BudgetLimits {
+        BudgetLimits {
+            max_tokens: Some(max),
+            max_cost_nusd: None,
+        }
+    }
+
+    async fn granted(s: &SharedStore, id: &str, path: &str, attempt: u32, expected: Spend) -> bool {
+        match s
+            .reserve_budget(id, path, attempt, expected, BudgetLimits::default())
+            .await
+            .unwrap()
+        {
+            Reservation::Granted => true,
+            Reservation::Exhausted { .. } => false,
+        }
+    }
+
+    pub async fn budget_reservations_reconcile_with_actual_usage(s: SharedStore, _clock: Clock) {
+        let id = create(&s, vec![task("a", &[], 0), task("b", &[], 0)]).await;
+        assert_eq!(s.budget(&id).await.unwrap(), BudgetState::default());
+        assert!(
+            granted(&s, &id, "a", 1, spend(1_000_000, 5)).await,
+            "no limits: anything goes"
+        );
+        assert_eq!(s.budget(&id).await.unwrap().reserved, Spend::default());
+        let limits = BudgetLimits {
+            max_tokens: Some(1000),
+            max_cost_nusd: Some(1_000_000_000),
+        };
+        s.set_budget(&id, limits).await.unwrap();
+        assert!(granted(&s, &id, "a", 1, spend(600, 100)).await);
+        assert!(granted(&s, &id, "a", 1, spend(600, 100)).await, "a repeat");
+        assert_eq!(s.budget(&id).await.unwrap().reserved, spend(600, 100));
+        match s
+            .reserve_budget(&id, "b", 1, spend(500, 0), BudgetLimits::default())
+            .await
+            .unwrap()
+        {
+            Reservation::Exhausted {
+                limits: l,
+                spent,
+                reserved,
+            } => {
+                assert_eq!(l, limits);
+                assert_eq!((spent, reserved), (spend(0, 0), spend(600, 100)));
+            }
+            other => panic!("600 + 500 > 1000 tokens: {other:?}"),
+        }
+        // Reconciled: the reservation goes, the actual usage (400) stays.
+        let used = usage("p", "m", 300, 100, 0.25);
+        assert!(s.record_usage(&id, "a", 1, &[used]).await.unwrap());
+        let b = s.budget(&id).await.unwrap();
+        assert_eq!(
+            (b.limits, b.spent, b.reserved),
+            (Some(limits), spend(400, 250_000_000), spend(0, 0))
+        );
+        assert!(granted(&s, &id, "b", 1, spend(500, 0)).await);
+        // A failed run releases its reservation and spends nothing.
+        assert!(s.record_usage(&id, "b", 1, &[]).await.unwrap());
+        assert_eq!(s.budget(&id).await.unwrap().reserved, spend(0, 0));
+        // An unestimated run goes while the limit is not reached...
+        assert!(granted(&s, &id, "b", 2, Spend::default()).await);
+        let big = usage("p", "m", 500, 100, 0.0);
+        assert!(s.record_usage(&id, "b", 2, &[big]).await.unwrap());
+        assert_eq!(s.budget(&id).await.unwrap().spent.tokens, 1000);
+        // ...and not once it is; raising the budget lets it go again.
+        assert!(!granted(&s, &id, "b", 3, Spend::default()).await);
+        s.set_budget(&id, tokens(2000)).await.unwrap();
+        assert!(granted(&s, &id, "b", 3, Spend::default()).await);
+        // A plan with no budget of its own uses the caller's default.
+        let other = create(&s, vec![task("a", &[], 0)]).await;
+        let r = s
+            .reserve_budget(&other, "a", 1, spend(20, 0), tokens(10))
+            .await
+            .unwrap();
+        assert!(matches!(r, Reservation::Exhausted { .. }), "{r:?}");
+        assert!(matches!(
+            s.reserve_budget("no-such-plan", "a", 1, spend(1, 1), tokens(10))
+                .await,
+            Err(StoreError::UnknownPlan { .. })
+        ));
+        // A budget set before its plan exists is the plan's once it does.
+        s.set_budget("later", tokens(5)).await.unwrap();
+        s.create_plan(plan("later", 1), vec![task("a", &[], 0)])
+            .await
+            .unwrap();
+        let r = s
+            .reserve_budget("later", "a", 1, spend(6, 0), BudgetLimits::default())
+            .await
+            .unwrap();
+        assert!(matches!(r, Reservation::Exhausted { .. }), "{r:?}");
+    }
+
+    pub async fn claim_next_holds_back_a_plan_whose_budget_is_exhausted(
+        s: SharedStore,
+        _clock: Clock,
+    ) {
+        let paused = create(&s, vec![task("a", &[], 9), task("b", &[], 9)]).await;
+        let other = create(&s, vec![task("c", &[], 1)]).await;
+        s.set_plan_status(&paused, PlanStatus::BudgetExhausted, None)
+            .await
+            .unwrap();
+        let got = s.claim_next("w", LEASE).await.unwrap().map(|t| t.path);
+        assert_eq!(
+            got.as_deref(),
+            Some("c"),
+            "the other plan's task, though lower"
+        );
+        assert_eq!(s.claim_next("w", LEASE).await.unwrap(), None);
+        assert_eq!(
+            state(&s, &paused, "a").await,
+            TaskState::Ready,
+            "left in place"
+        );
+        assert_eq!(s.ready_len().await.unwrap(), 2);
+        s.set_plan_status(&paused, PlanStatus::Running, None)
+            .await
+            .unwrap();
+        let got = s.claim_next("w", LEASE).await.unwrap().map(|t| t.path);
+        assert_eq!(got.as_deref(), Some("a"), "in its order again");
+        let _ = other;
+    }
+
+    pub async fn concurrent_reservations_never_overshoot_the_budget(s: SharedStore, _clock: Clock) {
+        let paths: Vec<String> = (0..24).map(|i| format!("t{i:02}")).collect();
+        let id = create(&s, paths.iter().map(|p| task(p, &[], 0)).collect()).await;
+        s.set_budget(&id, tokens(1000)).await.unwrap();
+        let mut racers = tokio::task::JoinSet::new();
+        for path in paths {
+            let (s, id) = (s.clone(), id.clone());
+            racers.spawn(async move { granted(&s, &id, &path, 1, spend(100, 0)).await });
+        }
+        let mut won = 0;
+        while let Some(r) = racers.join_next().await {
+            won += usize::from(r.unwrap());
+        }
+        assert_eq!(won, 10, "exactly what the budget covers");
+        assert_eq!(s.budget(&id).await.unwrap().reserved, spend(1000, 0));
+    }
+}
+
+fn usage(provider: &str, model: &str, tokens_in: u64, tokens_out: u64, cost_usd: f64) -> Usage {
+    Usage {
+        provider: provider.to_owned(),
+        model: model.to_owned(),
+        tokens_in,
+        tokens_out,
+        cost_usd,
+        estimated: false,
+    }
 }
 
 /// Generates the conformance tests for one backend: `$prefix` names the
@@ -1249,13 +1612,30 @@ macro_rules! store_suite {
                 mark_built_requeue_and_complete_check_the_state,
                 plans_are_listed_newest_first,
                 cache_artifacts_and_counters,
+                token_buckets_take_refill_and_drain_by_the_store_clock,
+                a_snapshot_round_trips_and_materialises,
                 kv_collections_put_get_list_delete,
                 kv_records_with_a_ttl_expire,
                 kv_delete_if_removes_only_the_value_it_names,
                 delete_plan_collects_only_finished_plans_older_than_the_cutoff,
                 cache_entries_and_artifacts_are_deleted_only_if_older_than_the_cutoff,
+                usage_is_recorded_once_per_run_by_task_plan_and_model,
+            );
+            store_suite!(@budget $make;
+                budget_reservations_reconcile_with_actual_usage,
+                concurrent_reservations_never_overshoot_the_budget,
+                claim_next_holds_back_a_plan_whose_budget_is_exhausted,
             );
         }
+    };
+    (@budget $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let (store, clock) = $make.await;
+                budget_checks::$name(store, clock).await;
+            }
+        )*
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
         $(

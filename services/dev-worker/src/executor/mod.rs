@@ -20,9 +20,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub mod breaker;
 pub mod builtin;
 pub mod command;
+pub mod context;
 pub mod openai;
+pub mod outline;
+pub mod providers;
+pub mod rate_limit;
 pub mod simulate;
 
 /// Everything an executor may use to write one file. Serialised as JSON on
@@ -45,8 +50,18 @@ pub struct ExecInput {
     pub diagnostics: Option<String>,
     /// The previous attempt's file, for a fix.
     pub previous: Option<String>,
-    /// The generated text of every dependency, by path.
+    /// The generated text of every dependency, direct and transitive, by
+    /// path.
     pub dependencies: BTreeMap<String, String>,
+    /// How far each dependency is from the task in the dependency graph (1:
+    /// a direct dependency; 2: a dependency of one, …). A path missing
+    /// here counts as direct.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub dependency_distance: BTreeMap<String, u32>,
+    /// The base files the task imports (existing code), by path, as the
+    /// plan's base snapshot holds them.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub base_files: BTreeMap<String, String>,
     /// The task's workspace, prepared by the worker (base snapshot plus
     /// the dependencies' artifacts), in which an agent works; `None` when
     /// the worker prepared none (the executor makes its own scratch
@@ -215,6 +230,8 @@ pub(crate) fn test_input(path: &str) -> ExecInput {
         diagnostics: None,
         previous: None,
         dependencies: BTreeMap::new(),
+        dependency_distance: BTreeMap::new(),
+        base_files: BTreeMap::new(),
         workspace: None,
     }
 }

@@ -15,6 +15,8 @@ for _, path in ipairs(redis.call('LRANGE', plantasks_key(plan), 0, -1)) do
   redis.call('ZREM', LEASES, lease_member(plan, path))
   redis.call('DEL', tk)
 end
-redis.call('DEL', plantasks_key(plan), pk)
+redis.call('DEL', plantasks_key(plan), pk, P .. ':usage_runs:' .. plan,
+  P .. ':usage_model:' .. plan, P .. ':usage_task:' .. plan,
+  P .. ':budget:' .. plan, P .. ':budget_runs:' .. plan)
 redis.call('ZREM', PLANS, plan)
 return {'ok', '1'}
