@@ -17,7 +17,7 @@
 # else target/debug; nothing is built: run `cargo build --workspace --bins`
 # first), CHAOS_TASKS (tasks per plan, default 300), CHAOS_DIR (where stacks
 # and logs go; default a new /tmp/devfleet-chaos.XXXXXX, kept: logs of every
-# service and server), CHAOS_PLAN_TIMEOUT_SECONDS (per plan, default 240),
+# service and server), CHAOS_PLAN_TIMEOUT_SECONDS (per plan, default 360),
 # CHAOS_RECOVER_TIMEOUT_SECONDS (for in-flight tasks to move on after a
 # fault, default 45), CHAOS_BUSY_WAIT_SECONDS (how long to wait for the load
 # a fault wants before any work in flight will do, default 15), CHAOS_ONLY
@@ -49,7 +49,7 @@ tasks=${CHAOS_TASKS:-300}
 if ! [[ $tasks =~ ^[0-9]+$ ]] || [ "$tasks" -lt 40 ]; then
   die "CHAOS_TASKS must be a number of at least 40, got '$tasks'"
 fi
-plan_timeout=${CHAOS_PLAN_TIMEOUT_SECONDS:-240}
+plan_timeout=${CHAOS_PLAN_TIMEOUT_SECONDS:-360}
 recover_timeout=${CHAOS_RECOVER_TIMEOUT_SECONDS:-45}
 busy_wait=${CHAOS_BUSY_WAIT_SECONDS:-15}
 only=${CHAOS_ONLY:-}
@@ -73,11 +73,14 @@ chmod 755 "$work"
 # dispatch lease and the router's retry grace are short so work whose holder
 # died comes back quickly; the executor and integration timeouts are short
 # because they size the NATS consumers' ack_wait (what a killed consumer held
-# comes back after it). A simulated task takes estimate × unit = 1.5 s, so
-# faults land while tasks run.
+# comes back after it). A simulated task takes estimate × unit = 3 s, so
+# faults land while tasks run, and the plan (about two minutes of work on
+# eight slots) outlasts the faults and their recovery waits (on NATS, a
+# killed qa-worker's checks come back after its 30 s ack_wait; with 1.5 s
+# tasks the plan finished during that wait, before the last faults).
 lease=3
 export DEVFLEET_BIN_DIR=$bin
-export DEVFLEET_EXECUTOR=simulate DEVFLEET_SIMULATE_UNIT_SECONDS=0.3
+export DEVFLEET_EXECUTOR=simulate DEVFLEET_SIMULATE_UNIT_SECONDS=0.6
 export DEVFLEET_DEV_MIN_SLOTS=4 DEVFLEET_DEV_MAX_SLOTS=4
 export DEVFLEET_DEV_LEASE_SECONDS=$lease DEVFLEET_DEV_HEARTBEAT_TTL_SECONDS=3
 export DEVFLEET_DEV_SHUTDOWN_GRACE_SECONDS=2 DEVFLEET_DEV_EXEC_TIMEOUT_SECONDS=10
