@@ -52,6 +52,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let tasks = store.tasks(&plan_id).await?;
     let usage = store.plan_usage(&plan_id).await?;
     let budget = store.budget(&plan_id).await?;
+    let changes = workspace_changes(store.as_ref(), &plan_id, &tasks).await?;
     if args.json {
         println!(
             "{}",
@@ -60,6 +61,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 "tasks": tasks,
                 "usage": usage,
                 "budget": budget,
+                "workspace_changes": changes,
             }))?
         );
         return Ok(ExitCode::SUCCESS);
@@ -112,7 +114,39 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
             note
         );
     }
+    if !changes.is_empty() {
+        println!("workspace changes besides the tasks' own files:");
+        for (task, decisions) in &changes {
+            for d in decisions {
+                let what = if d.deleted { "delete" } else { "write" };
+                match d.accepted {
+                    true => println!(
+                        "  {task}: {what} {} accepted (declared in `writes:`)",
+                        d.path
+                    ),
+                    false => println!("  {task}: {what} {} REJECTED: {}", d.path, d.reason),
+                }
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The judged workspace changes of every task that made some, by task.
+async fn workspace_changes(
+    store: &dyn devfleet_store::TaskStore,
+    plan_id: &str,
+    tasks: &[devfleet_store::TaskRecord],
+) -> anyhow::Result<std::collections::BTreeMap<String, Vec<devfleet_store::extra_files::Decision>>>
+{
+    let mut out = std::collections::BTreeMap::new();
+    for t in tasks {
+        let decisions = devfleet_store::extra_files::decisions(store, plan_id, &t.path).await?;
+        if !decisions.is_empty() {
+            out.insert(t.path.clone(), decisions);
+        }
+    }
+    Ok(out)
 }
 
 #[derive(clap::Args)]
@@ -136,25 +170,40 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
         .plan(&args.plan_id)
         .await?
         .with_context(|| format!("no plan '{}'", args.plan_id))?;
+    let tasks = store.tasks(&args.plan_id).await?;
+    let missing: Vec<&str> = tasks
+        .iter()
+        .filter(|t| t.artifact.is_none())
+        .map(|t| t.path.as_str())
+        .collect();
+    let refs: Vec<_> = tasks.iter().collect();
+    let tree = devfleet_store::extra_files::plan_tree(store.as_ref(), &refs, None).await?;
     let mut written = 0usize;
-    let mut missing = Vec::new();
-    for task in store.tasks(&args.plan_id).await? {
-        // Paths were validated at submission; check again before reading
-        // the artifact, since the store is not ours to trust blindly.
-        devfleet_protocol::plan::validate_path(&task.path)
-            .map_err(|e| anyhow::anyhow!("refusing to write '{}': {e}", task.path))?;
-        let Some(hash) = task.artifact.as_deref() else {
-            missing.push(task.path);
-            continue;
-        };
+    let mut extra = 0usize;
+    for (path, file) in tree {
+        // Paths were validated at submission (and extra files when the
+        // dev-worker judged them); check again before reading the
+        // artifact, since the store is not ours to trust blindly.
+        devfleet_protocol::plan::validate_path(&path)
+            .map_err(|e| anyhow::anyhow!("refusing to write '{path}': {e}"))?;
+        let hash = &file.artifact;
         let bytes = store
             .artifact(hash)
             .await?
-            .with_context(|| format!("artifact {hash} of '{}' is missing", task.path))?;
-        crate::tree_write::write_file(&args.out, &task.path, &bytes)?;
+            .with_context(|| format!("artifact {hash} of '{path}' is missing"))?;
+        crate::tree_write::write_file(&args.out, &path, &bytes)?;
         written += 1;
+        extra += usize::from(file.task != path);
     }
-    println!("wrote {written} files to {}", args.out.display());
+    println!(
+        "wrote {written} files to {}{}",
+        args.out.display(),
+        if extra > 0 {
+            format!(" ({extra} of them extra files tasks wrote under their `writes:`)")
+        } else {
+            String::new()
+        }
+    );
     if !missing.is_empty() {
         eprintln!(
             "{} tasks have no file yet: {}",

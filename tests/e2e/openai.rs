@@ -408,3 +408,122 @@ tasks:
     })
     .await;
 }
+
+/// The fix loop with a model: the first reply does not compile, the
+/// qa-worker's check rejects it, the router turns the verdict into a fix,
+/// and the fix's request to the model carries the check's diagnostics and
+/// the rejected file; the corrected reply passes and the plan succeeds.
+/// Usage counts both calls, as the server answered them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_qa_failure_becomes_a_fix_request_carrying_the_diagnostics() {
+    let server = ScriptedOpenAi::start(vec![
+        Rule::when_prompt_contains("failed its checks")
+            .reply(Reply::file("app/calc.py", "def half(x):\n    return x / 2\n").usage(300, 20)),
+        Rule::any()
+            .reply(Reply::file("app/calc.py", "def half(x:\n    return x / 2\n").usage(100, 12)),
+    ])
+    .await;
+    let (stack, plan) = one_task_through_qa(&server, "app/calc.py").await;
+
+    let prompts: Vec<String> = server.requests().iter().map(|r| r.prompt()).collect();
+    assert_eq!(prompts.len(), 2, "the first try and the fix: {prompts:#?}");
+    assert!(!prompts[0].contains("failed its checks"), "{}", prompts[0]);
+    let fix = &prompts[1];
+    assert!(
+        fix.contains("failed its checks. Diagnostics:") && fix.contains("SyntaxError"),
+        "the check's diagnostics: {fix}"
+    );
+    assert!(
+        fix.contains("The previous attempt:") && fix.contains("def half(x:\n"),
+        "the rejected file: {fix}"
+    );
+    let task = stack
+        .connections
+        .store
+        .task(&plan.plan_id, "app/calc.py")
+        .await
+        .unwrap()
+        .unwrap();
+    let text = stack
+        .connections
+        .store
+        .artifact(&task.artifact.unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(text, b"def half(x):\n    return x / 2\n");
+    assert_eq!(server.usage_totals(), (400, 32));
+    assert_eq!(calls_and_tokens(&stack, &plan).await, (2, 400, 32));
+    stack.stop().await;
+}
+
+/// A reply cut off at its length is a failed run the provider billed: the
+/// task is retried, and the plan's usage counts the cut-off call too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_runs_usage_is_counted() {
+    let server = ScriptedOpenAi::start(vec![
+        Rule::any().times(1).reply(
+            Reply::file("app/a.py", "def a(")
+                .finish_reason("length")
+                .usage(90, 256),
+        ),
+        Rule::any().reply(Reply::file("app/a.py", "def a():\n    return 1\n").usage(90, 10)),
+    ])
+    .await;
+    let (stack, plan) = one_task_through_qa(&server, "app/a.py").await;
+    assert_eq!(server.requests().len(), 2);
+    assert_eq!(
+        calls_and_tokens(&stack, &plan).await,
+        (2, 180, 266),
+        "the cut-off call counts"
+    );
+    let budget = stack.connections.store.budget(&plan.plan_id).await.unwrap();
+    assert_eq!(budget.reserved.tokens, 0);
+    stack.stop().await;
+}
+
+/// A plan of one task (`path`) through the routed pipeline (scheduler,
+/// router, qa-worker) and a dev-worker whose `openai` executor talks to
+/// `server`, run until it ends; it must succeed.
+async fn one_task_through_qa(
+    server: &ScriptedOpenAi,
+    path: &str,
+) -> (crate::pipeline::Stack, PlanAnalyzed) {
+    use crate::pipeline::{analyzed, t, Backend, Stack};
+    let mut stack = Stack::new(Backend::Real).await;
+    stack.routed_pipeline();
+    let openai = OpenAi::new(OpenAiSettings {
+        base_url: server.base_url(),
+        model: "scripted".into(),
+        max_tokens: Some(256),
+        ..OpenAiSettings::default()
+    })
+    .unwrap();
+    stack.worker(
+        Executors::new(ExecutorKind::Openai).with(ExecutorKind::Openai, Arc::new(openai)),
+        1,
+        1,
+    );
+    let plan = analyzed(vec![t(path, &[] as &[&str])], ExecutorKind::Openai);
+    stack.submit(&plan).await;
+    let record = stack
+        .finished(&plan.plan_id, Duration::from_secs(120))
+        .await;
+    assert_eq!(record.status, PlanStatus::Succeeded, "{record:?}");
+    (stack, plan)
+}
+
+/// The plan's recorded usage: calls, tokens in, tokens out.
+async fn calls_and_tokens(stack: &crate::pipeline::Stack, plan: &PlanAnalyzed) -> (u64, u64, u64) {
+    let usage = stack
+        .connections
+        .store
+        .plan_usage(&plan.plan_id)
+        .await
+        .unwrap();
+    (
+        usage.total.calls,
+        usage.total.tokens_in,
+        usage.total.tokens_out,
+    )
+}

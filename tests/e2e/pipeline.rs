@@ -727,23 +727,7 @@ async fn a_plan_out_of_budget_ends_budget_exhausted_and_devfleet_budget_resumes_
         3
     );
 
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_devfleet"))
-            .args(args)
-            .env("DEVFLEET_AMQP_URL", devfleet_testkit::amqp_url())
-            .env("DEVFLEET_REDIS_URL", devfleet_testkit::redis_url())
-            .env("DEVFLEET_BUS", "amqp")
-            .env("DEVFLEET_NAMESPACE", &stack.connections.namespace)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
-    };
+    let cli = |args: &[&str]| crate::support::cli(&stack.connections, args);
     // `devfleet status` says what was spent against which limit.
     let status = cli(&["status", &plan.plan_id]);
     assert!(

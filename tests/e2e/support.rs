@@ -19,6 +19,26 @@ pub async fn real_connections(bus: BusKind) -> Connections {
         .expect("connecting to the test servers")
 }
 
+/// Runs the `devfleet` CLI against the test servers in `connections`'
+/// namespace (RabbitMQ bus); its stdout, after asserting it succeeded.
+pub fn cli(connections: &Connections, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_devfleet"))
+        .args(args)
+        .env("DEVFLEET_AMQP_URL", amqp_url())
+        .env("DEVFLEET_REDIS_URL", redis_url())
+        .env("DEVFLEET_BUS", "amqp")
+        .env("DEVFLEET_NAMESPACE", &connections.namespace)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "devfleet {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// The service binaries, one process each (as `scripts/stack.sh` runs them).
 pub const SERVICES: [&str; 7] = [
     "analyzer",

@@ -2,14 +2,15 @@
 //! and dev-worker over RabbitMQ and Redis: a plan with a `base` directory
 //! runs, and the executor finds the base files and its dependencies'
 //! artifacts (transitive ones too) in its workspace; changes it makes
-//! besides its own file are judged and recorded.
+//! besides its own file are judged and recorded, and the accepted ones
+//! reach its dependents' workspaces, `devfleet pull` and `devfleet status`.
 
 use crate::support::real_connections;
 use async_trait::async_trait;
 use devfleet_dev_worker::{ExecError, ExecInput, ExecOutput, Executor, Executors};
 use devfleet_protocol::{queues, ExecutorKind, Plan, PlanAnalyzed, PlanStatus, PlanSubmitted};
 use devfleet_runtime::BusKind;
-use devfleet_store::snapshot;
+use devfleet_store::{extra_files, snapshot};
 use devfleet_testkit::{unique, within};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -94,6 +95,7 @@ tasks:
     content: "from lib.util import helper\n"
     depends_on: [app/models.py]
     writes: ["app/generated/*.py"]
+  - { path: app/main.py, spec: main, depends_on: [app/api.py] }
 "#,
     )
     .unwrap();
@@ -186,23 +188,56 @@ tasks:
     assert_eq!(api_task.base_imports, ["lib/util.py"]);
 
     // Every other change is recorded with its verdict.
-    let changes = store
-        .kv_get("workspace_changes", &format!("{plan_id}|app/api.py"))
+    let changes = extra_files::decisions(store.as_ref(), &plan_id, "app/api.py")
         .await
-        .unwrap()
-        .expect("the changes are recorded");
-    let changes: Vec<serde_json::Value> = serde_json::from_str(&changes).unwrap();
+        .unwrap();
     let verdict = |path: &str| {
         changes
             .iter()
-            .find(|c| c["path"] == path)
+            .find(|c| c.path == path)
             .unwrap_or_else(|| panic!("{path} not recorded: {changes:?}"))
             .clone()
     };
-    assert_eq!(verdict("app/generated/routes.py")["accepted"], true);
-    assert_eq!(verdict("notes.txt")["accepted"], false);
-    assert_eq!(verdict("lib/util.py")["accepted"], false);
+    assert!(verdict("app/generated/routes.py").accepted);
+    assert!(!verdict("notes.txt").accepted);
+    assert_eq!(verdict("lib/util.py").reason, "a file of the base snapshot");
     assert_eq!(changes.len(), 3, "{changes:?}");
+
+    // The accepted file is in the dependent's workspace...
+    assert_eq!(
+        seen["app/main.py"]["app/generated/routes.py"], "ROUTES = []\n",
+        "a dependency's extra file"
+    );
+    // ...and in the plan's tree: `devfleet pull` writes it, not the
+    // rejected ones; `devfleet status` shows every verdict.
+    let out = tempfile::tempdir().unwrap();
+    let pulled = crate::support::cli(
+        &connections,
+        &["pull", &plan_id, "--out", out.path().to_str().unwrap()],
+    );
+    assert!(
+        pulled.contains("wrote 5 files") && pulled.contains("1 of them extra"),
+        "{pulled}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("app/generated/routes.py")).unwrap(),
+        "ROUTES = []\n"
+    );
+    assert!(!out.path().join("notes.txt").exists());
+    assert!(
+        !out.path().join("lib/util.py").exists(),
+        "base files are not pulled"
+    );
+    let status = crate::support::cli(&connections, &["status", &plan_id]);
+    assert!(
+        status.contains("app/api.py: write app/generated/routes.py accepted")
+            && status.contains(
+                "app/api.py: write notes.txt REJECTED: not declared in the task's `writes:`"
+            )
+            && status
+                .contains("app/api.py: write lib/util.py REJECTED: a file of the base snapshot"),
+        "{status}"
+    );
 
     shutdown.cancel();
     within("services to stop", Duration::from_secs(30), async {

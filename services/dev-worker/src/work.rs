@@ -51,7 +51,7 @@ use devfleet_protocol::{
     queues, Envelope, Message, PlanStatus, Stage, TaskBuilt, TaskClass, TaskFailed, TaskWork, Usage,
 };
 use devfleet_runtime::consume::{self, Consume, Inflight, Settlement};
-use devfleet_store::snapshot;
+use devfleet_store::{extra_files, snapshot};
 use devfleet_store::{
     BudgetLimits, ClaimOutcome, Fence, Reservation, Spend, StoreError, TaskRecord, TaskState,
     UsageTotals,
@@ -216,6 +216,16 @@ async fn run_claimed(worker: &Worker, record: TaskRecord) -> Settlement {
                 }
                 Err(e) => return Settlement::from_store_error("recording the artifact", e),
             }
+            // What this attempt changed besides its file replaces what an
+            // earlier one did (a cache hit changed nothing else); a first
+            // attempt without changes has nothing to replace.
+            if !built.changes.is_empty() || record.attempt > 1 {
+                if let Err(e) =
+                    extra_files::record(store.as_ref(), plan_id, path, &built.changes).await
+                {
+                    return Settlement::from_store_error("recording the workspace changes", e);
+                }
+            }
             record_build(worker, plan_id, &built).await;
             drop(keeper);
             let duration_ms = u64::try_from(built.duration.as_millis()).unwrap_or(u64::MAX);
@@ -256,11 +266,16 @@ async fn run_claimed(worker: &Worker, record: TaskRecord) -> Settlement {
             hand_back(worker, &record, &fence, message).await
         }
         Err(BuildError::Exec(error)) => {
-            // Release what the run reserved of the plan's budget (a failed
-            // run reports no usage). Best effort: a reservation left over
-            // only makes the budget stricter.
-            if let Err(e) = store.record_usage(plan_id, path, record.attempt, &[]).await {
-                tracing::warn!(error = %e, "cannot release the run's budget reservation");
+            // What the failed run used (a reply cut off at its length, an
+            // agent that ran and failed) is spent: recorded like a
+            // success's, which also releases the run's budget reservation.
+            // Best effort: a reservation left over is released when the
+            // lease ends.
+            if let Err(e) = store
+                .record_usage(plan_id, path, record.attempt, &error.usage)
+                .await
+            {
+                tracing::warn!(error = %e, "cannot record the failed run's usage");
             }
             // A worker whose claim is over does not report its failure: the
             // attempt is someone else's now.
@@ -433,6 +448,9 @@ struct Built {
     duration: Duration,
     /// What the executor's model calls used (empty for a cache hit).
     usage: Vec<Usage>,
+    /// The judged changes to other paths of the workspace (empty for a
+    /// cache hit: the cache holds the task's file only).
+    changes: Vec<workspace::Decision>,
 }
 
 enum BuildError {
@@ -493,6 +511,7 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
                 executor: identity,
                 duration: started.elapsed(),
                 usage: Vec::new(),
+                changes: Vec::new(),
             });
         }
     }
@@ -528,8 +547,10 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
         )));
     }
     // The workspace holds every dependency, transitively (what
-    // `exec_input` collected), over the base.
-    let files = input.dependencies.clone();
+    // `exec_input` collected), and the extra files they wrote, over the
+    // base.
+    let mut files = dependency_extras(worker, record, &dependencies, &context.writers).await?;
+    files.extend(input.dependencies.clone());
     input.base_files = context.imported.clone();
     let workspace = Workspace::prepare(
         store.as_ref(),
@@ -580,7 +601,18 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
         context.base_files.clone(),
         context.task_paths.clone(),
     );
-    report_changes(worker, record, &rules.judge(&changes)).await;
+    let mut decisions = rules.judge(&changes);
+    // Accepted files join the plan's tree: their text is stored now, the
+    // decisions recorded once the result is (see `run_claimed`).
+    for d in decisions.iter_mut().filter(|d| d.accepted && !d.deleted) {
+        let text = changes
+            .iter()
+            .find(|c| c.path == d.path)
+            .and_then(|c| c.text.as_deref())
+            .unwrap_or_default();
+        d.artifact = Some(store.put_artifact(text.as_bytes()).await?);
+    }
+    log_changes(&decisions);
     drop(workspace);
     let artifact = store.put_artifact(output.text.as_bytes()).await?;
     Ok(Built {
@@ -590,6 +622,7 @@ async fn build(worker: &Worker, record: &TaskRecord) -> Result<Built, BuildError
         executor: identity,
         duration: started.elapsed(),
         usage: output.usage,
+        changes: decisions,
     })
 }
 
@@ -625,11 +658,6 @@ fn exhausted_message(
     )
 }
 
-/// Store collection of the changes an executor made to its workspace
-/// besides the task's own file, keyed `<plan_id>|<path>` (JSON list of
-/// [`workspace::Decision`]), for `devfleet status` and the report.
-pub const WORKSPACE_CHANGES: &str = "workspace_changes";
-
 /// What the plan says about a task beyond its record: the base snapshot,
 /// its files, the task's `writes:` globs and every task's path.
 struct TaskContext {
@@ -640,6 +668,8 @@ struct TaskContext {
     imported: BTreeMap<String, String>,
     writes: Vec<String>,
     task_paths: BTreeSet<String>,
+    /// The tasks declaring `writes:` (only they can have extra files).
+    writers: BTreeSet<String>,
 }
 
 impl TaskContext {
@@ -657,6 +687,7 @@ impl TaskContext {
                 imported: BTreeMap::new(),
                 writes: Vec::new(),
                 task_paths: BTreeSet::new(),
+                writers: BTreeSet::new(),
             });
         };
         let base = analyzed.plan.base_snapshot.clone();
@@ -695,6 +726,13 @@ impl TaskContext {
             .find(|t| t.path == record.path)
             .map(|t| t.writes.clone())
             .unwrap_or_default();
+        let writers = analyzed
+            .plan
+            .tasks
+            .iter()
+            .filter(|t| !t.writes.is_empty())
+            .map(|t| t.path.clone())
+            .collect();
         let task_paths = analyzed.plan.tasks.into_iter().map(|t| t.path).collect();
         Ok(Self {
             base,
@@ -702,34 +740,20 @@ impl TaskContext {
             imported,
             writes,
             task_paths,
+            writers,
         })
     }
 }
 
-/// Logs every judged workspace change and records them for the plan's
-/// status and report. Accepted changes are recorded too (they do not yet
-/// reach `devfleet pull` or integration). Informational: a failed write
-/// is logged.
-async fn report_changes(worker: &Worker, record: &TaskRecord, decisions: &[workspace::Decision]) {
-    if decisions.is_empty() {
-        return;
-    }
+/// Logs every judged workspace change (recorded for the plan's status,
+/// report and tree once the result is, by [`extra_files::record`]).
+fn log_changes(decisions: &[workspace::Decision]) {
     for d in decisions {
         if d.accepted {
             tracing::info!(path = %d.path, deleted = d.deleted, "workspace change accepted (declared in writes)");
         } else {
             tracing::warn!(path = %d.path, deleted = d.deleted, reason = %d.reason, "workspace change rejected");
         }
-    }
-    let key = format!("{}|{}", record.plan_id, record.path);
-    let json = serde_json::to_string(decisions).unwrap_or_default();
-    if let Err(e) = worker
-        .connections
-        .store
-        .kv_put(WORKSPACE_CHANGES, &key, &json, None)
-        .await
-    {
-        tracing::warn!(error = %e, "cannot record the workspace changes");
     }
 }
 
@@ -778,6 +802,42 @@ async fn dependency_artifacts(
         distance += 1;
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+/// The accepted extra files (`writes:`) of the task's dependencies, by
+/// path, as the plan's tree orders them (a dependent's version wins).
+async fn dependency_extras(
+    worker: &Worker,
+    record: &TaskRecord,
+    dependencies: &[Dependency],
+    writers: &BTreeSet<String>,
+) -> Result<BTreeMap<String, String>, BuildError> {
+    let store = &worker.connections.store;
+    // Only a task declaring `writes:` can have extra files.
+    let lookups = dependencies
+        .iter()
+        .filter(|d| writers.contains(&d.path))
+        .map(|d| store.task(&record.plan_id, &d.path));
+    let records: Vec<TaskRecord> = futures::future::try_join_all(lookups)
+        .await?
+        .into_iter()
+        .flatten()
+        .collect();
+    let refs: Vec<&TaskRecord> = records.iter().collect();
+    let mut out = BTreeMap::new();
+    for (path, file) in extra_files::plan_tree(store.as_ref(), &refs, Some(writers)).await? {
+        if file.task == path {
+            continue;
+        }
+        let Some(bytes) = store.artifact(&file.artifact).await? else {
+            return Err(BuildError::Exec(ExecError::fatal(format!(
+                "the artifact {} of '{path}' (written by '{}') is missing from the store",
+                file.artifact, file.task
+            ))));
+        };
+        out.insert(path, String::from_utf8_lossy(&bytes).into_owned());
+    }
     Ok(out)
 }
 

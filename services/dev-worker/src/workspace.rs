@@ -13,10 +13,12 @@
 //! only when the task declares it (`writes:` globs), it is not a base file
 //! and not another task's file, and it is a plain relative path; every
 //! other change is rejected. Nothing is dropped silently: the worker logs
-//! and records every decision.
+//! and records every decision (`devfleet_store::extra_files`); accepted files
+//! join the plan's tree.
 //!
 //! The directory is removed when the [`Workspace`] is dropped.
 
+pub use devfleet_store::extra_files::Decision;
 use devfleet_store::snapshot::SnapshotCache;
 use devfleet_store::{content_hash, StoreError, TaskStore};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
@@ -39,17 +41,6 @@ pub struct Change {
     #[serde(skip)]
     pub text: Option<String>,
     pub deleted: bool,
-}
-
-/// What became of one change.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Decision {
-    pub path: String,
-    pub deleted: bool,
-    pub accepted: bool,
-    /// Why it was rejected (empty when accepted).
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub reason: String,
 }
 
 impl Workspace {
@@ -243,6 +234,8 @@ impl Rules {
                     deleted: c.deleted,
                     accepted: reason.is_none(),
                     reason: reason.unwrap_or_default(),
+                    // (stored by the worker once it keeps the change)
+                    artifact: None,
                 }
             })
             .collect()

@@ -112,10 +112,22 @@ async fn check_file(worker: &Worker, work: &QaWork) -> Result<QaResult, CheckErr
             deps.push(t.clone());
         }
     }
+    // The task itself, for the extra files it wrote (its own file is the
+    // artifact under check).
+    if let Some(t) = tasks.get(&work.path) {
+        deps.push(t.clone());
+    }
     let ws = Workspace::create(&worker.work_dir)
         .map_err(|e| CheckError::Infra(format!("cannot create a workspace: {e}")))?;
-    workspace::write_base(store, &ws, &work.plan_id).await?;
-    workspace::materialise(store, &ws, Some((&work.path, &work.artifact)), deps.iter()).await?;
+    let writers = workspace::write_base(store, &ws, &work.plan_id).await?;
+    workspace::materialise(
+        store,
+        &ws,
+        Some((&work.path, &work.artifact)),
+        deps.iter(),
+        writers.as_ref(),
+    )
+    .await?;
     let slot = worker.slots.take();
     worker
         .sandbox

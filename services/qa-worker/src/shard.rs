@@ -72,8 +72,8 @@ async fn run_shard(
         .map_err(MaterialiseError::from)?;
     let ws = Workspace::create(&worker.work_dir)
         .map_err(|e| CheckError::Infra(format!("cannot create a workspace: {e}")))?;
-    workspace::write_base(store, &ws, &work.plan_id).await?;
-    workspace::materialise(store, &ws, None, tasks.values()).await?;
+    let writers = workspace::write_base(store, &ws, &work.plan_id).await?;
+    workspace::materialise(store, &ws, None, tasks.values(), writers.as_ref()).await?;
     let slot = worker.slots.take();
     worker
         .sandbox

@@ -85,12 +85,13 @@ pub enum MaterialiseError {
 /// `workspace`, under the plan's own files (call it before
 /// [`materialise`]). Base files are context only: they are not returned as
 /// written, so checks never target them. A snapshot or blob missing from
-/// the store is an error.
+/// the store is an error. Returns the tasks that declare `writes:` (for
+/// [`materialise`]), when the plan's detail says.
 pub async fn write_base(
     store: &dyn TaskStore,
     workspace: &Workspace,
     plan_id: &str,
-) -> Result<(), MaterialiseError> {
+) -> Result<Option<BTreeSet<String>>, MaterialiseError> {
     #[derive(serde::Deserialize)]
     struct Detail {
         plan: PlanPart,
@@ -101,13 +102,14 @@ pub async fn write_base(
         base_snapshot: Option<String>,
     }
     let Some(record) = store.plan(plan_id).await? else {
-        return Ok(());
+        return Ok(None);
     };
+    let writers = devfleet_store::extra_files::writers(&record.detail);
     let Some(id) = serde_json::from_str::<Detail>(&record.detail)
         .ok()
         .and_then(|d| d.plan.base_snapshot)
     else {
-        return Ok(());
+        return Ok(writers);
     };
     let manifest = devfleet_store::snapshot::load(store, &id)
         .await?
@@ -124,7 +126,7 @@ pub async fn write_base(
         })?;
         workspace.write(path, &bytes)?;
     }
-    Ok(())
+    Ok(writers)
 }
 
 /// Every task `path` depends on, transitively (not including itself).
@@ -143,14 +145,16 @@ pub fn dependency_closure(tasks: &BTreeMap<String, TaskRecord>, path: &str) -> B
     seen
 }
 
-/// Writes `file` (the artifact under check) and the current artifacts of
-/// the given other tasks; tasks without an artifact yet are left out.
-/// Returns the paths written.
+/// Writes `file` (the artifact under check) and the plan's tree over the
+/// given tasks (their current artifacts and the extra files they were
+/// allowed to write, `devfleet_store::extra_files`); tasks without an
+/// artifact yet are left out. Returns the paths written.
 pub async fn materialise(
     store: &dyn TaskStore,
     workspace: &Workspace,
     file: Option<(&str, &str)>,
     others: impl IntoIterator<Item = &TaskRecord>,
+    writers: Option<&BTreeSet<String>>,
 ) -> Result<Vec<String>, MaterialiseError> {
     let mut written = Vec::new();
     let mut total = 0u64;
@@ -163,13 +167,13 @@ pub async fn materialise(
         written.push(path.to_owned());
         Ok(())
     };
-    for task in others {
-        if Some(task.path.as_str()) == file.map(|f| f.0) {
+    let others: Vec<&TaskRecord> = others.into_iter().collect();
+    for (path, entry) in devfleet_store::extra_files::plan_tree(store, &others, writers).await? {
+        if Some(path.as_str()) == file.map(|f| f.0) {
             continue;
         }
-        let Some(hash) = &task.artifact else { continue };
-        let bytes = fetch(store, &task.path, hash).await?;
-        put(&task.path, &bytes)?;
+        let bytes = fetch(store, &path, &entry.artifact).await?;
+        put(&path, &bytes)?;
     }
     if let Some((path, hash)) = file {
         let bytes = fetch(store, path, hash).await?;

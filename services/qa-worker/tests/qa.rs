@@ -8,6 +8,7 @@ use devfleet_protocol::{
 };
 use devfleet_qa_worker::{CheckSpec, Config};
 use devfleet_runtime::Connections;
+use devfleet_store::extra_files::{self, Decision};
 use devfleet_store::{NewTask, PlanRecord};
 use devfleet_testkit::{amqp_url, redis_url, unique, within};
 use std::collections::BTreeMap;
@@ -356,7 +357,39 @@ async fn integration_shards_run_in_parallel() {
         ],
     )
     .await;
+    // An extra file app.py's task was allowed to write (`writes:`) is in
+    // the integration tree; a rejected one is not.
+    let seed = c.store.put_artifact(b"seeded\n").await.unwrap();
+    let decision = |path: &str, accepted: bool, artifact: Option<String>| Decision {
+        path: path.into(),
+        deleted: false,
+        accepted,
+        reason: if accepted {
+            String::new()
+        } else {
+            "not declared".into()
+        },
+        artifact,
+    };
+    extra_files::record(
+        c.store.as_ref(),
+        &plan_id,
+        "app.py",
+        &[
+            decision("data/seed.txt", true, Some(seed.clone())),
+            decision("data/rejected.txt", false, Some(seed)),
+        ],
+    )
+    .await
+    .unwrap();
     let steps = vec![
+        IntegrationStep {
+            requires: Vec::new(),
+            name: "reads-extra".into(),
+            run: "python3 -c \"import os; print(open('data/seed.txt').read().strip(), os.path.exists('data/rejected.txt'))\"".into(),
+            shard: None,
+            timeout_seconds: None,
+        },
         IntegrationStep {
             requires: Vec::new(),
             name: "suite".into(),
@@ -380,7 +413,7 @@ async fn integration_shards_run_in_parallel() {
         },
     ];
     let work = devfleet_contracts::integration::shards(&plan_id, &steps);
-    assert_eq!(work.len(), 5);
+    assert_eq!(work.len(), 6);
     let mut config = Config::new(c.clone());
     config.concurrency = 4;
     let (stop_token, set) = start(config);
@@ -446,6 +479,12 @@ async fn integration_shards_run_in_parallel() {
     assert!(
         summary.contains("'fails'") && summary.contains("exit 3"),
         "{summary}"
+    );
+    let extra = got.iter().find(|r| r.step == "reads-extra").unwrap();
+    assert!(
+        extra.passed && extra.output.contains("seeded False"),
+        "{}",
+        extra.output
     );
     let missing = got.iter().find(|r| r.step == "needs-a-tool").unwrap();
     assert!(!missing.passed);

@@ -43,7 +43,7 @@ pub const PLAN_KEYED: [&str; 6] = [
     "retries",
     "qa_parked",
     // The dev-worker's record of workspace changes per task.
-    "workspace_changes",
+    devfleet_store::extra_files::WORKSPACE_CHANGES,
 ];
 /// The router's DLQ index (entries are JSON with `plan_id` and `at_ms`).
 pub const DLQ_INDEX: &str = "dlq";

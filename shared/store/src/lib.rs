@@ -33,6 +33,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod extra_files;
 pub mod memory;
 pub mod redis;
 mod rules;
@@ -667,7 +668,10 @@ pub trait TaskStore: Send + Sync + 'static {
     /// ([`Reservation::Exhausted`]) otherwise (so an unestimated run is
     /// refused once a limit is reached). Granting adds `expected` to the plan's reserved usage until
     /// [`TaskStore::record_usage`] for the same run releases it (and adds
-    /// the actual usage): so concurrent workers never overshoot a limit by
+    /// the actual usage), or the attempt's lease ends without it (expired
+    /// and reaped, or taken over by a fresh claim: the worker died or was
+    /// paused past its lease, and a late `record_usage` still adds what
+    /// the run spent): so concurrent workers never overshoot a limit by
     /// more than what is in flight beyond their estimates. Reserving again
     /// for a run that holds a reservation grants it without adding twice.
     /// With no limits at all it grants and reserves nothing.

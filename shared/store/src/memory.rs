@@ -178,6 +178,7 @@ struct Sets<'a> {
     ready: &'a mut BTreeMap<ReadyKey, (String, String)>,
     leases: &'a mut BTreeMap<LeaseKey, (String, String)>,
     seq: &'a mut u64,
+    budgets: &'a mut HashMap<String, Budget>,
 }
 
 impl Sets<'_> {
@@ -199,6 +200,19 @@ impl Sets<'_> {
         }
     }
 
+    /// Releases what attempt `attempt` of a task reserved of its plan's
+    /// budget, when its run ended without `record_usage` (the worker died
+    /// or lost its lease). `redis/common.lua` mirrors it.
+    fn release_reservation(&mut self, plan_id: &str, path: &str, attempt: u32) {
+        let Some(budget) = self.budgets.get_mut(plan_id) else {
+            return;
+        };
+        if let Some(held) = budget.runs.remove(&format!("{attempt}|{path}")) {
+            budget.reserved.tokens = budget.reserved.tokens.saturating_sub(held.tokens);
+            budget.reserved.cost_nusd = budget.reserved.cost_nusd.saturating_sub(held.cost_nusd);
+        }
+    }
+
     fn drop_lease(&mut self, t: &mut Task) {
         if let Some(exp) = t.rec.lease_expires_ms.take() {
             self.leases
@@ -208,7 +222,8 @@ impl Sets<'_> {
     }
 
     /// Leases a task to `owner` until `expires`; a fresh lease starts a new
-    /// attempt, a re-claim or handoff keeps it.
+    /// attempt (the previous attempt's budget reservation, if its run
+    /// never reconciled it, is released), a re-claim or handoff keeps it.
     fn lease(&mut self, t: &mut Task, owner: &str, expires: i64, now: i64, fresh: bool) {
         self.drop_lease(t);
         t.rec.state = TaskState::Leased;
@@ -216,6 +231,7 @@ impl Sets<'_> {
         t.rec.lease_expires_ms = Some(expires);
         t.rec.updated_ms = now;
         if fresh {
+            self.release_reservation(&t.rec.plan_id, &t.rec.path, t.rec.attempt);
             t.rec.attempt = t.rec.attempt.saturating_add(1);
         }
         self.leases.insert(
@@ -234,6 +250,7 @@ impl Inner {
                 ready: &mut self.ready,
                 leases: &mut self.leases,
                 seq: &mut self.seq,
+                budgets: &mut self.budgets,
             },
         )
     }
@@ -514,6 +531,7 @@ impl TaskStore for MemoryStore {
             t.rec.lease_owner = None;
             t.rec.lease_expires_ms = None;
             t.rec.updated_ms = now_ms;
+            sets.release_reservation(&plan_id, &path, t.rec.attempt);
             let class = t.rec.class;
             sets.make_ready(t, class);
             reaped.push((plan_id, path));
@@ -1028,11 +1046,7 @@ impl TaskStore for MemoryStore {
             });
         }
         let run = format!("{attempt}|{path}");
-        let budget = inner.budgets.entry(plan_id.to_owned()).or_default();
-        if let Some(held) = budget.runs.remove(&run) {
-            budget.reserved.tokens = budget.reserved.tokens.saturating_sub(held.tokens);
-            budget.reserved.cost_nusd = budget.reserved.cost_nusd.saturating_sub(held.cost_nusd);
-        }
+        inner.split().2.release_reservation(plan_id, path, attempt);
         if !inner.usage_runs.insert((plan_id.to_owned(), run)) {
             return Ok(false);
         }

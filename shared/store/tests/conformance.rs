@@ -1556,6 +1556,45 @@ mod budget_checks {
         let _ = other;
     }
 
+    /// A worker that dies (or is paused past its lease) never reconciles
+    /// its run: the reservation goes when the lease expires (reaper) or
+    /// another worker takes the task over, so a crash cannot shrink a
+    /// plan's budget for good. A late `record_usage` of the lost run still
+    /// counts what it spent, once.
+    pub async fn a_lost_leases_reservation_is_released(s: SharedStore, clock: Clock) {
+        let id = create(&s, vec![task("a", &[], 0), task("b", &[], 0)]).await;
+        s.set_budget(&id, tokens(1000)).await.unwrap();
+        let a = s.claim_next("w1", LEASE).await.unwrap().unwrap();
+        assert!(granted(&s, &id, &a.path, a.attempt, spend(600, 0)).await);
+        let b = s.claim_next("w1", LEASE).await.unwrap().unwrap();
+        assert!(granted(&s, &id, &b.path, b.attempt, spend(300, 0)).await);
+        assert_eq!(s.budget(&id).await.unwrap().reserved, spend(900, 0));
+        // w1 dies. The reaper returns "a" and releases its 600...
+        clock.advance(LEASE * 2).await;
+        let mut reaped = s.reap_expired().await.unwrap();
+        reaped.sort();
+        assert_eq!(reaped.len(), 2, "{reaped:?}");
+        assert_eq!(s.budget(&id).await.unwrap().reserved, spend(0, 0));
+        // ...so w2's next attempt fits where it would not have.
+        let again = s.claim_next("w2", LEASE).await.unwrap().unwrap();
+        assert_eq!(again.attempt, 2);
+        assert!(granted(&s, &id, &again.path, 2, spend(900, 0)).await);
+        // Taken over without a reaper: the claim of the expired lease
+        // releases attempt 2's reservation as it starts attempt 3.
+        clock.advance(LEASE * 2).await;
+        assert_eq!(claim_ok(&s, &id, &again.path, "w3").await, 3);
+        assert_eq!(s.budget(&id).await.unwrap().reserved, spend(0, 0));
+        // The lost run of attempt 1 reports late: what it spent counts once.
+        let used = usage("p", "m", 500, 50, 0.0);
+        assert!(s
+            .record_usage(&id, &a.path, 1, std::slice::from_ref(&used))
+            .await
+            .unwrap());
+        assert!(!s.record_usage(&id, &a.path, 1, &[used]).await.unwrap());
+        let b = s.budget(&id).await.unwrap();
+        assert_eq!((b.spent, b.reserved), (spend(550, 0), spend(0, 0)));
+    }
+
     pub async fn concurrent_reservations_never_overshoot_the_budget(s: SharedStore, _clock: Clock) {
         let paths: Vec<String> = (0..24).map(|i| format!("t{i:02}")).collect();
         let id = create(&s, paths.iter().map(|p| task(p, &[], 0)).collect()).await;
@@ -1625,6 +1664,7 @@ macro_rules! store_suite {
                 budget_reservations_reconcile_with_actual_usage,
                 concurrent_reservations_never_overshoot_the_budget,
                 claim_next_holds_back_a_plan_whose_budget_is_exhausted,
+                a_lost_leases_reservation_is_released,
             );
         }
     };

@@ -63,6 +63,7 @@ use sandbox::AgentSandbox;
 use serde::Deserialize;
 use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 /// Default cap on stdout, stderr and the output file, each.
@@ -205,6 +206,9 @@ struct Run {
     workspace: PathBuf,
     /// The scratch workspace when the worker prepared none (removed on drop).
     _scratch: Option<ScratchDir>,
+    /// Set once the agent started: from then on a failed run has used
+    /// something (what it reported, else the profile's estimate).
+    started: AtomicBool,
 }
 
 impl Run {
@@ -252,22 +256,35 @@ impl Executor for CommandExecutor {
 
     async fn run(&self, input: &ExecInput) -> Result<ExecOutput, ExecError> {
         let run = self.prepare(input)?;
-        let attempt = self.attempt(input, &run);
-        let out = match self.profile.timeout() {
-            Some(limit) => tokio::time::timeout(limit, attempt).await.map_err(|_| {
-                ExecError::retryable(format!(
-                    "agent '{}' timed out after {:?} (its profile's timeout_seconds) and was killed",
-                    self.profile.name, limit
-                ))
-            })?,
-            None => attempt.await,
-        }?;
-        let text = self.result_text(input, &run, out).await?;
-        Ok(ExecOutput {
-            text,
-            other_files: Default::default(),
-            usage: self.usage(&run).await.into_iter().collect(),
-        })
+        let result = async {
+            let attempt = self.attempt(input, &run);
+            let out = match self.profile.timeout() {
+                Some(limit) => tokio::time::timeout(limit, attempt).await.map_err(|_| {
+                    ExecError::retryable(format!(
+                        "agent '{}' timed out after {:?} (its profile's timeout_seconds) and was killed",
+                        self.profile.name, limit
+                    ))
+                })?,
+                None => attempt.await,
+            }?;
+            self.result_text(input, &run, out).await
+        }
+        .await;
+        // An agent that started used something, whether or not it wrote
+        // the file: a failure carries it too.
+        let usage: Vec<Usage> = if run.started.load(Ordering::Relaxed) {
+            self.usage(&run).await.into_iter().collect()
+        } else {
+            Vec::new()
+        };
+        match result {
+            Ok(text) => Ok(ExecOutput {
+                text,
+                other_files: Default::default(),
+                usage,
+            }),
+            Err(e) => Err(e.with_usage(usage)),
+        }
     }
 }
 
@@ -298,6 +315,7 @@ impl CommandExecutor {
             control,
             workspace,
             _scratch: scratch,
+            started: AtomicBool::new(false),
         };
         let write = |path: PathBuf, bytes: &[u8]| {
             std::fs::write(&path, bytes)
@@ -384,6 +402,7 @@ impl CommandExecutor {
             .map_err(|e| ExecError::fatal(format!("cannot start '{program}': {e}")))?;
         // Declared after `child`, so dropped before it: the group goes first.
         let _group = ProcessGroup(child.id());
+        run.started.store(true, Ordering::Relaxed);
 
         let stdin = child.stdin.take();
         let write_stdin = async move {
@@ -415,10 +434,12 @@ impl CommandExecutor {
                 // bwrap itself reports a program it cannot exec as status 1
                 // with this message: as unfixable as a failed spawn.
                 Some(_) if self.sandbox.is_some() && tail.starts_with("bwrap: execvp") => {
+                    // The agent itself never started.
+                    run.started.store(false, Ordering::Relaxed);
                     return Err(ExecError::fatal(format!(
                         "cannot start '{program}' in the sandbox (is it installed, and its \
                          folder in the profile's ro_binds?): {tail}"
-                    )))
+                    )));
                 }
                 Some(code) => format!("'{program}' exited with status {code}: {tail}"),
                 None => format!("'{program}' was killed by a signal: {tail}"),
@@ -683,6 +704,25 @@ mod tests {
         );
         let err = sh("exit 65").run(&test_input("a.py")).await.unwrap_err();
         assert!(!err.retryable);
+    }
+
+    #[tokio::test]
+    async fn a_failed_run_carries_what_the_agent_used_and_one_that_never_started_nothing() {
+        let err = sh(r#"printf '{"model": "m1", "tokens_in": 120, "tokens_out": 30}' > "$DEVFLEET_USAGE_FILE"; exit 3"#)
+            .run(&test_input("a.py"))
+            .await
+            .unwrap_err();
+        assert!(err.retryable, "{err}");
+        assert_eq!(err.usage.len(), 1, "{err:?}");
+        let u = &err.usage[0];
+        assert_eq!(
+            (u.model.as_str(), u.tokens_in, u.tokens_out),
+            ("m1", 120, 30)
+        );
+        assert!(!u.estimated);
+        let c = CommandExecutor::from_command_line("/nonexistent/agent", 10).unwrap();
+        let err = c.run(&test_input("a.py")).await.unwrap_err();
+        assert!(err.usage.is_empty(), "never started: {err:?}");
     }
 
     #[tokio::test]

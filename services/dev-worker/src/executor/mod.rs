@@ -94,13 +94,17 @@ impl ExecOutput {
 }
 
 /// Why an executor produced no file.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{message}")]
 pub struct ExecError {
     pub message: String,
     /// False when trying again cannot help (e.g. a builtin task without
     /// content, a command that cannot be started).
     pub retryable: bool,
+    /// What the failed run used anyway (a reply cut off at its length, an
+    /// agent that ran and failed): spent, so recorded and charged to the
+    /// plan's budget like a success's.
+    pub usage: Vec<Usage>,
 }
 
 impl ExecError {
@@ -110,6 +114,7 @@ impl ExecError {
         Self {
             message: message.into(),
             retryable: true,
+            usage: Vec::new(),
         }
     }
 
@@ -118,7 +123,14 @@ impl ExecError {
         Self {
             message: message.into(),
             retryable: false,
+            usage: Vec::new(),
         }
+    }
+
+    /// The same failure, with what the run used.
+    pub fn with_usage(mut self, usage: Vec<Usage>) -> Self {
+        self.usage = usage;
+        self
     }
 }
 

@@ -163,6 +163,7 @@ impl From<LlmError> for ExecError {
         ExecError {
             message: e.message,
             retryable: e.retryable,
+            usage: Vec::new(),
         }
     }
 }
@@ -252,6 +253,15 @@ impl OpenAi {
             let counts = !e.context_exceeded;
             (self.error(e), counts)
         })?;
+        // Spent whether or not the reply is usable: a failure carries it.
+        let usage = match reply.usage {
+            Some(u) => self.usage(u.prompt_tokens, u.completion_tokens, false),
+            None => self.usage(
+                messages.iter().map(|m| estimate_tokens(&m.content)).sum(),
+                estimate_tokens(&reply.content),
+                true,
+            ),
+        };
         if reply.finish_reason.as_deref() == Some("length") {
             return Err((
                 ExecError::retryable(format!(
@@ -262,25 +272,19 @@ impl OpenAi {
                         .settings()
                         .max_tokens
                         .map_or("unset".to_owned(), |m| m.to_string())
-                )),
+                ))
+                .with_usage(vec![usage]),
                 false,
             ));
         }
         let file = extract_file(&reply.content);
         if file.trim().is_empty() {
             return Err((
-                ExecError::retryable("the model replied with an empty file"),
+                ExecError::retryable("the model replied with an empty file")
+                    .with_usage(vec![usage]),
                 false,
             ));
         }
-        let usage = match reply.usage {
-            Some(u) => self.usage(u.prompt_tokens, u.completion_tokens, false),
-            None => self.usage(
-                messages.iter().map(|m| estimate_tokens(&m.content)).sum(),
-                estimate_tokens(&reply.content),
-                true,
-            ),
-        };
         Ok(ExecOutput {
             text: file,
             usage: vec![usage],
@@ -702,12 +706,18 @@ mod scripted {
 
     #[tokio::test]
     async fn a_reply_cut_off_at_its_length_is_a_retryable_failure_not_a_file() {
-        let server = ScriptedOpenAi::start(vec![
-            Rule::any().reply(Reply::file("app/c.py", "def half(").finish_reason("length"))
-        ])
+        let server = ScriptedOpenAi::start(vec![Rule::any().reply(
+            Reply::file("app/c.py", "def half(")
+                .finish_reason("length")
+                .usage(700, 64),
+        )])
         .await;
         let err = executor(&server, 10_000).run(&chain()).await.unwrap_err();
         assert!(err.retryable, "{err}");
+        // The cut-off reply was spent: the failure carries its usage.
+        assert_eq!(err.usage.len(), 1, "{err:?}");
+        assert_eq!((err.usage[0].tokens_in, err.usage[0].tokens_out), (700, 64));
+        assert!(!err.usage[0].estimated);
         assert!(
             err.message.contains("finish_reason: length")
                 && err.message.contains("DEVFLEET_OPENAI_MAX_TOKENS"),

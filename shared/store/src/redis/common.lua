@@ -63,11 +63,37 @@ local function drop_lease(tk, plan, path)
   redis.call('HDEL', tk, 'lease_owner', 'lease_expires_ms')
 end
 
--- Leases the task to owner until expires; a fresh lease starts a new attempt.
+-- Releases what run member '<attempt>|<path>' reserved of the plan's budget
+-- (P:budget_runs:<plan>), if it still holds a reservation: its run
+-- reconciled it (record_usage) or ended without doing so (the worker died
+-- or lost its lease). Same as memory.rs Sets::release_reservation.
+local function release_reservation(plan, member)
+  local runs = P .. ':budget_runs:' .. plan
+  local held = redis.call('HGET', runs, member)
+  if not held then return end
+  local budget = P .. ':budget:' .. plan
+  local sep = string.find(held, '|', 1, true)
+  -- (a zero is skipped: Lua would format its negation as '-0')
+  local t, n = tonumber(string.sub(held, 1, sep - 1)), tonumber(string.sub(held, sep + 1))
+  if t ~= 0 then redis.call('HINCRBY', budget, 'reserved_tokens', -t) end
+  if n ~= 0 then redis.call('HINCRBY', budget, 'reserved_nusd', -n) end
+  redis.call('HDEL', runs, member)
+end
+
+-- The budget run member of the task's current attempt.
+local function run_member(tk, path)
+  return (redis.call('HGET', tk, 'attempt') or '0') .. '|' .. path
+end
+
+-- Leases the task to owner until expires; a fresh lease starts a new attempt
+-- (releasing the reservation the previous attempt's run never reconciled).
 local function lease(tk, plan, path, owner, expires, now, fresh)
   redis.call('HSET', tk, 'state', 'leased', 'lease_owner', owner,
     'lease_expires_ms', expires, 'updated_ms', now)
-  if fresh then redis.call('HINCRBY', tk, 'attempt', 1) end
+  if fresh then
+    release_reservation(plan, run_member(tk, path))
+    redis.call('HINCRBY', tk, 'attempt', 1)
+  end
   redis.call('ZADD', LEASES, expires, lease_member(plan, path))
 end
 

@@ -13,16 +13,7 @@
 local plan, member, path = ARGV[2], ARGV[3], ARGV[4]
 if redis.call('EXISTS', plan_key(plan)) == 0 then return {'unknown_plan'} end
 local budget = P .. ':budget:' .. plan
-local runs = P .. ':budget_runs:' .. plan
-local held = redis.call('HGET', runs, member)
-if held then
-  local sep = string.find(held, '|', 1, true)
-  -- (a zero is skipped: Lua would format its negation as '-0')
-  local t, n = tonumber(string.sub(held, 1, sep - 1)), tonumber(string.sub(held, sep + 1))
-  if t ~= 0 then redis.call('HINCRBY', budget, 'reserved_tokens', -t) end
-  if n ~= 0 then redis.call('HINCRBY', budget, 'reserved_nusd', -n) end
-  redis.call('HDEL', runs, member)
-end
+release_reservation(plan, member)
 if redis.call('SADD', P .. ':usage_runs:' .. plan, member) == 0 then return {'ok', '0'} end
 local by_model = P .. ':usage_model:' .. plan
 local by_task = P .. ':usage_task:' .. plan
